@@ -1,0 +1,181 @@
+"""One `EngineConfig`, built once and passed down.
+
+It is made of four small dataclasses (model / cache / scheduler / parallel). Every field has a
+default and a one-line doc in its metadata: the CLI (`python -m jaxllm.serve --help`) and the
+`LLM(...)` keyword arguments are generated from these fields, so a flag exists exactly when a
+field does. Values known only at startup (the number of KV pages, device-dependent defaults) are
+filled in once with `dataclasses.replace` by the runner; the config is frozen from then on.
+
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The model served when no --model is given: a real, tiny trained Llama (stories260K).
+DEFAULT_MODEL = str(Path(__file__).parent / "data" / "stories260K")
+
+# KV bytes on CPU, where the device reports no free memory to size the pool from.
+CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def option(default: Any, doc: str, *, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    """A dataclass field with a one-line doc (and optional choices) used for --help."""
+    meta = {"doc": doc}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str = option(DEFAULT_MODEL, "Hugging Face model directory or id (from the local HF cache).")
+    tokenizer: str | None = option(None, "Tokenizer directory or id; defaults to the model's.")
+    revision: str | None = option(None, "Revision (branch, tag or commit) of a model id in the HF cache.")
+    dtype: str = option(
+        "auto",
+        "Weight and activation dtype; auto takes the checkpoint's (float32 becomes bfloat16 on GPU).",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    max_model_len: int | None = option(None, "Context length (prompt + output); defaults to the model's.")
+    load_format: str = option(
+        "auto", "How to load weights: auto/safetensors, or dummy (random weights for benchmarks).",
+        choices=("auto", "safetensors", "dummy"),
+    )
+    seed: int = option(0, "Seed for dummy weights and for requests that give no seed.")
+    served_model_name: list[str] = option([], "Name(s) the API answers to; the first is reported.")
+    chat_template: str | None = option(None, "Chat template file or inline Jinja text, overriding the model's.")
+    generation_config: str = option(
+        "auto", "Default sampling params: auto reads generation_config.json, vllm uses vLLM's defaults, "
+        "or a directory holding generation_config.json.",
+    )
+    attention_backend: str = option(
+        "auto", "Attention implementation: auto (Pallas kernel on a GPU when the model fits it), pallas, "
+        "xla (gather + dense attention) or reference (per-request loop; tests only).",
+        choices=("auto", "pallas", "xla", "reference"),
+    )
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name[0] if self.served_model_name else self.model
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = option(16, "Tokens per KV page.")
+    gpu_memory_utilization: float = option(
+        0.9, "Fraction of device memory jaxllm may use for weights, activations and KV pages."
+    )
+    kv_cache_memory_bytes: int | None = option(
+        None, "Bytes for KV pages, overriding --gpu-memory-utilization (default on CPU: 64 MiB)."
+    )
+    num_gpu_blocks_override: int | None = option(None, "Number of KV pages, overriding the memory-based size.")
+    enable_prefix_caching: bool = option(True, "Reuse KV pages of shared prompt prefixes.")
+    num_pages: int = option(0, "Filled in at startup: KV pages in the pool.")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int | None = option(None, "Most requests in one step (default by device: 1024 / 256 / 16).")
+    max_num_batched_tokens: int | None = option(
+        None, "Token budget of one step (default by device and mode: 16384 offline / 8192 served on big GPUs)."
+    )
+    token_buckets: list[int] = option(
+        [], "Padded token counts compiled at startup (default: powers of two up to the budget)."
+    )
+    seq_buckets: list[int] = option([], "Padded request counts compiled at startup (default: powers of two).")
+    async_scheduling: bool | None = option(
+        None, "Prepare step N+1 while step N runs (default: on for one device on GPU, off on CPU meshes)."
+    )
+    stream_interval: int = option(1, "Output tokens between streamed deltas.")
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    tensor_parallel_size: int = option(1, "Devices that shard the model by heads (tensor parallelism).")
+    distributed_coordinator: str | None = option(
+        None, "host:port of process 0 for a multi-process run (jax.distributed.initialize)."
+    )
+    num_processes: int = option(1, "Processes in a multi-process run.")
+    process_id: int = option(0, "This process's index in a multi-process run.")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    compilation_cache_dir: str | None = option(
+        os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "xla"),
+        "Persistent XLA compilation cache (empty string turns it off).",
+    )
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat keyword arguments (`LLM(model=..., max_num_seqs=...)`, CLI flags).
+
+        Each name is looked up in the four groups; an unknown name is an error naming it.
+        """
+        per_group: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+        top: dict[str, Any] = {}
+        owners = field_owners()
+        for key, value in kwargs.items():
+            if key not in owners:
+                raise TypeError(f"unknown engine option {key!r}")
+            owner = owners[key]
+            if owner is None:
+                top[key] = value
+            else:
+                per_group[owner][key] = value
+        built = {name: GROUPS[name](**values) for name, values in per_group.items()}
+        return cls(**built, **top)
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def field_owners() -> dict[str, str | None]:
+    """Flat option name -> the group that owns it (None for EngineConfig's own fields)."""
+    owners: dict[str, str | None] = {}
+    for group, klass in GROUPS.items():
+        for f in dataclasses.fields(klass):
+            owners[f.name] = group
+    for f in dataclasses.fields(EngineConfig):
+        if f.name not in GROUPS:
+            owners[f.name] = None
+    return owners
+
+
+def option_fields() -> list[tuple[str | None, dataclasses.Field]]:
+    """Every user-facing option as (group, field), in declaration order (for the CLI)."""
+    out: list[tuple[str | None, dataclasses.Field]] = []
+    for group, klass in GROUPS.items():
+        out.extend((group, f) for f in dataclasses.fields(klass) if f.name != "num_pages")
+    out.extend((None, f) for f in dataclasses.fields(EngineConfig) if f.name not in GROUPS)
+    return out
+
+
+def scheduler_defaults(platform: str, device_memory_bytes: int | None, served: bool) -> tuple[int, int]:
+    """vLLM's defaults for (max_num_seqs, max_num_batched_tokens) on this device.
+
+    GPUs with >= 70 GiB: 1024 sequences and 16384 tokens offline / 8192 served; smaller GPUs
+    256 / 2048; CPU: small values that keep compiles few and tests fast.
+    """
+    if platform == "cpu":
+        return 16, 256
+    if device_memory_bytes is not None and device_memory_bytes >= 70 * 2**30:
+        return 1024, (8192 if served else 16384)
+    return 256, 2048

@@ -1,0 +1,175 @@
+"""Weights from HF safetensors (or random, `load_format="dummy"`), placed straight on their shards.
+
+Safetensors files are read through a memory map, and each device's slice of a tensor is cut
+from the map by `jax.make_array_from_callback`, so no full replicated copy is made per device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from tqdm.auto import tqdm
+
+from jaxllm.model_arch import ModelArch
+from jaxllm.models.sharding import ShardingRules
+
+logger = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+}
+
+
+class WeightLoadError(ValueError):
+    pass
+
+
+class SafetensorsFile:
+    """A memory-mapped .safetensors file: name -> numpy view, nothing read until sliced."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        self.header = header
+        self._data_start = 8 + header_len
+        self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise WeightLoadError(f"{self.path.name}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        raw = self._mmap[self._data_start + start : self._data_start + end]
+        return raw.view(dtype).reshape(info["shape"])
+
+
+def open_checkpoint(model_dir: Path) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the file holding it, from model.safetensors or a sharded index."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = {name: SafetensorsFile(model_dir / name) for name in sorted(set(weight_map.values()))}
+        return {tensor: files[file] for tensor, file in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        f = SafetensorsFile(single)
+        return {name: f for name in f.names()}
+    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if found:  # unusual names, no index: take every file
+        out: dict[str, SafetensorsFile] = {}
+        for name in found:
+            f = SafetensorsFile(model_dir / name)
+            out.update({t: f for t in f.names()})
+        return out
+    raise FileNotFoundError(
+        f"no model.safetensors or model.safetensors.index.json in {model_dir} "
+        "(only safetensors checkpoints are supported; use load_format='dummy' for random weights)"
+    )
+
+
+def hf_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _leaves(state: nnx.State) -> Iterator[tuple[tuple, nnx.Variable]]:
+    yield from nnx.to_flat_state(state)
+
+
+def load_weights(
+    model_dir: Path,
+    abstract_state: nnx.State,
+    mesh: Mesh,
+    rules: ShardingRules,
+    dtype,
+    load_format: str,
+    seed: int,
+) -> nnx.State:
+    """Fill every Param of `abstract_state` with a sharded array; returns the concrete state."""
+    checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir)
+    flat = list(_leaves(abstract_state))
+    key = jax.random.key(seed)
+    desc = "Random weights" if checkpoint is None else "Loading safetensors"
+    for i, (path, var) in enumerate(tqdm(flat, desc=desc, unit="tensor", leave=False)):
+        abstract = var.get_value()
+        sharding = NamedSharding(mesh, rules.spec(var.get_metadata()["logical_axes"]))
+        name = hf_name(path)
+        if checkpoint is None:
+            value = _random_leaf(name, abstract.shape, jnp.dtype(dtype), sharding, jax.random.fold_in(key, i))
+        else:
+            value = _checkpoint_leaf(checkpoint, name, abstract.shape, np.dtype(dtype), sharding)
+        var.set_value(value)
+    return abstract_state
+
+
+def _checkpoint_leaf(checkpoint, name: str, shape, dtype: np.dtype, sharding) -> jax.Array:
+    if name not in checkpoint:
+        raise WeightLoadError(f"checkpoint has no tensor {name}")
+    tensor = checkpoint[name].get(name)
+    if tuple(tensor.shape) != tuple(shape):
+        raise WeightLoadError(
+            f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, expected {tuple(shape)}"
+        )
+    return jax.make_array_from_callback(shape, sharding, lambda idx: np.asarray(tensor[idx]).astype(dtype))
+
+
+def _random_leaf(name: str, shape, dtype, sharding, key) -> jax.Array:
+    if name.endswith("norm.weight"):
+        return jax.jit(lambda: jnp.ones(shape, dtype), out_shardings=sharding)()
+    return _random_normal(tuple(shape), dtype, sharding)(key)
+
+
+@cache
+def _random_normal(shape, dtype, sharding):
+    # Drawn directly into its shards. std 0.02 as HF's initializer_range.
+    return jax.jit(lambda key: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype), out_shardings=sharding)
+
+
+def resolve_dtype(name: str, arch: ModelArch, platform: str):
+    """--dtype -> a jnp dtype. auto: the checkpoint's, with float32 served as bfloat16 on GPUs."""
+    if name != "auto":
+        return jnp.dtype(name)
+    ckpt = arch.torch_dtype.replace("torch.", "")
+    if ckpt in ("bfloat16", "float16"):
+        return jnp.dtype(ckpt)
+    return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local directory, or a model id found in the local Hugging Face cache (offline)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"--model {model} is a file; give the model's directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception as exc:  # the hub raises several types for "not in cache"
+        raise FileNotFoundError(
+            f"model {model!r} is neither a local directory nor in the local Hugging Face cache"
+            f"{' at revision ' + revision if revision else ''} (jaxllm does not download weights): {exc}"
+        ) from None

@@ -1,0 +1,69 @@
+"""Logical sharding axes -> mesh axes, in one table.
+
+Model code names logical axes only (`vocab`, `embed`, `q_heads`, `kv_heads`, `mlp`); this module
+maps them onto a mesh with a `tp` axis. Column-parallel q/k/v and gate/up, row-parallel o and
+down, vocab-parallel embedding and lm_head. When tp exceeds the KV head count the KV heads
+(k/v projections and KV pages) are replicated instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.model_arch import ModelArch
+
+TP = "tp"
+
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name -> mesh axis (or None: replicated)."""
+
+    vocab: str | None = TP
+    embed: str | None = None
+    q_heads: str | None = TP
+    kv_heads: str | None = TP
+    mlp: str | None = TP
+
+    def spec(self, logical_axes: tuple[str | None, ...]) -> PartitionSpec:
+        return PartitionSpec(*(getattr(self, a) if a is not None else None for a in logical_axes))
+
+
+def make_mesh(tp: int, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    if tp > len(devices):
+        raise ValueError(f"tensor_parallel_size={tp} exceeds the {len(devices)} visible devices")
+    # NOTE: jax.sharding.Mesh keeps AxisType.Auto, so GSPMD propagates shardings between the
+    # annotated weights (jax.make_mesh would default to Explicit axes).
+    return Mesh(np.array(devices[:tp]), (TP,))
+
+
+def rules_for(arch: ModelArch, tp: int) -> ShardingRules:
+    """Check that tp divides the model and pick the rules (KV heads replicated if tp > Hkv)."""
+    if arch.num_heads % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide the {arch.num_heads} attention heads")
+    if arch.intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide intermediate_size={arch.intermediate_size}")
+    if arch.num_kv_heads % tp == 0:
+        kv = TP
+    elif tp % arch.num_kv_heads == 0:
+        kv = None
+    else:
+        raise ValueError(
+            f"tensor_parallel_size={tp} and the {arch.num_kv_heads} KV heads must divide one another"
+        )
+    vocab = TP if arch.vocab_size % tp == 0 else None
+    return ShardingRules(vocab=vocab, kv_heads=kv)
+
+
+def kv_pages_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
+    # [2, Hkv, num_pages, page_size, D]
+    return NamedSharding(mesh, PartitionSpec(None, rules.kv_heads, None, None, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
