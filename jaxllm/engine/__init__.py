@@ -1,0 +1,1 @@
+"""Device-free engine: requests, block manager, scheduler, detokenizer, engine loop. No jax here."""
