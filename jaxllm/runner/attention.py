@@ -1,0 +1,83 @@
+"""Choose the attention implementation: the Pallas kernel on a GPU when the model fits it,
+otherwise the XLA path; a flag forces either (forcing the kernel on a model it cannot run is an
+error that says why).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxllm.model_arch import ModelArch
+from jaxllm.models.llama import AttentionFn
+from jaxllm.models.sharding import ShardingRules
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, ragged_paged_attention_xla
+
+logger = logging.getLogger(__name__)
+
+
+def _pallas_unsupported_reason(platform: str, arch: ModelArch, dtype, page_size: int, tp: int) -> str | None:
+    if platform != "gpu":
+        return f"the Pallas kernel targets NVIDIA Hopper GPUs, not {platform}"
+    try:
+        from pallas_kernels.ragged_paged_attention import mosaic_gpu
+    except ImportError as exc:  # kernel module not available in this build
+        return f"the Mosaic GPU kernel is unavailable ({exc})"
+    return mosaic_gpu.mosaic_unsupported_reason(
+        dtype=dtype,
+        head_dim=arch.head_dim,
+        num_q_heads=arch.num_heads // tp,
+        num_kv_heads=max(arch.num_kv_heads // tp, 1),
+        page_size=page_size,
+    )
+
+
+def _shard_over_heads(kernel: AttentionFn, mesh: Mesh, rules: ShardingRules) -> AttentionFn:
+    """Run a per-device kernel under shard_map: q by query heads, KV pages by KV heads."""
+    import jax
+
+    q_spec = PartitionSpec(None, rules.q_heads, None)
+    kv_spec = PartitionSpec(None, rules.kv_heads, None, None, None)
+    meta = PartitionSpec()
+
+    def sharded(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, params):
+        fn = jax.shard_map(
+            lambda *a: kernel(*a, params),
+            mesh=mesh,
+            in_specs=(q_spec, kv_spec, meta, meta, meta, meta),
+            out_specs=q_spec,
+            check_vma=False,
+        )
+        return fn(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+
+    return sharded
+
+
+def select_attention(
+    backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, rules: ShardingRules
+) -> tuple[AttentionFn, str]:
+    """Returns (attention function, name of the implementation)."""
+    platform = mesh.devices.flat[0].platform
+    tp = mesh.devices.size
+    if backend == "reference":
+        return ragged_paged_attention_reference, "reference"
+    if backend == "xla":
+        return ragged_paged_attention_xla, "xla"
+    reason = _pallas_unsupported_reason(platform, arch, dtype, page_size, tp)
+    if backend == "pallas":
+        if reason is not None:
+            raise ValueError(f"--attention-backend pallas cannot run this model: {reason}")
+    elif backend == "auto":
+        if reason is not None:
+            logger.info("Attention: XLA path (%s)", reason)
+            return ragged_paged_attention_xla, "xla"
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}")
+    from pallas_kernels.ragged_paged_attention.mosaic_gpu import ragged_paged_attention_mosaic
+
+    logger.info("Attention: Pallas Mosaic GPU kernel")
+    kernel = ragged_paged_attention_mosaic
+    if tp > 1:
+        kernel = _shard_over_heads(kernel, mesh, rules)
+    return kernel, "pallas"

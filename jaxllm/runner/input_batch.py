@@ -1,0 +1,196 @@
+"""Host side of a step: the runner's per-request state and the padded numpy arrays of one batch.
+
+The runner keeps each request's tokens, pages and sampling params (sent once by the scheduler,
+then diffs). A step's arrays are built here in numpy and shipped to the device in one transfer.
+
+NOTE: with async scheduling, a decode's input token may be the one the previous step sampled,
+not yet on the host. Its input id is then a placeholder: `placeholder_rows[t]` names the row of
+the previous step's device-resident token array to substitute, on device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jaxllm.engine.interfaces import CachedRequestData, NewRequestData, SchedulerOutput
+from jaxllm.runner.sampler import SamplerFlags
+from jaxllm.sampling_params import SamplingParams
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    token_ids: list[int]  # prompt + outputs known on the host
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    seed: int
+    page_ids: list[int]
+    num_computed_tokens: int = 0
+    # Outputs sampled on device whose value is not on the host yet (0 or 1 with one step in flight).
+    num_pending: int = 0
+    # Row of this request's token in the last dispatched step's sampled-token array.
+    last_sampled_row: int = -1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass
+class StepArrays:
+    """One step's padded host arrays (the order of rows is the order of `req_ids`)."""
+
+    input_ids: np.ndarray  # [T] i32
+    positions: np.ndarray  # [T] i32
+    slot_mapping: np.ndarray  # [T] i32
+    placeholder_rows: np.ndarray  # [T] i32; -1 = the input id is real
+    cu_q_lens: np.ndarray  # [S + 1] i32
+    kv_lens: np.ndarray  # [S] i32
+    page_indices: np.ndarray  # [S, P] i32
+    num_seqs: np.ndarray  # [1] i32
+    logits_indices: np.ndarray  # [S] i32
+    req_ids: list[str]
+    samples: list[bool]  # per row: this step reaches the end of the known tokens
+    prompt_logprob_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # req -> token range
+
+
+def _seed_of(req_id: str, params: SamplingParams, base_seed: int) -> int:
+    if params.seed is not None:
+        return params.seed & 0xFFFFFFFF
+    # The engine gives every request a seed; this is a fallback for direct runner use.
+    return (hash(req_id) ^ base_seed) & 0xFFFFFFFF
+
+
+class InputBatch:
+    """Per-request state held by the runner across steps."""
+
+    def __init__(self, page_size: int, num_pages: int, base_seed: int):
+        self.page_size = page_size
+        self.null_slot = num_pages * page_size  # out of range: the K/V write drops it
+        self.base_seed = base_seed
+        self.requests: dict[str, CachedRequestState] = {}
+
+    def update(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in sched.new_requests:
+            self._add(new)
+        for cached in sched.cached_requests:
+            self._update(cached)
+
+    def _add(self, new: NewRequestData) -> None:
+        tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
+        self.requests[new.req_id] = CachedRequestState(
+            req_id=new.req_id,
+            token_ids=tokens,
+            num_prompt_tokens=len(new.prompt_token_ids),
+            sampling_params=new.sampling_params,
+            seed=_seed_of(new.req_id, new.sampling_params, self.base_seed),
+            page_ids=list(new.page_ids),
+            num_computed_tokens=new.num_computed_tokens,
+        )
+
+    def _update(self, cached: CachedRequestData) -> None:
+        state = self.requests[cached.req_id]
+        state.page_ids.extend(cached.new_page_ids)
+        state.num_computed_tokens = cached.num_computed_tokens
+
+    def build(self, sched: SchedulerOutput, num_tokens: int, num_slots: int, pages_per_seq: int) -> StepArrays:
+        """Pad the scheduled work into [T] tokens and [S] request slots (T, S, P: the bucket)."""
+        order = [r.req_id for r in sched.new_requests] + [r.req_id for r in sched.cached_requests]
+        input_ids = np.zeros(num_tokens, np.int32)
+        positions = np.zeros(num_tokens, np.int32)
+        slot_mapping = np.full(num_tokens, self.null_slot, np.int32)
+        placeholder_rows = np.full(num_tokens, -1, np.int32)
+        cu_q_lens = np.zeros(num_slots + 1, np.int32)
+        kv_lens = np.zeros(num_slots, np.int32)
+        page_indices = np.zeros((num_slots, pages_per_seq), np.int32)
+        logits_indices = np.zeros(num_slots, np.int32)
+        samples: list[bool] = []
+        prompt_rows: dict[str, tuple[int, int]] = {}
+        offset = 0
+        page = self.page_size
+        for row, req_id in enumerate(order):
+            state = self.requests[req_id]
+            n = sched.num_scheduled_tokens[req_id]
+            start = state.num_computed_tokens
+            end = start + n
+            known_end = min(end, len(state.token_ids))
+            input_ids[offset : offset + known_end - start] = state.token_ids[start:known_end]
+            if known_end < end:  # the last input is the previous step's sample, still on device
+                if end - known_end != 1 or state.last_sampled_row < 0:
+                    raise RuntimeError(f"request {req_id}: scheduled past its known tokens")
+                placeholder_rows[offset + n - 1] = state.last_sampled_row
+            pos = np.arange(start, end, dtype=np.int32)
+            positions[offset : offset + n] = pos
+            pages = np.asarray(state.page_ids, np.int32)
+            slot_mapping[offset : offset + n] = pages[pos // page] * page + pos % page
+            kv_lens[row] = end
+            page_indices[row, : len(pages)] = pages[:pages_per_seq]
+            cu_q_lens[row + 1] = offset + n
+            logits_indices[row] = offset + n - 1
+            samples.append(end == state.num_tokens)
+            if state.sampling_params.prompt_logprobs is not None and start < state.num_prompt_tokens:
+                prompt_rows[req_id] = (offset, offset + min(n, state.num_prompt_tokens - start))
+            offset += n
+        cu_q_lens[len(order) + 1 :] = offset
+        return StepArrays(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            placeholder_rows=placeholder_rows,
+            cu_q_lens=cu_q_lens,
+            kv_lens=kv_lens,
+            page_indices=page_indices,
+            num_seqs=np.array([len(order)], np.int32),
+            logits_indices=logits_indices,
+            req_ids=order,
+            samples=samples,
+            prompt_logprob_rows=prompt_rows,
+        )
+
+    def advance(self, sched: SchedulerOutput, arrays: StepArrays) -> None:
+        """After dispatch: count the scheduled tokens as computed and the samples as pending."""
+        for row, req_id in enumerate(arrays.req_ids):
+            state = self.requests[req_id]
+            state.num_computed_tokens += sched.num_scheduled_tokens[req_id]
+            if arrays.samples[row]:
+                state.num_pending += 1
+                state.last_sampled_row = row
+            else:
+                state.last_sampled_row = -1
+
+    def receive(self, req_ids: list[str], rows: list[int], tokens: np.ndarray) -> None:
+        """Sampled tokens reached the host: turn pending placeholders into real tokens."""
+        for req_id, row in zip(req_ids, rows, strict=True):
+            state = self.requests.get(req_id)
+            if state is None or state.num_pending == 0:
+                continue  # finished or preempted meanwhile
+            state.token_ids.append(int(tokens[row]))
+            state.num_pending -= 1
+
+
+def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool) -> SamplerFlags:
+    params = [s.sampling_params for s in states]
+    return SamplerFlags(
+        all_greedy=all(p.greedy for p in params),
+        top_k_top_p=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0) for p in params),
+        penalties=any(
+            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0 for p in params
+        ),
+        sparse_bias=any(needs_sparse_bias(s) for s in states),
+        bitmask=bitmask_rows,
+        logprobs=any(p.logprobs is not None for p in params),
+    )
+
+
+def needs_sparse_bias(state: CachedRequestState) -> bool:
+    p = state.sampling_params
+    below_min = len(state.output_token_ids) + state.num_pending < p.min_tokens
+    return bool(p.logit_bias) or p.allowed_token_ids is not None or below_min

@@ -1,0 +1,428 @@
+"""The model runner: the only code that touches devices.
+
+Be paranoid about adding lines here: everything per step is on the hot path.
+
+One step: pad the scheduled work to a precompiled bucket (T tokens, S = min(T, max_num_seqs)
+request slots, P pages per slot), ship the metadata in one transfer, run the jitted forward with
+the KV pages donated, sample on device, and start copying the tokens back while the host goes
+on to prepare the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jaxllm.config import EngineConfig, scheduler_defaults
+from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from jaxllm.models.batch import ForwardBatch
+from jaxllm.runner import kv_cache
+from jaxllm.runner.attention import select_attention
+from jaxllm.runner.input_batch import InputBatch, StepArrays, needs_sparse_bias, sampler_flags
+from jaxllm.runner.model_loading import LoadedModel, load_model
+from jaxllm.runner.sampler import MAX_LOGPROBS, SamplerFlags, SamplingBatch, sample
+
+logger = logging.getLogger(__name__)
+
+_GREEDY = SamplerFlags()
+_MIXED = SamplerFlags(all_greedy=False)
+
+
+def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
+    """Powers of two from `smallest` up to the step budget (which is always a bucket)."""
+    out, b = [], smallest
+    while b < max_tokens:
+        out.append(b)
+        b *= 2
+    return [*out, max_tokens]
+
+
+def page_buckets(max_pages: int, count: int = 3, ratio: int = 4) -> list[int]:
+    """A few pages-per-request widths: max_pages, max_pages / 4, ... (at least 4 pages)."""
+    out = [max_pages]
+    while len(out) < count and out[-1] // ratio >= 4:
+        out.append(out[-1] // ratio)
+    return sorted(out)
+
+
+def setup_compilation_cache(path: str | None) -> None:
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@dataclass
+class _Step:
+    """What a dispatched step left for the host to read back."""
+
+    arrays: StepArrays
+    tokens: jax.Array  # [max_num_seqs] i32, rows beyond S are padding
+    logprobs: tuple | None
+    prompt_logprobs: tuple | None
+
+
+class StepHandle:
+    def __init__(self, runner: ModelRunner, step: _Step | None):
+        self._runner = runner
+        self._step = step
+        self._result: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._result is None:
+            self._result = self._runner._finish(self._step)
+        return self._result
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, *, served: bool = False, devices=None):
+        setup_compilation_cache(config.compilation_cache_dir)
+        self.model: LoadedModel = load_model(config.model, config.parallel, devices)
+        arch, mesh = self.model.arch, self.model.mesh
+        device = mesh.devices.flat[0]
+        self.platform = device.platform
+        self.vocab_size = arch.vocab_size
+        self.max_model_len = self._resolve_max_model_len(config)
+        self.config = self._resolve_scheduler(config, device, served)
+        sched = self.config.scheduler
+        self.max_num_seqs: int = sched.max_num_seqs
+        self.page_size = config.cache.block_size
+        self.token_buckets = sorted(sched.token_buckets)
+        max_pages = -(-self.max_model_len // self.page_size)
+        self.page_buckets = page_buckets(max_pages)
+        self.attention, self.attention_name = select_attention(
+            config.model.attention_backend, arch, self.model.dtype, self.page_size, mesh, self.model.rules
+        )
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._forward = jax.jit(self.model.forward_fn(self.attention), donate_argnums=(1,))
+        self._compiled: dict[tuple, Any] = {}
+        self._warm = False
+
+        page_bytes = kv_cache.bytes_per_page(arch, self.page_size, self.model.dtype, mesh.devices.size, self.model.rules)
+        activation = self._activation_bytes() if kv_cache.device_memory(device) is not None else 0
+        budget = kv_cache.kv_budget_bytes(config.cache, device, activation, _device_total_bytes(device))
+        num_pages = kv_cache.num_pages_for(config.cache, budget, page_bytes)
+        kv_cache.check_fits(num_pages, self.page_size, self.max_model_len, page_bytes, budget)
+        kv_cache.log_pool(num_pages, self.page_size, self.max_model_len, page_bytes)
+        self.config = dataclasses.replace(self.config, cache=dataclasses.replace(self.config.cache, num_pages=num_pages))
+        self.num_pages = num_pages
+        self.kv_pages = kv_cache.allocate_kv_pages(arch, num_pages, self.page_size, self.model.dtype, mesh, self.model.rules)
+        self.input_batch = InputBatch(self.page_size, num_pages, config.model.seed)
+        self._prev_tokens = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self._replicated)
+        self._warmup()
+
+    # ----- startup -------------------------------------------------------------------------
+
+    def _resolve_max_model_len(self, config: EngineConfig) -> int:
+        derived = self.model.arch.max_position_embeddings
+        wanted = config.model.max_model_len
+        if wanted is None:
+            return derived
+        if wanted > derived:
+            raise ValueError(
+                f"max_model_len ({wanted}) is greater than the derived max_model_len (max_position_embeddings="
+                f"{derived} in the model's config.json)."
+            )
+        return wanted
+
+    def _resolve_scheduler(self, config: EngineConfig, device, served: bool) -> EngineConfig:
+        sched = config.scheduler
+        default_seqs, default_tokens = scheduler_defaults(self.platform, _device_total_bytes(device), served)
+        max_num_seqs = sched.max_num_seqs or default_seqs
+        max_tokens = sched.max_num_batched_tokens or max(default_tokens, 16)
+        buckets = sorted(set(sched.token_buckets)) or token_buckets(max_tokens)
+        if buckets[-1] < max_tokens:
+            buckets.append(max_tokens)
+        async_scheduling = sched.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = self.platform != "cpu" or self.model.mesh.devices.size == 1
+        new_sched = dataclasses.replace(
+            sched,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_tokens,
+            token_buckets=buckets,
+            async_scheduling=async_scheduling,
+        )
+        model = dataclasses.replace(config.model, max_model_len=self.max_model_len)
+        return dataclasses.replace(config, scheduler=new_sched, model=model)
+
+    def _abstract_args(self, num_tokens: int, pages_per_seq: int, num_pages: int | None = None):
+        num_slots = min(num_tokens, self.max_num_seqs)
+        rep = self._replicated
+        i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=rep)
+        batch = ForwardBatch(
+            input_ids=i32((num_tokens,)),
+            positions=i32((num_tokens,)),
+            slot_mapping=i32((num_tokens,)),
+            cu_q_lens=i32((num_slots + 1,)),
+            kv_lens=i32((num_slots,)),
+            page_indices=i32((num_slots, pages_per_seq)),
+            num_seqs=i32((1,)),
+            logits_indices=i32((num_slots,)),
+        )
+        leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in self.model.leaves]
+        if num_pages is None:
+            kv = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in self.kv_pages]
+        else:
+            from jaxllm.models.llama import kv_pages_shape
+            from jaxllm.models.sharding import kv_pages_sharding
+
+            shape = kv_pages_shape(self.model.arch, num_pages, self.page_size)
+            sharding = kv_pages_sharding(self.model.mesh, self.model.rules)
+            kv = [jax.ShapeDtypeStruct(shape, self.model.dtype, sharding=sharding)] * self.model.arch.num_layers
+        placeholder_rows = i32((num_tokens,))
+        prev_tokens = i32((self.max_num_seqs,))
+        return leaves, kv, batch, placeholder_rows, prev_tokens
+
+    def _activation_bytes(self) -> int:
+        """Temp memory of the largest bucket's forward, compiled against a small stand-in pool."""
+        args = self._abstract_args(self.token_buckets[-1], self.page_buckets[-1], num_pages=self.page_buckets[-1] + 1)
+        compiled = self._forward.lower(*args).compile()
+        analysis = compiled.memory_analysis()
+        temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+        logger.info("Activation peak of the largest bucket: %.2f GiB", temp / kv_cache.GiB)
+        return temp
+
+    def _warmup(self) -> None:
+        keys = [(t, p) for t in self.token_buckets for p in self.page_buckets]
+        workers = max(1, min(len(keys), (os.cpu_count() or 1)))
+        start = time.perf_counter()
+        # NOTE: XLA compiles release the GIL, so buckets compile in parallel threads.
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {key: pool.submit(self._compile_forward, *key) for key in keys}
+            for key in tqdm(keys, desc="Compiling buckets", unit="bucket", leave=False):
+                self._compiled[("forward", *key)] = futures[key].result()
+        for num_slots in sorted({min(t, self.max_num_seqs) for t in self.token_buckets}):
+            for flags in (_GREEDY, _MIXED):
+                self._sampler(num_slots, flags)
+        self._warm = True
+        logger.info(
+            "Compiled %d forward buckets (tokens %s x pages/request %s) in %.1f s; attention: %s",
+            len(keys), self.token_buckets, self.page_buckets, time.perf_counter() - start, self.attention_name,
+        )
+
+    def _compile_forward(self, num_tokens: int, pages_per_seq: int):
+        return self._forward.lower(*self._abstract_args(num_tokens, pages_per_seq)).compile()
+
+    def _compiled_forward(self, num_tokens: int, pages_per_seq: int):
+        key = ("forward", num_tokens, pages_per_seq)
+        fn = self._compiled.get(key)
+        if fn is None:
+            self._warn_compile(key)
+            fn = self._compiled[key] = self._compile_forward(num_tokens, pages_per_seq)
+        return fn
+
+    def _warn_compile(self, key: tuple) -> None:
+        if self._warm:
+            logger.warning("Compiling after warmup: %s (a bucket or variant missing from warmup)", key)
+
+    def _sampler(self, num_slots: int, flags: SamplerFlags):
+        key = ("sample", num_slots, flags)
+        fn = self._compiled.get(key)
+        if fn is None:
+            self._warn_compile(key)
+            max_seqs = self.max_num_seqs
+
+            def run(logits, batch):
+                tokens, logprobs = sample(logits, batch, flags)
+                padded = jnp.zeros(max_seqs, jnp.int32).at[: tokens.shape[0]].set(tokens)
+                return padded, logprobs
+
+            fn = self._compiled[key] = jax.jit(run)
+        return fn
+
+    # ----- one step ------------------------------------------------------------------------
+
+    def execute(self, sched: SchedulerOutput) -> StepHandle:
+        self.input_batch.update(sched)
+        if sched.total_num_scheduled_tokens == 0:
+            return StepHandle(self, None)
+        num_tokens = next(b for b in self.token_buckets if b >= sched.total_num_scheduled_tokens)
+        num_slots = min(num_tokens, self.max_num_seqs)
+        longest = max(
+            len(self.input_batch.requests[r].page_ids) for r in sched.num_scheduled_tokens
+        )
+        pages_per_seq = next(p for p in self.page_buckets if p >= longest)
+        arrays = self.input_batch.build(sched, num_tokens, num_slots, pages_per_seq)
+        states = [self.input_batch.requests[r] for r in arrays.req_ids]
+        want_prompt_logprobs = bool(arrays.prompt_logprob_rows)
+        flags = sampler_flags(states, bitmask_rows=bool(sched.grammar_bitmask))
+        sampling = self._sampling_batch(arrays, states, num_slots, flags, sched)
+
+        logits_indices = arrays.logits_indices
+        if want_prompt_logprobs:  # every token's logits; rows for sampling picked afterwards
+            logits_indices = np.arange(num_tokens, dtype=np.int32)
+        host = (
+            arrays.input_ids, arrays.positions, arrays.slot_mapping, arrays.cu_q_lens, arrays.kv_lens,
+            arrays.page_indices, arrays.num_seqs, logits_indices, arrays.placeholder_rows,
+        )
+        dev = jax.device_put(host, self._replicated)  # one transfer
+        batch = ForwardBatch(*dev[:8])
+        args = (self.model.leaves, self.kv_pages, batch, dev[8], self._prev_tokens)
+        if want_prompt_logprobs:
+            self._warn_compile(("forward-all-logits", num_tokens, pages_per_seq))
+            self.kv_pages, all_logits = self._forward(*args)
+            logits = all_logits[jnp.asarray(arrays.logits_indices)]
+        else:
+            self.kv_pages, logits = self._compiled_forward(num_tokens, pages_per_seq)(*args)
+        tokens, logprobs = self._sampler(num_slots, flags)(logits, sampling)
+        prompt_lp = None
+        if want_prompt_logprobs:
+            targets = np.zeros(num_tokens, np.int32)
+            targets[:-1] = arrays.input_ids[1:]
+            prompt_lp = _prompt_logprobs(all_logits, jnp.asarray(targets))
+        self._prev_tokens = tokens
+        self.input_batch.advance(sched, arrays)
+        for x in (tokens, logprobs, prompt_lp):
+            if x is not None:
+                jax.tree.map(lambda a: a.copy_to_host_async(), x)
+        return StepHandle(self, _Step(arrays, tokens, logprobs, prompt_lp))
+
+    def _sampling_batch(self, arrays: StepArrays, states, num_slots: int, flags: SamplerFlags, sched) -> SamplingBatch:
+        n = len(states)
+        params = [s.sampling_params for s in states]
+
+        def col(values, dtype, fill):
+            out = np.full(num_slots, fill, dtype)
+            out[:n] = values
+            return out
+
+        batch = SamplingBatch(
+            temperature=col([p.temperature for p in params], np.float32, 0.0),
+            seeds=col([s.seed for s in states], np.uint32, 0),
+            positions=col(arrays.kv_lens[:n], np.int32, 0),
+        )
+        if flags.top_k_top_p:
+            batch.top_k = col([p.top_k for p in params], np.int32, 0)
+            batch.top_p = col([p.top_p for p in params], np.float32, 1.0)
+            batch.min_p = col([p.min_p for p in params], np.float32, 0.0)
+        if flags.penalties:
+            batch.presence_penalty = col([p.presence_penalty for p in params], np.float32, 0.0)
+            batch.frequency_penalty = col([p.frequency_penalty for p in params], np.float32, 0.0)
+            batch.repetition_penalty = col([p.repetition_penalty for p in params], np.float32, 1.0)
+            outs = np.full((num_slots, self.max_model_len), -1, np.int32)
+            prompts = np.full((num_slots, self.max_model_len), -1, np.int32)
+            for i, s in enumerate(states):
+                o = s.output_token_ids
+                outs[i, : len(o)] = o
+                prompts[i, : s.num_prompt_tokens] = s.token_ids[: s.num_prompt_tokens]
+            batch.output_tokens, batch.prompt_tokens = outs, prompts
+        if flags.sparse_bias:
+            batch.bias_ids, batch.bias_values, batch.allowed_only = self._sparse_bias(states, num_slots)
+        if flags.bitmask:
+            words = -(-self.vocab_size // 32)
+            mask = np.full((num_slots, words), -1, np.int32)
+            for i, req_id in enumerate(arrays.req_ids):
+                if req_id in sched.grammar_bitmask:
+                    mask[i] = sched.grammar_bitmask[req_id]
+            batch.bitmask = mask
+        return jax.device_put(batch, self._replicated)
+
+    def _sparse_bias(self, states, num_slots: int):
+        rows: list[tuple[list[int], list[float], bool]] = []
+        for s in states:
+            p = s.sampling_params
+            ids: list[int] = []
+            values: list[float] = []
+            if needs_sparse_bias(s) and len(s.output_token_ids) + s.num_pending < p.min_tokens:
+                stop_ids = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else p.all_stop_token_ids))
+                ids += stop_ids
+                values += [-np.inf] * len(stop_ids)
+            for tok, bias in (p.logit_bias or {}).items():
+                ids.append(tok)
+                values.append(bias)
+            allowed = p.allowed_token_ids is not None
+            if allowed:
+                extra = [t for t in p.allowed_token_ids if t not in (p.logit_bias or {})]
+                ids += extra
+                values += [0.0] * len(extra)
+            rows.append((ids, values, allowed))
+        width = 16
+        while width < max(len(r[0]) for r in rows):
+            width *= 2
+        bias_ids = np.full((num_slots, width), -1, np.int32)
+        bias_values = np.zeros((num_slots, width), np.float32)
+        allowed_only = np.zeros(num_slots, bool)
+        for i, (ids, values, allowed) in enumerate(rows):
+            bias_ids[i, : len(ids)] = ids
+            bias_values[i, : len(values)] = values
+            allowed_only[i] = allowed
+        return bias_ids, bias_values, allowed_only
+
+    def _finish(self, step: _Step | None) -> ModelRunnerOutput:
+        if step is None:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        arrays = step.arrays
+        tokens = np.asarray(step.tokens)
+        rows = [i for i, s in enumerate(arrays.samples) if s]
+        req_ids = [arrays.req_ids[i] for i in rows]
+        self.input_batch.receive(req_ids, rows, tokens)
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        if step.logprobs is not None:
+            top_ids, top_vals, sampled_lp, rank = (np.asarray(x) for x in step.logprobs)
+            for j, i in enumerate(rows):
+                state = self.input_batch.requests.get(arrays.req_ids[i])
+                k = state.sampling_params.logprobs if state is not None else None
+                if k is None:
+                    continue
+                k = min(k, MAX_LOGPROBS)
+                logprobs[j] = TokenLogprobs(
+                    top_ids[i, :k].tolist(), top_vals[i, :k].tolist(), float(sampled_lp[i]), int(rank[i])
+                )
+        prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+        if step.prompt_logprobs is not None:
+            top_ids, top_vals, target_lp, rank = (np.asarray(x) for x in step.prompt_logprobs)
+            for req_id, (lo, hi) in arrays.prompt_logprob_rows.items():
+                state = self.input_batch.requests.get(req_id)
+                if state is None:
+                    continue
+                k = min(state.sampling_params.prompt_logprobs, MAX_LOGPROBS)
+                prompt_logprobs[req_id] = [
+                    TokenLogprobs(top_ids[t, :k].tolist(), top_vals[t, :k].tolist(), float(target_lp[t]), int(rank[t]))
+                    for t in range(lo, hi)
+                ]
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            sampled_token_ids=[int(tokens[i]) for i in rows],
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def free_pages_check(self) -> int:
+        return self.num_pages
+
+    def shutdown(self) -> None:
+        self.kv_pages = []
+
+
+@jax.jit
+def _prompt_logprobs(logits, targets):
+    """logits [T, V] f32, targets [T] (token p + 1 for position p) -> top-k and the target's logprob/rank."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_values, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    target = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(logprobs > target[:, None], axis=-1) + 1
+    return top_ids.astype(jnp.int32), top_values, target, rank.astype(jnp.int32)
+
+
+def _device_total_bytes(device) -> int | None:
+    """Total device memory (for vLLM's default budgets and gpu_memory_utilization)."""
+    mem = kv_cache.device_memory(device)
+    if mem is None:
+        return None
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    return int(mem[0] / fraction)
