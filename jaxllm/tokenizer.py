@@ -1,0 +1,205 @@
+"""Tokenizer loading and chat-prompt rendering, the way vLLM does it (no jax here).
+
+Data flow of a chat request: OpenAI-style messages -> `apply_chat_template` (text, with the
+template's own BOS and role markers) -> `encode_prompt(..., add_special_tokens=False)` -> ids.
+A completion prompt is plain text -> `encode_prompt(..., add_special_tokens=True)` -> ids, so the
+tokenizer's post-processor adds BOS. These are vLLM's defaults for the two APIs (the chat request
+field `add_special_tokens` defaults to False, the completion one to True).
+
+Jinja is never reimplemented: rendering is transformers' `apply_chat_template(..., tokenize=False)`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+import jinja2.nodes
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+ContentFormat = Literal["string", "openai"]
+
+# Characters that mark a --chat-template value as inline Jinja rather than a path (vLLM's rule).
+_JINJA_CHARS = "{}\n"
+
+
+def load_tokenizer(path_or_id: str | Path, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The fast (Rust `tokenizers`) tokenizer of a model directory, or of a model id in the local HF cache.
+
+    Never touches the network (`local_files_only=True`) and never runs remote code.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path_or_id), revision=revision, local_files_only=True, trust_remote_code=False
+        )
+    except OSError as e:
+        raise ValueError(
+            f"could not load a tokenizer from {str(path_or_id)!r} (a model directory, or a model id already "
+            f"in the local Hugging Face cache; jaxllm does not download): {e}"
+        ) from e
+    if not tokenizer.is_fast:
+        raise ValueError(f"{str(path_or_id)!r} has no fast tokenizer (tokenizer.json); jaxllm needs one")
+    return tokenizer
+
+
+def resolve_chat_template(value: str | Path | None) -> str | None:
+    """The `--chat-template` flag: a path to a Jinja file, or the Jinja text itself.
+
+    Like vLLM's `load_chat_template`: a value that cannot be opened is taken as inline Jinja when it
+    contains `{`, `}` or a newline, and escapes in it (`\\n` typed on a shell line) are interpreted;
+    otherwise it looks like a mistyped path and is an error.
+    """
+    if value is None:
+        return None
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except OSError as e:
+        if isinstance(value, Path) or not any(c in value for c in _JINJA_CHARS):
+            raise ValueError(
+                f"The supplied chat template ({value}) looks like a file path, but it failed to be opened. "
+                f"Reason: {e}"
+            ) from e
+    # NOTE: vLLM runs `codecs.decode(value, "unicode_escape")`, which turns any non-ASCII text into
+    # mojibake ("é" -> "Ã©"). Escaping non-Latin-1 characters first and encoding as Latin-1 keeps
+    # them intact while still interpreting `\n`, `\t` and `\uXXXX`.
+    if "\\" not in value:
+        return value
+    return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def apply_chat_template(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> str:
+    """The prompt text of an OpenAI-style conversation, exactly as transformers renders it.
+
+    `chat_template` (already resolved text) overrides the tokenizer's. Message content given as a
+    list of parts is joined with "\\n" for templates that read `content` as a string and passed as a
+    list of `{"type": "text", "text": ...}` to templates that loop over it (vLLM's "auto" content
+    format). Only text parts are accepted. Tokenize the result with `add_special_tokens=False`.
+    """
+    if chat_template is None and tokenizer.chat_template is None:
+        raise ValueError(
+            f"The tokenizer of {tokenizer.name_or_path!r} has no chat template; pass --chat-template (a Jinja "
+            "file or inline text) or use the completions API. As of transformers v4.44, default chat template "
+            "is no longer allowed, so you must provide a chat template if the tokenizer does not define one."
+        )
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+    template = tokenizer.get_chat_template(chat_template, tools)
+    content_format = detect_content_format(template)
+    conversation = [_normalize_message(m, content_format) for m in messages]
+    return tokenizer.apply_chat_template(
+        conversation,
+        tools=tools,
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        tokenize=False,
+        **(chat_template_kwargs or {}),
+    )
+
+
+def starts_with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
+    """Whether `text` (a rendered chat prompt) already begins with the tokenizer's BOS token."""
+    return tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, *, add_special_tokens: bool) -> list[int]:
+    """Token ids of a prompt: `add_special_tokens=False` for rendered chat prompts (the template
+    wrote BOS; adding another gives a double BOS), True for completion prompts (vLLM's defaults)."""
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _normalize_message(message: dict[str, Any], content_format: ContentFormat) -> dict[str, Any]:
+    """A copy of `message` whose `content` has the shape the template expects."""
+    out = dict(message)
+    content = message.get("content")
+    # NOTE: None content (an assistant turn holding only tool_calls) becomes "" / [], as in vLLM.
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+    texts = [_part_text(part) for part in parts]
+    if content_format == "openai":
+        out["content"] = [{"type": "text", "text": t} for t in texts]
+    else:
+        out["content"] = "\n".join(texts)
+    return out
+
+
+def _part_text(part: Any) -> str:
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    raise ValueError(f"Unsupported content part type {kind!r}: this model accepts text parts only.")
+
+
+@lru_cache(maxsize=32)
+def detect_content_format(chat_template: str) -> ContentFormat:
+    """"openai" when the template loops over a message's `content` (a list of parts), else "string".
+
+    A compact form of vLLM's Jinja-AST check: find the names bound to messages (`messages`, names set
+    from it, the targets of loops over them), then look for a loop over `<message>['content']`,
+    `<message>.content` or a bare `content` variable.
+    """
+    try:
+        ast = jinja2.Environment().parse(chat_template)
+    except jinja2.TemplateSyntaxError:
+        return "string"  # transformers will report the syntax error when rendering
+    messages_names = _names_bound_to(ast, {"messages"})
+    message_names = {
+        loop.target.name
+        for loop in ast.find_all(jinja2.nodes.For)
+        if isinstance(loop.target, jinja2.nodes.Name) and _base_name(loop.iter) in messages_names
+    }
+    for loop in ast.find_all(jinja2.nodes.For):
+        node = _strip_filters(loop.iter)
+        if isinstance(node, jinja2.nodes.Name) and node.name == "content":
+            return "openai"
+        if _is_key_access(node, "content") and _base_name(node.node) in message_names:
+            return "openai"
+    return "string"
+
+
+def _names_bound_to(ast: jinja2.nodes.Template, roots: set[str]) -> set[str]:
+    """`roots` plus every name `{% set x = <root>... %}` binds, followed transitively."""
+    names = set(roots)
+    assigns = [a for a in ast.find_all(jinja2.nodes.Assign) if isinstance(a.target, jinja2.nodes.Name)]
+    changed = True
+    while changed:
+        changed = False
+        for assign in assigns:
+            if assign.target.name not in names and _base_name(assign.node) in names:
+                names.add(assign.target.name)
+                changed = True
+    return names
+
+
+def _strip_filters(node: jinja2.nodes.Node) -> jinja2.nodes.Node:
+    while isinstance(node, jinja2.nodes.Filter | jinja2.nodes.Test) and node.node is not None:
+        node = node.node
+    return node
+
+
+def _is_key_access(node: jinja2.nodes.Node, key: str) -> bool:
+    if isinstance(node, jinja2.nodes.Getattr):
+        return node.attr == key
+    if isinstance(node, jinja2.nodes.Getitem):
+        return isinstance(node.arg, jinja2.nodes.Const) and node.arg.value == key
+    return False
+
+
+def _base_name(node: jinja2.nodes.Node) -> str | None:
+    """The variable an expression like `messages[1:] | reverse` or `loop_messages` starts from."""
+    node = _strip_filters(node)
+    while isinstance(node, jinja2.nodes.Getitem | jinja2.nodes.Getattr):
+        node = _strip_filters(node.node)
+    return node.name if isinstance(node, jinja2.nodes.Name) else None
