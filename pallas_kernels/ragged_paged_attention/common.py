@@ -74,7 +74,7 @@ def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping
     jit boundary so this is an in-place scatter.
     """
     _, num_kv_heads, num_pages, page_size, head_dim = kv_pages.shape
-    flat = kv_pages.reshape(2, num_kv_heads, num_pages * page_size, head_dim)
+    flat = jnp.asarray(kv_pages).reshape(2, num_kv_heads, num_pages * page_size, head_dim)
     new = jnp.stack([k, v]).astype(kv_pages.dtype)  # [2, T, Hkv, D]
     new = new.transpose(0, 2, 1, 3)  # [2, Hkv, T, D]
     flat = flat.at[:, :, slot_mapping].set(new, mode="drop")

@@ -1,0 +1,65 @@
+"""Tiny random checkpoints of each supported family, written by transformers (torch, CPU).
+
+Weights are drawn N(0, 0.2) everywhere (biases and norm weights included, so they are not
+trivially 0 / 1), then saved with `save_pretrained` as safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+)
+
+FAMILIES = {
+    # GQA + llama3 rope scaling (original context small so the scaling bites within 400 tokens).
+    "llama3": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 64},
+            tie_word_embeddings=False,
+        ),
+    ),
+    # Sliding window shorter than the prompt.
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(rope_theta=10000.0, sliding_window=96, tie_word_embeddings=False)),
+    # q/k/v bias, tied embeddings.
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+              dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    # per-head q/k RMSNorm.
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(rope_theta=1000000.0, tie_word_embeddings=False, attention_bias=False)),
+}
+
+
+def make_checkpoint(family: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def hf_logits(model_dir: Path, token_ids: list[int]) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].float()
