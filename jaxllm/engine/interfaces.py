@@ -48,7 +48,9 @@ class SchedulerOutput:
     # req_id -> query tokens to process this step (1 for a decode, up to the budget for a prefill chunk).
     num_scheduled_tokens: dict[str, int]
     total_num_scheduled_tokens: int
-    # Finished, aborted or preempted since the last step: the runner drops their state.
+    # Finished, aborted or preempted since the last step: the runner drops their state, before
+    # reading new_requests (a preempted request may be dropped and re-sent in the same step).
+    # Ids the runner does not hold (aborted before their first step) may appear: ignore them.
     finished_req_ids: set[str] = field(default_factory=set)
     # req_id -> packed allowed-token bitmask [ceil(vocab / 32)] int32 for constrained requests
     # that sample this step (structured outputs); absent for unconstrained ones.

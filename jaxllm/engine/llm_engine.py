@@ -1,0 +1,358 @@
+"""`LLMEngine`: requests in, `RequestOutput`s out, one `step()` at a time (single thread, no jax).
+
+    step: schedule -> runner.execute -> [async: keep that step in flight, finish the previous one]
+          -> scheduler.update_from_output -> detokenize, check stops -> free finished -> outputs
+
+A user request with `n > 1` becomes n child requests ("{i}_{request_id}") sharing the prompt, so
+the prefix cache shares its pages; their outputs are gathered into one `RequestOutput`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine.block_manager import BlockManager
+from jaxllm.engine.detokenizer import Finish, OutputDetokenizer
+from jaxllm.engine.interfaces import ModelRunnerOutput, ModelRunnerProtocol, SchedulerOutput, StepHandle, TokenLogprobs
+from jaxllm.engine.metrics import EngineMetrics
+from jaxllm.engine.request import Grammar, Request, RequestStatus
+from jaxllm.engine.scheduler import SampledToken, Scheduler
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 5.0
+MAX_RANDOM_SEED = 2**31 - 1
+
+GrammarCompiler = Callable[[SamplingParams], Grammar]
+
+_FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
+
+
+@dataclass
+class _Sequence:
+    """One child request and what has been sent of it."""
+
+    request: Request
+    index: int
+    detokenizer: OutputDetokenizer
+    logprobs: list[dict[int, Logprob]] | None  # None unless sampling_params.logprobs
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_sent_chars: int = 0
+    num_sent_tokens: int = 0
+    sent_final: bool = False
+
+
+@dataclass
+class _Group:
+    """One user request: its n sequences and how its outputs are reported."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    delta: bool
+    sequences: list[_Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # position 0 is None
+    sent_prompt_logprobs: bool = False
+    arrival_wall_time: float = field(default_factory=time.time)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.sequences)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer: PreTrainedTokenizerBase,
+                 max_model_len: int, vocab_size: int, eos_token_ids: Iterable[int], *, log_stats: bool = True,
+                 grammar_compiler: GrammarCompiler | None = None) -> None:
+        assert config.cache.num_pages > 0, "config.cache.num_pages must be filled in by the runner"
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.log_stats = log_stats
+        self.grammar_compiler = grammar_compiler
+        self.async_scheduling = bool(config.scheduler.async_scheduling)
+        self.stream_interval = max(1, config.scheduler.stream_interval)
+        self.block_manager = BlockManager(config.cache.num_pages, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, max_model_len, vocab_size)
+        self.metrics = EngineMetrics()
+        # NOTE: requests without a seed get one from here, so the runner can key all sampling by
+        # (seed, position) and a run is reproducible from config.model.seed.
+        self._seed_rng = random.Random(config.model.seed)
+        self._groups: dict[str, _Group] = {}
+        self._sequences: dict[str, tuple[_Group, _Sequence]] = {}  # child request id -> its group
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
+        self._changed: dict[str, _Group] = {}  # groups with something to report, in order
+        self._token_text_cache: dict[int, str] = {}
+        self._last_stats = (time.monotonic(), 0, 0)  # (time, prompt tokens, generation tokens)
+
+    # ---- requests in ----
+
+    def validate_request(self, prompt_token_ids: list[int], sampling_params: SamplingParams) -> int:
+        """Raise ValueError (vLLM's wording) for a request this engine cannot serve; returns its max_tokens."""
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise ValueError("The decoder prompt cannot be empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary")
+        sampling_params.validate_vocab(self.vocab_size)
+        max_tokens = sampling_params.max_tokens
+        if max_tokens is None:
+            if num_prompt >= self.max_model_len:
+                raise ValueError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your request "
+                    f"has {num_prompt} input tokens. Please reduce the length of the input messages.")
+            max_tokens = self.max_model_len - num_prompt
+        elif num_prompt + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{max_tokens} output tokens and your prompt contains at least {num_prompt} input tokens, for a "
+                f"total of at least {num_prompt + max_tokens} tokens. Please reduce the length of the input "
+                "prompt or the number of requested output tokens.")
+        block_size, num_pages = self.config.cache.block_size, self.config.cache.num_pages
+        pages_needed = -(-(num_prompt + max_tokens - 1) // block_size)  # the last token's KV is never computed
+        if pages_needed > num_pages:
+            raise ValueError(
+                f"The request needs {pages_needed} KV pages of {block_size} tokens ({num_prompt} prompt + "
+                f"{max_tokens} output tokens), more than the {num_pages} pages of the KV cache.")
+        if sampling_params.structured_outputs is not None and self.grammar_compiler is None:
+            raise ValueError("structured_outputs is not supported by this engine (no grammar backend)")
+        return max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                    prompt: str | None = None, cache_salt: str | None = None, *, delta: bool = False) -> None:
+        """Queue a request. delta=True: report only what is new since the last output (streaming)."""
+        if request_id in self._groups:
+            raise ValueError(f"Request id {request_id} is already running.")
+        max_tokens = self.validate_request(prompt_token_ids, sampling_params)
+        prompt_token_ids = list(prompt_token_ids)
+        group = _Group(request_id, prompt, prompt_token_ids, delta)
+        n = sampling_params.n
+        for index in range(n):
+            seed = (sampling_params.seed + index if sampling_params.seed is not None
+                    else self._seed_rng.randint(0, MAX_RANDOM_SEED))
+            params = sampling_params.clone(n=1, seed=seed, all_stop_token_ids=set(self.eos_token_ids))
+            grammar = self.grammar_compiler(params) if params.structured_outputs is not None else None
+            child_id = request_id if n == 1 else f"{index}_{request_id}"
+            request = Request(child_id, prompt_token_ids, params, max_tokens, cache_salt=cache_salt, grammar=grammar)
+            wants_logprobs = params.logprobs is not None
+            sequence = _Sequence(request, index,
+                                 OutputDetokenizer(self.tokenizer, prompt_token_ids, params, max_tokens,
+                                                   self.max_model_len),
+                                 [] if wants_logprobs else None, 0.0 if wants_logprobs else None)
+            group.sequences.append(sequence)
+        if sampling_params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        self._groups[request_id] = group
+        for sequence in group.sequences:
+            self._sequences[sequence.request.req_id] = (group, sequence)
+            self.scheduler.add_request(sequence.request)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests (user request ids): their pages are freed now; the next step() reports them."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            group = self._groups.get(request_id)
+            if group is None:
+                continue
+            for sequence in group.sequences:
+                if sequence.finish_reason is None:
+                    self.scheduler.finish_request(sequence.request.req_id, RequestStatus.FINISHED_ABORTED)
+                    self._finish(sequence, Finish("abort"))
+            self._changed[request_id] = group
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups) or self._in_flight is not None
+
+    # ---- the step ----
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        handle = None if scheduler_output.is_empty else self.runner.execute(scheduler_output)
+        if self._in_flight is not None:
+            self._finish_in_flight()
+        if handle is not None:
+            self._in_flight = (scheduler_output, handle)
+            # NOTE: a constrained request's next bitmask needs this step's token: run it synchronously.
+            if not self.async_scheduling or scheduler_output.grammar_bitmask:
+                self._finish_in_flight()
+        outputs = [out for group in self._changed.values() if (out := self._make_output(group)) is not None]
+        self._changed.clear()
+        self._update_gauges()
+        return outputs
+
+    def _finish_in_flight(self) -> None:
+        assert self._in_flight is not None
+        scheduler_output, handle = self._in_flight
+        self._in_flight = None
+        runner_output = handle.result()
+        self._collect_prompt_logprobs(scheduler_output, runner_output)
+        now = time.monotonic()
+        for sampled in self.scheduler.update_from_output(scheduler_output, runner_output):
+            self._process_token(sampled, now)
+
+    def _process_token(self, sampled: SampledToken, now: float) -> None:
+        request = sampled.request
+        group, sequence = self._sequences[request.req_id]
+        if request.grammar is not None:
+            request.grammar.accept_token(sampled.token_id)
+        with self.metrics._lock:
+            if request.first_token_time is None:
+                request.first_token_time = now
+                self.metrics.time_to_first_token.observe(now - request.arrival_time)
+                self.metrics.prompt_tokens_total += len(request.prompt_token_ids) - max(request.num_cached_tokens, 0)
+            else:
+                self.metrics.inter_token_latency.observe(now - (request.last_token_time or now))
+            self.metrics.generation_tokens_total += 1
+        request.last_token_time = now
+        if sequence.logprobs is not None and sampled.logprobs is not None:
+            sequence.logprobs.append(self._logprob_dict(sampled.logprobs, sampled.token_id))
+            sequence.cumulative_logprob = (sequence.cumulative_logprob or 0.0) + sampled.logprobs.sampled_logprob
+        finish = sequence.detokenizer.update([sampled.token_id])
+        if finish is not None:
+            self.scheduler.finish_request(request.req_id, _FINISH_STATUS[finish.reason])
+            self._finish(sequence, finish)
+        self._changed[group.request_id] = group
+
+    def _finish(self, sequence: _Sequence, finish: Finish) -> None:
+        sequence.finish_reason, sequence.stop_reason = finish.reason, finish.stop_reason
+        request = sequence.request
+        with self.metrics._lock:
+            self.metrics.request_success_total[finish.reason] = (
+                self.metrics.request_success_total.get(finish.reason, 0) + 1)
+            self.metrics.e2e_request_latency.observe(time.monotonic() - request.arrival_time)
+
+    def _collect_prompt_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        if not runner_output.prompt_logprobs:
+            return
+        start_of = {new.req_id: new.num_computed_tokens for new in scheduler_output.new_requests}
+        start_of.update({cached.req_id: cached.num_computed_tokens for cached in scheduler_output.cached_requests})
+        for req_id, entries in runner_output.prompt_logprobs.items():
+            group, sequence = self._sequences.get(req_id, (None, None))
+            if group is None or group.prompt_logprobs is None or sequence.index != 0:
+                continue  # siblings compute the same prompt: the first one reports it
+            prompt = group.prompt_token_ids
+            for offset, entry in enumerate(entries):
+                position = start_of[req_id] + offset  # describes prompt token position + 1
+                # Positions arrive again when a preempted request recomputes its prompt: keep the first.
+                if position + 1 == len(group.prompt_logprobs) and position + 1 < len(prompt):
+                    group.prompt_logprobs.append(self._logprob_dict(entry, prompt[position + 1]))
+
+    # ---- outputs ----
+
+    def _make_output(self, group: _Group) -> RequestOutput | None:
+        completions = []
+        for sequence in group.sequences:
+            completion = self._completion(sequence, group.delta)
+            if completion is not None:
+                completions.append(completion)
+        if group.delta and not completions:
+            return None
+        finished = group.finished
+        if finished:
+            del self._groups[group.request_id]
+            for sequence in group.sequences:
+                self._sequences.pop(sequence.request.req_id, None)
+        prompt_logprobs = group.prompt_logprobs
+        if group.delta:
+            prompt_logprobs = None if group.sent_prompt_logprobs else prompt_logprobs
+            group.sent_prompt_logprobs = True
+        first = group.sequences[0].request
+        return RequestOutput(
+            request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
+            outputs=completions, finished=finished, prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=max(first.num_cached_tokens, 0), metrics=self._request_metrics(group))
+
+    def _completion(self, sequence: _Sequence, delta: bool) -> CompletionOutput | None:
+        """The sequence's output (delta: what is new, or None when there is nothing to send yet)."""
+        if sequence.sent_final:
+            return None if delta else self._cumulative_completion(sequence)
+        token_ids = sequence.detokenizer.token_ids
+        finished = sequence.finish_reason is not None
+        num_new_tokens = len(token_ids) - sequence.num_sent_tokens
+        if delta and not finished and num_new_tokens < self.stream_interval:
+            return None
+        text = sequence.detokenizer.text_to_emit()
+        start_chars, start_tokens = sequence.num_sent_chars, sequence.num_sent_tokens
+        sequence.num_sent_chars, sequence.num_sent_tokens = len(text), len(token_ids)
+        sequence.sent_final = finished
+        if not delta:
+            return self._cumulative_completion(sequence)
+        logprobs = None if sequence.logprobs is None else sequence.logprobs[start_tokens:]
+        return CompletionOutput(sequence.index, text[start_chars:], token_ids[start_tokens:],
+                                sequence.cumulative_logprob, logprobs, sequence.finish_reason, sequence.stop_reason)
+
+    @staticmethod
+    def _cumulative_completion(sequence: _Sequence) -> CompletionOutput:
+        logprobs = None if sequence.logprobs is None else list(sequence.logprobs)
+        return CompletionOutput(sequence.index, sequence.detokenizer.text_to_emit(),
+                                list(sequence.detokenizer.token_ids), sequence.cumulative_logprob, logprobs,
+                                sequence.finish_reason, sequence.stop_reason)
+
+    def _request_metrics(self, group: _Group) -> dict[str, float]:
+        request = group.sequences[0].request
+        out = {"arrival_time": group.arrival_wall_time}
+        if request.first_token_time is not None:
+            out["time_to_first_token"] = request.first_token_time - request.arrival_time
+        if request.finished_time is not None:
+            out["e2e_latency"] = request.finished_time - request.arrival_time
+        return out
+
+    def _logprob_dict(self, entry: TokenLogprobs, token_id: int) -> dict[int, Logprob]:
+        """{token id: Logprob}: the chosen token first, then the top-k."""
+        out = {token_id: Logprob(entry.sampled_logprob, entry.sampled_rank, self._token_text(token_id))}
+        for rank, (top_id, logprob) in enumerate(zip(entry.token_ids, entry.logprobs, strict=True), start=1):
+            if top_id not in out:
+                out[top_id] = Logprob(logprob, rank, self._token_text(top_id))
+        return out
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_text_cache.get(token_id)
+        if text is None:
+            text = self._token_text_cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    # ---- statistics ----
+
+    def _update_gauges(self) -> None:
+        scheduler, metrics = self.scheduler, self.metrics
+        with metrics._lock:
+            metrics.num_requests_running = len(scheduler.running)
+            metrics.num_requests_waiting = len(scheduler.waiting)
+            metrics.kv_cache_usage = self.block_manager.usage
+            metrics.num_preemptions_total = scheduler.num_preemptions
+            metrics.prefix_cache_queries_total = self.block_manager.prefix_cache_queries
+            metrics.prefix_cache_hits_total = self.block_manager.prefix_cache_hits
+        if self.log_stats:
+            self._maybe_log_stats()
+
+    def _maybe_log_stats(self) -> None:
+        now = time.monotonic()
+        last_time, last_prompt, last_generation = self._last_stats
+        if now - last_time < STATS_INTERVAL_S:
+            return
+        m = self.metrics
+        elapsed = now - last_time
+        hit_rate = m.prefix_cache_hits_total / m.prefix_cache_queries_total if m.prefix_cache_queries_total else 0.0
+        logger.info(
+            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+            "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+            (m.prompt_tokens_total - last_prompt) / elapsed, (m.generation_tokens_total - last_generation) / elapsed,
+            m.num_requests_running, m.num_requests_waiting, 100 * m.kv_cache_usage, 100 * hit_rate)
+        self._last_stats = (now, m.prompt_tokens_total, m.generation_tokens_total)
