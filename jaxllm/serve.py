@@ -1,0 +1,233 @@
+"""`python -m jaxllm.serve`: vLLM's command line, the engine, and uvicorn.
+
+    python -m jaxllm.serve --model meta-llama/Llama-3.1-8B-Instruct --max-model-len 8192 --api-key sk-local
+
+Engine flags are generated from `jaxllm.config.EngineConfig` (one per field, `--help` from the field
+docs), server flags from `serve.args.ServerArgs`; common vLLM flags that mean nothing here are accepted
+with a warning, so vLLM command lines keep working. The engine is built by
+`jaxllm.llm.build_async_engine` (imported only here, inside `main`: everything else stays jax-free).
+
+Shutdown: SIGTERM/SIGINT stop accepting connections, in-flight requests get `--shutdown-timeout`
+seconds to finish, the rest are cancelled (which aborts them in the engine), and the process exits 0.
+If the engine dies, in-flight requests get a 500, /health turns 503 and the process exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import uvicorn
+
+from jaxllm.config import EngineConfig, field_owners, option_fields
+from jaxllm.generation_config import load_generation_defaults
+from jaxllm.tokenizer import resolve_chat_template
+from serve.app import build_app
+from serve.args import API_KEY_ENV, ServerArgs
+from serve.engine_client import EngineClient, ServingContext
+from serve.stats_log import log_stats_forever
+
+logger = logging.getLogger("jaxllm.serve")
+
+# Short aliases vLLM has for some flags.
+_ALIASES = {"tensor_parallel_size": ["-tp"]}
+# Flags whose integer value may be written 8k / 1M, as vLLM accepts.
+_SIZE_FLAGS = {"max_model_len", "max_num_batched_tokens"}
+# vLLM flags accepted with a warning: (flag, takes a value). Booleans also accept their --no- form.
+IGNORED_VLLM_FLAGS: list[tuple[str, bool]] = [
+    ("--trust-remote-code", False),
+    ("--enforce-eager", False),
+    ("--enable-chunked-prefill", False),
+    ("--disable-custom-all-reduce", False),
+    ("--disable-log-requests", False),
+    ("--disable-frontend-multiprocessing", False),
+    ("--disable-uvicorn-access-log", False),
+    ("--enable-prompt-tokens-details", False),
+    ("--use-v2-block-manager", False),
+    ("--swap-space", True),
+    ("--distributed-executor-backend", True),
+    ("--max-seq-len-to-capture", True),
+    ("--num-scheduler-steps", True),
+    ("--tokenizer-mode", True),
+    ("--max-log-len", True),
+    ("--compilation-config", True),
+    ("--api-server-count", True),
+    ("--pipeline-parallel-size", True),
+    ("--enable-auto-tool-choice", False),
+    ("--tool-call-parser", True),
+    ("--reasoning-parser", True),
+]
+
+
+def build_parser(prog: str = "python -m jaxllm.serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, usage="%(prog)s [MODEL] [flags]",
+        description="jaxllm's OpenAI-compatible server (vLLM's flags, endpoints and JSON).",
+    )
+    parser.add_argument("model_tag", nargs="?", default=None, help="Model directory or id (same as --model).")
+    groups: dict[str | None, argparse._ArgumentGroup] = {}
+    for group, f in option_fields():
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"engine options ({group or 'engine'})")
+        _add_field(groups[group], f, _ALIASES.get(f.name, []))
+    server = parser.add_argument_group("server options")
+    for f in dataclasses.fields(ServerArgs):
+        _add_field(server, f, [])
+    ignored = parser.add_argument_group("vLLM flags accepted for compatibility (no effect in jaxllm)")
+    for flag, takes_value in IGNORED_VLLM_FLAGS:
+        dest = "ignored_" + flag[2:].replace("-", "_")
+        if takes_value:
+            ignored.add_argument(flag, dest=dest, default=None, metavar="VALUE", help="ignored")
+        else:
+            ignored.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help="ignored")
+    return parser
+
+
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, aliases: list[str]) -> None:
+    doc = f.metadata["doc"].replace("%", "%%")
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    flags = ["--" + f.name.replace("_", "-"), *aliases]
+    kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f"{doc} (default: {default})"}
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+    kind = str(f.type).replace(" ", "")
+    if kind in ("bool", "bool|None"):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif kind in ("int", "int|None"):
+        kwargs["type"] = _size_int if f.name in _SIZE_FLAGS else int
+    elif kind == "float":
+        kwargs["type"] = float
+    elif kind in ("str", "str|None"):
+        kwargs["type"] = str
+    elif kind in ("list[str]", "list[int]"):
+        kwargs["nargs"] = "+"
+        kwargs["type"] = str if kind == "list[str]" else int
+    else:
+        raise TypeError(f"no command-line form for option {f.name!r} of type {f.type!r}")
+    group.add_argument(*flags, **kwargs)
+
+
+def _size_int(text: str) -> int:
+    """An integer, optionally with a k/m suffix (1k = 1000, 1K = 1024, as vLLM's human-readable ints)."""
+    units = {"k": 1000, "m": 1000**2, "K": 1024, "M": 1024**2}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _json_or_list(values: list[str]) -> list[str]:
+    """vLLM takes e.g. --allowed-origins '["http://a"]' (JSON); also accept plain space-separated values."""
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        return [str(v) for v in json.loads(values[0])]
+    return values
+
+
+def parse_args(argv: Sequence[str] | None, prog: str = "python -m jaxllm.serve") -> tuple[EngineConfig, ServerArgs]:
+    ns = vars(build_parser(prog).parse_args(argv))
+    for name, value in ns.items():
+        if name.startswith("ignored_") and value is not None:
+            flag = "--" + name.removeprefix("ignored_").replace("_", "-")
+            logger.warning("%s has no effect in jaxllm; ignored.", flag)
+    model_tag = ns.pop("model_tag")
+    if model_tag is not None:
+        ns["model"] = model_tag
+    engine_names = set(field_owners())
+    engine_config = EngineConfig.from_kwargs(**{k: v for k, v in ns.items() if k in engine_names})
+    server_values = {f.name: ns[f.name] for f in dataclasses.fields(ServerArgs)}
+    for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        server_values[name] = _json_or_list(server_values[name])
+    if server_values["api_key"] is None:
+        server_values["api_key"] = os.environ.get(API_KEY_ENV) or None
+    return engine_config, ServerArgs(**server_values)
+
+
+def make_context(engine: EngineClient, config: EngineConfig, args: ServerArgs) -> ServingContext:
+    model = config.model
+    defaults = load_generation_defaults(model.model, model.generation_config, model.revision)
+    if defaults.sampling:
+        logger.info("Using default sampling params from %s: %s", defaults.source, defaults.sampling)
+    return ServingContext(
+        engine=engine,
+        args=args,
+        served_model_names=list(model.served_model_name) or [model.model],
+        model_root=model.model,
+        default_sampling=defaults.sampling,
+        chat_template=resolve_chat_template(model.chat_template),
+    )
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # NOTE: uvicorn re-raises a captured SIGTERM after shutting down, which kills the process with
+        # status 143; a graceful shutdown here ends with status 0, so the signal is handled, not re-raised.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+async def _watch_engine(ctx: ServingContext, server: uvicorn.Server) -> None:
+    while not ctx.engine.is_dead:
+        await asyncio.sleep(0.2)
+    logger.error("The engine died (%r); shutting down.", ctx.engine.dead_error)
+    server.should_exit = True
+
+
+def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (exit status 0) or the engine's death (1). `sock`: an already bound socket."""
+    args = ctx.args
+    config = uvicorn.Config(
+        build_app(ctx),
+        host=args.host or "0.0.0.0",
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        root_path=args.root_path or "",
+        timeout_graceful_shutdown=max(args.shutdown_timeout, 0.001),
+        access_log=False,
+        log_config=None,
+    )
+    server = _Server(config)
+
+    async def serve() -> None:
+        tasks = [asyncio.create_task(_watch_engine(ctx, server))]
+        if not args.disable_log_stats:
+            tasks.append(asyncio.create_task(log_stats_forever(ctx.engine)))
+        try:
+            await server.serve(sockets=[sock] if sock is not None else None)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    asyncio.run(serve())
+    return 1 if ctx.engine.is_dead or not server.started else 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve") -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    engine_config, server_args = parse_args(argv, prog)
+    from jaxllm.llm import build_async_engine  # noqa: PLC0415  (the only import of device code)
+
+    engine = build_async_engine(engine_config, log_stats=not server_args.disable_log_stats)
+    return run_server(make_context(engine, engine.config, server_args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

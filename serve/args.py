@@ -1,0 +1,40 @@
+"""Server-only options (the engine's live in `jaxllm.config.EngineConfig`).
+
+Every field has a default and a one-line doc, like the engine options: `python -m jaxllm.serve --help`
+is generated from both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxllm.config import option
+
+API_KEY_ENV = "JAXLLM_API_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerArgs:
+    host: str | None = option(None, "Host name or address to listen on (default: all interfaces).")
+    port: int = option(8000, "Port to listen on.")
+    api_key: str | None = option(
+        None, f"Require this bearer token on /v1/* (also read from ${API_KEY_ENV})."
+    )
+    allowed_origins: list[str] = option(["*"], "CORS: origins allowed to call the API from a browser.")
+    allowed_methods: list[str] = option(["*"], "CORS: HTTP methods allowed from a browser.")
+    allowed_headers: list[str] = option(["*"], "CORS: request headers allowed from a browser.")
+    allow_credentials: bool = option(False, "CORS: allow cookies and credentials.")
+    enable_log_requests: bool = option(False, "Log one line per request: id, prompt/output tokens, latency.")
+    disable_log_stats: bool = option(False, "Turn off the periodic stats line (throughput, running/waiting, KV use).")
+    uvicorn_log_level: str = option(
+        "info", "Log level of uvicorn.", choices=("critical", "error", "warning", "info", "debug", "trace")
+    )
+    root_path: str | None = option(None, "ASGI root_path, when the server runs behind a path-based proxy.")
+    max_request_body_bytes: int = option(32 * 1024 * 1024, "Largest request body accepted; larger ones get 413.")
+    metrics_names: str = option(
+        "jaxllm", "Prefix of /metrics names: jaxllm, or vllm for vLLM's own names (existing dashboards).",
+        choices=("jaxllm", "vllm"),
+    )
+    shutdown_timeout: float = option(
+        30.0, "Seconds SIGTERM waits for in-flight requests to finish before aborting them."
+    )

@@ -1,0 +1,109 @@
+"""Steps every generation handler shares: parse, check the model, start the engine, map its errors."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+from serve.engine_client import ServingContext
+from serve.errors import APIError, from_validation_error
+from serve.prompts import EnginePrompt
+from serve.streaming import merge_outputs
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"The request body is not valid JSON: {e}", param=None) from e
+
+
+def parse(model: type[RequestT], body: Any) -> RequestT:
+    if not isinstance(body, dict):
+        raise APIError("The request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from e
+
+
+def check_model(ctx: ServingContext, name: str | None) -> None:
+    if name is not None and name not in ctx.served_model_names:
+        raise APIError(f"The model `{name}` does not exist.", HTTPStatus.NOT_FOUND, param="model")
+
+
+def base_request_id(request: Request, body_id: str | None) -> str:
+    """vLLM's rule: the X-Request-Id header, else the body's `request_id`, else a random id."""
+    return request.headers.get("x-request-id") or body_id or uuid.uuid4().hex
+
+
+def engine_error(ctx: ServingContext, err: BaseException) -> APIError:
+    """An exception out of the engine: 400 for a request the engine rejects, 500 otherwise."""
+    if ctx.engine.is_dead:
+        cause = ctx.engine.dead_error or err
+        return APIError(f"The engine died: {cause!r}", HTTPStatus.INTERNAL_SERVER_ERROR)
+    if isinstance(err, ValueError):
+        return APIError(str(err))
+    return APIError(f"Internal error: {err!r}", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def check_engine_alive(ctx: ServingContext) -> None:
+    if ctx.engine.is_dead:
+        raise APIError(f"The engine died: {ctx.engine.dead_error!r}", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+async def start_generation(
+    ctx: ServingContext,
+    prompts: list[EnginePrompt],
+    params: list[SamplingParams],
+    request_ids: list[str],
+    cache_salt: str | None,
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Submit every prompt and wait for the first output, so a request the engine rejects (ValueError
+    from the first `__anext__`) is still a plain 400 rather than an error inside a stream."""
+    check_engine_alive(ctx)
+    generators = [
+        ctx.engine.generate(p.token_ids, sp, rid, prompt=p.text, cache_salt=cache_salt)
+        for p, sp, rid in zip(prompts, params, request_ids, strict=True)
+    ]
+    merged = merge_outputs(generators)
+    try:
+        first = await merged.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except Exception as e:
+        await merged.aclose()
+        raise engine_error(ctx, e) from e
+    return _prepend(first, merged)
+
+
+async def _prepend(
+    first: tuple[int, RequestOutput] | None, rest: AsyncIterator[tuple[int, RequestOutput]]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    try:
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }

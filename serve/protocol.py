@@ -1,0 +1,171 @@
+"""Request bodies with vLLM's field names and defaults (pydantic).
+
+Unknown fields are accepted and logged, as vLLM does; a known field of the wrong type is a 400 that
+names it (`errors.from_validation_error`). Responses are plain dicts built in `completions` / `chat`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger("jaxllm.serve")
+
+StopParam = str | list[str] | None
+_INT64 = 2**63
+_known_fields: dict[type, set[str]] = {}
+
+
+class FieldError(ValueError):
+    """A validation error about one request field; `errors.from_validation_error` reports it as `param`."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _log_ignored_fields(cls, data: Any, handler: Any) -> Any:
+        result = handler(data)
+        if isinstance(data, dict):
+            known = _known_fields.get(cls)
+            if known is None:
+                known = _known_fields[cls] = set(cls.model_fields)
+            ignored = data.keys() - known
+            if ignored:
+                logger.warning("The following fields were present in the request but ignored: %s", sorted(ignored))
+        return result
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class SamplingFields(OpenAIRequest):
+    """Fields shared by completions and chat (OpenAI's, then vLLM's extra sampling fields)."""
+
+    model: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    n: int | None = 1
+    seed: Annotated[int, Field(ge=-_INT64, lt=_INT64)] | None = None
+    stop: StopParam = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # vLLM's extra sampling params.
+    use_beam_search: bool = False
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    # vLLM's extra request params.
+    request_id: str | None = None
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None
+    priority: int = 0
+    return_tokens_as_token_ids: bool | None = None
+    structured_outputs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("Stream options can only be defined when `stream=True`.", "stream_options")
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    prompt: list[int] | list[list[int]] | str | list[str] | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _null_max_tokens_is_default(cls, value: Any) -> Any:
+        return 16 if value is None else value  # vLLM: an explicit null means the default
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[dict[str, Any]]
+    logprobs: bool | None = False
+    top_logprobs: int | None = 0
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = True
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not messages:
+            raise ValueError("must hold at least one message")
+        for i, message in enumerate(messages):
+            if not isinstance(message.get("role"), str):
+                raise ValueError(f"message {i} needs a string `role`")
+            content = message.get("content")
+            if content is not None and not isinstance(content, str | list):
+                raise ValueError(f"message {i}: `content` must be a string, a list of parts, or null")
+        return messages
+
+    @model_validator(mode="after")
+    def _check_generation_prompt(self) -> ChatCompletionRequest:
+        # NOTE: vLLM's check: the default add_generation_prompt=True also conflicts, so clients that
+        # prefill an assistant turn send add_generation_prompt=false with continue_final_message=true.
+        if self.continue_final_message and self.add_generation_prompt:
+            raise FieldError(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                "continue_final_message",
+            )
+        return self
+
+
+class TokenizeCompletionRequest(OpenAIRequest):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(OpenAIRequest):
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(OpenAIRequest):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,76 @@
+"""Request fields -> `SamplingParams`: request value, else the model's generation-config default,
+else OpenAI's default (vLLM's order). Unsupported features are rejected here with a clear 400."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxllm.sampling_params import SamplingParams
+from serve.errors import APIError, from_sampling_error, not_supported
+from serve.protocol import SamplingFields
+
+# OpenAI's defaults for fields a request may leave unset (vLLM's _DEFAULT_SAMPLING_PARAMS).
+_OPENAI_DEFAULTS: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+}
+
+
+def reject_unsupported(request: SamplingFields) -> None:
+    if request.use_beam_search:
+        raise not_supported("Beam search", "use_beam_search")
+    if request.structured_outputs is not None:
+        raise not_supported("structured_outputs", "structured_outputs")  # issue 6
+    if request.response_format is not None and request.response_format.get("type") != "text":
+        raise not_supported(
+            f"response_format {request.response_format.get('type')!r} (only {{'type': 'text'}})", "response_format"
+        )
+    if request.priority != 0:
+        raise APIError("Priority scheduling is not enabled in jaxllm; leave `priority` at 0.", param="priority")
+
+
+def build_sampling_params(
+    request: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None,
+    model_defaults: dict[str, Any],
+    vocab_size: int,
+) -> SamplingParams:
+    values = {
+        name: value if (value := getattr(request, name)) is not None else model_defaults.get(name, default)
+        for name, default in _OPENAI_DEFAULTS.items()
+    }
+    try:
+        logit_bias = {int(k): v for k, v in request.logit_bias.items()} if request.logit_bias else None
+    except ValueError as e:
+        raise APIError("logit_bias keys must be token ids (integers as strings).", param="logit_bias") from e
+    try:
+        params = SamplingParams(
+            n=1 if request.n is None else request.n,
+            seed=request.seed,
+            stop=request.stop,
+            stop_token_ids=request.stop_token_ids,
+            ignore_eos=request.ignore_eos,
+            max_tokens=max_tokens,
+            min_tokens=request.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            logit_bias=logit_bias,
+            allowed_token_ids=request.allowed_token_ids,
+            bad_words=request.bad_words,
+            **values,
+        )
+        params.validate_vocab(vocab_size)
+    except ValueError as e:
+        raise from_sampling_error(e) from e
+    return params
