@@ -39,8 +39,8 @@ class PagedRunner:
         # Pages in a scrambled order, so page indirection is exercised.
         self.pages = np.random.default_rng(0).permutation(num_pages).astype(np.int32)
 
-    def step(self, tokens: list[int], start: int) -> np.ndarray:
-        """Feed tokens at positions start.. ; returns logits [len(tokens), V]."""
+    def step(self, tokens: list[int], start: int, last_only: bool = False) -> np.ndarray:
+        """Feed tokens at positions start.. ; returns logits [len(tokens), V] (or [1, V] if last_only)."""
         n = len(tokens)
         T = _pad(n)
         end = start + n
@@ -54,7 +54,8 @@ class PagedRunner:
         max_pages = self.num_pages
         logits_idx = np.zeros(T, np.int32)
         logits_idx[:n] = np.arange(n)
-        S = 2  # one live request and one padded slot
+        if last_only:
+            logits_idx = np.full(16, n - 1, np.int32)
         batch = ForwardBatch(
             input_ids=input_ids,
             positions=positions,
@@ -65,13 +66,12 @@ class PagedRunner:
             num_seqs=np.array([1], np.int32),
             logits_indices=logits_idx,
         )
-        del S
         self.kv, logits = self.forward(
             self.loaded.leaves, self.kv, batch, np.full(T, -1, np.int32), np.zeros(4, np.int32)
         )
         if self.block:
             jax.block_until_ready(self.kv)
-        return np.asarray(logits)[:n]
+        return np.asarray(logits)[: 1 if last_only else n]
 
     def run(self, prompt: list[int], chunks: list[int], num_decode: int) -> tuple[np.ndarray, list[int]]:
         """Prefill `prompt` in chunks of the given sizes, then greedy-decode num_decode tokens.
