@@ -36,7 +36,6 @@ from jaxllm.tokenizer import resolve_chat_template
 from serve.app import build_app
 from serve.args import API_KEY_ENV, ServerArgs
 from serve.engine_client import EngineClient, ServingContext
-from serve.stats_log import log_stats_forever
 
 logger = logging.getLogger("jaxllm.serve")
 
@@ -207,14 +206,12 @@ def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
     server = _Server(config)
 
     async def serve() -> None:
-        tasks = [asyncio.create_task(_watch_engine(ctx, server))]
-        if not args.disable_log_stats:
-            tasks.append(asyncio.create_task(log_stats_forever(ctx.engine)))
+        # NOTE: the periodic stats line is the engine's (build_async_engine(..., log_stats=...)).
+        watchdog = asyncio.create_task(_watch_engine(ctx, server))
         try:
             await server.serve(sockets=[sock] if sock is not None else None)
         finally:
-            for task in tasks:
-                task.cancel()
+            watchdog.cancel()
 
     asyncio.run(serve())
     return 1 if ctx.engine.is_dead or not server.started else 0

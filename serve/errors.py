@@ -45,7 +45,7 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status.value)
 
     def sse_event(self) -> str:
-        return f"data: {json.dumps(self.body(), ensure_ascii=False)}\n\n"
+        return f"data: {json.dumps(self.body(), ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def from_validation_error(err: ValidationError) -> APIError:

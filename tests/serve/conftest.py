@@ -1,0 +1,128 @@
+"""Shared fixtures: the real app over a real HTTP socket (uvicorn in a thread), in front of a real
+`AsyncEngine` whose device is the hand-computable `FakeModelRunner`."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxllm.engine.async_engine import AsyncEngine
+from jaxllm.engine.fake_runner import FakeModelRunner
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.tokenizer import load_tokenizer
+from serve.app import build_app
+from serve.args import ServerArgs
+from serve.engine_client import ServingContext
+
+STORIES = Path(__file__).resolve().parents[2] / "jaxllm" / "data" / "stories260K"
+STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine."
+API_KEY = "sk-test-1234"
+MODEL_NAMES = ["stories", "stories-alias"]
+
+
+class LiveServer:
+    """The app served by uvicorn on a loopback port, in a background thread."""
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(build_app(ctx), log_level="warning", access_log=False, log_config=None,
+                                timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def make_context(engine: Any, **server_args: Any) -> ServingContext:
+    args = dataclasses.replace(ServerArgs(), **server_args)
+    return ServingContext(engine=engine, args=args, served_model_names=list(MODEL_NAMES), model_root=str(STORIES))
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer() -> Any:
+    return load_tokenizer(STORIES)
+
+
+@pytest.fixture(scope="session")
+def story_script(stories_tokenizer: Any) -> list[int]:
+    return stories_tokenizer.encode(" " + STORY, add_special_tokens=False)
+
+
+def new_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, num_pages: int = 512,
+               block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
+               fail_at_step: int | None = None) -> AsyncEngine:
+    """An AsyncEngine over a FakeModelRunner that "generates" the token script: the token after a
+    context of length L is script[(L + seed) % len(script)], so outputs read as text."""
+    config = EngineConfig(
+        model=ModelConfig(model=str(STORIES)),
+        cache=CacheConfig(block_size=block_size, num_pages=num_pages),
+        scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096, async_scheduling=False),
+    )
+    runner = FakeModelRunner(len(tokenizer), block_size, next_token_fn=lambda ctx, seed: script[(len(ctx) + seed)
+                             % len(script)], delay_s=delay_s, fail_at_step=fail_at_step)
+    engine = LLMEngine(config, runner, tokenizer, max_model_len, len(tokenizer), eos_token_ids, log_stats=False)
+    return AsyncEngine(engine)
+
+
+def pool_is_free(engine: AsyncEngine) -> bool:
+    return engine.num_free_pages() == engine.num_pages and engine.metrics().num_requests_running == 0
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def live(stories_tokenizer: Any, story_script: list[int]) -> Iterator[LiveServer]:
+    """The main server: stand-in engine over stories260K's tokenizer, an API key, two model names."""
+    engine = new_engine(stories_tokenizer, story_script)
+    ctx = make_context(engine, api_key=API_KEY, max_request_body_bytes=64 * 1024)
+    with LiveServer(ctx) as server:
+        yield server
+
+
+@pytest.fixture()
+def http(live: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as client:
+        yield client
+
+
+def sse_events(lines: Iterator[str]) -> list[Any]:
+    """The `data:` payloads of an SSE stream, JSON-decoded except the final "[DONE]"."""
+    import json
+
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
