@@ -89,7 +89,7 @@ def token_metadata(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array
     num_slots = kv_lens.shape[0]
     tokens = jnp.arange(num_tokens, dtype=jnp.int32)
     # The slot owning token t is the first s with cu_q_lens[s + 1] > t.
-    slot = jnp.searchsorted(cu_q_lens[1:], tokens, side="right").astype(jnp.int32)
+    slot = jnp.searchsorted(cu_q_lens[1:], tokens, side="right", method="compare_all").astype(jnp.int32)
     valid = tokens < cu_q_lens[num_seqs[0]]
     slot = jnp.minimum(slot, num_slots - 1)
     q_start = cu_q_lens[slot]

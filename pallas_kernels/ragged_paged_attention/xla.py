@@ -105,7 +105,7 @@ def ragged_paged_attention_xla(
     rows = jnp.arange(tile)
 
     def one_tile(j, out):
-        s = jnp.searchsorted(cu_tiles[1:], j, side="right")
+        s = jnp.searchsorted(cu_tiles[1:], j, side="right", method="compare_all")
         first = cu_q_lens[s] + (j - cu_tiles[s]) * tile  # first query token of the tile
         end = cu_q_lens[s + 1]
         k, v = gather(page_indices[s][None])  # [1, Hkv, L, D]
