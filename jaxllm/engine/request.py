@@ -38,8 +38,8 @@ class RequestStatus(enum.IntEnum):
 class Grammar(Protocol):
     """The structured-outputs seam: a matcher that follows a request's sampled tokens."""
 
-    def accept_token(self, token_id: int) -> None:
-        """Advance the matcher by one sampled token."""
+    def accept_token(self, token_id: int) -> bool:
+        """Advance the matcher by one sampled token (False: the grammar forbids it)."""
         ...
 
     def fill_bitmask(self, bitmask: np.ndarray) -> None:

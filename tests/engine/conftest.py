@@ -1,0 +1,71 @@
+"""Shared fixtures of the engine tests: the real stories260K tokenizer and small engines over the fake runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import jaxllm
+from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxllm.engine.fake_runner import FakeModelRunner
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.outputs import RequestOutput
+
+STORIES = Path(jaxllm.__file__).parent / "data" / "stories260K"
+VOCAB_SIZE = 512
+EOS_ID = 2
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(STORIES)
+
+
+def make_config(*, num_pages: int = 64, block_size: int = 4, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
+                async_scheduling: bool = False, enable_prefix_caching: bool = True, stream_interval: int = 1,
+                seed: int = 0) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(seed=seed),
+        cache=CacheConfig(block_size=block_size, num_pages=num_pages, enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                  async_scheduling=async_scheduling, stream_interval=stream_interval),
+    )
+
+
+MakeEngine = Callable[..., LLMEngine]
+
+
+@pytest.fixture
+def make_engine(tokenizer) -> Iterator[MakeEngine]:
+    """Build LLMEngines over a FakeModelRunner; after the test each must be idle with its whole pool free."""
+    engines: list[LLMEngine] = []
+
+    def make(runner: FakeModelRunner | None = None, *, max_model_len: int = 128, log_stats: bool = False,
+             grammar_compiler=None, **config_kwargs) -> LLMEngine:
+        config = make_config(**config_kwargs)
+        runner = runner or FakeModelRunner(VOCAB_SIZE, config.cache.block_size)
+        engine = LLMEngine(config, runner, tokenizer, max_model_len, VOCAB_SIZE, [EOS_ID], log_stats=log_stats,
+                           grammar_compiler=grammar_compiler)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        assert not engine.has_unfinished_requests()
+        assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
+        assert all(count == 0 for count in engine.block_manager.ref_counts)
+
+
+def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, RequestOutput]:
+    """Step until idle; the last output of each request."""
+    final: dict[str, RequestOutput] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            return final
+        for output in engine.step():
+            final[output.request_id] = output
+    raise AssertionError("the engine did not finish")

@@ -1,0 +1,193 @@
+"""AsyncEngine: concurrent streams from asyncio, cancellation frees pages, a dead runner fails every stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from jaxllm.engine.async_engine import AsyncEngine, EngineDeadError
+from jaxllm.engine.fake_runner import FakeModelRunner, InjectedFailure
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.sampling_params import SamplingParams
+from tests.engine.conftest import EOS_ID, VOCAB_SIZE, make_config, run_to_completion
+from tests.engine.test_llm_engine import SENTENCES
+
+TIMEOUT_S = 10.0
+
+
+@contextlib.contextmanager
+def started(engine: LLMEngine) -> Iterator[AsyncEngine]:
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    try:
+        yield async_engine
+    finally:
+        async_engine.shutdown()
+
+
+async def collect(engine: AsyncEngine, request_id: str, prompt: list[int], params: SamplingParams):
+    deltas = [out async for out in engine.generate(prompt, params, request_id)]
+    return deltas
+
+
+async def wait_for(condition, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.002)
+
+
+def requests(tokenizer) -> list[tuple[str, list[int], SamplingParams]]:
+    return [(f"r{i}", tokenizer.encode(s), SamplingParams(temperature=0.7, seed=i, max_tokens=8 + i, stop=["e"]))
+            for i, s in enumerate(SENTENCES)]
+
+
+def test_concurrent_streams_concatenate_to_the_offline_outputs(make_engine, tokenizer):
+    offline = make_engine()
+    for request_id, prompt, params in requests(tokenizer):
+        offline.add_request(request_id, prompt, params)
+    expected = {rid: out.outputs[0] for rid, out in run_to_completion(offline).items()}
+
+    engine = make_engine(FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.001), async_scheduling=True,
+                         max_num_batched_tokens=16)
+    with started(engine) as async_engine:
+        assert (async_engine.max_model_len, async_engine.vocab_size) == (128, VOCAB_SIZE)
+        assert async_engine.tokenizer is tokenizer and async_engine.config is engine.config
+
+        async def main():
+            results = await asyncio.gather(*(collect(async_engine, *r) for r in requests(tokenizer)))
+            await async_engine.wait_idle()
+            return results
+
+        results = asyncio.run(main())
+        for (request_id, _, _), deltas in zip(requests(tokenizer), results, strict=True):
+            assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+            want = expected[request_id]
+            assert "".join(d.outputs[0].text for d in deltas) == want.text
+            assert [t for d in deltas for t in d.outputs[0].token_ids] == want.token_ids
+            assert deltas[-1].outputs[0].finish_reason == want.finish_reason
+        assert async_engine.num_free_pages() == async_engine.num_pages
+        assert async_engine.metrics().generation_tokens_total == sum(len(w.token_ids) for w in expected.values())
+
+
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+def test_consumer_going_away_aborts_and_frees_pages(make_engine, tokenizer, how):
+    engine = make_engine(FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.002), max_model_len=256)
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    with started(engine) as async_engine:
+        async def main():
+            received = 0
+            if how == "aclose":
+                stream = async_engine.generate(tokenizer.encode(SENTENCES[0]), params, "gone")
+                async for _ in stream:
+                    received += 1
+                    if received == 3:
+                        break
+                await stream.aclose()
+            else:
+                first_outputs = asyncio.Event()
+
+                async def consume():
+                    nonlocal received
+                    async for _ in async_engine.generate(tokenizer.encode(SENTENCES[0]), params, "gone"):
+                        received += 1
+                        if received == 3:
+                            first_outputs.set()
+
+                task = asyncio.create_task(consume())
+                await asyncio.wait_for(first_outputs.wait(), TIMEOUT_S)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            await wait_for(lambda: async_engine.num_free_pages() == async_engine.num_pages)
+            await async_engine.wait_idle()
+            return received
+
+        assert asyncio.run(main()) >= 3
+        metrics = async_engine.metrics()
+        assert metrics.request_success_total == {"abort": 1}
+        assert metrics.generation_tokens_total < 200
+
+
+def test_abort_ends_the_stream_with_abort(make_engine, tokenizer):
+    engine = make_engine(FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.002), max_model_len=256)
+    with started(engine) as async_engine:
+        async def main():
+            outputs = []
+            async for out in async_engine.generate(tokenizer.encode(SENTENCES[1]),
+                                                   SamplingParams(max_tokens=200, ignore_eos=True), "x"):
+                outputs.append(out)
+                if len(outputs) == 2:
+                    await async_engine.abort("x")
+            await async_engine.wait_idle()
+            return outputs
+
+        outputs = asyncio.run(main())
+        assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "abort"
+        assert len(outputs) < 50
+
+
+def test_validation_errors_come_from_the_first_anext(make_engine, tokenizer):
+    def broken_compiler(params):
+        raise ValueError("unsupported regex: boom")
+
+    engine = make_engine(grammar_compiler=broken_compiler)
+    with started(engine) as async_engine:
+        async def main():
+            stream = async_engine.generate([], SamplingParams(), "empty")  # creating it raises nothing
+            with pytest.raises(ValueError, match="prompt cannot be empty"):
+                await stream.__anext__()
+            with pytest.raises(ValueError, match="maximum context length"):
+                await async_engine.generate([5] * 100, SamplingParams(max_tokens=100), "long").__anext__()
+            from jaxllm.sampling_params import StructuredOutputsParams
+            spec = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"))
+            with pytest.raises(ValueError, match="boom"):  # raised on the engine thread, delivered to the stream
+                await async_engine.generate([5, 6], spec, "grammar").__anext__()
+            await async_engine.wait_idle()
+
+        asyncio.run(main())
+
+
+def test_idle_engine_thread_does_not_step(make_engine):
+    engine = make_engine()
+    steps = 0
+    original_step = engine.step
+
+    def counting_step():
+        nonlocal steps
+        steps += 1
+        return original_step()
+
+    engine.step = counting_step
+    with started(engine) as async_engine:
+        async def main():
+            await collect(async_engine, "a", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+            await async_engine.wait_idle()
+            before = steps
+            await asyncio.sleep(0.1)
+            assert steps == before
+            await collect(async_engine, "b", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+
+        asyncio.run(main())
+
+
+def test_runner_failure_fails_every_stream_and_kills_the_engine(tokenizer):
+    runner = FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.002, fail_at_step=4)
+    engine = LLMEngine(make_config(max_num_batched_tokens=8), runner, tokenizer, 128, VOCAB_SIZE, [EOS_ID],
+                       log_stats=False)
+    with started(engine) as async_engine:
+        async def main():
+            params = SamplingParams(max_tokens=50, ignore_eos=True)
+            results = await asyncio.gather(*(collect(async_engine, f"r{i}", tokenizer.encode(s), params)
+                                             for i, s in enumerate(SENTENCES)), return_exceptions=True)
+            assert all(isinstance(r, EngineDeadError) for r in results), results
+            assert all(isinstance(r.__cause__, InjectedFailure) for r in results)
+            assert async_engine.is_dead and isinstance(async_engine.dead_error, InjectedFailure)
+            with pytest.raises(EngineDeadError):
+                await async_engine.generate([5, 6], params, "late").__anext__()
+
+        asyncio.run(main())
