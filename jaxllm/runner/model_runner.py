@@ -208,7 +208,7 @@ class ModelRunner:
                 self._compiled[("forward", *key)] = futures[key].result()
         for num_slots in sorted({min(t, self.max_num_seqs) for t in self.token_buckets}):
             for flags in (_GREEDY, _MIXED):
-                self._sampler(num_slots, flags)
+                self._sampler(num_slots, flags, aot=True)
         self._warm = True
         logger.info(
             "Compiled %d forward buckets (tokens %s x pages/request %s) in %.1f s; attention: %s",
@@ -230,7 +230,9 @@ class ModelRunner:
         if self._warm:
             logger.warning("Compiling after warmup: %s (a bucket or variant missing from warmup)", key)
 
-    def _sampler(self, num_slots: int, flags: SamplerFlags):
+    def _sampler(self, num_slots: int, flags: SamplerFlags, aot: bool = False):
+        """The sampling step for S rows and these flags. The common variants (greedy, and
+        temperature-only) are compiled ahead at warmup; rarer ones compile on first use."""
         key = ("sample", num_slots, flags)
         fn = self._compiled.get(key)
         if fn is None:
@@ -242,7 +244,13 @@ class ModelRunner:
                 padded = jnp.zeros(max_seqs, jnp.int32).at[: tokens.shape[0]].set(tokens)
                 return padded, logprobs
 
-            fn = self._compiled[key] = jax.jit(run)
+            fn = jax.jit(run)
+            if aot:
+                rep = self._replicated
+                row = lambda dtype: jax.ShapeDtypeStruct((num_slots,), dtype, sharding=rep)  # noqa: E731
+                logits = jax.ShapeDtypeStruct((num_slots, self.vocab_size), jnp.float32, sharding=rep)
+                fn = fn.lower(logits, SamplingBatch(row(jnp.float32), row(jnp.uint32), row(jnp.int32))).compile()
+            self._compiled[key] = fn
         return fn
 
     # ----- one step ------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""The real engine on CPU (fp32): batching, chunking, prefix caching and preemption never change
+greedy output; seeds reproduce; no compile after warmup; the pool ends all free."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import SamplingParams
+from tests.e2e.conftest import assert_pool_free
+
+RNG = np.random.default_rng(0)
+# Mixed lengths, from 1 to 180 tokens, random ids from the 512-token vocabulary (BOS first).
+PROMPTS = [[1, *RNG.integers(3, 512, int(n) - 1).tolist()] for n in RNG.integers(1, 180, 64)]
+MAX_TOKENS = RNG.integers(4, 24, 64).tolist()
+
+
+def _greedy(n):
+    return SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True)
+
+
+def _ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def batched(llm):
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], [_greedy(n) for n in MAX_TOKENS], use_tqdm=False)
+    assert_pool_free(llm)
+    return _ids(outs)
+
+
+def test_batch_equals_each_alone(llm, batched):
+    for i in range(0, 64, 4):  # every 4th request alone (all 64 would only repeat the point)
+        alone = llm.generate({"prompt_token_ids": PROMPTS[i]}, _greedy(MAX_TOKENS[i]), use_tqdm=False)
+        assert alone[0].outputs[0].token_ids == batched[i], f"request {i}"
+    assert [len(t) for t in batched] == MAX_TOKENS
+    assert_pool_free(llm)
+
+
+def test_chunked_prefill_changes_nothing(small_llm, batched):
+    """A 16-token budget chunks every prompt longer than 16 tokens."""
+    idx = list(range(16))
+    outs = small_llm.generate([{"prompt_token_ids": PROMPTS[i]} for i in idx],
+                              [_greedy(MAX_TOKENS[i]) for i in idx], use_tqdm=False)
+    assert _ids(outs) == [batched[i] for i in idx]
+    assert_pool_free(small_llm)
+
+
+def test_preemption_finishes_everything_with_the_same_output(llm, small_llm):
+    """16 requests growing to ~6 pages each cannot all fit 40 pages: the newest are preempted
+    and recomputed later, and every output equals the big pool's."""
+    rng = np.random.default_rng(3)
+    prompts = [{"prompt_token_ids": [1, *rng.integers(3, 512, int(n)).tolist()]} for n in rng.integers(5, 30, 16)]
+    params = _greedy(64)
+    before = small_llm.engine.metrics.num_preemptions_total
+    small = small_llm.generate(prompts, params, use_tqdm=False)
+    assert small_llm.engine.metrics.num_preemptions_total > before, "the tiny pool should have forced preemption"
+    assert _ids(small) == _ids(llm.generate(prompts, params, use_tqdm=False))
+    assert_pool_free(small_llm)
+
+
+def test_prefix_cache_hit_equals_miss(llm):
+    prompt = [1, *np.random.default_rng(9).integers(3, 512, 99).tolist()]  # 100 tokens: 6 full pages
+    miss = llm.generate({"prompt_token_ids": prompt}, _greedy(12), use_tqdm=False)[0]
+    hit = llm.generate({"prompt_token_ids": prompt}, _greedy(12), use_tqdm=False)[0]
+    assert miss.num_cached_tokens == 0
+    assert hit.num_cached_tokens == 96
+    assert hit.outputs[0].token_ids == miss.outputs[0].token_ids
+    assert_pool_free(llm)
+
+
+def test_no_compile_after_warmup(llm):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    rng = np.random.default_rng(5)
+    prompts = [{"prompt_token_ids": [1, *rng.integers(3, 512, int(n)).tolist()]} for n in rng.integers(1, 300, 100)]
+    params = [SamplingParams(temperature=float(t), max_tokens=int(m), seed=i)
+              for i, (t, m) in enumerate(zip(rng.choice([0.0, 0.8], 100), rng.integers(1, 40, 100), strict=True))]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert_pool_free(llm)
+
+
+def test_seed_reproduces_alone_and_in_a_busy_batch(llm):
+    seeded = SamplingParams(temperature=1.0, max_tokens=24, seed=1234)
+    alone = llm.generate({"prompt_token_ids": [1, 403, 407]}, seeded, use_tqdm=False)[0].outputs[0].text
+    again = llm.generate({"prompt_token_ids": [1, 403, 407]}, seeded, use_tqdm=False)[0].outputs[0].text
+    busy = llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS[:20]] + [{"prompt_token_ids": [1, 403, 407]}],
+        [SamplingParams(temperature=1.0, max_tokens=16)] * 20 + [seeded], use_tqdm=False,
+    )[-1].outputs[0].text
+    assert alone == again == busy
+
+
+def test_n_returns_different_samples(llm):
+    out = llm.generate("Once upon a time", SamplingParams(n=4, temperature=1.0, max_tokens=24), use_tqdm=False)[0]
+    texts = [o.text for o in out.outputs]
+    assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+    assert len(set(texts)) == 4
+    assert_pool_free(llm)
+
+
+def test_sampling_features_through_the_runner(llm):
+    prompt = {"prompt_token_ids": [1, 403, 407, 261]}
+    allowed = [261, 298, 315]
+    out = llm.generate(prompt, SamplingParams(temperature=1.0, max_tokens=10, allowed_token_ids=allowed),
+                       use_tqdm=False)[0]
+    assert set(out.outputs[0].token_ids) <= set(allowed)
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=5, logit_bias={300: 100.0}),
+                       use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == [300] * 5
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert len(comp.logprobs) == 6
+    for token, lp in zip(comp.token_ids, comp.logprobs, strict=True):
+        assert token in lp and lp[token].rank == 1  # greedy picks the top token
+        assert len(lp) == 3
+    assert comp.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(comp.token_ids, comp.logprobs)))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == 4
+    assert all(tok in d for tok, d in zip(prompt["prompt_token_ids"][1:], out.prompt_logprobs[1:], strict=True))
+    assert_pool_free(llm)
+
+
+def test_min_tokens_suppresses_eos(llm):
+    # From BOS the model ends a story with EOS/BOS ids [2, 1] only after hundreds of tokens, so a
+    # huge bias on EOS makes it stop at once unless min_tokens holds it back.
+    params = dict(temperature=0.0, max_tokens=12, logit_bias={2: 50.0})
+    eager = llm.generate({"prompt_token_ids": [1]}, SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    held = llm.generate({"prompt_token_ids": [1]}, SamplingParams(min_tokens=5, **params), use_tqdm=False)[0].outputs[0]
+    assert eager.finish_reason == "stop" and len(eager.token_ids) == 1
+    assert held.finish_reason == "stop" and len(held.token_ids) == 6 and 2 not in held.token_ids[:5]
