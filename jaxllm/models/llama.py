@@ -164,7 +164,9 @@ class LlamaModel(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, arch: ModelArch, dtype):
         self.model = LlamaModel(arch, dtype)
-        self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, ("vocab", "embed"), dtype)
+        self.lm_head = (
+            None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, ("vocab", "embed"), dtype)
+        )
         # A static tuple, not a Variable: it is a constant of the config, never loaded.
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(arch))
 

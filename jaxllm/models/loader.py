@@ -144,7 +144,8 @@ def _random_leaf(name: str, shape, dtype, sharding, key) -> jax.Array:
 @cache
 def _random_normal(shape, dtype, sharding):
     # Drawn directly into its shards. std 0.02 as HF's initializer_range.
-    return jax.jit(lambda key: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype), out_shardings=sharding)
+    draw = lambda key: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)  # noqa: E731
+    return jax.jit(draw, out_shardings=sharding)
 
 
 def resolve_dtype(name: str, arch: ModelArch, platform: str):

@@ -112,15 +112,17 @@ class ModelRunner:
         self._compiled: dict[tuple, Any] = {}
         self._warm = False
 
-        page_bytes = kv_cache.bytes_per_page(arch, self.page_size, self.model.dtype, mesh.devices.size, self.model.rules)
+        tp, rules, dtype = mesh.devices.size, self.model.rules, self.model.dtype
+        page_bytes = kv_cache.bytes_per_page(arch, self.page_size, dtype, tp, rules)
         activation = self._activation_bytes() if kv_cache.device_memory(device) is not None else 0
         budget = kv_cache.kv_budget_bytes(config.cache, device, activation, _device_total_bytes(device))
         num_pages = kv_cache.num_pages_for(config.cache, budget, page_bytes)
         kv_cache.check_fits(num_pages, self.page_size, self.max_model_len, page_bytes, budget)
         kv_cache.log_pool(num_pages, self.page_size, self.max_model_len, page_bytes)
-        self.config = dataclasses.replace(self.config, cache=dataclasses.replace(self.config.cache, num_pages=num_pages))
+        cache = dataclasses.replace(self.config.cache, num_pages=num_pages)
+        self.config = dataclasses.replace(self.config, cache=cache)
         self.num_pages = num_pages
-        self.kv_pages = kv_cache.allocate_kv_pages(arch, num_pages, self.page_size, self.model.dtype, mesh, self.model.rules)
+        self.kv_pages = kv_cache.allocate_kv_pages(arch, num_pages, self.page_size, dtype, mesh, rules)
         self.input_batch = InputBatch(self.page_size, num_pages, config.model.seed)
         self._prev_tokens = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self._replicated)
         self._warmup()

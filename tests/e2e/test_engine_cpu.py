@@ -126,7 +126,8 @@ def test_sampling_features_through_the_runner(llm):
     for token, lp in zip(comp.token_ids, comp.logprobs, strict=True):
         assert token in lp and lp[token].rank == 1  # greedy picks the top token
         assert len(lp) == 3
-    assert comp.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(comp.token_ids, comp.logprobs)))
+    total = sum(lp[t].logprob for t, lp in zip(comp.token_ids, comp.logprobs, strict=True))
+    assert comp.cumulative_logprob == pytest.approx(total)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == 4
     assert all(tok in d for tok, d in zip(prompt["prompt_token_ids"][1:], out.prompt_logprobs[1:], strict=True))
     assert_pool_free(llm)
