@@ -31,8 +31,6 @@ from typing import Any
 import uvicorn
 
 from jaxllm.config import EngineConfig, field_owners, option_fields
-from jaxllm.generation_config import load_generation_defaults
-from jaxllm.tokenizer import resolve_chat_template
 from serve.app import build_app
 from serve.args import API_KEY_ENV, ServerArgs
 from serve.engine_client import EngineClient, ServingContext
@@ -151,18 +149,18 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m jaxllm.serve")
     return engine_config, ServerArgs(**server_values)
 
 
-def make_context(engine: EngineClient, config: EngineConfig, args: ServerArgs) -> ServingContext:
+def make_context(engine: EngineClient, config: EngineConfig, args: ServerArgs, *,
+                 default_sampling: dict[str, Any], chat_template: str | None) -> ServingContext:
     model = config.model
-    defaults = load_generation_defaults(model.model, model.generation_config, model.revision)
-    if defaults.sampling:
-        logger.info("Using default sampling params from %s: %s", defaults.source, defaults.sampling)
+    if default_sampling:
+        logger.info("Using default sampling params from the model's generation config: %s", default_sampling)
     return ServingContext(
         engine=engine,
         args=args,
         served_model_names=list(model.served_model_name) or [model.model],
         model_root=model.model,
-        default_sampling=defaults.sampling,
-        chat_template=resolve_chat_template(model.chat_template),
+        default_sampling=dict(default_sampling),
+        chat_template=chat_template,
     )
 
 
@@ -223,7 +221,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve"
     from jaxllm.llm import build_async_engine  # noqa: PLC0415  (the only import of device code)
 
     engine = build_async_engine(engine_config, log_stats=not server_args.disable_log_stats)
-    return run_server(make_context(engine, engine.config, server_args))
+    ctx = make_context(engine, engine.config, server_args, default_sampling=engine.generation_defaults.sampling,
+                       chat_template=engine.chat_template)
+    return run_server(ctx)
 
 
 if __name__ == "__main__":

@@ -8,24 +8,20 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
-from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from jaxllm.engine.async_engine import AsyncEngine
-from jaxllm.engine.fake_runner import FakeModelRunner
-from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.tokenizer import load_tokenizer
 from serve.app import build_app
 from serve.args import ServerArgs
 from serve.engine_client import ServingContext
+from tests.serve.fake_engine import STORIES, STORY, new_engine, pool_is_free
 
-STORIES = Path(__file__).resolve().parents[2] / "jaxllm" / "data" / "stories260K"
-STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine."
+__all__ = ["STORIES", "STORY", "new_engine", "pool_is_free"]
+
 API_KEY = "sk-test-1234"
 MODEL_NAMES = ["stories", "stories-alias"]
 
@@ -72,26 +68,6 @@ def stories_tokenizer() -> Any:
 @pytest.fixture(scope="session")
 def story_script(stories_tokenizer: Any) -> list[int]:
     return stories_tokenizer.encode(" " + STORY, add_special_tokens=False)
-
-
-def new_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, num_pages: int = 512,
-               block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
-               fail_at_step: int | None = None) -> AsyncEngine:
-    """An AsyncEngine over a FakeModelRunner that "generates" the token script: the token after a
-    context of length L is script[(L + seed) % len(script)], so outputs read as text."""
-    config = EngineConfig(
-        model=ModelConfig(model=str(STORIES)),
-        cache=CacheConfig(block_size=block_size, num_pages=num_pages),
-        scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096, async_scheduling=False),
-    )
-    runner = FakeModelRunner(len(tokenizer), block_size, next_token_fn=lambda ctx, seed: script[(len(ctx) + seed)
-                             % len(script)], delay_s=delay_s, fail_at_step=fail_at_step)
-    engine = LLMEngine(config, runner, tokenizer, max_model_len, len(tokenizer), eos_token_ids, log_stats=False)
-    return AsyncEngine(engine)
-
-
-def pool_is_free(engine: AsyncEngine) -> bool:
-    return engine.num_free_pages() == engine.num_pages and engine.metrics().num_requests_running == 0
 
 
 def wait_until(predicate: Any, timeout: float = 10.0) -> None:

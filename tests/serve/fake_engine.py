@@ -1,0 +1,34 @@
+"""A real `AsyncEngine` whose device is the hand-computable `FakeModelRunner` (no jax), for server tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxllm.engine.async_engine import AsyncEngine
+from jaxllm.engine.fake_runner import FakeModelRunner
+from jaxllm.engine.llm_engine import LLMEngine
+
+STORIES = Path(__file__).resolve().parents[2] / "jaxllm" / "data" / "stories260K"
+STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine."
+
+
+def new_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, num_pages: int = 512,
+               block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
+               fail_at_step: int | None = None) -> AsyncEngine:
+    """An AsyncEngine over a FakeModelRunner that "generates" the token script: the token after a
+    context of length L is script[(L + seed) % len(script)], so outputs read as text."""
+    config = EngineConfig(
+        model=ModelConfig(model=str(STORIES)),
+        cache=CacheConfig(block_size=block_size, num_pages=num_pages),
+        scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096, async_scheduling=False),
+    )
+    runner = FakeModelRunner(len(tokenizer), block_size, next_token_fn=lambda ctx, seed: script[(len(ctx) + seed)
+                             % len(script)], delay_s=delay_s, fail_at_step=fail_at_step)
+    engine = LLMEngine(config, runner, tokenizer, max_model_len, len(tokenizer), eos_token_ids, log_stats=False)
+    return AsyncEngine(engine)
+
+
+def pool_is_free(engine: AsyncEngine) -> bool:
+    return engine.num_free_pages() == engine.num_pages and engine.metrics().num_requests_running == 0

@@ -1,0 +1,82 @@
+"""Flags: generated from EngineConfig / ServerArgs with vLLM's spellings; vLLM-only flags warn."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from jaxllm import cli
+from jaxllm.config import option_fields
+from jaxllm.serve import build_parser, parse_args
+from serve.args import API_KEY_ENV, ServerArgs
+
+
+def test_every_option_has_a_flag_with_its_doc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "10000")  # no wrapping inside a doc line
+    help_text = " ".join(build_parser().format_help().split())
+    for _, f in [*option_fields(), *((None, f) for f in dataclasses.fields(ServerArgs))]:
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+        assert " ".join(f.metadata["doc"].split()) in help_text, f.name
+
+
+def test_vllm_spellings_parse_into_the_config() -> None:
+    config, args = parse_args([
+        "--model", "/models/llama", "--max-model-len", "8k", "-tp", "2", "--no-enable-prefix-caching",
+        "--served-model-name", "llama", "llama-alias", "--gpu-memory-utilization", "0.8", "--block-size", "32",
+        "--max-num-seqs", "64", "--dtype", "bfloat16", "--seed", "7", "--port", "9000", "--api-key", "k",
+        "--allowed-origins", '["http://a", "http://b"]', "--metrics-names", "vllm", "--enable-log-requests",
+    ])
+    assert config.model.model == "/models/llama" and config.model.max_model_len == 8000
+    assert config.parallel.tensor_parallel_size == 2 and not config.cache.enable_prefix_caching
+    assert config.model.served_model_name == ["llama", "llama-alias"] and config.cache.block_size == 32
+    assert config.cache.gpu_memory_utilization == 0.8 and config.scheduler.max_num_seqs == 64
+    assert config.model.dtype == "bfloat16" and config.model.seed == 7
+    assert (args.port, args.api_key, args.metrics_names, args.enable_log_requests) == (9000, "k", "vllm", True)
+    assert args.allowed_origins == ["http://a", "http://b"]
+
+
+def test_defaults_match_vllm() -> None:
+    config, args = parse_args([])
+    assert args.port == 8000 and args.allowed_origins == ["*"] and args.allowed_headers == ["*"]
+    assert config.cache.enable_prefix_caching and config.cache.block_size == 16
+    assert not args.enable_log_requests and args.api_key is None
+
+
+def test_positional_model_and_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    config, args = parse_args(["some/model"])
+    assert config.model.model == "some/model" and args.api_key == "from-env"
+    assert parse_args(["--api-key", "flag"])[1].api_key == "flag"
+
+
+def test_vllm_flags_without_meaning_are_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="jaxllm.serve"):
+        parse_args(["--trust-remote-code", "--enforce-eager", "--swap-space", "4", "--enable-chunked-prefill",
+                    "--distributed-executor-backend", "ray", "--no-enable-chunked-prefill"])
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for flag in ("--trust-remote-code", "--enforce-eager", "--swap-space", "--distributed-executor-backend"):
+        assert f"{flag} has no effect" in warned
+
+
+def test_bad_values_are_rejected() -> None:
+    for argv in (["--dtype", "int3"], ["--port", "http"], ["--metrics-names", "prom"], ["--no-such-flag"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+
+
+def test_console_script_dispatches_serve(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2 and "jaxllm serve" in capsys.readouterr().out
+    assert cli.main(["bogus"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--help"])
+    assert exit_info.value.code == 0 and "--max-model-len" in capsys.readouterr().out
+
+
+def test_jaxllm_serve_help_runs_as_a_module() -> None:
+    result = subprocess.run([sys.executable, "-m", "jaxllm.serve", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--served-model-name" in result.stdout
