@@ -72,10 +72,11 @@ class FakeModelRunner:
     next_token_fn: Callable[[list[int], int], int] | None = None
     delay_s: float = 0.0  # slept in each StepHandle.result(), as device time
     fail_at_step: int | None = None  # execute() raises InjectedFailure on this step (1-based)
-    num_steps: int = 0
-    history: list[SchedulerOutput] = field(default_factory=list)  # every SchedulerOutput executed
-    requests: dict[str, _RequestState] = field(default_factory=dict)
-    kv: dict[tuple[int, int], int] = field(default_factory=dict)  # (page, slot) -> token id written there
+    # State, for tests to inspect.
+    num_steps: int = field(default=0, init=False)
+    history: list[SchedulerOutput] = field(default_factory=list, init=False)  # every SchedulerOutput executed
+    requests: dict[str, _RequestState] = field(default_factory=dict, init=False)
+    kv: dict[tuple[int, int], int] = field(default_factory=dict, init=False)  # (page, slot) -> token id there
 
     def execute(self, scheduler_output: SchedulerOutput) -> FakeStepHandle:
         self.num_steps += 1
