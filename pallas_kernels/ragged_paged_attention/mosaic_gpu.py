@@ -1,0 +1,414 @@
+"""Ragged paged attention for Hopper, written with Mosaic GPU (`plgpu.kernel`).
+
+One CTA computes one *tile*: up to `n` consecutive query tokens of one request against one KV
+head. The tile's rows are the G query heads of that KV head times its n tokens, head-major
+(row r = g * n + t), padded to a multiple of 64 rows for wgmma. Decodes are tiles with one
+token; a prefill chunk is cut into tiles of n tokens; padded tokens get tiles with no keys
+(their output is zero).
+
+Per CTA, two warpgroups:
+  - producer: walks the tile's KV blocks (block_kv = pages_per_block pages), reads each page
+    id from the block table in GMEM and issues one TMA copy per page for K and for V into a
+    `num_slots`-deep SMEM ring;
+  - consumer: S = Q K^T (wgmma), online softmax in fp32 (exp2 domain), P staged in SMEM,
+    O += P V (wgmma); at the end O / l is written straight into `out [T, Hq, D]` with
+    power-of-two TMA stores (the tile may end anywhere).
+
+The wrapper turns (cu_q_lens, kv_lens, num_seqs) into a work list of tiles with cheap jnp ops
+(`_work_list`), so the signature matches the reference. Split-K (several CTAs per decode
+tile, merged in jnp) is chosen by `_plan` for long decodes with few requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.ragged_paged_attention.common import AttentionParams, validate_inputs
+
+_LOG2E = math.log2(math.e)
+# Finite "minus infinity": a row that sees only masked keys keeps a finite max, so
+# exp2(s - m) never evaluates inf - inf. Its stray weights are wiped (alpha = 0) by the
+# first real key, and a row that never sees one is written as zeros.
+_MASKED = -1e30
+_ROWS_PER_WGMMA = 64
+_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def mosaic_unsupported_reason(
+    *, dtype, head_dim: int, num_q_heads: int, num_kv_heads: int, page_size: int
+) -> str | None:
+    """Why the Mosaic GPU kernel cannot serve this model (None: it can)."""
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _SUPPORTED_DTYPES]:
+        return f"dtype {jnp.dtype(dtype).name} is not bf16/fp16"
+    if head_dim not in (64, 128):
+        return f"head_dim {head_dim} is not 64 or 128"
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        return f"{num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads"
+    group = num_q_heads // num_kv_heads
+    if group > 8:
+        return f"GQA group {group} is larger than 8"
+    if page_size < 16 or page_size & (page_size - 1):
+        return f"page_size {page_size} is not a power of two >= 16"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static shape of one kernel launch."""
+
+    tokens_per_tile: int  # n: query tokens per tile (power of two, >= 8)
+    pages_per_block: int  # pages per KV block (one pipeline step)
+    num_slots: int  # depth of the K/V SMEM ring
+
+    def rows(self, group: int) -> int:
+        return -(-group * self.tokens_per_tile // _ROWS_PER_WGMMA) * _ROWS_PER_WGMMA
+
+
+def _plan(num_tokens: int, group: int, page_size: int, head_dim: int) -> _Plan:
+    del num_tokens
+    tokens = max(8, _ROWS_PER_WGMMA // group)
+    block_kv = 64 if head_dim == 128 else 128
+    return _Plan(tokens_per_tile=tokens, pages_per_block=max(1, block_kv // page_size), num_slots=3)
+
+
+# Columns of the work list, one row per tile.
+_W_SEQ, _W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM = range(8)
+_W_COLS = 8
+
+
+def _work_list(
+    cu_q_lens: jax.Array,  # [S + 1]
+    kv_lens: jax.Array,  # [S]
+    num_seqs: jax.Array,  # [1]
+    *,
+    num_tokens: int,
+    tokens_per_tile: int,
+    block_kv: int,
+    sliding_window: int | None,
+) -> jax.Array:  # [W, _W_COLS] i32
+    """Cut every request (and the padded tail of the token axis) into tiles of <= n tokens.
+
+    A tile loads the query window [load_from, load_from + n), a multiple of 8 tokens in (the
+    TMA box into the 8-row-tiled Q buffer must start on a tile row), and owns the tokens
+    [token, token + count) inside it. Segment s < S is request s; segment S is the padded
+    tokens past cu_q_lens[num_seqs], whose tiles have an empty KV range (zeros out). Tiles past
+    the last real one have count 0. Needs num_tokens % 8 == 0 and num_tokens >= n.
+    """
+    num_slots = kv_lens.shape[0]
+    n = tokens_per_tile
+    live = jnp.arange(num_slots) < num_seqs[0]
+    starts = cu_q_lens[:-1]
+    q_lens = jnp.where(live, cu_q_lens[1:] - starts, 0)
+    end_live = cu_q_lens[num_seqs[0]]
+    seg_start = jnp.concatenate([starts, end_live[None]])  # [S + 1]
+    seg_len = jnp.concatenate([q_lens, (num_tokens - end_live)[None]])
+    seg_kv = jnp.concatenate([kv_lens, jnp.zeros((1,), jnp.int32)])
+    seg_window = seg_start // 8 * 8  # first tile's window start
+    tiles = jnp.where(seg_len > 0, (seg_start + seg_len - seg_window + n - 1) // n, 0)
+    tile_end = jnp.cumsum(tiles)
+    # Each segment adds at most one tile beyond T / n, plus one for the window alignment.
+    num_work = (num_tokens + 7 * (num_slots + 1)) // n + num_slots + 2
+    w = jnp.arange(num_work, dtype=jnp.int32)
+    seg = jnp.minimum(jnp.searchsorted(tile_end, w, side="right"), num_slots).astype(jnp.int32)
+    local = w - (tile_end[seg] - tiles[seg])
+    active = w < tile_end[-1]
+    window = seg_window[seg] + local * n
+    token = jnp.maximum(window, seg_start[seg])
+    count = jnp.where(active, jnp.minimum(window + n, seg_start[seg] + seg_len[seg]) - token, 0)
+    is_request = seg < num_slots
+    pos = seg_kv[seg] - seg_len[seg] + (token - seg_start[seg])  # position of the tile's first token
+    key_end = jnp.where(is_request, jnp.maximum(pos + count, 0), 0)
+    key_start = jnp.zeros_like(key_end)
+    if sliding_window is not None:
+        key_start = jnp.maximum(pos - sliding_window + 1, 0)
+    kv_end = (key_end + block_kv - 1) // block_kv
+    kv_start = jnp.minimum(key_start // block_kv, kv_end)
+    # Blocks before mask_from hold only keys <= every row's position: no mask needed.
+    if sliding_window is None:
+        mask_from = jnp.clip((pos + 1) // block_kv, kv_start, kv_end)
+    else:
+        mask_from = kv_start
+    load_from = jnp.minimum(window, num_tokens - n)
+    columns = [jnp.minimum(seg, num_slots - 1), token, count, pos, kv_start, kv_end, mask_from, load_from]
+    return jnp.stack([c.astype(jnp.int32) for c in columns], axis=1)
+
+
+def _k_transposed(k_slot, kt_scratch):
+    """The B operand of S = Q K^T.
+
+    NOTE: on the GPU wgmma reads K^T straight from the K tile (`transpose_ref`). The CPU
+    simulator (jax 0.10.2) cannot interpret a transposed wgmma operand, so there we copy the
+    tile transposed into a scratch buffer first; `kt_scratch` is None on the GPU path.
+    """
+    if kt_scratch is None:
+        return plgpu.transpose_ref(k_slot, (1, 0))
+    kt_scratch[...] = k_slot[...].T
+    return kt_scratch
+
+
+def _swizzled(shape: tuple[int, ...], dtype) -> plgpu.SMEM:
+    minor_bytes = shape[-1] * jnp.dtype(dtype).itemsize
+    swizzle = min(128, minor_bytes)
+    elems = swizzle // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _build_kernel(
+    *,
+    num_tokens: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    num_pages: int,
+    pages_per_seq: int,
+    num_work: int,
+    dtype,
+    plan: _Plan,
+    params: AttentionParams,
+    simulate: bool,
+    interpret,
+):
+    group = num_q_heads // num_kv_heads
+    n = plan.tokens_per_tile
+    rows = plan.rows(group)
+    ppb = plan.pages_per_block
+    block_kv = ppb * page_size
+    slots = plan.num_slots
+    scale = params.sm_scale
+    soft_cap = params.soft_cap
+    window = params.sliding_window
+
+    def scores(s, pos_first, kv_block, masked: bool):
+        """fp32 logits in the exp2 domain, masked where a row may not see a key."""
+        if soft_cap is None:
+            s = s * (scale * _LOG2E)
+        else:
+            s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * _LOG2E)
+        if masked:
+            row = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0)
+            col = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
+            q_pos = pos_first + lax.rem(row, n)
+            k_pos = kv_block * block_kv + col
+            ok = k_pos <= q_pos
+            if window is not None:
+                ok = ok & (k_pos > q_pos - window)
+            s = jnp.where(ok, s, _MASKED)
+        return s
+
+    def consumer(q_ref, out_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, kt_smem, bars):
+        q_bar, k_bar, v_bar, k_free, v_free = bars
+        token, count, pos, kv_start, kv_end, mask_from, load_from = work
+        load_from = pl.multiple_of(load_from, 8)
+        shift = token - load_from  # rows [shift, shift + count) of each head group are ours
+        @pl.loop(0, group)
+        def _load_q(g):
+            rows_g = pl.multiple_of(g * n, 8)
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(load_from, n), head * group + g], q_smem.at[pl.ds(rows_g, n)], q_bar)
+
+        plgpu.barrier_wait(q_bar)
+        pos_first = pos - shift  # position of row 0 of each head group
+
+        def step(kv_block, carry, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(kv_block - kv_start, slots)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, _k_transposed(k_smem.at[slot], kt_smem))
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = scores(s, pos_first, kv_block, masked)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            p_smem[...] = p.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                return acc_ref[...]
+
+            o = pl.run_scoped(pv, plgpu.ACC((rows, head_dim), jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o
+            return acc, m_new, l_i
+
+        carry = (
+            jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows,), _MASKED, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+        )
+        carry = lax.fori_loop(kv_start, mask_from, functools.partial(step, masked=False), carry)
+        acc, m_i, l_i = lax.fori_loop(mask_from, kv_end, functools.partial(step, masked=True), carry)
+        seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
+        inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+        plgpu.commit_smem()
+        @pl.loop(0, group)
+        def _store(g):
+            done = jnp.int32(0)
+            size = n
+            while size:
+                # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
+                @pl.when((count & size) != 0)
+                def _store_rows(done=done, size=size):
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[pl.ds(g * n + shift + done, size)],
+                        out_ref.at[pl.ds(token + done, size), head * group + g],
+                    )
+
+                done = done + (count & size)
+                size //= 2
+
+        plgpu.wait_smem_to_gmem(0)
+
+    def producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars):
+        _, k_bar, v_bar, k_free, v_free = bars
+        _, _, _, kv_start, kv_end, _, _ = work
+
+        @pl.loop(kv_start, kv_end)
+        def _fetch(kv_block):
+            i = kv_block - kv_start
+            slot = lax.rem(i, slots)
+            for kv, smem, bar, free in ((0, k_smem, k_bar, k_free), (1, v_smem, v_bar, v_free)):
+
+                @pl.when(i >= slots)
+                def _wait_free(free=free):
+                    plgpu.barrier_wait(free.at[slot])
+
+                @pl.loop(0, ppb)
+                def _fetch_page(j, kv=kv, smem=smem, bar=bar):
+                    entry = jnp.minimum(kv_block * ppb + j, pages_per_seq - 1)
+                    page = jnp.clip(page_indices_ref[seq, entry], 0, num_pages - 1)
+                    rows_j = pl.multiple_of(j * page_size, page_size)
+                    plgpu.copy_gmem_to_smem(
+                        kv_ref.at[kv, head, page], smem.at[slot, pl.ds(rows_j, page_size)], bar.at[slot]
+                    )
+
+    def body(work_ref, page_indices_ref, q_ref, kv_ref, out_ref, q_smem, k_smem, v_smem, p_smem, o_smem, kt_smem, bars):
+        tile = lax.axis_index("tile")
+        head = lax.axis_index("head")
+        wg = lax.axis_index("wg")
+        seq = work_ref[tile, _W_SEQ]
+        work = tuple(
+            work_ref[tile, c] for c in (_W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM)
+        )
+        count = work[1]
+
+        @pl.when((count > 0) & (wg == 0))
+        def _consume():
+            consumer(q_ref, out_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, kt_smem, bars)
+
+        @pl.when((count > 0) & (wg == 1))
+        def _produce():
+            producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars)
+
+    scratch = [
+        _swizzled((rows, head_dim), dtype),  # q
+        _swizzled((slots, block_kv, head_dim), dtype),  # k ring
+        _swizzled((slots, block_kv, head_dim), dtype),  # v ring
+        _swizzled((rows, block_kv), dtype),  # p
+        plgpu.SMEM((rows, head_dim), dtype),  # o staging (untiled: row-granular TMA stores)
+        plgpu.SMEM((head_dim, block_kv), dtype, transforms=()) if simulate else None,
+        (
+            plgpu.Barrier(num_arrivals=group),
+            plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
+            plgpu.Barrier(num_barriers=slots),
+            plgpu.Barrier(num_barriers=slots),
+        ),
+    ]
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype),
+        scratch_types=scratch,
+        grid=(num_work, num_kv_heads),
+        grid_names=("tile", "head"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=interpret,
+    )
+
+
+def ragged_paged_attention_mosaic(
+    q: jax.Array,  # [T, Hq, D]
+    kv_pages: jax.Array,  # [2, Hkv, num_pages, page_size, D]
+    kv_lens: jax.Array,  # [S]
+    page_indices: jax.Array,  # [S, P]
+    cu_q_lens: jax.Array,  # [S + 1]
+    num_seqs: jax.Array,  # [1]
+    params: AttentionParams,
+    *,
+    interpret=None,
+) -> jax.Array:  # [T, Hq, D]
+    """Ragged paged attention on Hopper; same contract as `ragged_paged_attention_reference`.
+
+    `interpret`: None/False compiles for the GPU; True or an `InterpretGPUParams` runs the
+    Mosaic GPU simulator on CPU (tests).
+    """
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
+    reason = mosaic_unsupported_reason(
+        dtype=q.dtype, head_dim=head_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, page_size=page_size
+    )
+    if reason is not None:
+        raise NotImplementedError(f"Mosaic GPU ragged paged attention: {reason}")
+    if kv_pages.dtype != q.dtype:
+        raise ValueError(f"q ({q.dtype}) and kv_pages ({kv_pages.dtype}) must share a dtype")
+    simulate = interpret is not None and interpret is not False
+    if interpret is True:
+        interpret = _simulator_params()
+    group = num_q_heads // num_kv_heads
+    plan = _plan(num_tokens, group, page_size, head_dim)
+    n = plan.tokens_per_tile
+    padded_tokens = max(-(-num_tokens // 8) * 8, n)
+    q_in = q if padded_tokens == num_tokens else jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
+    block_kv = plan.pages_per_block * page_size
+    work = _work_list(
+        cu_q_lens,
+        kv_lens,
+        num_seqs,
+        num_tokens=padded_tokens,
+        tokens_per_tile=n,
+        block_kv=block_kv,
+        sliding_window=params.sliding_window,
+    )
+    kernel = _build_kernel(
+        num_tokens=padded_tokens,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        page_size=page_size,
+        num_pages=num_pages,
+        pages_per_seq=page_indices.shape[1],
+        num_work=work.shape[0],
+        dtype=q.dtype,
+        plan=plan,
+        params=params,
+        simulate=simulate,
+        interpret=interpret,
+    )
+    out = kernel(work, page_indices, q_in, kv_pages)
+    return out[:num_tokens]
+
+
+def _simulator_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()

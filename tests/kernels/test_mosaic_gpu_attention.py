@@ -1,0 +1,171 @@
+"""The Mosaic GPU ragged paged attention kernel against the reference, on CPU.
+
+Two checks per kernel variant:
+  - the Mosaic GPU simulator runs it (race detector on, every fresh buffer, the output too,
+    filled with NaN so an element the kernel never writes fails the finite check);
+  - the real CUDA lowering accepts it (`lower(lowering_platforms=("cuda",))`), which catches
+    layout and tiling errors the simulator does not model.
+PTX compilation, SMEM capacity and speed are only testable on the GPU (bench/kernels.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ragged_paged_attention import mosaic_gpu
+from pallas_kernels.ragged_paged_attention.common import AttentionParams
+from pallas_kernels.ragged_paged_attention.mosaic_gpu import mosaic_unsupported_reason, ragged_paged_attention_mosaic
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+from tests.kernels import mgpu_simulator
+
+# bf16 inputs, fp32 accumulation: ||out - ref|| / ||ref|| lands near 2e-3 (one bf16 rounding
+# of P and of the output); a wrong mask or a missed block is O(0.1) or more.
+REL_TOL = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    q_lens: tuple[int, ...]  # live requests only
+    kv_lens: tuple[int, ...]
+    num_q_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    page_size: int = 16
+    pages_per_seq: int = 8
+    num_slots: int | None = None  # > len(q_lens): padded (empty) request slots
+    num_tokens: int | None = None  # > sum(q_lens): padded tokens
+    dtype: type = jnp.bfloat16
+    params: AttentionParams = AttentionParams(sm_scale=0.125)
+
+
+def make_batch(case: Case, seed: int = 0):
+    """Random q and pages; each slot's pages are distinct, scattered ids in the pool."""
+    rng = np.random.default_rng(seed)
+    live = len(case.q_lens)
+    num_slots = case.num_slots or live
+    q_lens = list(case.q_lens) + [0] * (num_slots - live)
+    kv_lens = list(case.kv_lens) + [0] * (num_slots - live)
+    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    num_tokens = case.num_tokens or int(cu_q_lens[-1])
+    num_pages = num_slots * case.pages_per_seq + 3
+    page_indices = rng.permutation(num_pages)[: num_slots * case.pages_per_seq].reshape(num_slots, -1)
+    q = rng.standard_normal((num_tokens, case.num_q_heads, case.head_dim))
+    kv = rng.standard_normal((2, case.num_kv_heads, num_pages, case.page_size, case.head_dim))
+    return (
+        jnp.asarray(q, case.dtype),
+        jnp.asarray(kv, case.dtype),
+        jnp.asarray(kv_lens, jnp.int32),
+        jnp.asarray(page_indices, jnp.int32),
+        jnp.asarray(cu_q_lens, jnp.int32),
+        jnp.asarray([live], jnp.int32),
+    )
+
+
+CASES = {
+    # Decodes only; KV lengths on (16, 48) and off (5, 33) page boundaries.
+    "decode": Case(q_lens=(1, 1, 1, 1), kv_lens=(5, 16, 33, 48)),
+    # Prefill only, d=128, GQA 4: a fresh prompt (kv_len == q_len) and a chunk onto a cache.
+    "prefill": Case(q_lens=(21, 12), kv_lens=(21, 45), num_q_heads=8, num_kv_heads=2, head_dim=128, pages_per_seq=4),
+    # Mixed, with padded request slots and padded tokens past the last request.
+    "mixed_padded": Case(q_lens=(1, 9, 1), kv_lens=(40, 64, 17), num_slots=5, num_tokens=24),
+    # Sliding window and logit soft-cap; MHA (GQA 1) and 32-token pages.
+    "window_softcap": Case(
+        q_lens=(10, 1),
+        kv_lens=(70, 50),
+        num_q_heads=2,
+        num_kv_heads=2,
+        page_size=32,
+        pages_per_seq=3,
+        params=AttentionParams(sm_scale=0.1, sliding_window=24, soft_cap=8.0),
+    ),
+    # fp16, GQA 8 over one KV head.
+    "fp16_gqa8": Case(q_lens=(3, 1), kv_lens=(19, 60), num_q_heads=8, num_kv_heads=1, dtype=jnp.float16),
+}
+
+
+@pytest.fixture(scope="module")
+def simulator():
+    if not mgpu_simulator.available():
+        pytest.skip(mgpu_simulator.reason())
+    mgpu_simulator.install_compile_cache()
+    return mgpu_simulator
+
+
+def relative_error(out: jax.Array, ref: jax.Array) -> float:
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_simulated_kernel_matches_reference(simulator, name):
+    case = CASES[name]
+    batch = make_batch(case)
+    ref = ragged_paged_attention_reference(*batch, case.params)
+    simulator.reset()
+    out = ragged_paged_attention_mosaic(*batch, case.params, interpret=simulator.params())
+    out = jax.block_until_ready(out)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert bool(jnp.isfinite(out.astype(jnp.float32)).all()), "unwritten (NaN-poisoned) or non-finite outputs"
+    padded = int(batch[4][len(case.q_lens)])
+    assert not bool(jnp.any(out[padded:])), "padded tokens must be zeros"
+    assert relative_error(out, ref) < REL_TOL[case.dtype]
+    assert not simulator.races_found()
+
+
+def _lower_for_cuda(case: Case) -> str:
+    batch = make_batch(case)
+    fn = jax.jit(lambda *args: ragged_paged_attention_mosaic(*args, case.params))
+    return fn.trace(*batch).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_lowers_for_cuda(name):
+    assert "mosaic_gpu" in _lower_for_cuda(CASES[name])
+
+
+@pytest.mark.parametrize(
+    "group, head_dim, page_size", [(1, 128, 64), (2, 64, 16), (4, 128, 16), (8, 64, 32), (8, 128, 16)]
+)
+def test_variants_lower_for_cuda(group, head_dim, page_size):
+    case = Case(
+        q_lens=(1, 40), kv_lens=(300, 200), num_q_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
+        page_size=page_size, pages_per_seq=-(-300 // page_size),
+    )
+    assert "mosaic_gpu" in _lower_for_cuda(case)
+
+
+def test_work_list_covers_every_token_once():
+    cu_q_lens = jnp.asarray([0, 1, 19, 20, 61, 61], jnp.int32)  # slot 4 is padding
+    kv_lens = jnp.asarray([7, 18, 300, 41, 0], jnp.int32)
+    num_tokens, n, block_kv = 72, 16, 64
+    work = np.asarray(
+        mosaic_gpu._work_list(
+            cu_q_lens, kv_lens, jnp.asarray([4], jnp.int32), num_tokens=num_tokens, tokens_per_tile=n,
+            block_kv=block_kv, sliding_window=None,
+        )
+    )
+    owner = np.zeros(num_tokens, int)
+    for _seq, token, count, _pos, kv_start, kv_end, mask_from, load_from in work:
+        owner[token : token + count] += 1
+        if count:
+            assert load_from % 8 == 0 and load_from <= token and token + count <= load_from + n
+            assert kv_start <= mask_from <= kv_end
+    assert (owner == 1).all()
+    real = work[work[:, 2] > 0]
+    # The 41-token prefill of slot 3 (positions 0..40) needs KV blocks [0, 1) for every tile.
+    slot3 = real[(real[:, 1] >= 20) & (real[:, 1] < 61)]
+    assert slot3[:, 2].sum() == 41 and (slot3[:, 5] == 1).all()
+
+
+def test_unsupported_reasons():
+    ok = dict(dtype=jnp.bfloat16, head_dim=128, num_q_heads=32, num_kv_heads=8, page_size=16)
+    assert mosaic_unsupported_reason(**ok) is None
+    assert "dtype" in mosaic_unsupported_reason(**{**ok, "dtype": jnp.float32})
+    assert "head_dim" in mosaic_unsupported_reason(**{**ok, "head_dim": 96})
+    assert "GQA" in mosaic_unsupported_reason(**{**ok, "num_q_heads": 80})
+    assert "page_size" in mosaic_unsupported_reason(**{**ok, "page_size": 8})
