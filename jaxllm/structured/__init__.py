@@ -4,7 +4,8 @@ that write packed allowed-token bitmasks, and the JSON schemas behind `tool_choi
 Data flow: the server turns `response_format` / `structured_outputs` / `tool_choice` into a
 `StructuredOutputsParams` and calls `compile_grammar(spec, tokenizer, vocab_size)` (cached; a bad spec
 raises `ValueError`, which the server answers with a 400). The engine gives each constrained request
-`compiled.new_matcher()`; before every sampling step it calls `matcher.fill_bitmask(row)` into the
+`compiled.new_matcher()` (`make_grammar_compiler(tokenizer, vocab_size)` is that, as the `grammar_compiler`
+`LLMEngine` takes); before every sampling step it calls `matcher.fill_bitmask(row)` into the
 request's row of the `SchedulerOutput.grammar_bitmask`, the runner masks the logits on device (the
 reference is `apply_bitmask_numpy`), and every sampled token goes back through `matcher.accept_token`.
 
@@ -24,7 +25,7 @@ NOTE: the grammar engine is llguidance (PyPI `llguidance`), chosen over xgrammar
 """
 
 from jaxllm.structured.bitmask import allowed_token_ids, apply_bitmask_numpy, bitmask_words
-from jaxllm.structured.compiler import CompiledGrammar, compile_grammar
+from jaxllm.structured.compiler import CompiledGrammar, compile_grammar, make_grammar_compiler
 from jaxllm.structured.matcher import GrammarMatcher, fill_bitmasks
 from jaxllm.structured.tool_choice import ToolChoiceConstraint, tool_choice_constraint
 
@@ -37,5 +38,6 @@ __all__ = [
     "bitmask_words",
     "compile_grammar",
     "fill_bitmasks",
+    "make_grammar_compiler",
     "tool_choice_constraint",
 ]

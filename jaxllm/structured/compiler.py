@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import llguidance
 
-from jaxllm.sampling_params import StructuredOutputsParams
+from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.structured.matcher import GrammarMatcher
 from jaxllm.structured.tokenizer_info import default_eos_token_ids, ll_tokenizer
 
@@ -182,3 +182,19 @@ def _field_name(kind: str) -> str:
 def clear_cache() -> None:
     """Drop every cached compiled grammar (tests, or a server swapping models)."""
     _cache.clear()
+
+
+def make_grammar_compiler(tokenizer: Any, vocab_size: int) -> Callable[[SamplingParams], GrammarMatcher]:
+    """The engine's `grammar_compiler`: a request's SamplingParams -> a fresh matcher for it.
+
+    EOS is the request's `all_stop_token_ids` (the model's stop tokens, filled in by the engine), else the
+    tokenizer's. Compiles are cached, so a server that compiled the spec while validating pays nothing here.
+    """
+
+    def new_matcher(params: SamplingParams) -> GrammarMatcher:
+        if params.structured_outputs is None:
+            raise ValueError("the request has no structured_outputs")
+        eos = sorted(params.all_stop_token_ids) or None
+        return compile_grammar(params.structured_outputs, tokenizer, vocab_size, eos).new_matcher()
+
+    return new_matcher

@@ -1,0 +1,83 @@
+"""The grammar seam end to end: LLMEngine + FakeModelRunner (which samples the first allowed token at or
+after its rule's choice) + `make_grammar_compiler` over the stories260K tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+from transformers import AutoTokenizer
+
+from jaxllm.engine.fake_runner import FakeModelRunner
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
+from jaxllm.structured import make_grammar_compiler, tool_choice_constraint
+from serve.tool_parsers import ConstrainedToolParser
+from tests.engine.conftest import make_config, run_to_completion
+
+STORIES = "jaxllm/data/stories260K"
+VOCAB_SIZE, EOS_ID = 512, 2
+SCHEMA = {
+    "type": "object",
+    "properties": {"hero": {"type": "string", "minLength": 1, "maxLength": 10},
+                   "age": {"type": "integer", "minimum": 1, "maximum": 99},
+                   "mood": {"enum": ["happy", "sad"]}},
+    "required": ["hero", "age", "mood"],
+    "additionalProperties": False,
+}
+TOOLS = [{"type": "function", "function": {"name": "find_toy", "parameters": {
+    "type": "object", "properties": {"toy": {"enum": ["ball", "doll", "kite"]}}, "required": ["toy"],
+    "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(STORIES)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_constrained_requests_beside_free_ones(tokenizer, async_scheduling: bool) -> None:
+    config = make_config(block_size=4, num_pages=256, max_num_seqs=8, async_scheduling=async_scheduling)
+    engine = LLMEngine(config, FakeModelRunner(VOCAB_SIZE, config.cache.block_size), tokenizer, 512, VOCAB_SIZE,
+                       [EOS_ID], log_stats=False, grammar_compiler=make_grammar_compiler(tokenizer, VOCAB_SIZE))
+    named = tool_choice_constraint(TOOLS, {"type": "function", "function": {"name": "find_toy"}})
+    specs = {
+        "json": StructuredOutputsParams(json=SCHEMA),
+        "choice": StructuredOutputsParams(choice=["Lily", "Tom", "the dog"]),
+        "regex": StructuredOutputsParams(regex=r"[a-z]{2,6}( [a-z]{2,6}){1,3}\."),
+        "tool": named.structured_outputs,
+    }
+    prompt = tokenizer.encode("Once upon a time")
+    for name, spec in specs.items():
+        params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=150, structured_outputs=spec)
+        engine.add_request(name, prompt, params)
+    engine.add_request("free", prompt, SamplingParams(max_tokens=20, ignore_eos=True))
+    outputs = run_to_completion(engine)
+
+    assert len(outputs["free"].outputs[0].token_ids) == 20  # an unconstrained neighbour is untouched
+    for name in specs:
+        for completion in outputs[name].outputs:
+            assert completion.finish_reason == "stop", (name, completion.text)
+            text = completion.text
+            if name == "json":
+                jsonschema.validate(json.loads(text), SCHEMA)
+            elif name == "choice":
+                assert text in {"Lily", "Tom", "the dog"}
+            elif name == "regex":
+                assert re.fullmatch(r"[a-z]{2,6}( [a-z]{2,6}){1,3}\.", text), text
+            else:
+                call = ConstrainedToolParser(named.function_name).extract_tool_calls(text, {}).tool_calls[0]
+                assert call["function"]["name"] == "find_toy"
+                jsonschema.validate(json.loads(call["function"]["arguments"]), TOOLS[0]["function"]["parameters"])
+
+
+def test_a_bad_spec_is_refused_when_the_request_is_added(tokenizer) -> None:
+    config = make_config(block_size=4, num_pages=64)
+    engine = LLMEngine(config, FakeModelRunner(VOCAB_SIZE, config.cache.block_size), tokenizer, 128, VOCAB_SIZE,
+                       [EOS_ID], log_stats=False, grammar_compiler=make_grammar_compiler(tokenizer, VOCAB_SIZE))
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "array", "uniqueItems": True}))
+    with pytest.raises(ValueError, match="uniqueItems"):
+        engine.add_request("bad", [1, 5, 6], params)
+    assert not engine.has_unfinished_requests()
