@@ -29,7 +29,7 @@ MODEL_NAMES = ["stories", "stories-alias"]
 class LiveServer:
     """The app served by uvicorn on a loopback port, in a background thread."""
 
-    def __init__(self, ctx: ServingContext) -> None:
+    def __init__(self, ctx: ServingContext, root_path: str = "") -> None:
         self.ctx = ctx
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -37,7 +37,7 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(build_app(ctx), log_level="warning", access_log=False, log_config=None,
-                                timeout_graceful_shutdown=1)
+                                timeout_graceful_shutdown=1, root_path=root_path)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
