@@ -1,13 +1,14 @@
 """Structured outputs on the host: grammars compiled from vLLM's `structured_outputs`, per-request matchers
 that write packed allowed-token bitmasks, and the JSON schemas behind `tool_choice="required"` / named tools.
 
-Data flow: the server turns `response_format` / `structured_outputs` / `tool_choice` into a
-`StructuredOutputsParams` and calls `compile_grammar(spec, tokenizer, vocab_size)` (cached; a bad spec
-raises `ValueError`, which the server answers with a 400). The engine gives each constrained request
-`compiled.new_matcher()` (`make_grammar_compiler(tokenizer, vocab_size)` is that, as the `grammar_compiler`
-`LLMEngine` takes); before every sampling step it calls `matcher.fill_bitmask(row)` into the
-request's row of the `SchedulerOutput.grammar_bitmask`, the runner masks the logits on device (the
-reference is `apply_bitmask_numpy`), and every sampled token goes back through `matcher.accept_token`.
+Data flow: the server turns `response_format` / `structured_outputs` (`structured_outputs_from_request`)
+or `tool_choice` (`tool_choice_constraint`) into a `StructuredOutputsParams` and calls
+`compile_grammar(spec, tokenizer, vocab_size)` (cached; a bad spec raises `ValueError`, which the server
+answers with a 400). The engine gives each constrained request `compiled.new_matcher()`
+(`make_grammar_compiler(tokenizer, vocab_size)` is that, as the `grammar_compiler` `LLMEngine` takes);
+before every sampling step it calls `matcher.fill_bitmask(row)` into the request's row of
+`SchedulerOutput.grammar_bitmask`, the runner masks the logits on device (the reference is
+`apply_bitmask_numpy`), and every sampled token goes back through `matcher.accept_token`.
 
 NOTE: the grammar engine is llguidance (PyPI `llguidance`), chosen over xgrammar and outlines-core:
 - wheels: one `cp39-abi3` wheel per platform with no Python dependencies (manylinux_2_31 x86_64 serves both
@@ -27,6 +28,7 @@ NOTE: the grammar engine is llguidance (PyPI `llguidance`), chosen over xgrammar
 from jaxllm.structured.bitmask import allowed_token_ids, apply_bitmask_numpy, bitmask_words
 from jaxllm.structured.compiler import CompiledGrammar, compile_grammar, make_grammar_compiler
 from jaxllm.structured.matcher import GrammarMatcher, fill_bitmasks
+from jaxllm.structured.request_fields import structured_outputs_from_request
 from jaxllm.structured.tool_choice import ToolChoiceConstraint, tool_choice_constraint
 
 __all__ = [
@@ -39,5 +41,6 @@ __all__ = [
     "compile_grammar",
     "fill_bitmasks",
     "make_grammar_compiler",
+    "structured_outputs_from_request",
     "tool_choice_constraint",
 ]

@@ -21,6 +21,7 @@ from jaxllm.structured import (
     bitmask_words,
     compile_grammar,
     fill_bitmasks,
+    structured_outputs_from_request,
     tool_choice_constraint,
 )
 from serve.tool_parsers import ConstrainedToolParser
@@ -321,3 +322,44 @@ def test_apply_bitmask_numpy_against_a_per_token_loop() -> None:
     assert masked.dtype == np.float32 and not np.shares_memory(masked, logits)
     with pytest.raises(ValueError):
         apply_bitmask_numpy(logits, bitmask[:, :2])
+
+
+def test_structural_tag_constrains_only_inside_the_tags(qwen: Model) -> None:
+    tag = {"type": "structural_tag", "triggers": ["<function="], "structures": [{
+        "begin": "<function=get_weather>", "schema": _PARAMETERS["get_weather"], "end": "</function>"}]}
+    compiled = qwen.compile(StructuredOutputsParams(structural_tag=json.dumps(tag)))
+
+    def accepts(text: str) -> bool:
+        matcher = compiled.new_matcher()
+        return matcher.accept_tokens(qwen.tokenizer.encode(text)) and matcher.accept_token(qwen.eos[0])
+
+    assert accepts("Any free text at all, even {braces}.")
+    assert accepts('Let me look. <function=get_weather>{"city": "Paris", "unit": "c"}</function> Done.')
+    assert not accepts('<function=get_weather>{"city": "Paris", "unit": "kelvin"}</function>')
+    with pytest.raises(ValueError, match="starts with none of the triggers"):
+        qwen.compile(StructuredOutputsParams(structural_tag=json.dumps(dict(tag, triggers=["<tool>"]))))
+
+
+@pytest.mark.parametrize(("response_format", "structured_outputs", "expected"), [
+    (None, None, None),
+    ({"type": "text"}, None, None),
+    ({"type": "json_object"}, None, StructuredOutputsParams(json_object=True)),
+    ({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON_SCHEMA, "strict": True}}, None,
+     StructuredOutputsParams(json=PERSON_SCHEMA)),
+    (None, {"regex": "[0-9]+", "disable_any_whitespace": True}, StructuredOutputsParams(regex="[0-9]+")),
+    (None, {"choice": ["a", "b"]}, StructuredOutputsParams(choice=["a", "b"])),
+    ({"type": "json_object"}, {"json_object": True}, StructuredOutputsParams(json_object=True)),
+])
+def test_request_fields_to_spec(response_format, structured_outputs, expected) -> None:
+    assert structured_outputs_from_request(response_format, structured_outputs) == expected
+
+
+@pytest.mark.parametrize(("response_format", "structured_outputs", "message"), [
+    ({"type": "json_schema", "json_schema": {"name": "p"}}, None, "json_schema.schema"),
+    ({"type": "yaml"}, None, "'yaml'"),
+    (None, {"regexp": "a"}, "regexp"),
+    ({"type": "json_object"}, {"regex": "a"}, "one kind"),
+])
+def test_malformed_request_fields(response_format, structured_outputs, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        structured_outputs_from_request(response_format, structured_outputs)
