@@ -39,6 +39,7 @@ _LOG2E = math.log2(math.e)
 # first real key, and a row that never sees one is written as zeros.
 _MASKED = -1e30
 _ROWS_PER_WGMMA = 64
+_LSE_WIDTH = 8
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -67,21 +68,36 @@ class _Plan:
     tokens_per_tile: int  # n: query tokens per tile (power of two, >= 8)
     pages_per_block: int  # pages per KV block (one pipeline step)
     num_slots: int  # depth of the K/V SMEM ring
+    kv_splits: int = 1  # > 1: split-K, each tile's KV range cut into this many CTAs, merged in jnp
 
     def rows(self, group: int) -> int:
         return -(-group * self.tokens_per_tile // _ROWS_PER_WGMMA) * _ROWS_PER_WGMMA
 
 
-def _plan(num_tokens: int, group: int, page_size: int, head_dim: int) -> _Plan:
-    del num_tokens
+# NOTE: the split-K choice needs the SM count at trace time, where no device may be at hand
+# (CPU lowering checks); H100 and H200 both have 132.
+_NUM_SMS = 132
+
+
+def _plan(
+    *, num_tokens: int, num_slots: int, num_kv_heads: int, max_kv_len: int, group: int, page_size: int, head_dim: int
+) -> _Plan:
     tokens = max(8, _ROWS_PER_WGMMA // group)
     block_kv = 64 if head_dim == 128 else 128
-    return _Plan(tokens_per_tile=tokens, pages_per_block=max(1, block_kv // page_size), num_slots=3)
+    pages_per_block = max(1, block_kv // page_size)
+    block_kv = pages_per_block * page_size
+    # Split-K when the batch is a few long decodes: too few (request, KV head) tiles to fill
+    # the SMs, each with a long KV range. Splitting a prefill tile only adds partial traffic.
+    splits = 1
+    decode_like = num_tokens <= 2 * num_slots
+    if decode_like and num_slots * num_kv_heads < _NUM_SMS and max_kv_len >= 8 * block_kv:
+        splits = min(8, -(-2 * _NUM_SMS // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
+    return _Plan(tokens_per_tile=tokens, pages_per_block=pages_per_block, num_slots=3, kv_splits=max(1, splits))
 
 
-# Columns of the work list, one row per tile.
-_W_SEQ, _W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM = range(8)
-_W_COLS = 8
+# Columns of the work list, one row per CTA (a tile, or one KV split of a tile).
+_W_SEQ, _W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM, _W_SPLIT = range(9)
+_W_COLS = 9
 
 
 def _work_list(
@@ -93,7 +109,8 @@ def _work_list(
     tokens_per_tile: int,
     block_kv: int,
     sliding_window: int | None,
-) -> jax.Array:  # [W, _W_COLS] i32
+    kv_splits: int = 1,
+) -> jax.Array:  # [W * kv_splits, _W_COLS] i32
     """Cut every request (and the padded tail of the token axis) into tiles of <= n tokens.
 
     A tile loads the query window [load_from, load_from + n), a multiple of 8 tokens in (the
@@ -101,6 +118,9 @@ def _work_list(
     [token, token + count) inside it. Segment s < S is request s; segment S is the padded
     tokens past cu_q_lens[num_seqs], whose tiles have an empty KV range (zeros out). Tiles past
     the last real one have count 0. Needs num_tokens % 8 == 0 and num_tokens >= n.
+
+    With kv_splits = K > 1 every tile appears K times in a row, each with 1/K of its KV blocks
+    and its split index.
     """
     num_slots = kv_lens.shape[0]
     n = tokens_per_tile
@@ -137,7 +157,20 @@ def _work_list(
     else:
         mask_from = kv_start
     load_from = jnp.minimum(window, num_tokens - n)
-    columns = [jnp.minimum(seg, num_slots - 1), token, count, pos, kv_start, kv_end, mask_from, load_from]
+    split = jnp.zeros_like(w)
+    if kv_splits > 1:
+        chunk = (kv_end - kv_start + kv_splits - 1) // kv_splits
+
+        def per_split(x):
+            return jnp.repeat(x, kv_splits)
+
+        split = jnp.tile(jnp.arange(kv_splits, dtype=jnp.int32), num_work)
+        seg, token, count, pos, load_from = map(per_split, (seg, token, count, pos, load_from))
+        first = per_split(kv_start) + split * per_split(chunk)
+        kv_end = jnp.minimum(first + per_split(chunk), per_split(kv_end))
+        kv_start = jnp.minimum(first, kv_end)
+        mask_from = jnp.clip(per_split(mask_from), kv_start, kv_end)
+    columns = [jnp.minimum(seg, num_slots - 1), token, count, pos, kv_start, kv_end, mask_from, load_from, split]
     return jnp.stack([c.astype(jnp.int32) for c in columns], axis=1)
 
 
@@ -205,11 +238,12 @@ def _build_kernel(
             s = jnp.where(ok, s, _MASKED)
         return s
 
-    def consumer(q_ref, out_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, kt_smem, bars):
+    def consumer(out_refs, q_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars):
         q_bar, k_bar, v_bar, k_free, v_free = bars
-        token, count, pos, kv_start, kv_end, mask_from, load_from = work
+        token, count, pos, kv_start, kv_end, mask_from, load_from, split = work
         load_from = pl.multiple_of(load_from, 8)
         shift = token - load_from  # rows [shift, shift + count) of each head group are ours
+
         @pl.loop(0, group)
         def _load_q(g):
             rows_g = pl.multiple_of(g * n, 8)
@@ -256,29 +290,39 @@ def _build_kernel(
         acc, m_i, l_i = lax.fori_loop(mask_from, kv_end, functools.partial(step, masked=True), carry)
         seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
         inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
-        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+        stores = [(o_smem, out_refs[0])]
+        if splits > 1:
+            # log2-sum-exp2 of the row's scores in this split; rows that saw no key weigh 0.
+            lse = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), _MASKED)
+            lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
+            stores.append((lse_smem, out_refs[1]))
         plgpu.commit_smem()
+
         @pl.loop(0, group)
         def _store(g):
-            done = jnp.int32(0)
-            size = n
-            while size:
-                # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
-                @pl.when((count & size) != 0)
-                def _store_rows(done=done, size=size):
-                    plgpu.copy_smem_to_gmem(
-                        o_smem.at[pl.ds(g * n + shift + done, size)],
-                        out_ref.at[pl.ds(token + done, size), head * group + g],
-                    )
+            for smem, gmem in stores:
+                if splits > 1:
+                    gmem = gmem.at[split]
+                done = jnp.int32(0)
+                size = n
+                while size:
+                    # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
+                    @pl.when((count & size) != 0)
+                    def _store_rows(smem=smem, gmem=gmem, done=done, size=size):
+                        plgpu.copy_smem_to_gmem(
+                            smem.at[pl.ds(g * n + shift + done, size)],
+                            gmem.at[pl.ds(token + done, size), head * group + g],
+                        )
 
-                done = done + (count & size)
-                size //= 2
+                    done = done + (count & size)
+                    size //= 2
 
         plgpu.wait_smem_to_gmem(0)
 
     def producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars):
         _, k_bar, v_bar, k_free, v_free = bars
-        _, _, _, kv_start, kv_end, _, _ = work
+        _, _, _, kv_start, kv_end, _, _, _ = work
 
         @pl.loop(kv_start, kv_end)
         def _fetch(kv_block):
@@ -299,30 +343,48 @@ def _build_kernel(
                         kv_ref.at[kv, head, page], smem.at[slot, pl.ds(rows_j, page_size)], bar.at[slot]
                     )
 
-    def body(work_ref, page_indices_ref, q_ref, kv_ref, out_ref, q_smem, k_smem, v_smem, p_smem, o_smem, kt_smem, bars):
+        # Observe the consumer's releases of the last slots too, so every barrier phase has a
+        # waiter (the simulator checks this; on the GPU it only delays the idle producer's exit).
+        @pl.loop(jnp.maximum(kv_end - slots, kv_start), kv_end)
+        def _drain(kv_block):
+            slot = lax.rem(kv_block - kv_start, slots)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+    def body(work_ref, page_indices_ref, q_ref, kv_ref, *refs):
+        out_refs = refs[: len(out_type)]
+        q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars = refs[len(out_type) :]
         tile = lax.axis_index("tile")
         head = lax.axis_index("head")
         wg = lax.axis_index("wg")
         seq = work_ref[tile, _W_SEQ]
-        work = tuple(
-            work_ref[tile, c] for c in (_W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM)
-        )
+        columns = (_W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM)
+        work = tuple(work_ref[tile, c] for c in columns)
+        work += (work_ref[tile, _W_SPLIT] if splits > 1 else 0,)
         count = work[1]
 
         @pl.when((count > 0) & (wg == 0))
         def _consume():
-            consumer(q_ref, out_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, kt_smem, bars)
+            consumer(out_refs, q_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars)
 
         @pl.when((count > 0) & (wg == 1))
         def _produce():
             producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars)
 
+    splits = plan.kv_splits
+    out_type = [jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype)]
+    if splits > 1:  # per split: normalised O and the rows' log2-sum-exp2 (8 wide: TMA boxes need >= 16 bytes)
+        out_type = [
+            jax.ShapeDtypeStruct((splits, num_tokens, num_q_heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((splits, num_tokens, num_q_heads, _LSE_WIDTH), jnp.float32),
+        ]
     scratch = [
         _swizzled((rows, head_dim), dtype),  # q
         _swizzled((slots, block_kv, head_dim), dtype),  # k ring
         _swizzled((slots, block_kv, head_dim), dtype),  # v ring
         _swizzled((rows, block_kv), dtype),  # p
-        plgpu.SMEM((rows, head_dim), dtype),  # o staging (untiled: row-granular TMA stores)
+        plgpu.SMEM((rows, head_dim), out_type[0].dtype),  # o staging (untiled: row-granular TMA stores)
+        plgpu.SMEM((rows, _LSE_WIDTH), jnp.float32) if splits > 1 else None,
         plgpu.SMEM((head_dim, block_kv), dtype, transforms=()) if simulate else None,
         (
             plgpu.Barrier(num_arrivals=group),
@@ -334,7 +396,7 @@ def _build_kernel(
     ]
     return plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype),
+        out_type=out_type,
         scratch_types=scratch,
         grid=(num_work, num_kv_heads),
         grid_names=("tile", "head"),
@@ -361,6 +423,15 @@ def ragged_paged_attention_mosaic(
     `interpret`: None/False compiles for the GPU; True or an `InterpretGPUParams` runs the
     Mosaic GPU simulator on CPU (tests).
     """
+    return _ragged_paged_attention(
+        q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, params, plan=None, interpret=interpret
+    )
+
+
+def _ragged_paged_attention(
+    q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, params: AttentionParams, *, plan: _Plan | None, interpret
+) -> jax.Array:
+    """`ragged_paged_attention_mosaic` with an explicit launch plan (bench/kernels.py tunes it)."""
     validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
@@ -375,7 +446,15 @@ def ragged_paged_attention_mosaic(
     if interpret is True:
         interpret = _simulator_params()
     group = num_q_heads // num_kv_heads
-    plan = _plan(num_tokens, group, page_size, head_dim)
+    plan = plan or _plan(
+        num_tokens=num_tokens,
+        num_slots=kv_lens.shape[0],
+        num_kv_heads=num_kv_heads,
+        max_kv_len=page_indices.shape[1] * page_size,
+        group=group,
+        page_size=page_size,
+        head_dim=head_dim,
+    )
     n = plan.tokens_per_tile
     padded_tokens = max(-(-num_tokens // 8) * 8, n)
     q_in = q if padded_tokens == num_tokens else jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
@@ -388,6 +467,7 @@ def ragged_paged_attention_mosaic(
         tokens_per_tile=n,
         block_kv=block_kv,
         sliding_window=params.sliding_window,
+        kv_splits=plan.kv_splits,
     )
     kernel = _build_kernel(
         num_tokens=padded_tokens,
@@ -404,8 +484,22 @@ def ragged_paged_attention_mosaic(
         simulate=simulate,
         interpret=interpret,
     )
-    out = kernel(work, page_indices, q_in, kv_pages)
-    return out[:num_tokens]
+    outs = kernel(work, page_indices, q_in, kv_pages)
+    if plan.kv_splits == 1:
+        return outs[0][:num_tokens]
+    return _merge_splits(*outs)[:num_tokens].astype(q.dtype)
+
+
+def _merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
+    """o_parts [K, T, Hq, D], lse_parts [K, T, Hq, 8] (log2 domain) -> [T, Hq, D] fp32.
+
+    A split that saw no key has lse = _MASKED and o = 0: it weighs nothing next to one that
+    did, and a token no split served (padding) comes out 0, not 0/0.
+    """
+    lse = lse_parts[..., 0]  # [K, T, Hq]
+    weight = jnp.exp2(lse - lse.max(axis=0))  # [K, T, Hq]
+    # NOTE: a product and a sum, not einsum: a GPU f32 dot may round through TF32.
+    return (weight[..., None] * o_parts).sum(axis=0) / weight.sum(axis=0)[..., None]
 
 
 def _simulator_params():

@@ -117,6 +117,27 @@ def test_simulated_kernel_matches_reference(simulator, name):
     assert not simulator.races_found()
 
 
+def test_simulated_split_k_matches_reference(simulator):
+    """Long decodes with few requests: each tile's KV range split over 3 CTAs, merged in jnp."""
+    case = Case(q_lens=(1, 1), kv_lens=(150, 200), num_q_heads=4, num_kv_heads=1, pages_per_seq=16)
+    batch = make_batch(case)
+    ref = ragged_paged_attention_reference(*batch, case.params)
+    plan = mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3)
+    simulator.reset()
+    out = mosaic_gpu._ragged_paged_attention(*batch, case.params, plan=plan, interpret=simulator.params())
+    out = jax.block_until_ready(out)
+    assert bool(jnp.isfinite(out.astype(jnp.float32)).all())
+    assert relative_error(out, ref) < REL_TOL[case.dtype]
+    assert not simulator.races_found()
+
+
+def test_split_k_chosen_for_few_long_decodes():
+    few = dict(num_kv_heads=8, max_kv_len=8192, group=4, page_size=16, head_dim=128)
+    assert mosaic_gpu._plan(num_tokens=4, num_slots=4, **few).kv_splits > 1
+    assert mosaic_gpu._plan(num_tokens=128, num_slots=128, **few).kv_splits == 1  # enough tiles already
+    assert mosaic_gpu._plan(num_tokens=2048, num_slots=4, **few).kv_splits == 1  # prefill
+
+
 def _lower_for_cuda(case: Case) -> str:
     batch = make_batch(case)
     fn = jax.jit(lambda *args: ragged_paged_attention_mosaic(*args, case.params))
@@ -128,13 +149,29 @@ def test_kernel_lowers_for_cuda(name):
     assert "mosaic_gpu" in _lower_for_cuda(CASES[name])
 
 
+def test_split_k_lowers_for_cuda():
+    case = Case(q_lens=(1, 1), kv_lens=(4000, 9000), num_q_heads=32, num_kv_heads=8, head_dim=128, pages_per_seq=600)
+    assert (
+        mosaic_gpu._plan(
+            num_tokens=2, num_slots=2, num_kv_heads=8, max_kv_len=9600, group=4, page_size=16, head_dim=128
+        ).kv_splits
+        > 1
+    )
+    assert "mosaic_gpu" in _lower_for_cuda(case)
+
+
 @pytest.mark.parametrize(
     "group, head_dim, page_size", [(1, 128, 64), (2, 64, 16), (4, 128, 16), (8, 64, 32), (8, 128, 16)]
 )
 def test_variants_lower_for_cuda(group, head_dim, page_size):
     case = Case(
-        q_lens=(1, 40), kv_lens=(300, 200), num_q_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
-        page_size=page_size, pages_per_seq=-(-300 // page_size),
+        q_lens=(1, 40),
+        kv_lens=(300, 200),
+        num_q_heads=2 * group,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        page_size=page_size,
+        pages_per_seq=-(-300 // page_size),
     )
     assert "mosaic_gpu" in _lower_for_cuda(case)
 
@@ -145,12 +182,17 @@ def test_work_list_covers_every_token_once():
     num_tokens, n, block_kv = 72, 16, 64
     work = np.asarray(
         mosaic_gpu._work_list(
-            cu_q_lens, kv_lens, jnp.asarray([4], jnp.int32), num_tokens=num_tokens, tokens_per_tile=n,
-            block_kv=block_kv, sliding_window=None,
+            cu_q_lens,
+            kv_lens,
+            jnp.asarray([4], jnp.int32),
+            num_tokens=num_tokens,
+            tokens_per_tile=n,
+            block_kv=block_kv,
+            sliding_window=None,
         )
     )
     owner = np.zeros(num_tokens, int)
-    for _seq, token, count, _pos, kv_start, kv_end, mask_from, load_from in work:
+    for _seq, token, count, _pos, kv_start, kv_end, mask_from, load_from, _split in work:
         owner[token : token + count] += 1
         if count:
             assert load_from % 8 == 0 and load_from <= token and token + count <= load_from + n

@@ -1,0 +1,418 @@
+"""Ragged paged attention on the GPU: correctness on real shapes, and time against the ceilings.
+
+    python bench/kernels.py            # the table: Llama-3-8B heads (32 q / 8 kv, d=128), bf16, page 16
+    python bench/kernels.py --grid     # plus the correctness grid (GQA 1/4/8 x d 64/128 x page 16/32/64)
+    python bench/kernels.py --tune     # plus every launch plan of the kernel on each shape
+
+In one run it measures the device's copy bandwidth and dense bf16 matmul rate, then times the
+Mosaic GPU kernel, the XLA path, jax's Triton `paged_attention` (decode) and cuDNN through
+`jax.nn.dot_product_attention` (dense prefill, no paging). Times are device time from CUPTI
+(sum of the kernels one call launches, median of the iterations); wall-clock per call is logged
+beside it. Writes the table as markdown and a full log to $OUT (or the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.ragged_paged_attention import mosaic_gpu
+from pallas_kernels.ragged_paged_attention.common import AttentionParams
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DTYPE = jnp.bfloat16
+LOG: list[str] = []
+
+
+def log(*parts) -> None:
+    line = " ".join(str(p) for p in parts)
+    LOG.append(line)
+    print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def device_time_us(fn, *args, iterations: int = 20) -> tuple[float, float]:
+    """(median device time from CUPTI, wall-clock per call), both in microseconds."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(iterations):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    wall = (time.perf_counter() - start) / iterations * 1e6
+    del out
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, per_iter = profiler.measure(fn, iterations=iterations)(*args)
+        device = statistics.median(per_iter) * 1e3 if isinstance(per_iter, list) else per_iter * 1e3
+    except Exception as e:  # noqa: BLE001 - CUPTI missing: fall back to wall clock
+        log(f"  (CUPTI unavailable: {e!r}; using wall clock)")
+        device = wall
+    return device, wall
+
+
+def kernel_breakdown(fn, *args) -> list[tuple[str, float]]:
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, per_kernel = profiler.measure(fn, aggregate=False)(*args)
+        return [(name[:60], ms * 1e3) for name, ms in per_kernel or []]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def ceilings() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, dense bf16 matmul FLOP/s)."""
+    n = 1 << 29  # 1 GiB of bf16
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32).astype(DTYPE)
+    copy = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
+    t_copy, _ = device_time_us(copy, x, iterations=10)
+    del x
+    size = 8192
+    a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(DTYPE)
+    b = jax.random.normal(jax.random.key(2), (size, size), jnp.float32).astype(DTYPE)
+    mm = jax.jit(lambda a, b: a @ b)
+    t_mm, _ = device_time_us(mm, a, b, iterations=10)
+    bandwidth = 2 * n * 2 / (t_copy * 1e-6)
+    rate = 2 * size**3 / (t_mm * 1e-6)
+    log(f"ceilings: copy {bandwidth / 1e12:.2f} TB/s (read + write), bf16 matmul 8192^3 {rate / 1e12:.0f} TFLOP/s")
+    return bandwidth, rate
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclasses.dataclass
+class Shape:
+    name: str
+    q_lens: list[int]
+    kv_lens: list[int]
+    kind: str  # "decode" | "prefill" | "mixed"
+
+
+def table_shapes() -> list[Shape]:
+    shapes = []
+    for reqs in (32, 128, 256):
+        for ctx in (512, 2048, 8192):
+            shapes.append(Shape(f"decode {reqs} x {ctx}", [1] * reqs, [ctx] * reqs, "decode"))
+    shapes.append(Shape("decode 4 x 8192 (split-K)", [1] * 4, [8192] * 4, "decode"))
+    shapes.append(Shape("prefill 8 x 2048 fresh", [2048] * 8, [2048] * 8, "prefill"))
+    shapes.append(Shape("prefill 2048 onto 6144", [2048], [8192], "prefill"))
+    shapes.append(Shape("mixed 128 x 2048 + 1024 chunk", [1] * 128 + [1024], [2048] * 128 + [2048], "mixed"))
+    return shapes
+
+
+def build_batch(q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=PAGE, dtype=DTYPE, seed=0, extra_slots=0, extra_tokens=0):
+    """Random q and KV pool; every request gets its own scattered pages."""
+    rng = np.random.default_rng(seed)
+    num_slots = len(q_lens) + extra_slots
+    pages_per_seq = max(-(-max(kv_lens) // page), 1)
+    pages_per_seq = -(-pages_per_seq // 8) * 8  # the Triton kernel wants a multiple of its 8-page blocks
+    num_pages = num_slots * pages_per_seq
+    page_indices = rng.permutation(num_pages).reshape(num_slots, pages_per_seq).astype(np.int32)
+    q_lens_all = list(q_lens) + [0] * extra_slots
+    kv_lens_all = list(kv_lens) + [0] * extra_slots
+    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens_all)]).astype(np.int32)
+    num_tokens = int(cu_q_lens[-1]) + extra_tokens
+    key = jax.random.key(seed)
+    kq, kk = jax.random.split(key)
+    q = jax.random.normal(kq, (num_tokens, hq, d), jnp.float32).astype(dtype)
+    kv = jax.random.normal(kk, (2, hkv, num_pages, page, d), jnp.float32).astype(dtype)
+    return (
+        q,
+        kv,
+        jnp.asarray(kv_lens_all, jnp.int32),
+        jnp.asarray(page_indices),
+        jnp.asarray(cu_q_lens),
+        jnp.asarray([len(q_lens)], jnp.int32),
+    )
+
+
+def causal_flops(q_lens, kv_lens, hq=HQ, d=D) -> float:
+    total = 0
+    for q_len, kv_len in zip(q_lens, kv_lens, strict=True):
+        first = kv_len - q_len  # keys visible to the first query token: first + 1
+        total += q_len * (first + 1) + q_len * (q_len - 1) // 2
+    return 4.0 * hq * d * total
+
+
+def kv_bytes(kv_lens, hkv=HKV, d=D, itemsize=2) -> float:
+    return float(sum(kv_lens)) * hkv * d * 2 * itemsize
+
+
+def relative_error(out, ref) -> float:
+    out = out.astype(jnp.float32)
+    ref = ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def poisoned_call(fn, batch):
+    """Call fn after freeing a NaN buffer of the output's size, so a reused block shows unwritten rows.
+
+    NOTE: best effort: the allocator usually hands the freed block to the next same-size
+    output. The CPU simulator tests poison the output for certain.
+    """
+    poison = jnp.full(batch[0].shape, jnp.nan, batch[0].dtype)
+    poison.block_until_ready()
+    del poison
+    return jax.block_until_ready(fn(*batch))
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations
+
+
+PARAMS = AttentionParams(sm_scale=1.0 / math.sqrt(D))
+
+
+def mosaic_fn(params=PARAMS, plan=None):
+    return jax.jit(lambda *b: mosaic_gpu._ragged_paged_attention(*b, params, plan=plan, interpret=None))
+
+
+def xla_fn(params=PARAMS):
+    return jax.jit(lambda *b: ragged_paged_attention_xla(*b, params))
+
+
+def triton_decode_fn():
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    def run(q, k_pages, v_pages, block_tables, lengths):
+        return paged_attention(
+            q * jnp.asarray(PARAMS.sm_scale, q.dtype),
+            k_pages,
+            v_pages,
+            block_tables,
+            lengths,
+            pages_per_compute_block=8,
+            k_splits=1,
+        )
+
+    return jax.jit(run)
+
+
+def cudnn_prefill_fn():
+    def run(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, scale=PARAMS.sm_scale, is_causal=True, implementation="cudnn")
+
+    return jax.jit(run)
+
+
+def plans_for(shape: Shape) -> list[mosaic_gpu._Plan]:
+    group = HQ // HKV
+    tokens = max(8, 64 // group)
+    plans = []
+    for pages, slots in ((4, 2), (4, 3), (4, 4), (8, 2)):
+        plans.append(mosaic_gpu._Plan(tokens_per_tile=tokens, pages_per_block=pages, num_slots=slots))
+    if shape.kind == "decode":
+        for splits in (1, 2, 4, 8):
+            plans.append(mosaic_gpu._Plan(tokens_per_tile=tokens, pages_per_block=4, num_slots=3, kv_splits=splits))
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------
+# One table row
+
+
+def bench_shape(shape: Shape, bandwidth: float, rate: float, tune: bool) -> dict:
+    log(f"== {shape.name}")
+    batch = build_batch(shape.q_lens, shape.kv_lens)
+    row: dict = {"shape": shape.name, "kind": shape.kind}
+    iters = 20 if shape.kind == "decode" else 10
+
+    xla = xla_fn()
+    ref = jax.block_until_ready(xla(*batch))
+    kernel = mosaic_fn()
+    try:
+        out = poisoned_call(kernel, batch)
+        row["rel_err_vs_xla"] = relative_error(out, ref)
+        row["finite"] = bool(jnp.isfinite(out.astype(jnp.float32)).all())
+        del out
+        row["mosaic_us"], row["mosaic_wall_us"] = device_time_us(kernel, *batch, iterations=iters)
+        row["mosaic_kernels"] = kernel_breakdown(kernel, *batch)
+    except Exception as e:  # noqa: BLE001 - report and go on with the other columns
+        row["mosaic_error"] = repr(e)[:400]
+        log(traceback.format_exc())
+    if tune:
+        row["plans"] = {}
+        for plan in plans_for(shape):
+            try:
+                t, _ = device_time_us(mosaic_fn(plan=plan), *batch, iterations=iters)
+                row["plans"][str(plan)] = t
+                log(f"  plan {plan}: {t:.1f} us")
+            except Exception as e:  # noqa: BLE001
+                row["plans"][str(plan)] = repr(e)[:200]
+                log(f"  plan {plan}: FAILED {e!r:.300}")
+    row["xla_us"], _ = device_time_us(xla, *batch, iterations=3 if shape.kind != "decode" else 10)
+
+    q, kv, kv_lens, page_indices, _, _ = batch
+    if shape.kind == "decode":
+        try:
+            triton = triton_decode_fn()
+            targs = (q, kv[0], kv[1], page_indices, kv_lens)
+            ref_scaled = jax.block_until_ready(triton(*targs))
+            row["triton_rel_err_vs_xla"] = relative_error(ref_scaled, ref)
+            row["triton_us"], _ = device_time_us(triton, *targs, iterations=iters)
+        except Exception as e:  # noqa: BLE001
+            row["triton_error"] = repr(e)[:300]
+            log(traceback.format_exc())
+        row["floor_us"] = kv_bytes(shape.kv_lens) / bandwidth * 1e6
+        row["metric"] = "KV bytes / copy BW"
+    elif shape.kind == "prefill":
+        flops = causal_flops(shape.q_lens, shape.kv_lens)
+        row["floor_us"] = flops / rate * 1e6
+        row["metric"] = "causal FLOP/s / matmul"
+        if shape.name.startswith("prefill 8 x 2048"):
+            try:
+                b, t = len(shape.q_lens), shape.q_lens[0]
+                qd = q.reshape(b, t, HQ, D)
+                kd = jax.random.normal(jax.random.key(3), (b, t, HKV, D), jnp.float32).astype(DTYPE)
+                vd = jax.random.normal(jax.random.key(4), (b, t, HKV, D), jnp.float32).astype(DTYPE)
+                row["cudnn_us"], _ = device_time_us(cudnn_prefill_fn(), qd, kd, vd, iterations=iters)
+            except Exception as e:  # noqa: BLE001
+                row["cudnn_error"] = repr(e)[:300]
+                log(traceback.format_exc())
+    else:
+        flops = causal_flops(shape.q_lens, shape.kv_lens)
+        row["floor_us"] = max(kv_bytes(shape.kv_lens) / bandwidth, flops / rate) * 1e6
+        row["metric"] = "max(bytes, FLOPs) floor"
+    if "mosaic_us" in row:
+        row["fraction"] = row["floor_us"] / row["mosaic_us"]
+        row["speedup_vs_xla"] = row["xla_us"] / row["mosaic_us"]
+    log(json.dumps({k: v for k, v in row.items() if k != "mosaic_kernels"}))
+    for name, us in row.get("mosaic_kernels", []):
+        log(f"    {us:9.1f} us  {name}")
+    del batch, ref, q, kv
+    return row
+
+
+def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
+    head = (
+        f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}; ceilings measured in the same run: "
+        f"copy {bandwidth / 1e12:.2f} TB/s (read + write), dense bf16 matmul {rate / 1e12:.0f} TFLOP/s.\n\n"
+        "| shape | Mosaic us | vs ceiling | XLA path us | speedup vs XLA | Triton paged us | cuDNN dense us "
+        "| rel err vs XLA |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+
+        def cell(key, fmt="{:.1f}", r=r):
+            v = r.get(key)
+            return fmt.format(v) if isinstance(v, (int, float)) else ("fail" if f"{key[:-3]}_error" in r else "")
+
+        frac = f"{r['fraction']:.2f} ({r['metric']})" if "fraction" in r else ""
+        lines.append(
+            f"| {r['shape']} | {cell('mosaic_us')} | {frac} | {cell('xla_us')} | {cell('speedup_vs_xla', '{:.1f}x')} "
+            f"| {cell('triton_us')} | {cell('cudnn_us')} | {cell('rel_err_vs_xla', '{:.1e}')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness grid
+
+
+def grid_cases():
+    for group in (1, 4, 8):
+        for head_dim in (64, 128):
+            for page in (16, 32, 64):
+                yield group, head_dim, page
+
+
+def run_grid(deadline: float = math.inf) -> list[str]:
+    failures = []
+    rng = np.random.default_rng(7)
+    for i, (group, head_dim, page) in enumerate(grid_cases()):
+        if time.time() > deadline:
+            log("grid: out of time budget, stopping")
+            failures.append("(grid not finished)")
+            break
+        hkv = 2
+        q_lens = [1] * 6 + [int(rng.integers(2, 300)), int(rng.integers(2, 300))]
+        kv_lens = [int(rng.integers(1, 1500)) for _ in range(6)] + [q_lens[6], q_lens[7] + int(rng.integers(0, 900))]
+        batch = build_batch(
+            q_lens, kv_lens, hq=hkv * group, hkv=hkv, d=head_dim, page=page, seed=i, extra_slots=2, extra_tokens=5
+        )
+        params = AttentionParams(
+            sm_scale=1.0 / math.sqrt(head_dim),
+            sliding_window=None if i % 3 else 256,
+            soft_cap=None if i % 2 else 30.0,
+        )
+        name = f"G{group} d{head_dim} page{page} window={params.sliding_window} cap={params.soft_cap}"
+        try:
+            ref = jax.jit(lambda *b, p=params: ragged_paged_attention_reference(*b, p))(*batch)
+            out = poisoned_call(mosaic_fn(params), batch)
+            err = relative_error(out, ref)
+            live = int(batch[4][len(q_lens)])
+            pad_ok = not bool(jnp.any(out[live:]))
+            ok = err < 1e-2 and pad_ok and bool(jnp.isfinite(out.astype(jnp.float32)).all())
+            log(f"grid {name}: rel err {err:.2e} padded-zero {pad_ok} {'ok' if ok else 'FAIL'}")
+            if not ok:
+                failures.append(name)
+        except Exception as e:  # noqa: BLE001
+            log(f"grid {name}: ERROR {e!r:.400}")
+            failures.append(name)
+    return failures
+
+
+TUNE_SHAPES = ("decode 32 x 512", "decode 128 x 2048", "decode 32 x 8192", "decode 4 x", "prefill 8 x 2048", "mixed")
+
+
+def write_outputs(out_dir: str, rows: list[dict], failures: list[str], bandwidth: float, rate: float) -> str:
+    table = markdown(rows, bandwidth, rate)
+    with open(os.path.join(out_dir, "kernels.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "kernels.log"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+        json.dump({"rows": rows, "grid_failures": failures, "bandwidth": bandwidth, "rate": rate}, f, default=str)
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", action="store_true", help="also run the correctness grid")
+    parser.add_argument("--tune", action="store_true", help="also time every launch plan on a few shapes")
+    parser.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
+    parser.add_argument("--budget-s", type=float, default=1e9, help="skip optional work after this many seconds")
+    args = parser.parse_args()
+    start = time.time()
+    out_dir = os.environ.get("OUT", ".")
+    log(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    bandwidth, rate = ceilings()
+    rows: list[dict] = []
+    failures: list[str] = []
+    for shape in table_shapes():
+        if args.only and not any(s in shape.name for s in args.only.split(",")):
+            continue
+        tune = args.tune and any(shape.name.startswith(s) for s in TUNE_SHAPES) and time.time() - start < args.budget_s
+        rows.append(bench_shape(shape, bandwidth, rate, tune))
+        write_outputs(out_dir, rows, failures, bandwidth, rate)
+    if args.grid:
+        failures = run_grid(deadline=start + args.budget_s)
+    table = write_outputs(out_dir, rows, failures, bandwidth, rate)
+    print(table)
+    if failures:
+        print("GRID FAILURES:", failures)
+    log(f"total {time.time() - start:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
