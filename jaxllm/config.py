@@ -88,9 +88,10 @@ class SchedulerConfig:
         None, "Token budget of one step (default by device and mode: 16384 offline / 8192 served on big GPUs)."
     )
     token_buckets: list[int] = option(
-        [], "Padded token counts compiled at startup (default: powers of two up to the budget)."
+        [],
+        "Padded token counts compiled at startup (default: powers of two up to the budget); "
+        "a step of T tokens has min(T, max_num_seqs) request slots.",
     )
-    seq_buckets: list[int] = option([], "Padded request counts compiled at startup (default: powers of two).")
     async_scheduling: bool | None = option(
         None, "Prepare step N+1 while step N runs (default: on for one device on GPU, off on CPU meshes)."
     )

@@ -49,8 +49,11 @@ def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
     return [*out, max_tokens]
 
 
-def page_buckets(max_pages: int, count: int = 3, ratio: int = 4) -> list[int]:
-    """A few pages-per-request widths: max_pages, max_pages / 4, ... (at least 4 pages)."""
+def page_buckets(max_pages: int, count: int = 2, ratio: int = 4) -> list[int]:
+    """A few pages-per-request widths: max_pages, max_pages / 4, ... (at least 4 pages).
+
+    NOTE: the longest request of a busy batch usually needs the widest bucket anyway, so narrow
+    ones only pay off for small batches (latency); two keep the compile count down."""
     out = [max_pages]
     while len(out) < count and out[-1] // ratio >= 4:
         out.append(out[-1] // ratio)
@@ -201,7 +204,8 @@ class ModelRunner:
 
     def _warmup(self) -> None:
         keys = [(t, p) for t in self.token_buckets for p in self.page_buckets]
-        workers = max(1, min(len(keys), (os.cpu_count() or 1)))
+        # GPU compiles autotune on the device: a few at a time, or they slow each other down.
+        workers = max(1, min(len(keys), os.cpu_count() or 1, 4 if self.platform == "gpu" else 2))
         start = time.perf_counter()
         # NOTE: XLA compiles release the GIL, so buckets compile in parallel threads.
         with ThreadPoolExecutor(workers) as pool:

@@ -1,0 +1,112 @@
+"""Offline throughput through `LLM`, as vLLM's `benchmark_throughput`.
+
+    python -m bench.throughput --model bench/configs/llama-3.1-8b --load-format dummy \
+        --dtype bfloat16 --max-model-len 4096 --dataset sharegpt_like --num-prompts 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from bench.common import model_dir_with_tokenizer, requests_for
+from jaxllm import LLM, SamplingParams
+
+
+def _instrument(llm: LLM) -> dict:
+    """Where the step time goes: host work in runner.execute (batch build + dispatch), waiting for
+    the device in result(), and the rest of engine.step (schedule, detokenize, stops)."""
+    timings = {"steps": 0, "engine_step_s": 0.0, "runner_execute_s": 0.0, "wait_result_s": 0.0, "tokens": 0}
+    engine, runner = llm.engine, llm.engine.runner
+    execute, step = runner.execute, engine.step
+
+    def timed_execute(sched):
+        t = time.perf_counter()
+        handle = execute(sched)
+        timings["runner_execute_s"] += time.perf_counter() - t
+        timings["tokens"] += sched.total_num_scheduled_tokens
+        result = handle.result
+
+        def timed_result():
+            t = time.perf_counter()
+            out = result()
+            timings["wait_result_s"] += time.perf_counter() - t
+            return out
+
+        handle.result = timed_result
+        return handle
+
+    def timed_step():
+        t = time.perf_counter()
+        out = step()
+        timings["engine_step_s"] += time.perf_counter() - t
+        timings["steps"] += 1
+        return out
+
+    runner.execute, engine.step = timed_execute, timed_step
+    return timings
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--dataset", default="sharegpt_like", choices=["sharegpt_like", "fixed"])
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--output-json")
+    args = p.parse_args(argv)
+
+    kwargs = {k: v for k, v in dict(max_num_seqs=args.max_num_seqs,
+                                     max_num_batched_tokens=args.max_num_batched_tokens).items() if v}
+    t0 = time.perf_counter()
+    llm = LLM(model_dir_with_tokenizer(args.model), load_format=args.load_format, dtype=args.dtype,
+              max_model_len=args.max_model_len, attention_backend=args.attention_backend,
+              tensor_parallel_size=args.tensor_parallel_size, **kwargs)
+    startup_s = time.perf_counter() - t0
+    reqs = requests_for(args.dataset, args.num_prompts, args.input_len, args.output_len)
+    prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
+    params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for _, n in reqs]
+    timings = _instrument(llm)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(ids) for ids, _ in reqs)
+    assert out_tokens == sum(n for _, n in reqs), "every request must produce exactly its max_tokens"
+    result = {
+        "dataset": args.dataset,
+        "num_prompts": args.num_prompts,
+        "elapsed_s": round(elapsed, 2),
+        "startup_s": round(startup_s, 1),
+        "requests_per_s": round(len(reqs) / elapsed, 2),
+        "output_tokens_per_s": round(out_tokens / elapsed, 1),
+        "total_tokens_per_s": round((in_tokens + out_tokens) / elapsed, 1),
+        "mean_input": float(np.mean([len(i) for i, _ in reqs])),
+        "mean_output": float(np.mean([n for _, n in reqs])),
+        "config": {k: v for k, v in vars(args).items() if k != "output_json"},
+        "attention": llm.engine.runner.attention_name,
+        "max_num_seqs": llm.engine.config.scheduler.max_num_seqs,
+        "max_num_batched_tokens": llm.engine.config.scheduler.max_num_batched_tokens,
+        "num_pages": llm.engine.config.cache.num_pages,
+        "step_profile": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},
+    }
+    print(json.dumps(result, indent=1))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
