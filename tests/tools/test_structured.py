@@ -20,7 +20,6 @@ from jaxllm.structured import (
     apply_bitmask_numpy,
     bitmask_words,
     compile_grammar,
-    fill_bitmasks,
     structured_outputs_from_request,
     tool_choice_constraint,
 )
@@ -291,20 +290,6 @@ def test_model_vocab_smaller_than_the_tokenizer_cuts_the_mask(stories: Model) ->
     np.testing.assert_array_equal(allowed_token_ids(row, row.size * 32), allowed_full[allowed_full < vocab_size])
     with pytest.raises(ValueError, match="contiguous int32"):
         stories.compile(spec).new_matcher().fill_bitmask(full[:-1])
-
-
-def test_batch_fill_equals_one_by_one(qwen: Model) -> None:
-    compiled = qwen.compile(StructuredOutputsParams(json=PERSON_SCHEMA))
-    matchers = [compiled.new_matcher() for _ in range(3)]
-    for matcher, prefix in zip(matchers, ['{"name": "Al', '{"name": "x", "age": 4', ""], strict=True):
-        assert matcher.accept_tokens(qwen.tokenizer.encode(prefix))
-    batch = np.zeros((4, bitmask_words(qwen.vocab_size)), np.int32)
-    fill_bitmasks(matchers, batch)
-    for i, matcher in enumerate(matchers):
-        one = np.zeros(bitmask_words(qwen.vocab_size), np.int32)
-        matcher.fill_bitmask(one)
-        np.testing.assert_array_equal(batch[i], one)
-    assert not batch[3].any() and len({batch[i].tobytes() for i in range(3)}) == 3
 
 
 def test_apply_bitmask_numpy_against_a_per_token_loop() -> None:
