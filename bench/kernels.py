@@ -217,13 +217,18 @@ def cudnn_prefill_fn():
 def plans_for(shape: Shape) -> list[mosaic_gpu._Plan]:
     group = HQ // HKV
     tokens = max(8, 64 // group)
-    plans = []
-    for pages, slots in ((4, 2), (4, 3), (4, 4), (8, 2)):
-        plans.append(mosaic_gpu._Plan(tokens_per_tile=tokens, pages_per_block=pages, num_slots=slots))
+    plan = mosaic_gpu._Plan
     if shape.kind == "decode":
-        for splits in (1, 2, 4, 8):
-            plans.append(mosaic_gpu._Plan(tokens_per_tile=tokens, pages_per_block=4, num_slots=3, kv_splits=splits))
-    return plans
+        plans = [plan(tokens, pages, slots) for pages, slots in ((4, 2), (4, 3), (4, 4), (8, 2))]
+        plans += [plan(tokens, 4, 3, kv_splits=splits) for splits in (2, 4, 8)]
+        return plans
+    return [
+        plan(tokens, 4, 3),
+        plan(tokens, 4, 2, consumers=2),
+        plan(tokens, 4, 3, consumers=2),
+        plan(tokens, 8, 2, consumers=2),
+        plan(2 * tokens, 4, 2, consumers=2),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

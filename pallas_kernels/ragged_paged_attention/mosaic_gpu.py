@@ -69,6 +69,11 @@ class _Plan:
     pages_per_block: int  # pages per KV block (one pipeline step)
     num_slots: int  # depth of the K/V SMEM ring
     kv_splits: int = 1  # > 1: split-K, each tile's KV range cut into this many CTAs, merged in jnp
+    consumers: int = 1  # consumer warpgroups per CTA, each with its own n tokens, sharing the K/V ring
+
+    @property
+    def tile_tokens(self) -> int:
+        return self.tokens_per_tile * self.consumers
 
     def rows(self, group: int) -> int:
         return -(-group * self.tokens_per_tile // _ROWS_PER_WGMMA) * _ROWS_PER_WGMMA
@@ -92,7 +97,16 @@ def _plan(
     decode_like = num_tokens <= 2 * num_slots
     if decode_like and num_slots * num_kv_heads < _NUM_SMS and max_kv_len >= 8 * block_kv:
         splits = min(8, -(-2 * _NUM_SMS // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
-    return _Plan(tokens_per_tile=tokens, pages_per_block=pages_per_block, num_slots=3, kv_splits=max(1, splits))
+    # Prefill: two consumer warpgroups per CTA read each K/V block once for 2n tokens and keep
+    # the tensor cores busy while the other one runs its softmax.
+    consumers = 1 if decode_like else 2
+    return _Plan(
+        tokens_per_tile=tokens,
+        pages_per_block=pages_per_block,
+        num_slots=3,
+        kv_splits=max(1, splits),
+        consumers=consumers,
+    )
 
 
 # Columns of the work list, one row per CTA (a tile, or one KV split of a tile).
@@ -238,87 +252,112 @@ def _build_kernel(
             s = jnp.where(ok, s, _MASKED)
         return s
 
-    def consumer(out_refs, q_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars):
+    def consumer(c, out_refs, q_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars):
+        """Consumer warpgroup c: the tile's tokens in its window [load_from + c n, + n)."""
         q_bar, k_bar, v_bar, k_free, v_free = bars
-        token, count, pos, kv_start, kv_end, mask_from, load_from, split = work
-        load_from = pl.multiple_of(load_from, 8)
-        shift = token - load_from  # rows [shift, shift + count) of each head group are ours
+        tile_token, tile_count, tile_pos, kv_start, kv_end, mask_from, load_from, split = work
+        q_smem, p_smem, o_smem, q_bar = q_smem.at[c], p_smem.at[c], o_smem.at[c], q_bar.at[c]
+        if lse_smem is not None:
+            lse_smem = lse_smem.at[c]
+        if kt_smem is not None:
+            kt_smem = kt_smem.at[c]
+        window = pl.multiple_of(load_from + c * n, 8)
+        token = jnp.maximum(tile_token, window)
+        count = jnp.maximum(jnp.minimum(tile_token + tile_count, window + n) - token, 0)
+        pos = tile_pos + (token - tile_token)
+        shift = token - window  # rows [shift, shift + count) of each head group are ours
 
-        @pl.loop(0, group)
-        def _load_q(g):
-            rows_g = pl.multiple_of(g * n, 8)
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(load_from, n), head * group + g], q_smem.at[pl.ds(rows_g, n)], q_bar)
+        @pl.when(count > 0)
+        def _attend():
+            @pl.loop(0, group)
+            def _load_q(g):
+                rows_g = pl.multiple_of(g * n, 8)
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[pl.ds(window, n), head * group + g], q_smem.at[pl.ds(rows_g, n)], q_bar
+                )
 
-        plgpu.barrier_wait(q_bar)
-        pos_first = pos - shift  # position of row 0 of each head group
+            plgpu.barrier_wait(q_bar)
+            pos_first = pos - shift  # position of row 0 of each head group
 
-        def step(kv_block, carry, masked: bool):
-            acc, m_i, l_i = carry
-            slot = lax.rem(kv_block - kv_start, slots)
-            plgpu.barrier_wait(k_bar.at[slot])
+            def step(kv_block, carry, masked: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(kv_block - kv_start, slots)
+                plgpu.barrier_wait(k_bar.at[slot])
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_smem, _k_transposed(k_smem.at[slot], kt_smem))
-                return acc_ref[...]
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, _k_transposed(k_smem.at[slot], kt_smem))
+                    return acc_ref[...]
 
-            s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = scores(s, pos_first, kv_block, masked)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
-            p_smem[...] = p.astype(dtype)
+                s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = scores(s, pos_first, kv_block, masked)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                p_smem[...] = p.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                    return acc_ref[...]
+
+                o = pl.run_scoped(pv, plgpu.ACC((rows, head_dim), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o
+                return acc, m_new, l_i
+
+            carry = (
+                jnp.zeros((rows, head_dim), jnp.float32),
+                jnp.full((rows,), _MASKED, jnp.float32),
+                jnp.zeros((rows,), jnp.float32),
+            )
+            carry = lax.fori_loop(kv_start, mask_from, functools.partial(step, masked=False), carry)
+            acc, m_i, l_i = lax.fori_loop(mask_from, kv_end, functools.partial(step, masked=True), carry)
+            seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
+            inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+            o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+            stores = [(o_smem, out_refs[0])]
+            if splits > 1:
+                # log2-sum-exp2 of the row's scores in this split; rows that saw no key weigh 0.
+                lse = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), _MASKED)
+                lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
+                stores.append((lse_smem, out_refs[1]))
             plgpu.commit_smem()
-            plgpu.barrier_wait(v_bar.at[slot])
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                return acc_ref[...]
+            @pl.loop(0, group)
+            def _store(g):
+                for smem, gmem in stores:
+                    if splits > 1:
+                        gmem = gmem.at[split]
+                    done = jnp.int32(0)
+                    size = n
+                    while size:
+                        # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
+                        @pl.when((count & size) != 0)
+                        def _store_rows(smem=smem, gmem=gmem, done=done, size=size):
+                            plgpu.copy_smem_to_gmem(
+                                smem.at[pl.ds(g * n + shift + done, size)],
+                                gmem.at[pl.ds(token + done, size), head * group + g],
+                            )
 
-            o = pl.run_scoped(pv, plgpu.ACC((rows, head_dim), jnp.float32))
-            plgpu.barrier_arrive(v_free.at[slot])
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o
-            return acc, m_new, l_i
+                        done = done + (count & size)
+                        size //= 2
 
-        carry = (
-            jnp.zeros((rows, head_dim), jnp.float32),
-            jnp.full((rows,), _MASKED, jnp.float32),
-            jnp.zeros((rows,), jnp.float32),
-        )
-        carry = lax.fori_loop(kv_start, mask_from, functools.partial(step, masked=False), carry)
-        acc, m_i, l_i = lax.fori_loop(mask_from, kv_end, functools.partial(step, masked=True), carry)
-        seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
-        inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
-        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
-        stores = [(o_smem, out_refs[0])]
-        if splits > 1:
-            # log2-sum-exp2 of the row's scores in this split; rows that saw no key weigh 0.
-            lse = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), _MASKED)
-            lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
-            stores.append((lse_smem, out_refs[1]))
-        plgpu.commit_smem()
+            plgpu.wait_smem_to_gmem(0)
 
-        @pl.loop(0, group)
-        def _store(g):
-            for smem, gmem in stores:
-                if splits > 1:
-                    gmem = gmem.at[split]
-                done = jnp.int32(0)
-                size = n
-                while size:
-                    # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
-                    @pl.when((count & size) != 0)
-                    def _store_rows(smem=smem, gmem=gmem, done=done, size=size):
-                        plgpu.copy_smem_to_gmem(
-                            smem.at[pl.ds(g * n + shift + done, size)],
-                            gmem.at[pl.ds(token + done, size), head * group + g],
-                        )
-
-                    done = done + (count & size)
-                    size //= 2
-
-        plgpu.wait_smem_to_gmem(0)
+        # A warpgroup with no tokens in this tile (a decode next to a prefill) only passes the
+        # K/V blocks on: the producer waits for every consumer's release.
+        @pl.when(count == 0)
+        def _release_only():
+            @pl.loop(kv_start, kv_end)
+            def _release(kv_block):
+                slot = lax.rem(kv_block - kv_start, slots)
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
 
     def producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars):
         _, k_bar, v_bar, k_free, v_free = bars
@@ -363,11 +402,14 @@ def _build_kernel(
         work += (work_ref[tile, _W_SPLIT] if splits > 1 else 0,)
         count = work[1]
 
-        @pl.when((count > 0) & (wg == 0))
-        def _consume():
-            consumer(out_refs, q_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars)
+        for c in range(consumers):
 
-        @pl.when((count > 0) & (wg == 1))
+            @pl.when((count > 0) & (wg == c))
+            def _consume(c=c):
+                smem = (q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem)
+                consumer(c, out_refs, q_ref, work, head, *smem, bars)
+
+        @pl.when((count > 0) & (wg == consumers))
         def _produce():
             producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars)
 
@@ -378,20 +420,21 @@ def _build_kernel(
             jax.ShapeDtypeStruct((splits, num_tokens, num_q_heads, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((splits, num_tokens, num_q_heads, _LSE_WIDTH), jnp.float32),
         ]
+    consumers = plan.consumers
     scratch = [
-        _swizzled((rows, head_dim), dtype),  # q
+        _swizzled((consumers, rows, head_dim), dtype),  # q
         _swizzled((slots, block_kv, head_dim), dtype),  # k ring
         _swizzled((slots, block_kv, head_dim), dtype),  # v ring
-        _swizzled((rows, block_kv), dtype),  # p
-        plgpu.SMEM((rows, head_dim), out_type[0].dtype),  # o staging (untiled: row-granular TMA stores)
-        plgpu.SMEM((rows, _LSE_WIDTH), jnp.float32) if splits > 1 else None,
-        plgpu.SMEM((head_dim, block_kv), dtype, transforms=()) if simulate else None,
+        _swizzled((consumers, rows, block_kv), dtype),  # p
+        plgpu.SMEM((consumers, rows, head_dim), out_type[0].dtype),  # o staging (untiled: row-granular TMA stores)
+        plgpu.SMEM((consumers, rows, _LSE_WIDTH), jnp.float32) if splits > 1 else None,
+        plgpu.SMEM((consumers, head_dim, block_kv), dtype) if simulate else None,
         (
-            plgpu.Barrier(num_arrivals=group),
+            plgpu.Barrier(num_arrivals=group, num_barriers=consumers),
             plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
             plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
-            plgpu.Barrier(num_barriers=slots),
-            plgpu.Barrier(num_barriers=slots),
+            plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
         ),
     ]
     return plgpu.kernel(
@@ -400,7 +443,7 @@ def _build_kernel(
         scratch_types=scratch,
         grid=(num_work, num_kv_heads),
         grid_names=("tile", "head"),
-        num_threads=2,
+        num_threads=consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,
@@ -455,8 +498,9 @@ def _ragged_paged_attention(
         page_size=page_size,
         head_dim=head_dim,
     )
-    n = plan.tokens_per_tile
-    padded_tokens = max(-(-num_tokens // 8) * 8, n)
+    if (plan.pages_per_block * page_size) % 64:
+        raise ValueError(f"KV blocks must be a multiple of 64 tokens (wgmma tiling), got {plan}")
+    padded_tokens = max(-(-num_tokens // 8) * 8, plan.tile_tokens)
     q_in = q if padded_tokens == num_tokens else jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
     block_kv = plan.pages_per_block * page_size
     work = _work_list(
@@ -464,7 +508,7 @@ def _ragged_paged_attention(
         kv_lens,
         num_seqs,
         num_tokens=padded_tokens,
-        tokens_per_tile=n,
+        tokens_per_tile=plan.tile_tokens,
         block_kv=block_kv,
         sliding_window=params.sliding_window,
         kv_splits=plan.kv_splits,
