@@ -191,12 +191,12 @@ def _work_list(
 def _k_transposed(k_slot, kt_scratch):
     """The B operand of S = Q K^T.
 
-    NOTE: on the GPU wgmma reads K^T straight from the K tile (`transpose_ref`). The CPU
+    NOTE: on the GPU wgmma reads K^T straight from the K tile (a transposed ref view). The CPU
     simulator (jax 0.10.2) cannot interpret a transposed wgmma operand, so there we copy the
     tile transposed into a scratch buffer first; `kt_scratch` is None on the GPU path.
     """
     if kt_scratch is None:
-        return plgpu.transpose_ref(k_slot, (1, 0))
+        return k_slot.transpose((1, 0))  # `plgpu.transpose_ref` is deprecated in jax 0.11
     kt_scratch[...] = k_slot[...].T
     return kt_scratch
 
