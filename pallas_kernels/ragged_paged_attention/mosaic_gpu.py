@@ -87,7 +87,9 @@ _NUM_SMS = 132
 def _plan(
     *, num_tokens: int, num_slots: int, num_kv_heads: int, max_kv_len: int, group: int, page_size: int, head_dim: int
 ) -> _Plan:
-    tokens = max(8, _ROWS_PER_WGMMA // group)
+    # n: a power of two (stores are power-of-two boxes) of >= 8 tokens (Q boxes start on the
+    # 8-row tiles of the Q buffer); G * n rows fill one 64-row wgmma tile where G allows.
+    tokens = max(8, 1 << (_ROWS_PER_WGMMA // group).bit_length() - 1)
     block_kv = 64 if head_dim == 128 else 128
     pages_per_block = max(1, block_kv // page_size)
     block_kv = pages_per_block * page_size

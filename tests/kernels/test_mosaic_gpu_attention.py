@@ -71,8 +71,9 @@ CASES = {
     "decode": Case(q_lens=(1, 1, 1, 1), kv_lens=(5, 16, 33, 48)),
     # Prefill only, d=128, GQA 4: a fresh prompt (kv_len == q_len) and a chunk onto a cache.
     "prefill": Case(q_lens=(21, 12), kv_lens=(21, 45), num_q_heads=8, num_kv_heads=2, head_dim=128, pages_per_seq=4),
-    # Mixed, with padded request slots and padded tokens past the last request.
-    "mixed_padded": Case(q_lens=(1, 9, 1), kv_lens=(40, 64, 17), num_slots=5, num_tokens=24),
+    # Mixed, with padded request slots and padded tokens past the last request; GQA 3 (48 of
+    # the 64 wgmma rows used).
+    "mixed_padded": Case(q_lens=(1, 9, 1), kv_lens=(40, 64, 17), num_q_heads=6, num_slots=5, num_tokens=24),
     # Sliding window and logit soft-cap; MHA (GQA 1) and 32-token pages.
     "window_softcap": Case(
         q_lens=(10, 1),
@@ -162,7 +163,7 @@ def test_split_k_lowers_for_cuda():
 
 @pytest.mark.parametrize("q_lens", [(1, 1), (1, 40)], ids=["decode", "mixed"])
 @pytest.mark.parametrize(
-    "group, head_dim, page_size", [(1, 128, 64), (2, 64, 16), (4, 128, 16), (8, 64, 32), (8, 128, 16)]
+    "group, head_dim, page_size", [(1, 128, 64), (2, 64, 16), (4, 128, 16), (7, 128, 16), (8, 64, 32), (8, 128, 16)]
 )
 def test_variants_lower_for_cuda(group, head_dim, page_size, q_lens):
     """Every default plan lowers, and fits the 227 KiB of SMEM (Mosaic checks it while lowering)."""
@@ -204,6 +205,16 @@ def test_work_list_covers_every_token_once():
     # The 41-token prefill of slot 3 (positions 0..40) needs KV blocks [0, 1) for every tile.
     slot3 = real[(real[:, 1] >= 20) & (real[:, 1] < 61)]
     assert slot3[:, 2].sum() == 41 and (slot3[:, 5] == 1).all()
+
+
+@pytest.mark.parametrize("group", range(1, 9))
+def test_default_tile_shape(group):
+    plan = mosaic_gpu._plan(
+        num_tokens=64, num_slots=4, num_kv_heads=2, max_kv_len=512, group=group, page_size=16, head_dim=128
+    )
+    n = plan.tokens_per_tile
+    assert n >= 8 and n & (n - 1) == 0
+    assert group * n <= plan.rows(group) == 64  # one wgmma tile of rows per consumer
 
 
 def test_unsupported_reasons():
