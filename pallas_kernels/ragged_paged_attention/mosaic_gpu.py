@@ -1,22 +1,28 @@
 """Ragged paged attention for Hopper, written with Mosaic GPU (`plgpu.kernel`).
 
-One CTA computes one *tile*: up to `n` consecutive query tokens of one request against one KV
-head. The tile's rows are the G query heads of that KV head times its n tokens, head-major
-(row r = g * n + t), padded to a multiple of 64 rows for wgmma. Decodes are tiles with one
-token; a prefill chunk is cut into tiles of n tokens; padded tokens get tiles with no keys
-(their output is zero).
+One CTA computes one *tile*: up to `consumers * n` consecutive query tokens of one request
+against one KV head. A consumer warpgroup's rows are the G query heads of that KV head times
+its n tokens, head-major (row r = g * n + t), padded to 64 rows for wgmma. Decodes are tiles
+with one token; a prefill chunk is cut into tiles; padded tokens get tiles with no keys (their
+output is zero). Decode, prefill and mixed batches all run through this one kernel.
 
-Per CTA, two warpgroups:
+Per CTA, 1 + `consumers` warpgroups:
   - producer: walks the tile's KV blocks (block_kv = pages_per_block pages), reads each page
     id from the block table in GMEM and issues one TMA copy per page for K and for V into a
-    `num_slots`-deep SMEM ring;
-  - consumer: S = Q K^T (wgmma), online softmax in fp32 (exp2 domain), P staged in SMEM,
-    O += P V (wgmma); at the end O / l is written straight into `out [T, Hq, D]` with
-    power-of-two TMA stores (the tile may end anywhere).
+    `num_slots`-deep SMEM ring; a slot is refilled once every consumer released it;
+  - consumers (1 for decode-like batches, 2 for prefill so each K/V block is read once for
+    2n tokens): S = Q K^T (wgmma), online softmax in fp32 (exp2 domain), P staged in SMEM,
+    O += P V (wgmma); at the end O / l goes straight into `out [T, Hq, D]` with power-of-two
+    TMA stores (a tile may end anywhere).
 
 The wrapper turns (cu_q_lens, kv_lens, num_seqs) into a work list of tiles with cheap jnp ops
-(`_work_list`), so the signature matches the reference. Split-K (several CTAs per decode
-tile, merged in jnp) is chosen by `_plan` for long decodes with few requests.
+(`_work_list`), so the signature matches the reference; request order does not matter. For a
+few long decodes (too few tiles to fill the SMs) `_plan` picks split-K: each tile's KV range
+is cut over several CTAs that write fp32 partials (O and log-sum-exp), merged in jnp.
+The new tokens' K/V are written beforehand by `common.write_kv_pages` (a separate scatter).
+
+Tested on CPU (tests/kernels): the Mosaic GPU simulator, and the CUDA lowering with jax 0.10.2
+and 0.11.2, which also checks the SMEM budget. bench/kernels.py checks and times it on a GPU.
 """
 
 from __future__ import annotations
