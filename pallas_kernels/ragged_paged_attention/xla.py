@@ -1,17 +1,20 @@
-"""Vectorised paged attention in plain XLA: gather pages, attend with masks.
+"""Vectorised paged attention in plain XLA: gather pages chunk by chunk, online softmax.
 
 Serves on CPU and is the GPU fallback when the Pallas kernel does not fit the model.
 
-Two loops, each with a data-dependent trip count, so a step pays for its real work only:
+Work is shaped by the batch's data, not by the padded bucket, through loops with data-dependent
+trip counts:
 
 - decode run: the leading requests with one query token each (the runner orders decodes
-  first). Blocks of `Bd` tokens; each token gathers its own request's pages, so every
-  request's KV is read once.
-- tiles: every other request, cut into tiles of `Bq` query tokens of one request; a tile gathers
-  that request's pages once and attends all its tokens to them.
+  first), taken shortest-context first in blocks of `Bd` tokens; each block walks its tokens'
+  pages in chunks of `C` positions only as far as its longest context.
+- tiles: every other request, cut into tiles of up to `Bq` query tokens of one request; a tile
+  walks that request's pages once for all its tokens, only as far as its last query position.
+
+So the K/V gathered per step is about the sum of the contexts, not tokens x the bucket width.
 
 NOTE: requests are correct in any order; decodes placed after a prefill are merely handled as
-one-token tiles. Gathered K/V per iteration are bounded by `_GATHER_BUDGET` key positions.
+one-token tiles.
 """
 
 from __future__ import annotations
@@ -22,30 +25,61 @@ import jax.numpy as jnp
 from pallas_kernels.ragged_paged_attention.common import (
     AttentionParams,
     apply_soft_cap,
-    attention_mask,
     token_metadata,
     validate_inputs,
 )
 
-_GATHER_BUDGET = 1 << 18  # key positions gathered per decode block (tokens x context)
-_TILE_TOKENS = 256  # query tokens per tile, at most
+_CHUNK_TOKENS = 256  # context positions per chunk, at most
+_DECODE_BLOCK = 128  # decode tokens per block, at most
+_TILE_TOKENS = 256  # query tokens per prefill tile, at most
 
 
 def _pow2_at_most(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _softmax_attend(q, k, v, mask, params: AttentionParams):
-    """q [B, Hkv, M, D]; k, v [B, Hkv, L, D]; mask broadcastable to [B, Hkv, M, L] -> [B, Hkv, M, D] f32."""
-    logits = jnp.einsum("bkmd,bkld->bkml", q, k, preferred_element_type=jnp.float32)
-    logits = apply_soft_cap(logits * params.sm_scale, params.soft_cap)
-    logits = jnp.where(mask, logits, -jnp.inf)
-    peak = jnp.max(logits, axis=-1, keepdims=True)
-    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    weights = jnp.where(mask, jnp.exp(logits - peak), 0.0)
-    denom = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights / jnp.where(denom > 0, denom, 1.0)
-    return jnp.einsum("bkml,bkld->bkmd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+def _attend_chunked(q, pages, pos, valid, kv_len, kv_pages, params: AttentionParams, chunk_pages: int):
+    """Online-softmax attention over page chunks, up to the furthest query position.
+
+    q [B, Hkv, M, D]; pages [B, P] (P a multiple of chunk_pages); pos, valid [B, M] (query
+    positions, real rows); kv_len [B]. Returns [B, Hkv, M, D] f32.
+    """
+    num_rows, num_kv_heads, num_q, head_dim = q.shape
+    page_size = kv_pages.shape[3]
+    chunk = chunk_pages * page_size
+    reach = jnp.max(jnp.where(valid, jnp.minimum(pos, kv_len[:, None] - 1), -1)) + 1  # positions needed
+    num_chunks = (reach + chunk - 1) // chunk
+    offsets = jnp.arange(chunk, dtype=jnp.int32)
+
+    def body(j, carry):
+        m, denom, acc = carry
+        ids = jax.lax.dynamic_slice_in_dim(pages, j * chunk_pages, chunk_pages, axis=1)  # [B, Cp]
+        k = jnp.moveaxis(kv_pages[0][:, ids], 0, 1).reshape(num_rows, num_kv_heads, chunk, head_dim)
+        v = jnp.moveaxis(kv_pages[1][:, ids], 0, 1).reshape(num_rows, num_kv_heads, chunk, head_dim)
+        key_pos = j * chunk + offsets  # [C]
+        mask = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
+        if params.sliding_window is not None:
+            mask &= key_pos[None, None, :] > pos[:, :, None] - params.sliding_window
+        mask &= valid[:, :, None]
+        mask = mask[:, None]  # [B, 1, M, C]
+        logits = jnp.einsum("bkmd,bkcd->bkmc", q, k, preferred_element_type=jnp.float32)
+        logits = apply_soft_cap(logits * params.sm_scale, params.soft_cap)
+        logits = jnp.where(mask, logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(mask, jnp.exp(logits - safe[..., None]), 0.0)
+        scale = jnp.where(jnp.isfinite(m), jnp.exp(m - safe), 0.0)
+        denom_new = denom * scale + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkmc,bkcd->bkmd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, denom_new, acc * scale[..., None] + pv
+
+    init = (
+        jnp.full((num_rows, num_kv_heads, num_q), -jnp.inf, jnp.float32),
+        jnp.zeros((num_rows, num_kv_heads, num_q), jnp.float32),
+        jnp.zeros((num_rows, num_kv_heads, num_q, head_dim), jnp.float32),
+    )
+    _, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
 
 
 def ragged_paged_attention_xla(
@@ -65,60 +99,59 @@ def ragged_paged_attention_xla(
     num_kv_heads, page_size = kv_pages.shape[1], kv_pages.shape[3]
     group = num_q_heads // num_kv_heads
     num_slots, pages_per_seq = page_indices.shape
-    max_len = pages_per_seq * page_size
-    key_pos = jnp.arange(max_len, dtype=jnp.int32)
+    chunk_pages = min(_pow2_at_most(max(_CHUNK_TOKENS // page_size, 1)), _pow2_at_most(pages_per_seq))
+    pad = -pages_per_seq % chunk_pages
+    if pad:  # whole chunks; padded pages lie past every kv_len
+        page_indices = jnp.pad(page_indices, ((0, 0), (0, pad)))
     live = num_seqs[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
+    slot_of, position, kv_len, valid = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+    out = jnp.zeros((num_tokens + _TILE_TOKENS, num_q_heads, head_dim), q.dtype)
 
-    def gather(pages):  # pages [..., P] -> [..., Hkv, L, D] for K and V
-        k = jnp.moveaxis(kv_pages[0][:, pages], 0, -4)
-        v = jnp.moveaxis(kv_pages[1][:, pages], 0, -4)
-        lead = pages.shape[:-1]
-        return (k.reshape(*lead, num_kv_heads, max_len, head_dim), v.reshape(*lead, num_kv_heads, max_len, head_dim))
-
-    # ---- decode run: leading one-token requests --------------------------------------------
+    # ---- decode run: leading one-token requests, shortest context first ----------------------
     slots = jnp.arange(num_slots)
     is_single = (q_lens == 1) & (slots < live)
     num_leading = jnp.argmin(jnp.append(is_single, False))  # first slot that is not a 1-token request
     decode_tokens = cu_q_lens[num_leading]
-    block = min(_pow2_at_most(max(_GATHER_BUDGET // max_len, 1)), _pow2_at_most(num_tokens))
-    slot_of, position, kv_len, valid = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
-    out = jnp.zeros((num_tokens + _TILE_TOKENS, num_q_heads, head_dim), q.dtype)
+    tokens = jnp.arange(num_tokens)
+    in_run = tokens < decode_tokens
+    order = jnp.argsort(jnp.where(in_run, kv_len, jnp.iinfo(jnp.int32).max)).astype(jnp.int32)  # [T]
+    block = min(_DECODE_BLOCK, _pow2_at_most(num_tokens))
+    order = jnp.pad(order, (0, block), constant_values=num_tokens)  # a whole last block; index T = padding
+    q_pad = jnp.concatenate([q, jnp.zeros((_TILE_TOKENS, num_q_heads, head_dim), q.dtype)])
+    slot_pad = jnp.pad(slot_of, (0, _TILE_TOKENS))
 
     def decode_block(i, out):
-        start = i * block
-        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block)  # noqa: E731
-        k, v = gather(page_indices[sl(slot_of)])  # [Bd, Hkv, L, D]
-        mask = attention_mask(sl(position), sl(kv_len), key_pos, params.sliding_window)
-        mask &= (jnp.arange(block) + start < decode_tokens)[:, None]
-        qb = sl(q).reshape(block, num_kv_heads, group, head_dim)
-        o = _softmax_attend(qb, k, v, mask[:, None, None, :], params).reshape(block, num_q_heads, head_dim)
-        return jax.lax.dynamic_update_slice_in_dim(out, o.astype(q.dtype), start, 0)
+        idx = jax.lax.dynamic_slice_in_dim(order, i * block, block)  # [Bd] token ids
+        real = (idx < decode_tokens) & (jnp.arange(block) + i * block < decode_tokens)
+        tok = jnp.where(real, idx, num_tokens)
+        qb = q_pad[tok].reshape(block, num_kv_heads, group, head_dim)
+        lens = jnp.where(real, kv_len[jnp.minimum(tok, num_tokens - 1)], 0)
+        pos = jnp.broadcast_to((lens - 1)[:, None], (block, group))
+        o = _attend_chunked(qb, page_indices[slot_pad[tok]], pos, jnp.broadcast_to(real[:, None], (block, group)),
+                            lens, kv_pages, params, chunk_pages)
+        return out.at[tok].set(o.reshape(block, num_q_heads, head_dim).astype(q.dtype), mode="drop")
 
     out = jax.lax.fori_loop(0, (decode_tokens + block - 1) // block, decode_block, out)
 
-    # ---- tiles: Bq query tokens of one request each --------------------------------------------
+    # ---- tiles: up to Bq query tokens of one request each ------------------------------------
     tile = min(_TILE_TOKENS, _pow2_at_most(num_tokens))
     tiles_per_slot = jnp.where((slots >= num_leading) & (slots < live), (q_lens + tile - 1) // tile, 0)
     cu_tiles = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles_per_slot).astype(jnp.int32)])
-    q_padded = jnp.concatenate([q, jnp.zeros((_TILE_TOKENS, num_q_heads, head_dim), q.dtype)])
     rows = jnp.arange(tile)
 
     def one_tile(j, out):
         s = jnp.searchsorted(cu_tiles[1:], j, side="right", method="compare_all")
         first = cu_q_lens[s] + (j - cu_tiles[s]) * tile  # first query token of the tile
         end = cu_q_lens[s + 1]
-        k, v = gather(page_indices[s][None])  # [1, Hkv, L, D]
-        tokens = first + rows
-        mine = tokens < end
-        pos = kv_lens[s] - (end - cu_q_lens[s]) + (tokens - cu_q_lens[s])
-        mask = attention_mask(pos, jnp.broadcast_to(kv_lens[s], pos.shape), key_pos, params.sliding_window)
-        mask &= mine[:, None]
-        qt = jax.lax.dynamic_slice_in_dim(q_padded, first, tile).reshape(tile, num_kv_heads, group, head_dim)
+        mine = first + rows < end
+        pos = kv_lens[s] - (end - cu_q_lens[s]) + (first + rows - cu_q_lens[s])  # [Bq]
+        qt = jax.lax.dynamic_slice_in_dim(q_pad, first, tile).reshape(tile, num_kv_heads, group, head_dim)
+        # One row of K/V for the whole tile: fold the tokens into the query axis.
         qt = jnp.moveaxis(qt, 0, 2).reshape(1, num_kv_heads, group * tile, head_dim)
-        # Share K/V across the tile's tokens: fold the tokens into the query-group axis.
-        full_mask = jnp.broadcast_to(mask[None], (group, tile, max_len)).reshape(1, 1, group * tile, max_len)
-        o = _softmax_attend(qt, k, v, full_mask, params)  # [1, Hkv, G*Bq, D]
+        rep = lambda x: jnp.broadcast_to(x[None], (group, tile)).reshape(1, group * tile)  # noqa: E731
+        o = _attend_chunked(qt, page_indices[s][None], rep(pos), rep(mine), kv_lens[s][None], kv_pages, params,
+                            chunk_pages)
         o = jnp.moveaxis(o.reshape(num_kv_heads, group, tile, head_dim), 2, 0).reshape(tile, num_q_heads, head_dim)
         old = jax.lax.dynamic_slice_in_dim(out, first, tile)
         new = jnp.where(mine[:, None, None], o.astype(q.dtype), old)

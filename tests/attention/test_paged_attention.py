@@ -79,20 +79,24 @@ def test_write_kv_pages_writes_slots_and_drops_padding():
     assert np.count_nonzero(out) == 2 * 2 * 2 * 8  # only the two real tokens were written
 
 
-@pytest.mark.parametrize("case", ["decodes_after_prefill", "many_blocks"])
+@pytest.mark.parametrize("case", ["decodes_after_prefill", "many_blocks", "window"])
 def test_xla_loops_with_small_blocks(case, monkeypatch):
-    """Small decode blocks and tiles, so both loops run many iterations and tiles split requests."""
+    """Small decode blocks, tiles and context chunks, so every loop runs many iterations, tiles
+    split requests and contexts span several chunks."""
     from pallas_kernels.ragged_paged_attention import xla
 
-    monkeypatch.setattr(xla, "_GATHER_BUDGET", 4 * 64)  # 4 tokens per decode block at L=64
+    monkeypatch.setattr(xla, "_DECODE_BLOCK", 4)
     monkeypatch.setattr(xla, "_TILE_TOKENS", 8)
+    monkeypatch.setattr(xla, "_CHUNK_TOKENS", 16)  # one page per chunk
     q_lens, kv_lens = {
         "decodes_after_prefill": ([1, 1, 19, 1, 1, 3], [9, 30, 40, 2, 64, 3]),
         "many_blocks": ([1] * 9 + [21], [5, 9, 13, 17, 21, 25, 29, 33, 37, 50]),
+        "window": ([1, 1, 30], [60, 17, 45]),
     }[case]
     rng = np.random.default_rng(7)
     args = ragged_batch(rng, q_lens, kv_lens, num_slots=12, num_tokens=64, page=16)
-    params = AttentionParams(sm_scale=0.25)
+    params = AttentionParams(sm_scale=0.25, sliding_window=20 if case == "window" else None,
+                             soft_cap=4.0 if case == "window" else None)
     ref = np.asarray(ragged_paged_attention_reference(*args, params))
     out = np.asarray(ragged_paged_attention_xla(*args, params))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
