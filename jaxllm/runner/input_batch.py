@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxllm.engine.interfaces import CachedRequestData, NewRequestData, SchedulerOutput
-from jaxllm.runner.sampler import SamplerFlags
+from jaxllm.runner.sampler import SamplerFlags, SamplingBatch
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -194,3 +194,80 @@ def needs_sparse_bias(state: CachedRequestState) -> bool:
     p = state.sampling_params
     below_min = len(state.output_token_ids) + state.num_pending < p.min_tokens
     return bool(p.logit_bias) or p.allowed_token_ids is not None or below_min
+
+
+def sampling_arrays(arrays: StepArrays, states: list[CachedRequestState], num_slots: int, flags: SamplerFlags,
+                    grammar_bitmask: dict[str, np.ndarray], vocab_size: int, max_model_len: int) -> SamplingBatch:
+    """Per-row sampling tensors (numpy) for the step's rows; optional fields only when flagged."""
+    n = len(states)
+    params = [s.sampling_params for s in states]
+
+    def col(values, dtype, fill):
+        out = np.full(num_slots, fill, dtype)
+        out[:n] = values
+        return out
+
+    batch = SamplingBatch(
+        temperature=col([p.temperature for p in params], np.float32, 0.0),
+        seeds=col([s.seed for s in states], np.uint32, 0),
+        positions=col(arrays.kv_lens[:n], np.int32, 0),
+    )
+    if flags.top_k_top_p:
+        batch.top_k = col([p.top_k for p in params], np.int32, 0)
+        batch.top_p = col([p.top_p for p in params], np.float32, 1.0)
+        batch.min_p = col([p.min_p for p in params], np.float32, 0.0)
+    if flags.penalties:
+        batch.presence_penalty = col([p.presence_penalty for p in params], np.float32, 0.0)
+        batch.frequency_penalty = col([p.frequency_penalty for p in params], np.float32, 0.0)
+        batch.repetition_penalty = col([p.repetition_penalty for p in params], np.float32, 1.0)
+        outs = np.full((num_slots, max_model_len), -1, np.int32)
+        prompts = np.full((num_slots, max_model_len), -1, np.int32)
+        for i, s in enumerate(states):
+            o = s.output_token_ids
+            outs[i, : len(o)] = o
+            prompts[i, : s.num_prompt_tokens] = s.token_ids[: s.num_prompt_tokens]
+        batch.output_tokens, batch.prompt_tokens = outs, prompts
+    if flags.sparse_bias:
+        batch.bias_ids, batch.bias_values, batch.allowed_only = _sparse_bias(states, num_slots)
+    if flags.bitmask:
+        words = -(-vocab_size // 32)
+        mask = np.full((num_slots, words), -1, np.int32)
+        for i, req_id in enumerate(arrays.req_ids):
+            if req_id in grammar_bitmask:
+                mask[i] = grammar_bitmask[req_id]
+        batch.bitmask = mask
+    return batch
+
+
+def _sparse_bias(states: list[CachedRequestState], num_slots: int):
+    """[S, K] (ids, values) added to the logits, and whether a row may only use its listed ids:
+    logit_bias, allowed_token_ids, and stop ids banned until min_tokens."""
+    rows: list[tuple[list[int], list[float], bool]] = []
+    for s in states:
+        p = s.sampling_params
+        ids: list[int] = []
+        values: list[float] = []
+        if len(s.output_token_ids) + s.num_pending < p.min_tokens:
+            stop_ids = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else p.all_stop_token_ids))
+            ids += stop_ids
+            values += [-np.inf] * len(stop_ids)
+        for tok, bias in (p.logit_bias or {}).items():
+            ids.append(tok)
+            values.append(bias)
+        allowed = p.allowed_token_ids is not None
+        if allowed:
+            extra = [t for t in p.allowed_token_ids if t not in (p.logit_bias or {})]
+            ids += extra
+            values += [0.0] * len(extra)
+        rows.append((ids, values, allowed))
+    width = 16
+    while width < max(len(r[0]) for r in rows):
+        width *= 2
+    bias_ids = np.full((num_slots, width), -1, np.int32)
+    bias_values = np.zeros((num_slots, width), np.float32)
+    allowed_only = np.zeros(num_slots, bool)
+    for i, (ids, values, allowed) in enumerate(rows):
+        bias_ids[i, : len(ids)] = ids
+        bias_values[i, : len(values)] = values
+        allowed_only[i] = allowed
+    return bias_ids, bias_values, allowed_only

@@ -30,7 +30,7 @@ from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput, TokenLo
 from jaxllm.models.batch import ForwardBatch
 from jaxllm.runner import kv_cache
 from jaxllm.runner.attention import select_attention
-from jaxllm.runner.input_batch import InputBatch, StepArrays, needs_sparse_bias, sampler_flags
+from jaxllm.runner.input_batch import InputBatch, StepArrays, sampler_flags, sampling_arrays
 from jaxllm.runner.model_loading import LoadedModel, load_model
 from jaxllm.runner.sampler import MAX_LOGPROBS, SamplerFlags, SamplingBatch, sample
 
@@ -222,7 +222,11 @@ class ModelRunner:
         )
 
     def _compile_forward(self, num_tokens: int, pages_per_seq: int):
-        return self._forward.lower(*self._abstract_args(num_tokens, pages_per_seq)).compile()
+        start = time.perf_counter()
+        compiled = self._forward.lower(*self._abstract_args(num_tokens, pages_per_seq)).compile()
+        logger.debug("compiled bucket (%d tokens, %d pages) in %.1f s", num_tokens, pages_per_seq,
+                     time.perf_counter() - start)
+        return compiled
 
     def _compiled_forward(self, num_tokens: int, pages_per_seq: int):
         key = ("forward", num_tokens, pages_per_seq)
@@ -275,7 +279,8 @@ class ModelRunner:
         states = [self.input_batch.requests[r] for r in arrays.req_ids]
         want_prompt_logprobs = bool(arrays.prompt_logprob_rows)
         flags = sampler_flags(states, bitmask_rows=bool(sched.grammar_bitmask))
-        sampling = self._sampling_batch(arrays, states, num_slots, flags, sched)
+        sampling = sampling_arrays(arrays, states, num_slots, flags, sched.grammar_bitmask, self.vocab_size,
+                                   self.max_model_len)
 
         logits_indices = arrays.logits_indices
         if want_prompt_logprobs:  # every token's logits; rows for sampling picked afterwards
@@ -284,7 +289,7 @@ class ModelRunner:
             arrays.input_ids, arrays.positions, arrays.slot_mapping, arrays.cu_q_lens, arrays.kv_lens,
             arrays.page_indices, arrays.num_seqs, logits_indices, arrays.placeholder_rows,
         )
-        dev = jax.device_put(host, self._replicated)  # one transfer
+        dev, sampling = jax.device_put((host, sampling), self._replicated)  # one transfer
         batch = ForwardBatch(*dev[:8])
         args = (self.model.leaves, self.kv_pages, batch, dev[8], self._prev_tokens)
         if want_prompt_logprobs:
@@ -305,77 +310,6 @@ class ModelRunner:
             if x is not None:
                 jax.tree.map(lambda a: a.copy_to_host_async(), x)
         return StepHandle(self, _Step(arrays, tokens, logprobs, prompt_lp))
-
-    def _sampling_batch(self, arrays: StepArrays, states, num_slots: int, flags: SamplerFlags, sched) -> SamplingBatch:
-        n = len(states)
-        params = [s.sampling_params for s in states]
-
-        def col(values, dtype, fill):
-            out = np.full(num_slots, fill, dtype)
-            out[:n] = values
-            return out
-
-        batch = SamplingBatch(
-            temperature=col([p.temperature for p in params], np.float32, 0.0),
-            seeds=col([s.seed for s in states], np.uint32, 0),
-            positions=col(arrays.kv_lens[:n], np.int32, 0),
-        )
-        if flags.top_k_top_p:
-            batch.top_k = col([p.top_k for p in params], np.int32, 0)
-            batch.top_p = col([p.top_p for p in params], np.float32, 1.0)
-            batch.min_p = col([p.min_p for p in params], np.float32, 0.0)
-        if flags.penalties:
-            batch.presence_penalty = col([p.presence_penalty for p in params], np.float32, 0.0)
-            batch.frequency_penalty = col([p.frequency_penalty for p in params], np.float32, 0.0)
-            batch.repetition_penalty = col([p.repetition_penalty for p in params], np.float32, 1.0)
-            outs = np.full((num_slots, self.max_model_len), -1, np.int32)
-            prompts = np.full((num_slots, self.max_model_len), -1, np.int32)
-            for i, s in enumerate(states):
-                o = s.output_token_ids
-                outs[i, : len(o)] = o
-                prompts[i, : s.num_prompt_tokens] = s.token_ids[: s.num_prompt_tokens]
-            batch.output_tokens, batch.prompt_tokens = outs, prompts
-        if flags.sparse_bias:
-            batch.bias_ids, batch.bias_values, batch.allowed_only = self._sparse_bias(states, num_slots)
-        if flags.bitmask:
-            words = -(-self.vocab_size // 32)
-            mask = np.full((num_slots, words), -1, np.int32)
-            for i, req_id in enumerate(arrays.req_ids):
-                if req_id in sched.grammar_bitmask:
-                    mask[i] = sched.grammar_bitmask[req_id]
-            batch.bitmask = mask
-        return jax.device_put(batch, self._replicated)
-
-    def _sparse_bias(self, states, num_slots: int):
-        rows: list[tuple[list[int], list[float], bool]] = []
-        for s in states:
-            p = s.sampling_params
-            ids: list[int] = []
-            values: list[float] = []
-            if needs_sparse_bias(s) and len(s.output_token_ids) + s.num_pending < p.min_tokens:
-                stop_ids = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else p.all_stop_token_ids))
-                ids += stop_ids
-                values += [-np.inf] * len(stop_ids)
-            for tok, bias in (p.logit_bias or {}).items():
-                ids.append(tok)
-                values.append(bias)
-            allowed = p.allowed_token_ids is not None
-            if allowed:
-                extra = [t for t in p.allowed_token_ids if t not in (p.logit_bias or {})]
-                ids += extra
-                values += [0.0] * len(extra)
-            rows.append((ids, values, allowed))
-        width = 16
-        while width < max(len(r[0]) for r in rows):
-            width *= 2
-        bias_ids = np.full((num_slots, width), -1, np.int32)
-        bias_values = np.zeros((num_slots, width), np.float32)
-        allowed_only = np.zeros(num_slots, bool)
-        for i, (ids, values, allowed) in enumerate(rows):
-            bias_ids[i, : len(ids)] = ids
-            bias_values[i, : len(values)] = values
-            allowed_only[i] = allowed
-        return bias_ids, bias_values, allowed_only
 
     def _finish(self, step: _Step | None) -> ModelRunnerOutput:
         if step is None:
