@@ -1,29 +1,22 @@
-"""The engine, the HTTP layer and the package's light exports import with jax unimportable."""
+"""The engine, the HTTP layer, the server entry point and the package's light exports import with jax
+unimportable (tests/engine/test_no_jax.py also runs the engine that way)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-BLOCKER = """
-import sys
-class BlockJax:
-    def find_spec(self, name, path=None, target=None):
-        if name == "jax" or name.startswith(("jax.", "jaxlib", "flax")):
-            raise ImportError(f"jax is blocked in this test: {name}")
-        return None
-sys.meta_path.insert(0, BlockJax())
-"""
+from tests.jax_blocker import BLOCK_JAX
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCKER + code], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", BLOCK_JAX + code], capture_output=True, text=True, timeout=120)
 
 
 def test_engine_and_serve_import_without_jax():
     result = _run(
         "import jaxllm, jaxllm.engine, serve, jaxllm.config, jaxllm.sampling_params, jaxllm.outputs\n"
-        "import jaxllm.engine.interfaces, jaxllm.engine.metrics, jaxllm.model_arch\n"
+        "import jaxllm.engine.interfaces, jaxllm.engine.metrics, jaxllm.model_arch, jaxllm.serve, jaxllm.cli\n"
         "from jaxllm import SamplingParams, RequestOutput\n"
         "import pkgutil, importlib\n"
         "for pkg in (jaxllm.engine, serve):\n"
@@ -38,4 +31,4 @@ def test_engine_and_serve_import_without_jax():
 
 def test_the_blocker_really_blocks():
     result = _run("import jax\n")
-    assert result.returncode != 0 and "jax is blocked" in result.stderr
+    assert result.returncode != 0 and "jax is blocked here" in result.stderr

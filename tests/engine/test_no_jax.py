@@ -5,16 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-SCRIPT = """
-import sys
+from tests.jax_blocker import BLOCK_JAX
 
-class BlockJax:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("jax", "jaxlib", "flax"):
-            raise ImportError(f"jax is blocked: {name}")
-        return None
-
-sys.meta_path.insert(0, BlockJax())
+SCRIPT = BLOCK_JAX + """
 
 import asyncio
 from jaxllm.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -49,7 +42,6 @@ def test_engine_runs_with_jax_blocked():
 
 
 def test_the_blocker_blocks_jax():
-    blocker = SCRIPT.split("import asyncio")[0]
-    result = subprocess.run([sys.executable, "-c", blocker + "import jax\n"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", BLOCK_JAX + "import jax\n"], capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode != 0 and "jax is blocked" in result.stderr
+    assert result.returncode != 0 and "jax is blocked here" in result.stderr
