@@ -148,3 +148,35 @@ def test_detokenize_false_still_stops_on_tokens(tokenizer):
     ids = encode(tokenizer, " Hi") + [EOS_ID]
     detok, _ = run(tokenizer, ids, detokenize=False)
     assert detok.finish == Finish("stop", None) and detok.output_text == ""
+
+
+def test_stream_detokenizer_matches_the_window_detokenizer(any_tokenizer):
+    """The Rust stream path (the default for fast tokenizers) gives the same deltas as the window."""
+    from jaxllm.engine.detokenizer import StreamDetokenizer, make_incremental_detokenizer
+
+    prompt = encode(any_tokenizer, "Once upon a time")
+    output = encode(any_tokenizer, " " + MULTIBYTE + " and then")
+    fast = make_incremental_detokenizer(any_tokenizer, prompt)
+    assert isinstance(fast, StreamDetokenizer)
+    slow = IncrementalDetokenizer(any_tokenizer, prompt)
+    assert [fast.decode_next(t) for t in output] == [slow.decode_next(t) for t in output]
+    assert fast.fallback is None
+
+
+def test_stream_detokenizer_falls_back_instead_of_failing(tokenizer):
+    """If the stream decoder raises (it does, "Invalid prefix", on some byte-token soups), the
+    window detokenizer takes over with the tokens so far as context: no error, no lost text."""
+    from jaxllm.engine.detokenizer import make_incremental_detokenizer
+
+    class Broken:
+        def step(self, backend, token_id):
+            raise Exception("Invalid prefix encountered while decoding stream")
+
+    prompt = encode(tokenizer, "Once upon a time")
+    words = encode(tokenizer, " there was a girl named Lily")
+    detok = make_incremental_detokenizer(tokenizer, prompt)
+    first = "".join(detok.decode_next(t) for t in words[:3])
+    detok.stream = Broken()
+    rest = "".join(detok.decode_next(t) for t in words[3:])
+    assert detok.fallback is not None
+    assert first + rest == " there was a girl named Lily"
