@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(args.num_requests):
         engine.add_request(str(i), rng.integers(1000, 100000, args.prompt_len).tolist(),
                            SamplingParams(temperature=0.8, max_tokens=args.max_model_len - args.prompt_len,
-                                          ignore_eos=True))
+                                          ignore_eos=True), final_only=True)  # as LLM.generate
     def prefilling() -> bool:
         return bool(engine.scheduler.waiting) or any(
             r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.running

@@ -113,7 +113,7 @@ class LLM:
             for prompt, sp in zip(prompts, params, strict=True):
                 text, token_ids = self._tokenize(prompt)
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, token_ids, sp, prompt=text)
+                self.engine.add_request(request_id, token_ids, sp, prompt=text, final_only=True)
                 order.append(request_id)
             return self._run(order, use_tqdm)
         except BaseException:

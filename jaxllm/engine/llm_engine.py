@@ -63,6 +63,7 @@ class _Group:
     prompt: str | None
     prompt_token_ids: list[int]
     delta: bool
+    final_only: bool = False  # report once, when finished (the offline API: no per-step copies)
     sequences: list[_Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # position 0 is None
     sent_prompt_logprobs: bool = False
@@ -137,13 +138,15 @@ class LLMEngine:
         return max_tokens
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                    prompt: str | None = None, cache_salt: str | None = None, *, delta: bool = False) -> None:
-        """Queue a request. delta=True: report only what is new since the last output (streaming)."""
+                    prompt: str | None = None, cache_salt: str | None = None, *, delta: bool = False,
+                    final_only: bool = False) -> None:
+        """Queue a request. delta=True: report only what is new since the last output (streaming);
+        final_only=True: report only the finished output (vLLM's RequestOutputKind.FINAL_ONLY)."""
         if request_id in self._groups:
             raise ValueError(f"Request id {request_id} is already running.")
         max_tokens = self.validate_request(prompt_token_ids, sampling_params)
         prompt_token_ids = list(prompt_token_ids)
-        group = _Group(request_id, prompt, prompt_token_ids, delta)
+        group = _Group(request_id, prompt, prompt_token_ids, delta, final_only)
         n = sampling_params.n
         for index in range(n):
             seed = (sampling_params.seed + index if sampling_params.seed is not None
@@ -257,6 +260,8 @@ class LLMEngine:
     # ---- outputs ----
 
     def _make_output(self, group: _Group) -> RequestOutput | None:
+        if group.final_only and not group.finished:
+            return None
         completions = []
         for sequence in group.sequences:
             completion = self._completion(sequence, group.delta)

@@ -276,3 +276,17 @@ def test_periodic_stats_line(make_engine, monkeypatch, caplog):
         run_to_completion(engine)
     assert any("generation throughput" in r.message and "KV cache usage" in r.message and
                "Prefix cache hit rate" in r.message for r in caplog.records)
+
+
+def test_final_only_reports_once_when_finished(make_engine):
+    engine = make_engine()
+    params = SamplingParams(max_tokens=6, ignore_eos=True, seed=5)
+    engine.add_request("final", list(range(10, 20)), params, final_only=True)
+    engine.add_request("every", list(range(10, 20)), params)
+    seen: dict[str, list] = {"final": [], "every": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["final"]) == 1 and seen["final"][0].finished
+    assert len(seen["every"]) > 1
+    assert seen["final"][0].outputs[0].token_ids == seen["every"][-1].outputs[0].token_ids
