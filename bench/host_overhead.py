@@ -29,7 +29,9 @@ from jaxllm.tokenizer import load_tokenizer
 
 class HostOnlyRunner:
     def __init__(self, config: EngineConfig, max_model_len: int, vocab_size: int, timings: dict):
-        self.batch = InputBatch(config.cache.block_size, config.cache.num_pages, 0)
+        max_pages = -(-max_model_len // config.cache.block_size)
+        self.batch = InputBatch(config.cache.block_size, config.cache.num_pages, 0, max_pages,
+                                config.scheduler.max_num_seqs)
         self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens)
         self.page_buckets = page_buckets(-(-max_model_len // config.cache.block_size))
         self.max_num_seqs = config.scheduler.max_num_seqs

@@ -68,17 +68,26 @@ def _seed_of(req_id: str, params: SamplingParams, base_seed: int) -> int:
 
 
 class InputBatch:
-    """Per-request state held by the runner across steps."""
+    """Per-request state held by the runner across steps, and the step's padded host arrays.
 
-    def __init__(self, page_size: int, num_pages: int, base_seed: int):
+    NOTE: each request owns a row of a persistent block table [rows, max_pages], written only
+    when pages are added, so a step gathers its page table with one fancy index instead of
+    rebuilding it request by request (vLLM's persistent batch).
+    """
+
+    def __init__(self, page_size: int, num_pages: int, base_seed: int, max_pages: int, capacity: int = 64):
         self.page_size = page_size
         self.null_slot = num_pages * page_size  # out of range: the K/V write drops it
         self.base_seed = base_seed
         self.requests: dict[str, CachedRequestState] = {}
+        self.block_table = np.zeros((capacity, max_pages), np.int32)  # [rows, max_pages]
+        self.row_of: dict[str, int] = {}
+        self.free_rows = list(range(capacity - 1, -1, -1))
 
     def update(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
-            self.requests.pop(req_id, None)
+            if self.requests.pop(req_id, None) is not None:
+                self.free_rows.append(self.row_of.pop(req_id))
         for new in sched.new_requests:
             self._add(new)
         for cached in sched.cached_requests:
@@ -95,51 +104,67 @@ class InputBatch:
             page_ids=list(new.page_ids),
             num_computed_tokens=new.num_computed_tokens,
         )
+        if not self.free_rows:  # grow the block table
+            old = self.block_table.shape[0]
+            self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+            self.free_rows = list(range(2 * old - 1, old - 1, -1))
+        row = self.row_of[new.req_id] = self.free_rows.pop()
+        self.block_table[row, : len(new.page_ids)] = new.page_ids
 
     def _update(self, cached: CachedRequestData) -> None:
         state = self.requests[cached.req_id]
-        state.page_ids.extend(cached.new_page_ids)
+        if cached.new_page_ids:
+            row, have = self.row_of[cached.req_id], len(state.page_ids)
+            self.block_table[row, have : have + len(cached.new_page_ids)] = cached.new_page_ids
+            state.page_ids.extend(cached.new_page_ids)
         state.num_computed_tokens = cached.num_computed_tokens
 
     def build(self, sched: SchedulerOutput, num_tokens: int, num_slots: int, pages_per_seq: int) -> StepArrays:
         """Pad the scheduled work into [T] tokens and [S] request slots (T, S, P: the bucket)."""
         order = [r.req_id for r in sched.new_requests] + [r.req_id for r in sched.cached_requests]
+        num_reqs = len(order)
+        counts = np.fromiter((sched.num_scheduled_tokens[r] for r in order), np.int32, num_reqs)
+        states = [self.requests[r] for r in order]
+        starts = np.fromiter((s.num_computed_tokens for s in states), np.int32, num_reqs)
+        total = int(counts.sum())
         input_ids = np.zeros(num_tokens, np.int32)
-        positions = np.zeros(num_tokens, np.int32)
-        slot_mapping = np.full(num_tokens, self.null_slot, np.int32)
         placeholder_rows = np.full(num_tokens, -1, np.int32)
-        cu_q_lens = np.zeros(num_slots + 1, np.int32)
-        kv_lens = np.zeros(num_slots, np.int32)
-        page_indices = np.zeros((num_slots, pages_per_seq), np.int32)
-        logits_indices = np.zeros(num_slots, np.int32)
         samples: list[bool] = []
         prompt_rows: dict[str, tuple[int, int]] = {}
         offset = 0
-        page = self.page_size
-        for row, req_id in enumerate(order):
-            state = self.requests[req_id]
-            n = sched.num_scheduled_tokens[req_id]
-            start = state.num_computed_tokens
+        for state, n, start in zip(states, counts.tolist(), starts.tolist(), strict=True):
             end = start + n
-            known_end = min(end, len(state.token_ids))
-            input_ids[offset : offset + known_end - start] = state.token_ids[start:known_end]
-            if known_end < end:  # the last input is the previous step's sample, still on device
-                if end - known_end != 1 or state.last_sampled_row < 0:
-                    raise RuntimeError(f"request {req_id}: scheduled past its known tokens")
-                placeholder_rows[offset + n - 1] = state.last_sampled_row
-            pos = np.arange(start, end, dtype=np.int32)
-            positions[offset : offset + n] = pos
-            pages = np.asarray(state.page_ids, np.int32)
-            slot_mapping[offset : offset + n] = pages[pos // page] * page + pos % page
-            kv_lens[row] = end
-            page_indices[row, : len(pages)] = pages[:pages_per_seq]
-            cu_q_lens[row + 1] = offset + n
-            logits_indices[row] = offset + n - 1
+            known = state.token_ids
+            if n == 1 and start < len(known):  # the common decode: one known token
+                input_ids[offset] = known[start]
+            else:
+                known_end = min(end, len(known))
+                input_ids[offset : offset + known_end - start] = known[start:known_end]
+                if known_end < end:  # the last input is the previous step's sample, still on device
+                    if end - known_end != 1 or state.last_sampled_row < 0:
+                        raise RuntimeError(f"request {state.req_id}: scheduled past its known tokens")
+                    placeholder_rows[offset + n - 1] = state.last_sampled_row
             samples.append(end == state.num_tokens)
             if state.sampling_params.prompt_logprobs is not None and start < state.num_prompt_tokens:
-                prompt_rows[req_id] = (offset, offset + min(n, state.num_prompt_tokens - start))
+                prompt_rows[state.req_id] = (offset, offset + min(n, state.num_prompt_tokens - start))
             offset += n
-        cu_q_lens[len(order) + 1 :] = offset
+        # Vectorised per-token metadata.
+        rows = np.fromiter((self.row_of[r] for r in order), np.int32, num_reqs)
+        cu_q_lens = np.zeros(num_slots + 1, np.int32)
+        np.cumsum(counts, out=cu_q_lens[1 : num_reqs + 1])
+        cu_q_lens[num_reqs + 1 :] = total
+        positions = np.zeros(num_tokens, np.int32)
+        positions[:total] = np.repeat(starts - cu_q_lens[:num_reqs], counts) + np.arange(total, dtype=np.int32)
+        slot_mapping = np.full(num_tokens, self.null_slot, np.int32)
+        pos = positions[:total]
+        page = self.page_size
+        slot_mapping[:total] = self.block_table[np.repeat(rows, counts), pos // page] * page + pos % page
+        kv_lens = np.zeros(num_slots, np.int32)
+        kv_lens[:num_reqs] = starts + counts
+        page_indices = np.zeros((num_slots, pages_per_seq), np.int32)
+        page_indices[:num_reqs] = self.block_table[rows, :pages_per_seq]
+        logits_indices = np.zeros(num_slots, np.int32)
+        logits_indices[:num_reqs] = cu_q_lens[1 : num_reqs + 1] - 1
         return StepArrays(
             input_ids=input_ids,
             positions=positions,
@@ -148,7 +173,7 @@ class InputBatch:
             cu_q_lens=cu_q_lens,
             kv_lens=kv_lens,
             page_indices=page_indices,
-            num_seqs=np.array([len(order)], np.int32),
+            num_seqs=np.array([num_reqs], np.int32),
             logits_indices=logits_indices,
             req_ids=order,
             samples=samples,

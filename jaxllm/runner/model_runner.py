@@ -126,7 +126,7 @@ class ModelRunner:
         self.config = dataclasses.replace(self.config, cache=cache)
         self.num_pages = num_pages
         self.kv_pages = kv_cache.allocate_kv_pages(arch, num_pages, self.page_size, dtype, mesh, rules)
-        self.input_batch = InputBatch(self.page_size, num_pages, config.model.seed)
+        self.input_batch = InputBatch(self.page_size, num_pages, config.model.seed, max_pages, self.max_num_seqs)
         self._prev_tokens = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self._replicated)
         self._warmup()
 
