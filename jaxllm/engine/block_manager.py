@@ -154,8 +154,8 @@ class BlockManager:
 
     def _register_full_blocks(self, request: Request, num_computed_tokens: int) -> list[int]:
         """Cache the request's full, known, computed blocks not yet cached; returns their pages."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or num_computed_tokens // self.block_size <= request.num_registered_pages:
+            return []  # nothing new is full (most decode steps)
         self._update_block_hashes(request)
         end = min(num_computed_tokens // self.block_size, len(request.block_hashes), len(request.page_ids))
         registered = []
