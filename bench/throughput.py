@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 
 import numpy as np
@@ -64,11 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--token-buckets", type=int, nargs="*")
     p.add_argument("--output-json")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("jaxllm.runner.model_runner").setLevel(logging.DEBUG)
 
     kwargs = {k: v for k, v in dict(max_num_seqs=args.max_num_seqs,
-                                     max_num_batched_tokens=args.max_num_batched_tokens).items() if v}
+                                     max_num_batched_tokens=args.max_num_batched_tokens,
+                                     token_buckets=args.token_buckets).items() if v}
     t0 = time.perf_counter()
     llm = LLM(model_dir_with_tokenizer(args.model), load_format=args.load_format, dtype=args.dtype,
               max_model_len=args.max_model_len, attention_backend=args.attention_backend,
