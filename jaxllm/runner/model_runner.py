@@ -350,9 +350,6 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
         )
 
-    def free_pages_check(self) -> int:
-        return self.num_pages
-
     def shutdown(self) -> None:
         self.kv_pages = []
 
