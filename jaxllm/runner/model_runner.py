@@ -292,8 +292,11 @@ class ModelRunner:
         dev, sampling = jax.device_put((host, sampling), self._replicated)  # one transfer
         batch = ForwardBatch(*dev[:8])
         args = (self.model.leaves, self.kv_pages, batch, dev[8], self._prev_tokens)
-        if want_prompt_logprobs:
-            self._warn_compile(("forward-all-logits", num_tokens, pages_per_seq))
+        if want_prompt_logprobs:  # rare: every token's logits, through the (lazily compiled) jit
+            key = ("forward-all-logits", num_tokens, pages_per_seq)
+            if key not in self._compiled:
+                self._warn_compile(key)
+                self._compiled[key] = self._forward
             self.kv_pages, all_logits = self._forward(*args)
             logits = all_logits[jnp.asarray(arrays.logits_indices)]
         else:
