@@ -26,11 +26,12 @@ import socket
 import sys
 import threading
 from collections.abc import Generator, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from jaxllm.config import EngineConfig, field_owners, option_fields
+from jaxllm.config import DEFAULT_MODEL, EngineConfig, field_owners, option_fields
 from serve.app import build_app
 from serve.args import API_KEY_ENV, ServerArgs
 from serve.engine_client import EngineClient, ServingContext
@@ -61,9 +62,6 @@ IGNORED_VLLM_FLAGS: list[tuple[str, bool]] = [
     ("--compilation-config", True),
     ("--api-server-count", True),
     ("--pipeline-parallel-size", True),
-    ("--enable-auto-tool-choice", False),
-    ("--tool-call-parser", True),
-    ("--reasoning-parser", True),
 ]
 
 
@@ -131,7 +129,10 @@ def _json_or_list(values: list[str]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None, prog: str = "python -m jaxllm.serve") -> tuple[EngineConfig, ServerArgs]:
-    ns = vars(build_parser(prog).parse_args(argv))
+    parser = build_parser(prog)
+    ns = vars(parser.parse_args(argv))
+    if ns["enable_auto_tool_choice"] and not ns["tool_call_parser"]:
+        parser.error("--enable-auto-tool-choice requires --tool-call-parser")  # vLLM refuses to start too
     for name, value in ns.items():
         if name.startswith("ignored_") and value is not None:
             flag = "--" + name.removeprefix("ignored_").replace("_", "-")
@@ -157,11 +158,17 @@ def make_context(engine: EngineClient, config: EngineConfig, args: ServerArgs, *
     return ServingContext(
         engine=engine,
         args=args,
-        served_model_names=list(model.served_model_name) or [model.model],
+        served_model_names=list(model.served_model_name) or [_default_served_name(model.model)],
         model_root=model.model,
         default_sampling=dict(default_sampling),
         chat_template=chat_template,
     )
+
+
+def _default_served_name(model: str) -> str:
+    # NOTE: vLLM serves a model under the --model value as given; with no --model that is the bundled
+    # model's install path, which no client should have to send, so it is served by its folder name.
+    return Path(model).name if model == DEFAULT_MODEL else model
 
 
 class _Server(uvicorn.Server):

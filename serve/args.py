@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jaxllm.config import option
+from serve.reasoning_parsers import REASONING_PARSERS
+from serve.tool_parsers import TOOL_PARSERS
 
 API_KEY_ENV = "JAXLLM_API_KEY"
 
@@ -37,4 +39,16 @@ class ServerArgs:
     )
     shutdown_timeout: float = option(
         30.0, "Seconds SIGTERM waits for in-flight requests to finish before aborting them."
+    )
+    enable_auto_tool_choice: bool = option(
+        False, 'Let the model decide when to call tools (tool_choice "auto", the default with tools); needs '
+        "--tool-call-parser."
+    )
+    tool_call_parser: str | None = option(
+        None, "How tool calls are read out of the model's text (the format its chat template teaches).",
+        choices=tuple(TOOL_PARSERS),
+    )
+    reasoning_parser: str | None = option(
+        None, "Split the model's <think>...</think> out of the content into message.reasoning (and "
+        "reasoning_content).", choices=tuple(REASONING_PARSERS),
     )

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from jaxllm import cli
-from jaxllm.config import option_fields
-from jaxllm.serve import build_parser, parse_args
+from jaxllm.config import DEFAULT_MODEL, option_fields
+from jaxllm.serve import build_parser, make_context, parse_args
 from serve.args import API_KEY_ENV, ServerArgs
 
 
@@ -62,8 +62,28 @@ def test_vllm_flags_without_meaning_are_accepted_with_a_warning(caplog: pytest.L
         assert f"{flag} has no effect" in warned
 
 
+def test_tool_and_reasoning_flags() -> None:
+    _, args = parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"])
+    assert (args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser) == (True, "hermes", "qwen3")
+    _, plain = parse_args([])
+    assert (plain.enable_auto_tool_choice, plain.tool_call_parser, plain.reasoning_parser) == (False, None, None)
+
+
+def test_served_model_name_defaults_to_the_model_as_given_or_the_bundled_models_name() -> None:
+    def served(argv: list[str]) -> list[str]:
+        config, args = parse_args(argv)
+        return make_context(None, config, args, default_sampling={}, chat_template=None).served_model_names
+
+    assert parse_args([])[0].model.model == DEFAULT_MODEL
+    assert served([]) == ["stories260K"]
+    assert served(["org/some-model"]) == ["org/some-model"]
+    assert served(["--served-model-name", "mine"]) == ["mine"]
+
+
 def test_bad_values_are_rejected() -> None:
-    for argv in (["--dtype", "int3"], ["--port", "http"], ["--metrics-names", "prom"], ["--no-such-flag"]):
+    for argv in (["--dtype", "int3"], ["--port", "http"], ["--metrics-names", "prom"], ["--no-such-flag"],
+                 ["--tool-call-parser", "nope"], ["--reasoning-parser", "nope"],
+                 ["--enable-auto-tool-choice"]):  # needs --tool-call-parser, as in vLLM
         with pytest.raises(SystemExit):
             parse_args(argv)
 
