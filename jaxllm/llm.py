@@ -21,6 +21,7 @@ from jaxllm.generation_config import GenerationDefaults, load_generation_default
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import apply_chat_template, encode_prompt, load_tokenizer, resolve_chat_template
+from serve.tool_messages import tool_call_arguments_as_objects
 
 logger = logging.getLogger(__name__)
 
@@ -133,13 +134,15 @@ class LLM:
         continue_final_message: bool = False,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or a list of conversations."""
+        """One conversation (a list of messages) or a list of conversations. `tools` (OpenAI's function
+        tools) reach the chat template; assistant tool calls fed back may carry their `arguments` as
+        JSON text, as the server returns them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.engine.tokenizer
         prompts = []
         for conversation in conversations:
             text = apply_chat_template(
-                tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+                tokenizer, tool_call_arguments_as_objects(conversation), add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools,
                 chat_template=resolve_chat_template(chat_template) or self.chat_template,
                 chat_template_kwargs=chat_template_kwargs,

@@ -9,6 +9,7 @@ import jinja2
 
 from jaxllm import tokenizer as tokenization
 from serve.errors import APIError
+from serve.tool_messages import tool_call_arguments_as_objects
 
 
 @dataclass
@@ -52,11 +53,11 @@ def chat_prompt(
     chat_template_kwargs: dict[str, Any] | None,
 ) -> EnginePrompt:
     """Render with the model's (or --chat-template's) template, then tokenize without special tokens
-    (the template writes BOS), as vLLM does."""
+    (the template writes BOS), as vLLM does. Fed-back tool calls' arguments are parsed first."""
     try:
         text = tokenization.apply_chat_template(
             tokenizer,
-            messages,
+            tool_call_arguments_as_objects(messages),
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tools=tools,
