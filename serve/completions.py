@@ -20,6 +20,7 @@ from serve.prompts import EnginePrompt, completion_prompts, resolve_max_tokens
 from serve.protocol import CompletionRequest
 from serve.sampling import build_sampling_params, reject_unsupported
 from serve.streaming import SSE_DONE, SSEResponse, sse
+from serve.structured import check_compiles, requested_structured_outputs
 
 
 @dataclass
@@ -113,6 +114,9 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
     prompt_logprobs = request.prompt_logprobs
     if prompt_logprobs is None and request.echo and request.logprobs is not None:
         prompt_logprobs = request.logprobs
+    structured, param = requested_structured_outputs(request)
+    if structured is not None:
+        await check_compiles(engine, structured, param)
     params = [
         build_sampling_params(
             request,
@@ -122,6 +126,7 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
             prompt_logprobs=prompt_logprobs,
             model_defaults=ctx.default_sampling,
             vocab_size=engine.vocab_size,
+            structured_outputs=structured,
         )
         for p in prompts
     ]

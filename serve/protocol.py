@@ -122,6 +122,20 @@ class ChatCompletionRequest(SamplingFields):
     documents: list[dict[str, str]] | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, tool in enumerate(tools or []):
+            function = tool.get("function")
+            if tool.get("type", "function") != "function" or not isinstance(function, dict) or not isinstance(
+                    function.get("name"), str):
+                raise ValueError(f"tool {i} must be {{'type': 'function', 'function': {{'name': ..., "
+                                 "'parameters': {...}}}")
+            if not isinstance(function.get("parameters") or {}, dict):
+                raise ValueError(f"tool {i}: `function.parameters` must be a JSON schema object")
+        return tools
 
     @field_validator("messages")
     @classmethod

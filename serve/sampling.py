@@ -1,11 +1,12 @@
 """Request fields -> `SamplingParams`: request value, else the model's generation-config default,
-else OpenAI's default (vLLM's order). Unsupported features are rejected here with a clear 400."""
+else OpenAI's default (vLLM's order). Unsupported features are rejected here with a clear 400; the
+structured-output constraint is built and checked in `serve.structured`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from serve.errors import APIError, from_sampling_error, not_supported
 from serve.protocol import SamplingFields
 
@@ -24,12 +25,6 @@ _OPENAI_DEFAULTS: dict[str, Any] = {
 def reject_unsupported(request: SamplingFields) -> None:
     if request.use_beam_search:
         raise not_supported("Beam search", "use_beam_search")
-    if request.structured_outputs is not None:
-        raise not_supported("structured_outputs", "structured_outputs")  # issue 6
-    if request.response_format is not None and request.response_format.get("type") != "text":
-        raise not_supported(
-            f"response_format {request.response_format.get('type')!r} (only {{'type': 'text'}})", "response_format"
-        )
     if request.priority != 0:
         raise APIError("Priority scheduling is not enabled in jaxllm; leave `priority` at 0.", param="priority")
 
@@ -42,7 +37,13 @@ def build_sampling_params(
     prompt_logprobs: int | None,
     model_defaults: dict[str, Any],
     vocab_size: int,
+    structured_outputs: StructuredOutputsParams | None = None,
+    keep_special_tokens: bool = False,
 ) -> SamplingParams:
+    """`keep_special_tokens`: a tool parser needs the call markers in the text (vLLM's adjust_request)."""
+    # NOTE: vLLM v1 detokenizes fast tokenizers with the Rust DecodeStream, which never spaces out added
+    # tokens; jaxllm's engine takes its Python window detokenizer when special tokens are kept, which does
+    # unless told not to (" <tool_call>" would leave a stray " " of content before every call).
     values = {
         name: value if (value := getattr(request, name)) is not None else model_defaults.get(name, default)
         for name, default in _OPENAI_DEFAULTS.items()
@@ -62,12 +63,13 @@ def build_sampling_params(
             min_tokens=request.min_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=request.skip_special_tokens,
-            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            skip_special_tokens=request.skip_special_tokens and not keep_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens and not keep_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
             logit_bias=logit_bias,
             allowed_token_ids=request.allowed_token_ids,
             bad_words=request.bad_words,
+            structured_outputs=structured_outputs,
             **values,
         )
         params.validate_vocab(vocab_size)

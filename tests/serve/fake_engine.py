@@ -9,6 +9,7 @@ from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfi
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.structured import make_grammar_compiler
 
 STORIES = Path(__file__).resolve().parents[2] / "jaxllm" / "data" / "stories260K"
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine."
@@ -18,7 +19,8 @@ def new_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, n
                block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
                fail_at_step: int | None = None) -> AsyncEngine:
     """An AsyncEngine over a FakeModelRunner that "generates" the token script: the token after a
-    context of length L is script[(L + seed) % len(script)], so outputs read as text."""
+    context of length L is script[(L + seed) % len(script)], so outputs read as text. Structured outputs
+    work (the runner takes the first token the grammar allows at or after the script's)."""
     config = EngineConfig(
         model=ModelConfig(model=str(STORIES)),
         cache=CacheConfig(block_size=block_size, num_pages=num_pages),
@@ -26,7 +28,8 @@ def new_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, n
     )
     runner = FakeModelRunner(len(tokenizer), block_size, next_token_fn=lambda ctx, seed: script[(len(ctx) + seed)
                              % len(script)], delay_s=delay_s, fail_at_step=fail_at_step)
-    engine = LLMEngine(config, runner, tokenizer, max_model_len, len(tokenizer), eos_token_ids, log_stats=False)
+    engine = LLMEngine(config, runner, tokenizer, max_model_len, len(tokenizer), eos_token_ids, log_stats=False,
+                       grammar_compiler=make_grammar_compiler(tokenizer, len(tokenizer)))
     return AsyncEngine(engine)
 
 

@@ -100,10 +100,19 @@ def test_body_over_the_limit_is_413(http: httpx.Client, live: LiveServer) -> Non
     ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": [99999]}, "prompt"),
-    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}],
-            "tool_choice": "required"}, "tool_choice"),
     (CHAT, {"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
-    (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": MESSAGES, "tools": [{"function": {"description": "no name"}}]}, "tools"),
+    (CHAT, {"messages": MESSAGES, "tools": []}, "tools"),
+    (CHAT, {"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/completions", {"prompt": "a", "structured_outputs": {"regex": "a+", "choice": ["a"]}},
+     "structured_outputs"),
+    (CHAT, {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, "messages"),
     (CHAT, {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
     (CHAT, {"messages": MESSAGES, "continue_final_message": True}, "continue_final_message"),
     (CHAT, {"messages": MESSAGES, "use_beam_search": True}, "use_beam_search"),
@@ -116,12 +125,30 @@ def test_unsupported_or_invalid_requests_are_clear_400s(http: httpx.Client, path
     assert error_of(http.post(path, json=body), 400)["param"] == param
 
 
-def test_tools_reach_the_template_with_auto_or_none(http: httpx.Client) -> None:
+def test_auto_tool_choice_needs_the_flags_and_none_needs_nothing(http: httpx.Client) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    for choice in ("auto", "none"):
-        response = http.post(CHAT, json={"messages": MESSAGES, "tools": tools, "tool_choice": choice,
-                                         "max_tokens": 2, "response_format": {"type": "text"}})
-        assert response.status_code == 200, response.text
+    error = error_of(http.post(CHAT, json={"messages": MESSAGES, "tools": tools, "tool_choice": "auto"}), 400)
+    assert "--enable-auto-tool-choice and --tool-call-parser" in error["message"]
+    response = http.post(CHAT, json={"messages": MESSAGES, "tools": tools, "tool_choice": "none", "max_tokens": 2,
+                                     "response_format": {"type": "text"}})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["tool_calls"] == []
+
+
+@pytest.mark.parametrize(("path", "extra"), [
+    (CHAT, {"messages": MESSAGES}),
+    ("/v1/completions", {"prompt": "Once"}),
+])
+@pytest.mark.parametrize(("field", "value", "construct"), [
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "array", "uniqueItems": True}}}, "uniqueItems"),
+    ("structured_outputs", {"json": {"type": "object", "not": {"required": ["a"]}}}, "not"),
+    ("structured_outputs", {"regex": "(unclosed"}, "unclosed group"),
+])
+def test_an_unsupported_constraint_is_a_400_naming_the_construct(http: httpx.Client, path: str, extra: dict[str, Any],
+                                                                 field: str, value: Any, construct: str) -> None:
+    error = error_of(http.post(path, json={**extra, field: value, "max_tokens": 4}), 400)
+    assert error["param"] == field and construct in error["message"], error
 
 
 def test_errors_never_take_the_server_down(http: httpx.Client, live: LiveServer) -> None:
