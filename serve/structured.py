@@ -33,7 +33,7 @@ def requested_structured_outputs(
         # kinds; one rule is clearer: a forced call is the whole output, so the two never combine.
         raise APIError("You can only either use constraints for structured outputs or tools, not both.",
                        param=param)
-    return tool_constraint.structured_outputs, "tool_choice"
+    return tool_constraint.structured_outputs, "tools"  # a forced call is as valid as the tools' schemas
 
 
 async def check_compiles(engine: EngineClient, spec: StructuredOutputsParams, param: str) -> None:

@@ -63,8 +63,8 @@ def resolve_tools(request: ChatCompletionRequest, args: ServerArgs) -> ToolHandl
         _check_named_choice(choice, tools or [])
     try:
         constraint = tool_choice_constraint(tools, choice, bool(request.parallel_tool_calls))
-    except ValueError as e:
-        raise APIError(str(e), param="tool_choice" if "tool_choice" in str(e) else "tools") from e
+    except ValueError as e:  # the choice itself is checked above: what is left is about the tools' schemas
+        raise APIError(str(e), param="tools") from e
     assert constraint is not None
     kind = "required" if choice == "required" else "named"
     return ToolHandling(tools, kind, ConstrainedToolParser(constraint.function_name), constraint, keep_special)

@@ -107,6 +107,8 @@ def test_body_over_the_limit_is_413(http: httpx.Client, live: LiveServer) -> Non
     (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}],
             "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
     (CHAT, {"messages": MESSAGES, "tools": [{"function": {"description": "no name"}}]}, "tools"),
+    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"not": {"type": "null"}}}}}}], "tool_choice": "required"}, "tools"),
     (CHAT, {"messages": MESSAGES, "tools": []}, "tools"),
     (CHAT, {"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format"),
     ("/v1/completions", {"prompt": "a", "structured_outputs": {"regex": "a+", "choice": ["a"]}},
