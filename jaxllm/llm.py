@@ -21,7 +21,6 @@ from jaxllm.generation_config import GenerationDefaults, load_generation_default
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import apply_chat_template, encode_prompt, load_tokenizer, resolve_chat_template
-from serve.tool_messages import tool_call_arguments_as_objects
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ class LLM:
         prompts = []
         for conversation in conversations:
             text = apply_chat_template(
-                tokenizer, tool_call_arguments_as_objects(conversation), add_generation_prompt=add_generation_prompt,
+                tokenizer, conversation, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools,
                 chat_template=resolve_chat_template(chat_template) or self.chat_template,
                 chat_template_kwargs=chat_template_kwargs,

@@ -11,6 +11,7 @@ Jinja is never reimplemented: rendering is transformers' `apply_chat_template(..
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -84,7 +85,9 @@ def apply_chat_template(
     `chat_template` (already resolved text) overrides the tokenizer's. Message content given as a
     list of parts is joined with "\\n" for templates that read `content` as a string and passed as a
     list of `{"type": "text", "text": ...}` to templates that loop over it (vLLM's "auto" content
-    format). Only text parts are accepted. Tokenize the result with `add_special_tokens=False`.
+    format). Only text parts are accepted. Assistant tool calls fed back with JSON-text `arguments`
+    are parsed first: templates (Qwen2.5's `tojson`, Llama 3's, Hermes') expect objects, and vLLM
+    parses them too. Tokenize the result with `add_special_tokens=False`.
     """
     if chat_template is None and tokenizer.chat_template is None:
         raise ValueError(
@@ -96,7 +99,7 @@ def apply_chat_template(
         raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
     template = tokenizer.get_chat_template(chat_template, tools)
     content_format = detect_content_format(template)
-    conversation = [_normalize_message(m, content_format) for m in messages]
+    conversation = [_normalize_message(m, content_format) for m in tool_call_arguments_as_objects(messages)]
     return tokenizer.apply_chat_template(
         conversation,
         tools=tools,
@@ -203,3 +206,33 @@ def _base_name(node: jinja2.nodes.Node) -> str | None:
     while isinstance(node, jinja2.nodes.Getitem | jinja2.nodes.Getattr):
         node = _strip_filters(node.node)
     return node.name if isinstance(node, jinja2.nodes.Name) else None
+
+
+def tool_call_arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A copy of `messages` in which every assistant tool call's JSON-text `arguments` is parsed
+    (None or "" becomes {}); other messages are shared, not copied. ValueError for arguments that are
+    not JSON."""
+    out = []
+    for index, message in enumerate(messages):
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if not isinstance(calls, list):
+            out.append(message)
+            continue
+        parsed_calls = []
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                parsed_calls.append(call)
+                continue
+            arguments = function.get("arguments")
+            if not arguments:
+                arguments = {}
+            elif isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"messages[{index}]: the arguments of tool call {call.get('id')!r} are not "
+                                     f"valid JSON: {e}") from e
+            parsed_calls.append({**call, "function": {**function, "arguments": arguments}})
+        out.append({**message, "tool_calls": parsed_calls})
+    return out

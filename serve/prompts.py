@@ -9,7 +9,6 @@ import jinja2
 
 from jaxllm import tokenizer as tokenization
 from serve.errors import APIError
-from serve.tool_messages import tool_call_arguments_as_objects
 
 
 @dataclass
@@ -57,7 +56,7 @@ def chat_prompt(
     try:
         text = tokenization.apply_chat_template(
             tokenizer,
-            tool_call_arguments_as_objects(messages),
+            messages,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tools=tools,

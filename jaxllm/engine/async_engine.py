@@ -55,6 +55,7 @@ class AsyncEngine:
     config = property(lambda self: self._engine.config)
     max_model_len = property(lambda self: self._engine.max_model_len)
     vocab_size = property(lambda self: self._engine.vocab_size)
+    eos_token_ids = property(lambda self: self._engine.eos_token_ids)
 
     @property
     def is_dead(self) -> bool:
