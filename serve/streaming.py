@@ -21,8 +21,14 @@ from jaxllm.outputs import RequestOutput
 _DONE = object()
 
 
+# NOTE: JSON leaves U+0085, U+2028 and U+2029 raw, and line readers built on str.splitlines
+# (httpx's aiter_lines, for one) end an SSE line there, cutting the JSON in two. Escape them.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    return f"data: {data}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

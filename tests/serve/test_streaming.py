@@ -141,3 +141,16 @@ def test_streamed_multibyte_text_equals_the_non_streamed_text() -> None:
             assert "".join(pieces) == full
             assert "\ufffd" not in full and "🌍🙂" in full and "👩\u200d👩\u200d👧" in full
             assert all("\ufffd" not in p for p in pieces)
+
+
+def test_sse_lines_survive_unicode_line_breaks():
+    """U+0085/U+2028/U+2029 in generated text are escaped, so splitlines-based SSE readers (httpx's
+    aiter_lines) see one line per event and the JSON still decodes to the same text."""
+    import json
+
+    from serve.streaming import sse
+
+    text = "a\u2028b\x85c\u2029d é 日本"
+    event = sse({"text": text})
+    assert len(event.strip().splitlines()) == 1
+    assert json.loads(event.strip().removeprefix("data: "))["text"] == text
