@@ -19,14 +19,14 @@ from starlette.responses import JSONResponse, Response
 from jaxllm.outputs import Logprob, RequestOutput
 from serve.engine_client import ServingContext
 from serve.errors import APIError
-from serve.handling import base_request_id, check_model, engine_error, parse, start_generation, usage
+from serve.handling import base_request_id, check_model, engine_error, finish_sse, parse, start_generation, usage
 from serve.logprobs import TokenNamer, chat_logprobs
 from serve.output_parsing import OutputParsers, OutputStream, ParsedOutput, ReasoningParser
 from serve.prompts import EnginePrompt, chat_prompt, resolve_max_tokens
 from serve.protocol import ChatCompletionRequest
 from serve.reasoning_parsers import get_reasoning_parser
 from serve.sampling import build_sampling_params, reject_unsupported
-from serve.streaming import SSE_DONE, SSEResponse, sse
+from serve.streaming import SSEResponse, sse
 from serve.structured import check_compiles, requested_structured_outputs
 from serve.tool_choice import ToolHandling, resolve_tools
 
@@ -216,48 +216,37 @@ def _merge(first: dict[str, Any] | None, second: dict[str, Any] | None) -> dict[
     return out
 
 
-async def _stream(state: _Chat, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+def _stream(state: _Chat, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    return finish_sse(state, outputs, _chunks(state, outputs))
+
+
+async def _chunks(state: _Chat, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
     options = state.request.stream_options
     continuous = bool(options and options.include_usage and options.continuous_usage_stats)
-    status = "aborted"
-    try:
-        # The role first, for every choice, as vLLM (and OpenAI) do; then the echoed prefix, if any.
-        for index in range(len(state.choices)):
-            yield sse(state.chunk([{"index": index, "delta": {"role": state.role, "content": ""}, "logprobs": None,
+    # The role first, for every choice, as vLLM (and OpenAI) do; then the echoed prefix, if any.
+    for index in range(len(state.choices)):
+        yield sse(state.chunk([{"index": index, "delta": {"role": state.role, "content": ""}, "logprobs": None,
+                                "finish_reason": None}], continuous))
+        if state.echo:
+            yield sse(state.chunk([{"index": index, "delta": {"content": state.echo}, "logprobs": None,
                                     "finish_reason": None}], continuous))
-            if state.echo:
-                yield sse(state.chunk([{"index": index, "delta": {"content": state.echo}, "logprobs": None,
-                                        "finish_reason": None}], continuous))
-        async for _, res in outputs:
-            for index, text, ids, positions in state.update(res):
-                choice = state.choices[index]
-                done = choice.finish_reason is not None
-                if not text and not ids and not done:
-                    continue
-                delta = state.delta(choice, text)
-                choice.pending_ids += ids
-                choice.pending_logprobs += positions
-                if delta is None and not done:
-                    continue
-                ids, positions = choice.pending_ids, choice.pending_logprobs
-                choice.pending_ids, choice.pending_logprobs = [], []
-                tools_called = choice.stream is not None and choice.stream.tools_called
-                body: dict[str, Any] = {"index": index, "delta": delta or {"content": ""},
-                                        "logprobs": state.logprobs_json(ids, positions),
-                                        "finish_reason": state.finish_reason(choice, tools_called) if done else None}
-                if done:
-                    body["stop_reason"] = choice.stop_reason
-                yield sse(state.chunk([body], continuous))
-        if options and options.include_usage:
-            yield sse(state.chunk([], with_usage=True))
-        status = "finished"
-    except APIError as e:
-        status = "error"
-        yield e.sse_event()
-    except Exception as e:
-        status = "error"
-        yield engine_error(state.ctx, e).sse_event()
-    finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
-        state.log(status)
-    yield SSE_DONE
+    async for _, res in outputs:
+        for index, text, ids, positions in state.update(res):
+            choice = state.choices[index]
+            done = choice.finish_reason is not None
+            if not text and not ids and not done:
+                continue
+            delta = state.delta(choice, text)
+            choice.pending_ids += ids
+            choice.pending_logprobs += positions
+            if delta is None and not done:
+                continue
+            ids, positions = choice.pending_ids, choice.pending_logprobs
+            choice.pending_ids, choice.pending_logprobs = [], []
+            tools_called = choice.stream is not None and choice.stream.tools_called
+            body: dict[str, Any] = {"index": index, "delta": delta or {"content": ""},
+                                    "logprobs": state.logprobs_json(ids, positions),
+                                    "finish_reason": state.finish_reason(choice, tools_called) if done else None}
+            if done:
+                body["stop_reason"] = choice.stop_reason
+            yield sse(state.chunk([body], continuous))

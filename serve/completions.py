@@ -14,12 +14,12 @@ from starlette.responses import JSONResponse, Response
 from jaxllm.outputs import Logprob, RequestOutput
 from serve.engine_client import ServingContext
 from serve.errors import APIError
-from serve.handling import base_request_id, check_model, engine_error, parse, start_generation, usage
+from serve.handling import base_request_id, check_model, engine_error, finish_sse, parse, start_generation, usage
 from serve.logprobs import TokenNamer, completion_logprobs
 from serve.prompts import EnginePrompt, completion_prompts, resolve_max_tokens
 from serve.protocol import CompletionRequest
 from serve.sampling import build_sampling_params, reject_unsupported
-from serve.streaming import SSE_DONE, SSEResponse, sse
+from serve.streaming import SSEResponse, sse
 from serve.structured import check_compiles, requested_structured_outputs
 
 
@@ -162,36 +162,25 @@ def _final_response(state: _Completion) -> dict[str, Any]:
     return body
 
 
-async def _stream(state: _Completion, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+def _stream(state: _Completion, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    return finish_sse(state, outputs, _chunks(state, outputs))
+
+
+async def _chunks(state: _Completion, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
     options = state.request.stream_options
     continuous = bool(options and options.include_usage and options.continuous_usage_stats)
-    status = "aborted"
-    try:
-        async for prompt_index, res in outputs:
-            for index, text, ids, positions in state.update(prompt_index, res):
-                choice = state.choices[index]
-                if not choice.started:
-                    choice.started = True
-                    echo_text, echo_ids, echo_logprobs = state.echo_prefix(choice)
-                    text, ids, positions = echo_text + text, echo_ids + ids, echo_logprobs + positions
-                if not text and not ids and choice.finish_reason is None:
-                    continue
-                done = choice.finish_reason is not None
-                yield sse(state.chunk([{
-                    "index": index, "text": text, "logprobs": state.logprobs_json(choice, ids, positions),
-                    "finish_reason": choice.finish_reason if done else None,
-                    "stop_reason": choice.stop_reason if done else None,
-                }], with_usage=continuous))
-        if options and options.include_usage:
-            yield sse(state.chunk([], with_usage=True))
-        status = "finished"
-    except APIError as e:
-        status = "error"
-        yield e.sse_event()
-    except Exception as e:
-        status = "error"
-        yield engine_error(state.ctx, e).sse_event()
-    finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
-        state.log(status)
-    yield SSE_DONE
+    async for prompt_index, res in outputs:
+        for index, text, ids, positions in state.update(prompt_index, res):
+            choice = state.choices[index]
+            if not choice.started:
+                choice.started = True
+                echo_text, echo_ids, echo_logprobs = state.echo_prefix(choice)
+                text, ids, positions = echo_text + text, echo_ids + ids, echo_logprobs + positions
+            if not text and not ids and choice.finish_reason is None:
+                continue
+            done = choice.finish_reason is not None
+            yield sse(state.chunk([{
+                "index": index, "text": text, "logprobs": state.logprobs_json(choice, ids, positions),
+                "finish_reason": choice.finish_reason if done else None,
+                "stop_reason": choice.stop_reason if done else None,
+            }], with_usage=continuous))

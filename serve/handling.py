@@ -16,7 +16,7 @@ from jaxllm.sampling_params import SamplingParams
 from serve.engine_client import ServingContext
 from serve.errors import APIError, from_validation_error
 from serve.prompts import EnginePrompt
-from serve.streaming import merge_outputs
+from serve.streaming import SSE_DONE, merge_outputs, sse
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
@@ -107,3 +107,27 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+async def finish_sse(state: Any, outputs: AsyncIterator[Any], chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """What every stream ends with: the usage chunk (include_usage), an error as an SSE error event,
+    the engine stream closed (which aborts an unfinished request), the log line, then [DONE]."""
+    options = state.request.stream_options
+    status = "aborted"
+    try:
+        async for event in chunks:
+            yield event
+        if options and options.include_usage:
+            yield sse(state.chunk([], with_usage=True))
+        status = "finished"
+    except APIError as e:
+        status = "error"
+        yield e.sse_event()
+    except Exception as e:
+        status = "error"
+        yield engine_error(state.ctx, e).sse_event()
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        await outputs.aclose()  # type: ignore[attr-defined]
+        state.log(status)
+    yield SSE_DONE
