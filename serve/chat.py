@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from jaxllm.outputs import Logprob, RequestOutput
 from serve.engine_client import ServingContext
 from serve.errors import APIError
-from serve.handling import base_request_id, check_model, engine_error, finish_sse, parse, start_generation, usage
+from serve.handling import base_request_id, check_model, collect, finish_sse, parse, start_generation, usage
 from serve.logprobs import TokenNamer, chat_logprobs
 from serve.output_parsing import OutputParsers, OutputStream, ParsedOutput, ReasoningParser
 from serve.prompts import EnginePrompt, chat_prompt, resolve_max_tokens
@@ -155,18 +155,7 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     outputs = await start_generation(ctx, [prompt], [params], [state.id], request.cache_salt)
     if request.stream:
         return SSEResponse(_stream(state, outputs))
-    try:
-        async for _, res in outputs:
-            state.update(res)
-    except APIError:
-        state.log("error")
-        raise
-    except Exception as e:
-        state.log("error")
-        raise engine_error(ctx, e) from e
-    finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
-    state.log("finished")
+    await collect(state, outputs, lambda _, res: state.update(res))
     return JSONResponse(_final_response(state))
 
 

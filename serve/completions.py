@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from jaxllm.outputs import Logprob, RequestOutput
 from serve.engine_client import ServingContext
 from serve.errors import APIError
-from serve.handling import base_request_id, check_model, engine_error, finish_sse, parse, start_generation, usage
+from serve.handling import base_request_id, check_model, collect, finish_sse, parse, start_generation, usage
 from serve.logprobs import TokenNamer, completion_logprobs
 from serve.prompts import EnginePrompt, completion_prompts, resolve_max_tokens
 from serve.protocol import CompletionRequest
@@ -135,18 +135,7 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
                                      request.cache_salt)
     if request.stream:
         return SSEResponse(_stream(state, outputs))
-    try:
-        async for prompt_index, res in outputs:
-            state.update(prompt_index, res)
-    except APIError:
-        state.log("error")
-        raise
-    except Exception as e:
-        state.log("error")
-        raise engine_error(ctx, e) from e
-    finally:
-        await outputs.aclose()  # type: ignore[attr-defined]
-    state.log("finished")
+    await collect(state, outputs, state.update)
     return JSONResponse(_final_response(state))
 
 

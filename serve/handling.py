@@ -131,3 +131,20 @@ async def finish_sse(state: Any, outputs: AsyncIterator[Any], chunks: AsyncItera
         await outputs.aclose()  # type: ignore[attr-defined]
         state.log(status)
     yield SSE_DONE
+
+
+async def collect(state: Any, outputs: AsyncIterator[Any], update: Any) -> None:
+    """Run a non-streaming request to its end: `update(prompt_index, output)` per engine output;
+    errors logged and mapped to API errors; the engine stream closed (aborting it on failure)."""
+    try:
+        async for prompt_index, res in outputs:
+            update(prompt_index, res)
+    except APIError:
+        state.log("error")
+        raise
+    except Exception as e:
+        state.log("error")
+        raise engine_error(state.ctx, e) from e
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
+    state.log("finished")
