@@ -41,6 +41,11 @@ class CachedRequestState:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
+    @property
+    def num_outputs(self) -> int:
+        """Output tokens sampled so far, pending ones included."""
+        return len(self.token_ids) - self.num_prompt_tokens + self.num_pending
+
 
 @dataclass
 class StepArrays:
@@ -217,7 +222,7 @@ def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool) -> Sampl
 
 def needs_sparse_bias(state: CachedRequestState) -> bool:
     p = state.sampling_params
-    below_min = len(state.output_token_ids) + state.num_pending < p.min_tokens
+    below_min = state.num_outputs < p.min_tokens
     return bool(p.logit_bias) or p.allowed_token_ids is not None or below_min
 
 
@@ -272,7 +277,7 @@ def _sparse_bias(states: list[CachedRequestState], num_slots: int):
         p = s.sampling_params
         ids: list[int] = []
         values: list[float] = []
-        if len(s.output_token_ids) + s.num_pending < p.min_tokens:
+        if s.num_outputs < p.min_tokens:
             stop_ids = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else p.all_stop_token_ids))
             ids += stop_ids
             values += [-np.inf] * len(stop_ids)
