@@ -36,8 +36,11 @@ from jaxllm.runner.sampler import MAX_LOGPROBS, SamplerFlags, SamplingBatch, sam
 
 logger = logging.getLogger(__name__)
 
-_GREEDY = SamplerFlags()
-_MIXED = SamplerFlags(all_greedy=False)
+# Sampler variants compiled at warmup: greedy and temperature-only batches, each also with grammar
+# bitmasks (structured outputs); rarer options (top-k/p, penalties, biases, logprobs) compile on use.
+_WARM_SAMPLERS = tuple(
+    SamplerFlags(all_greedy=greedy, bitmask=bitmask) for greedy in (True, False) for bitmask in (False, True)
+)
 
 
 def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
@@ -213,7 +216,7 @@ class ModelRunner:
             for key in tqdm(keys, desc="Compiling buckets", unit="bucket", leave=False):
                 self._compiled[("forward", *key)] = futures[key].result()
         for num_slots in sorted({min(t, self.max_num_seqs) for t in self.token_buckets}):
-            for flags in (_GREEDY, _MIXED):
+            for flags in _WARM_SAMPLERS:
                 self._sampler(num_slots, flags, aot=True)
         self._warm = True
         logger.info(
@@ -259,7 +262,11 @@ class ModelRunner:
                 rep = self._replicated
                 row = lambda dtype: jax.ShapeDtypeStruct((num_slots,), dtype, sharding=rep)  # noqa: E731
                 logits = jax.ShapeDtypeStruct((num_slots, self.vocab_size), jnp.float32, sharding=rep)
-                fn = fn.lower(logits, SamplingBatch(row(jnp.float32), row(jnp.uint32), row(jnp.int32))).compile()
+                batch = SamplingBatch(row(jnp.float32), row(jnp.uint32), row(jnp.int32))
+                if flags.bitmask:
+                    words = -(-self.vocab_size // 32)
+                    batch.bitmask = jax.ShapeDtypeStruct((num_slots, words), jnp.int32, sharding=rep)
+                fn = fn.lower(logits, batch).compile()
             self._compiled[key] = fn
         return fn
 

@@ -141,3 +141,25 @@ def test_min_tokens_suppresses_eos(llm):
     held = llm.generate({"prompt_token_ids": [1]}, SamplingParams(min_tokens=5, **params), use_tqdm=False)[0].outputs[0]
     assert eager.finish_reason == "stop" and len(eager.token_ids) == 1
     assert held.finish_reason == "stop" and len(held.token_ids) == 6 and 2 not in held.token_ids[:5]
+
+
+def test_constrained_requests_need_no_compile_after_warmup(llm):
+    """The grammar-bitmask sampler variants are compiled at warmup too."""
+    from jaxllm import StructuredOutputsParams
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    choice = StructuredOutputsParams(choice=["yes", "no"])
+    params = [SamplingParams(temperature=t, max_tokens=8, structured_outputs=choice) for t in (0.0, 1.0)]
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        outs = llm.generate([{"prompt_token_ids": [1, 403, 407]}] * 2, params, use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert all(o.outputs[0].text in ("yes", "no") for o in outs)
+    assert_pool_free(llm)
