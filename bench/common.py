@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,3 +37,18 @@ def requests_for(dataset: str, num_prompts: int, input_len: int = 1024, output_l
     if dataset == "fixed":
         return workload.fixed(num_prompts, input_len, output_len)
     raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags every offline bench takes."""
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--token-buckets", type=int, nargs="*")
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)

@@ -18,7 +18,7 @@ import time
 import httpx
 import numpy as np
 
-from bench.common import requests_for
+from bench.common import requests_for, write_json
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     result = asyncio.run(run(args))
     print("\n".join(f"{k:>22}: {v}" for k, v in result.items()))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(result, args.output_json)
     return result
 
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from bench.common import model_dir_with_tokenizer
+from bench.common import add_model_args, model_dir_with_tokenizer
 from jaxllm import LLM, SamplingParams, StructuredOutputsParams
 
 SCHEMA = {
@@ -43,13 +43,9 @@ def _run(llm: LLM, prompts, params) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--token-buckets", type=int, nargs="*")
     args = p.parse_args(argv)
     extra = {"token_buckets": args.token_buckets} if args.token_buckets else {}
     llm = LLM(model_dir_with_tokenizer(args.model), load_format=args.load_format, dtype=args.dtype,

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from bench.common import model_dir_with_tokenizer, requests_for
+from bench.common import add_model_args, model_dir_with_tokenizer, requests_for, write_json
 from jaxllm import LLM, SamplingParams
 
 
@@ -53,10 +53,7 @@ def _instrument(llm: LLM) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    add_model_args(p)
     p.add_argument("--dataset", default="sharegpt_like", choices=["sharegpt_like", "fixed"])
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=1024)
@@ -65,7 +62,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-num-batched-tokens", type=int)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--token-buckets", type=int, nargs="*")
     p.add_argument("--output-json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -107,9 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_profile": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},
     }
     print(json.dumps(result, indent=1))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(result, args.output_json)
     return result
 
 

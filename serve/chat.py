@@ -19,7 +19,16 @@ from starlette.responses import JSONResponse, Response
 from jaxllm.outputs import Logprob, RequestOutput
 from serve.engine_client import ServingContext
 from serve.errors import APIError
-from serve.handling import base_request_id, check_model, collect, finish_sse, parse, start_generation, usage
+from serve.handling import (
+    base_request_id,
+    check_model,
+    collect,
+    continuous_usage,
+    finish_sse,
+    parse,
+    start_generation,
+    usage,
+)
 from serve.logprobs import TokenNamer, chat_logprobs
 from serve.output_parsing import OutputParsers, OutputStream, ParsedOutput, ReasoningParser
 from serve.prompts import EnginePrompt, chat_prompt, resolve_max_tokens
@@ -154,7 +163,7 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     state = _Chat(ctx, request, prompt, f"chatcmpl-{base_request_id(raw, request.request_id)}", tools, parsers)
     outputs = await start_generation(ctx, [prompt], [params], [state.id], request.cache_salt)
     if request.stream:
-        return SSEResponse(_stream(state, outputs))
+        return SSEResponse(finish_sse(state, outputs, _chunks(state, outputs)))
     await collect(state, outputs, lambda _, res: state.update(res))
     return JSONResponse(_final_response(state))
 
@@ -205,13 +214,8 @@ def _merge(first: dict[str, Any] | None, second: dict[str, Any] | None) -> dict[
     return out
 
 
-def _stream(state: _Chat, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-    return finish_sse(state, outputs, _chunks(state, outputs))
-
-
 async def _chunks(state: _Chat, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-    options = state.request.stream_options
-    continuous = bool(options and options.include_usage and options.continuous_usage_stats)
+    continuous = continuous_usage(state.request)
     # The role first, for every choice, as vLLM (and OpenAI) do; then the echoed prefix, if any.
     for index in range(len(state.choices)):
         yield sse(state.chunk([{"index": index, "delta": {"role": state.role, "content": ""}, "logprobs": None,

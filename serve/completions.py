@@ -14,7 +14,16 @@ from starlette.responses import JSONResponse, Response
 from jaxllm.outputs import Logprob, RequestOutput
 from serve.engine_client import ServingContext
 from serve.errors import APIError
-from serve.handling import base_request_id, check_model, collect, finish_sse, parse, start_generation, usage
+from serve.handling import (
+    base_request_id,
+    check_model,
+    collect,
+    continuous_usage,
+    finish_sse,
+    parse,
+    start_generation,
+    usage,
+)
 from serve.logprobs import TokenNamer, completion_logprobs
 from serve.prompts import EnginePrompt, completion_prompts, resolve_max_tokens
 from serve.protocol import CompletionRequest
@@ -134,7 +143,7 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
     outputs = await start_generation(ctx, prompts, params, [f"{state.id}-{i}" for i in range(len(prompts))],
                                      request.cache_salt)
     if request.stream:
-        return SSEResponse(_stream(state, outputs))
+        return SSEResponse(finish_sse(state, outputs, _chunks(state, outputs)))
     await collect(state, outputs, state.update)
     return JSONResponse(_final_response(state))
 
@@ -151,13 +160,8 @@ def _final_response(state: _Completion) -> dict[str, Any]:
     return body
 
 
-def _stream(state: _Completion, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-    return finish_sse(state, outputs, _chunks(state, outputs))
-
-
 async def _chunks(state: _Completion, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-    options = state.request.stream_options
-    continuous = bool(options and options.include_usage and options.continuous_usage_stats)
+    continuous = continuous_usage(state.request)
     async for prompt_index, res in outputs:
         for index, text, ids, positions in state.update(prompt_index, res):
             choice = state.choices[index]

@@ -148,3 +148,9 @@ async def collect(state: Any, outputs: AsyncIterator[Any], update: Any) -> None:
     finally:
         await outputs.aclose()  # type: ignore[attr-defined]
     state.log("finished")
+
+
+def continuous_usage(request: Any) -> bool:
+    """stream_options.continuous_usage_stats: a usage block in every chunk (needs include_usage)."""
+    options = request.stream_options
+    return bool(options and options.include_usage and options.continuous_usage_stats)
