@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from bench import workload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,14 +31,43 @@ def model_dir_with_tokenizer(config_dir: str | Path) -> str:
     return str(out)
 
 
-def requests_for(dataset: str, num_prompts: int, input_len: int = 1024, output_len: int = 128):
+WORKLOAD_VOCAB = 128000  # workload.py's default vocabulary: its ids lie in [1000, 127000)
+
+
+def requests_for(dataset: str, num_prompts: int, input_len: int = 1024, output_len: int = 128,
+                 vocab_size: int | None = None) -> list[tuple[list[int], int]]:
     """[(prompt_token_ids, max_tokens)] of the named workload, with its own default vocabulary
-    (ids below 128000, as for every engine measured on it)."""
+    (ids below 128000, as for every engine measured on it). With `vocab_size` smaller than that
+    (a tiny test model), the ids are folded into it (id % vocab_size); lengths stay the same."""
     if dataset == "sharegpt_like":
-        return workload.sharegpt_like(num_prompts)
-    if dataset == "fixed":
-        return workload.fixed(num_prompts, input_len, output_len)
-    raise ValueError(f"unknown dataset {dataset!r}")
+        reqs = workload.sharegpt_like(num_prompts)
+    elif dataset == "fixed":
+        reqs = workload.fixed(num_prompts, input_len, output_len)
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}")
+    return fold_into_vocab(reqs, vocab_size)
+
+
+def fold_into_vocab(reqs: list[tuple[list[int], int]], vocab_size: int | None) -> list[tuple[list[int], int]]:
+    """The same requests with every id below `vocab_size` (unchanged when the vocabulary holds them)."""
+    if vocab_size is None or vocab_size >= WORKLOAD_VOCAB:
+        return reqs
+    return [([t % vocab_size for t in ids], n) for ids, n in reqs]
+
+
+def config_vocab_size(model_dir: str | Path) -> int:
+    """vocab_size from a model directory's config.json (text_config's for multimodal configs)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("vocab_size") or config["text_config"]["vocab_size"])
+
+
+def summary_ms(values_s: list[float] | np.ndarray, prefix: str) -> dict[str, float]:
+    """{mean_/median_/p99_<prefix>_ms} of durations given in seconds (NaN when there are none)."""
+    v = np.asarray(values_s, dtype=float) * 1000.0
+    if v.size == 0:
+        return {f"{k}_{prefix}_ms": float("nan") for k in ("mean", "median", "p99")}
+    return {f"mean_{prefix}_ms": round(float(np.mean(v)), 3), f"median_{prefix}_ms": round(float(np.median(v)), 3),
+            f"p99_{prefix}_ms": round(float(np.percentile(v, 99)), 3)}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
