@@ -3,9 +3,21 @@
     python -m bench.serve --base-url http://localhost:8000 --model MODEL --dataset sharegpt_like \
         --num-prompts 1000 --request-rate inf [--max-concurrency N] [--output-json out.json]
 
-Requests are sent as token-id prompts to /v1/completions with `ignore_eos` and each request's own
-max_tokens, streamed, so time to first token (TTFT), inter-token latency (ITL) and time per output
-token (TPOT) are measured per request.
+Requests are sent as token-id prompts to /v1/completions with `ignore_eos`, temperature 0 and each
+request's own max_tokens, streamed (with stream_options.include_usage, so the output token count is
+the server's), so time to first token (TTFT), inter-token latency (ITL) and time per output token
+(TPOT) are measured per request; bench/serve_metrics.py holds the definitions. --request-rate inf
+sends everything at once, a finite rate sends Poisson arrivals (exponential gaps, seed 0).
+--max-concurrency caps requests in flight. One short test request runs first (not measured).
+Only httpx is needed (no openai package). --model defaults to the server's first /v1/models entry.
+
+CPU smoke (the bundled tiny model, vocab 512: --vocab-size folds the workload ids into it):
+    JAX_PLATFORMS=cpu .venv/bin/python -m jaxllm.serve --port 8123 --max-model-len 512 \
+        --token-buckets 16 64 &
+    .venv/bin/python -m bench.serve --base-url http://localhost:8123 --vocab-size 512 \
+        --num-prompts 8 --request-rate inf
+    .venv/bin/python -m bench.serve --base-url http://localhost:8123 --vocab-size 512 \
+        --dataset fixed --input-len 32 --output-len 16 --num-prompts 8 --request-rate 4 --max-concurrency 2
 """
 
 from __future__ import annotations
@@ -13,90 +25,113 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 
 import httpx
 import numpy as np
 
 from bench.common import requests_for, write_json
+from bench.serve_metrics import RequestResult, summarize, table
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> dict:
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "temperature": 0.0}
-    start = time.perf_counter()
-    arrivals: list[float] = []
-    tokens = 0
-    async with client.stream("POST", url, json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices"):
-                arrivals.append(time.perf_counter())
-                tokens += 1
-    end = time.perf_counter()
-    return {"ttft": arrivals[0] - start if arrivals else float("nan"), "itl": np.diff(arrivals).tolist(),
-            "latency": end - start, "chunks": tokens, "output_tokens": max_tokens, "input_tokens": len(prompt)}
+            "temperature": 0.0, "stream_options": {"include_usage": True}}
+    result = RequestResult(input_tokens=len(prompt), start=time.perf_counter())
+    usage_tokens = None
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
+                    break
+                if chunk.get("choices"):
+                    result.chunks.append(time.perf_counter())
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"].get("completion_tokens")
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        result.error = f"{type(e).__name__}: {e}"[:200]
+    result.end = time.perf_counter()
+    result.output_tokens = usage_tokens if usage_tokens is not None else len(result.chunks)
+    return result
 
 
-async def run(args) -> dict:
-    reqs = requests_for(args.dataset, args.num_prompts, args.input_len, args.output_len)
-    url = args.base_url.rstrip("/") + "/v1/completions"
+def arrival_offsets(n: int, request_rate: float, seed: int = 0) -> np.ndarray:
+    """Send times (s from the start): all 0 at rate inf, else a Poisson process (first at 0)."""
+    if request_rate == float("inf"):
+        return np.zeros(n)
+    gaps = np.random.default_rng(seed).exponential(1.0 / request_rate, n)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])])
+
+
+async def _model_name(client: httpx.AsyncClient, base_url: str) -> str:
+    resp = await client.get(base_url + "/v1/models")
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def run(args: argparse.Namespace) -> dict:
+    reqs = requests_for(args.dataset, args.num_prompts, args.input_len, args.output_len, args.vocab_size)
+    base = args.base_url.rstrip("/")
+    url = base + "/v1/completions"
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    rng = np.random.default_rng(0)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=None, limits=limits, headers=headers) as client:
+        model = args.model or await _model_name(client, base)
+        test = await _one(client, url, model, reqs[0][0], min(reqs[0][1], 4))
+        if not test.ok:
+            raise SystemExit(f"test request failed: {test.error or 'no content chunk'}")
 
-        async def limited(prompt, n):
+        async def limited(prompt: list[int], n: int) -> RequestResult:
             if sem is None:
-                return await _one(client, url, args.model, prompt, n)
+                return await _one(client, url, model, prompt, n)
             async with sem:
-                return await _one(client, url, args.model, prompt, n)
+                return await _one(client, url, model, prompt, n)
 
         tasks = []
         start = time.perf_counter()
-        for prompt, n in reqs:
+        for (prompt, n), offset in zip(reqs, arrival_offsets(len(reqs), args.request_rate), strict=True):
+            delay = start + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(limited(prompt, n)))
-            if args.request_rate != float("inf"):
-                await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    ttft = np.array([r["ttft"] for r in results]) * 1000
-    itl = np.array([x for r in results for x in r["itl"]]) * 1000
-    tpot = np.array([(r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) for r in results if r["output_tokens"] > 1])
-    out_tokens = sum(r["output_tokens"] for r in results)
-    in_tokens = sum(r["input_tokens"] for r in results)
+    expected = {i for i, (r, (_, n)) in enumerate(zip(results, reqs, strict=True)) if r.ok and r.output_tokens != n}
     return {
-        "num_prompts": len(results), "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
-        "duration_s": round(duration, 2), "request_throughput": round(len(results) / duration, 2),
-        "output_tokens_per_s": round(out_tokens / duration, 1),
-        "total_tokens_per_s": round((out_tokens + in_tokens) / duration, 1),
-        "mean_ttft_ms": round(float(np.mean(ttft)), 1), "median_ttft_ms": round(float(np.median(ttft)), 1),
-        "p99_ttft_ms": round(float(np.percentile(ttft, 99)), 1),
-        "mean_tpot_ms": round(float(np.mean(tpot)) * 1000, 2),
-        "median_tpot_ms": round(float(np.median(tpot)) * 1000, 2),
-        "p99_tpot_ms": round(float(np.percentile(tpot, 99)) * 1000, 2),
-        "mean_itl_ms": round(float(np.mean(itl)), 2), "median_itl_ms": round(float(np.median(itl)), 2),
-        "p99_itl_ms": round(float(np.percentile(itl, 99)), 2),
+        "model": model, "dataset": args.dataset, "num_prompts": len(reqs), "request_rate": args.request_rate,
+        "max_concurrency": args.max_concurrency, **summarize(results, duration),
+        "requests_with_unexpected_length": len(expected),
     }
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://localhost:8000")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", help="served model name (default: the server's first /v1/models entry)")
     p.add_argument("--dataset", default="sharegpt_like", choices=["sharegpt_like", "fixed"])
     p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument("--input-len", type=int, default=1024, help="--dataset fixed only")
+    p.add_argument("--output-len", type=int, default=128, help="--dataset fixed only")
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson), or inf")
     p.add_argument("--max-concurrency", type=int)
+    p.add_argument("--vocab-size", type=int, help="fold the workload's ids into a smaller vocabulary (tiny models)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--output-json")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))
-    print("\n".join(f"{k:>22}: {v}" for k, v in result.items()))
+    print(table(result))
+    if result["failed"] or result["requests_with_unexpected_length"]:
+        print(f"WARNING: {result['failed']} failed, {result['requests_with_unexpected_length']} with a length "
+              f"other than max_tokens; errors: {result['errors']}")
     write_json(result, args.output_json)
     return result
 
