@@ -45,7 +45,7 @@ _LOG2E = math.log2(math.e)
 # first real key, and a row that never sees one is written as zeros.
 _MASKED = -1e30
 _ROWS_PER_WGMMA = 64
-_LSE_WIDTH = 8
+_LSE_WIDTH = 32  # fp32: 128-byte rows, the SMEM alignment of a TMA box
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -423,7 +423,10 @@ def _build_kernel(
 
     splits = plan.kv_splits
     out_type = [jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype)]
-    if splits > 1:  # per split: normalised O and the rows' log2-sum-exp2 (8 wide: TMA boxes need >= 16 bytes)
+    # Per split: normalised O and the rows' log2-sum-exp2, _LSE_WIDTH wide.
+    # NOTE: a TMA box's SMEM rows must start 128-byte aligned; 8-wide fp32 rows (32 bytes) gave
+    # CUDA_ERROR_MISALIGNED_ADDRESS on the H200.
+    if splits > 1:
         out_type = [
             jax.ShapeDtypeStruct((splits, num_tokens, num_q_heads, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((splits, num_tokens, num_q_heads, _LSE_WIDTH), jnp.float32),
@@ -543,7 +546,7 @@ def _ragged_paged_attention(
 
 
 def _merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
-    """o_parts [K, T, Hq, D], lse_parts [K, T, Hq, 8] (log2 domain) -> [T, Hq, D] fp32.
+    """o_parts [K, T, Hq, D], lse_parts [K, T, Hq, _LSE_WIDTH] (log2 domain) -> [T, Hq, D] fp32.
 
     A split that saw no key has lse = _MASKED and o = 0: it weighs nothing next to one that
     did, and a token no split served (padding) comes out 0, not 0/0.
