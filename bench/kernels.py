@@ -370,6 +370,65 @@ def run_grid(deadline: float = math.inf) -> list[str]:
     return failures
 
 
+def engine_batch(rng, num_tokens: int, num_slots: int, pages_per_seq: int, kv: jax.Array, kind: str):
+    """A batch as the engine pads it: live requests first (prefill chunks, then decodes), empty
+    slots after them, padded tokens past the last request, page ids anywhere in the pool."""
+    max_kv = pages_per_seq * PAGE
+    q_lens: list[int] = []
+    budget = num_tokens
+    if kind in ("prefill", "mixed"):
+        while budget > 1 and len(q_lens) < num_slots // 2 + 1:
+            q = int(min(budget, rng.integers(2, min(2048, max_kv) + 1)))
+            q_lens.append(q)
+            budget -= q
+            if rng.random() < (0.3 if kind == "mixed" else 0.05):
+                break
+    if kind in ("decode", "mixed"):
+        room = num_slots - len(q_lens)
+        if room > 0 and budget > 0:
+            q_lens += [1] * int(min(budget, room, rng.integers(1, room + 1)))
+    q_lens = q_lens[:num_slots] or [1]
+    kv_lens = [int(rng.integers(q, max_kv + 1)) for q in q_lens]
+    live = len(q_lens)
+    num_pages = kv.shape[2]
+    page_indices = np.zeros((num_slots, pages_per_seq), np.int32)
+    page_indices[:live] = rng.integers(0, num_pages, (live, pages_per_seq))
+    cu = np.zeros(num_slots + 1, np.int32)
+    cu[1 : live + 1] = np.cumsum(q_lens)
+    cu[live + 1 :] = cu[live]
+    kv_lens_all = np.zeros(num_slots, np.int32)
+    kv_lens_all[:live] = kv_lens
+    q = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (num_tokens, HQ, D), jnp.float32).astype(DTYPE)
+    desc = f"T={num_tokens} S={num_slots} P={pages_per_seq} {kind} live={live} tokens={cu[live]} max_kv={max(kv_lens)}"
+    return desc, (q, kv, jnp.asarray(kv_lens_all), jnp.asarray(page_indices), jnp.asarray(cu),
+                  jnp.asarray([live], jnp.int32))
+
+
+def run_fuzz(cases: int, num_pages: int, deadline: float) -> list[str]:
+    """Engine-shaped batches (every token bucket, slot count and page width of the 8B engine),
+    each checked against the XLA path; the case is logged before it runs (a fault names it)."""
+    rng = np.random.default_rng(11)
+    kv = jax.random.normal(jax.random.key(5), (2, HKV, num_pages, PAGE, D), jnp.float32).astype(DTYPE)
+    failures = []
+    buckets = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+    for i in range(cases):
+        if time.time() > deadline:
+            log("fuzz: out of time budget")
+            break
+        t = buckets[i % len(buckets)]
+        kind = ("decode", "mixed", "prefill")[(i // len(buckets)) % 3]
+        desc, batch = engine_batch(rng, t, min(t, 1024), (64, 256)[i % 2], kv, kind)
+        log(f"fuzz {i}: {desc} ...")
+        out = jax.block_until_ready(mosaic_fn()(*batch))
+        ref = xla_fn()(*batch)
+        err = relative_error(out, ref)
+        ok = err < 1e-2 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
+        log(f"fuzz {i}: rel err {err:.1e} {'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append(desc)
+    return failures
+
+
 TUNE_SHAPES = ("decode 32 x 512", "decode 128 x 2048", "decode 32 x 8192", "decode 4 x", "prefill 8 x 2048", "mixed")
 
 
@@ -406,15 +465,20 @@ def main() -> int:
     parser.add_argument("--grid", action="store_true", help="also run the correctness grid")
     parser.add_argument("--tune", action="store_true", help="also time every launch plan on a few shapes")
     parser.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
+    parser.add_argument("--fuzz", type=int, default=0, help="engine-shaped batches to check first")
+    parser.add_argument("--fuzz-pages", type=int, default=56390, help="KV pool pages for the fuzz cases")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop the grid and tuning after this many seconds")
     args = parser.parse_args()
     start = time.time()
     deadline = start + args.budget_s
     out_dir = os.environ.get("OUT", ".")
     log(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    failures: list[str] = []
+    if args.fuzz:
+        failures += run_fuzz(args.fuzz, args.fuzz_pages, deadline)
+        log(f"fuzz failures: {failures}")
     bandwidth, rate = ceilings()
     rows: list[dict] = []
-    failures: list[str] = []
     shapes = [s for s in table_shapes() if not args.only or any(o in s.name for o in args.only.split(","))]
     for shape in shapes:
         rows.append(bench_shape(shape, bandwidth, rate))
@@ -422,7 +486,7 @@ def main() -> int:
     table = write_outputs(out_dir, rows, failures, bandwidth, rate)
     print(table, flush=True)
     if args.grid:
-        failures = run_grid(deadline=deadline)
+        failures += run_grid(deadline=deadline)
         write_outputs(out_dir, rows, failures, bandwidth, rate)
     if args.tune:
         tuned = {s.name: tune_shape(s, deadline) for s in shapes if any(s.name.startswith(t) for t in TUNE_SHAPES)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -51,6 +52,43 @@ def _instrument(llm: LLM) -> dict:
     return timings
 
 
+def _debug_steps(llm: LLM, out_dir: str | None) -> None:
+    """Every step synchronous and logged with its bucket and attention plan before it runs; the
+    arrays of the step in flight are saved (steps.npz), so a device fault points at one batch."""
+    from pallas_kernels.ragged_paged_attention import mosaic_gpu
+
+    runner = llm.engine.runner
+    arch = runner.model.arch
+    execute, build = runner.execute, runner.input_batch.build
+    step_no = 0
+
+    def plan(num_tokens, num_slots, pages_per_seq):
+        return mosaic_gpu._plan(num_tokens=num_tokens, num_slots=num_slots, num_kv_heads=arch.num_kv_heads,
+                                max_kv_len=pages_per_seq * runner.page_size, group=arch.num_heads // arch.num_kv_heads,
+                                page_size=runner.page_size, head_dim=arch.head_dim)
+
+    def logged_build(sched, num_tokens, num_slots, pages_per_seq):
+        arrays = build(sched, num_tokens, num_slots, pages_per_seq)
+        q_lens = np.diff(arrays.cu_q_lens)[: int(arrays.num_seqs[0])]
+        print(f"step {step_no}: T={num_tokens} S={num_slots} P={pages_per_seq} live={len(q_lens)} "
+              f"tokens={int(q_lens.sum())} max_q={int(q_lens.max(initial=0))} "
+              f"max_kv={int(arrays.kv_lens.max(initial=0))} plan={plan(num_tokens, num_slots, pages_per_seq)}",
+              flush=True)
+        if out_dir:
+            np.savez(os.path.join(out_dir, "steps.npz"), cu_q_lens=arrays.cu_q_lens, kv_lens=arrays.kv_lens,
+                     page_indices=arrays.page_indices, num_seqs=arrays.num_seqs, num_tokens=num_tokens)
+        return arrays
+
+    def synchronous(sched):
+        nonlocal step_no
+        handle = execute(sched)
+        handle.result()
+        step_no += 1
+        return handle
+
+    runner.input_batch.build, runner.execute = logged_build, synchronous
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -63,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--output-json")
+    p.add_argument("--debug-steps", action="store_true", help="block on every step and log its shapes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("jaxllm.runner.model_runner").setLevel(logging.DEBUG)
@@ -79,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for _, n in reqs]
     timings = _instrument(llm)
+    if args.debug_steps:
+        _debug_steps(llm, os.path.dirname(args.output_json or "") or None)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
