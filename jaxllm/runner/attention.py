@@ -81,13 +81,9 @@ def _select(backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, ru
         if reason is not None:
             raise ValueError(f"--attention-backend pallas cannot run this model: {reason}")
     elif backend == "auto":
-        # NOTE: the Mosaic GPU kernel passes the CPU simulator and the CUDA cross-lowering check
-        # but has not yet been validated or timed on a GPU, and compiling it into all 32 layers of
-        # an 8B model took ~2 minutes per bucket on H100. Until it is, auto means the XLA path;
-        # --attention-backend pallas opts in.
-        reason = reason or "the Pallas kernel is opt-in until it is validated on a GPU (--attention-backend pallas)"
-        logger.info("Attention: XLA path (%s)", reason)
-        return ragged_paged_attention_xla, "xla"
+        if reason is not None:
+            logger.info("Attention: XLA path (%s)", reason)
+            return ragged_paged_attention_xla, "xla"
     else:
         raise ValueError(f"unknown attention backend {backend!r}")
     from pallas_kernels.ragged_paged_attention.mosaic_gpu import ragged_paged_attention_mosaic
