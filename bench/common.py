@@ -79,6 +79,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-buckets", type=int, nargs="*")
 
 
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags of bench.throughput, for the other benches that build an `LLM`."""
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict:
+    """`LLM(**llm_kwargs(args))` from add_model_args + add_engine_args flags (the model gets its tokenizer)."""
+    kwargs = dict(model=model_dir_with_tokenizer(args.model), load_format=args.load_format, dtype=args.dtype,
+                  max_model_len=args.max_model_len, attention_backend=args.attention_backend,
+                  tensor_parallel_size=args.tensor_parallel_size)
+    optional = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    token_buckets=args.token_buckets)
+    return kwargs | {k: v for k, v in optional.items() if v}
+
+
 def write_json(result: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:

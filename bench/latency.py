@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench import workload
-from bench.common import add_model_args, fold_into_vocab, model_dir_with_tokenizer, summary_ms, write_json
+from bench.common import add_engine_args, add_model_args, fold_into_vocab, llm_kwargs, summary_ms, write_json
 from jaxllm import LLM, RequestOutput, SamplingParams
 
 
@@ -64,18 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-iters-warmup", type=int, default=3)
     p.add_argument("--num-iters", type=int, default=10)
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    add_engine_args(p)
     p.add_argument("--output-json")
     args = p.parse_args(argv)
     if args.input_len + args.output_len > args.max_model_len:
         p.error(f"--input-len + --output-len ({args.input_len + args.output_len}) exceeds --max-model-len")
 
-    kwargs = {"token_buckets": args.token_buckets} if args.token_buckets else {}
     t0 = time.perf_counter()
-    llm = LLM(model_dir_with_tokenizer(args.model), load_format=args.load_format, dtype=args.dtype,
-              max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-              tensor_parallel_size=args.tensor_parallel_size, **kwargs)
+    llm = LLM(**llm_kwargs(args))
     startup_s = time.perf_counter() - t0
     vocab = llm.engine.vocab_size
     params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
