@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
 import os
+import pstats
 import time
 
 import numpy as np
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--output-json")
     p.add_argument("--debug-steps", action="store_true", help="block on every step and log its shapes")
+    p.add_argument("--profile", action="store_true", help="cProfile the run; print the top functions")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("jaxllm.runner.model_runner").setLevel(logging.DEBUG)
@@ -120,9 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
     timings = _instrument(llm)
     if args.debug_steps:
         _debug_steps(llm, os.path.dirname(args.output_json or "") or None)
+    profiler = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(ids) for ids, _ in reqs)
     assert out_tokens == sum(n for _, n in reqs), "every request must produce exactly its max_tokens"
