@@ -15,9 +15,15 @@ measured the same requests.
         --num-prompts 200 --max-seconds 90 --run-jaxllm --output-json hf.json
     python -m bench.hf_compare --model bench/configs/llama-3.1-8b --jaxllm-json offline-xla.json
 
-CPU smoke (tiny model, vocab 512: the workload ids are folded into it):
-    .venv/bin/python -m bench.hf_compare --model jaxllm/data/stories260K --num-prompts 8 --max-seconds 60 \
-        --hf-batch-size 4
+CPU smoke (tiny model, vocab 512: the workload ids are folded into it; one torch thread, as a
+shared CPU makes torch's threads spin; --max-seconds 1.5 with --dataset fixed --output-len 300 shows
+the truncation):
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.hf_compare --model jaxllm/data/stories260K \
+        --num-prompts 8 --max-seconds 60 --hf-batch-size 4
+and --run-jaxllm on a config with the Llama-3 vocabulary (bench.throughput does not fold ids into a
+smaller one), e.g. a 2-layer, hidden-64 Llama config.json with vocab_size 128256 in DIR:
+    JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 .venv/bin/python -m bench.hf_compare --model DIR --num-prompts 8 \
+        --max-model-len 512 --token-buckets 16 64 --run-jaxllm --max-seconds 30 --hf-batch-size 4
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from bench.common import add_model_args, config_vocab_size, requests_for, write_json
@@ -72,11 +79,18 @@ def _hf_runs(args: argparse.Namespace, reqs: list[tuple[list[int], int]], device
     results = {}
     for key in args.engines:
         print(f"HF {ENGINES[key]} on {len(reqs)} requests (at most {args.max_seconds:.0f} s)...", flush=True)
-        if key == "cb":
-            r = hf_engines.run_continuous_batching(model, reqs, args.max_seconds, device, args.hf_num_blocks,
-                                                   args.hf_max_batch_tokens)
-        else:
-            r = hf_engines.run_static(model, reqs, args.max_seconds, device, args.hf_batch_size)
+        try:
+            if key == "cb":
+                r = hf_engines.run_continuous_batching(model, reqs, args.max_seconds, device, args.hf_num_blocks,
+                                                       args.hf_max_batch_tokens)
+            else:
+                r = hf_engines.run_static(model, reqs, args.max_seconds, device, args.hf_batch_size)
+        except Exception as e:  # one engine failing still reports the other
+            traceback.print_exc()
+            results[ENGINES[key]] = {"engine": ENGINES[key], "error": f"{type(e).__name__}: {e}",
+                                     "output_tokens_per_s": 0.0, "truncated": False}
+            print(f"  FAILED: {type(e).__name__}: {e}", flush=True)
+            continue
         results[r["engine"]] = r
         print(f"  {r['output_tokens_per_s']} output tokens/s: {r['output_tokens']} of {r['requested_output_tokens']}"
               f" tokens in {r['elapsed_s']} s" + (" (TRUNCATED at --max-seconds)" if r["truncated"] else ""),
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.jaxllm_json and args.run_jaxllm:
         p.error("--jaxllm-json and --run-jaxllm exclude each other")
+    if args.hf_batch_size < 1 or args.num_prompts < 1:
+        p.error("--hf-batch-size and --num-prompts must be positive")
 
     # random weights from a local config: nothing to fetch (and HF's flash-kernel probe must not try to)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,10 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
               + ("" if same else " (NOT the requests HF ran: the ratio compares different workloads)"))
         for name, ratio in result["ratio_jaxllm_over"].items():
             print(f"jaxllm / {name}: {ratio}x" + (" (HF truncated at --max-seconds)" if hf[name]["truncated"] else ""))
-    print(json.dumps(result, indent=1))
     write_json(result, args.output_json)
+    print(json.dumps(result, indent=1))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any("error" in r for r in main()["hf"].values()) else 0)

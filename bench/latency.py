@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> dict:
         "attention": llm.engine.runner.attention_name,
         "latencies_s": [round(x, 5) for x in latencies],
     }
+    write_json(result, args.output_json)
     print(json.dumps(result, indent=1))
     print(f"latency: batch {args.batch_size}, {args.input_len} in / {args.output_len} out: "
           f"median {stats['median_latency_ms']:.1f} ms, p99 {stats['p99_latency_ms']:.1f} ms, "
           f"{stats['median_per_token_ms']:.2f} ms/token"
           + (f", decode {stats['median_decode_per_token_ms']:.2f} ms/token after a "
              f"{stats['median_ttft_ms']:.1f} ms first token" if "median_ttft_ms" in stats else ""))
-    write_json(result, args.output_json)
     return result
 
 

@@ -128,11 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--output-json")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))
+    write_json(result, args.output_json)
     print(table(result))
     if result["failed"] or result["requests_with_unexpected_length"]:
         print(f"WARNING: {result['failed']} failed, {result['requests_with_unexpected_length']} with a length "
               f"other than max_tokens; errors: {result['errors']}")
-    write_json(result, args.output_json)
     return result
 
 
