@@ -9,7 +9,7 @@ that size, the one `bench.throughput --num-prompts N` runs too) and each engine 
 jaxllm's figure comes from --jaxllm-json (a bench.throughput result) or --run-jaxllm (runs
 bench.throughput on the same requests first, in a subprocess, before torch takes GPU memory);
 the ratios are jaxllm output tokens/s over each HF engine's; `same_requests` says whether the two
-measured the same requests.
+measured the same requests. Printed: the JSON, then a markdown table.
 
     python -m bench.hf_compare --model bench/configs/llama-3.1-8b --max-model-len 4096 \
         --num-prompts 200 --max-seconds 90 --run-jaxllm --output-json hf.json
@@ -153,13 +153,27 @@ def main(argv: list[str] | None = None) -> dict:
                                                        "num_prompts", "dataset", "attention")}
         result["same_requests"] = same
         result["ratio_jaxllm_over"] = ratios(jaxllm, hf)
-        print(f"jaxllm: {jaxllm['output_tokens_per_s']} output tokens/s on {jaxllm.get('num_prompts')} requests"
-              + ("" if same else " (NOT the requests HF ran: the ratio compares different workloads)"))
-        for name, ratio in result["ratio_jaxllm_over"].items():
-            print(f"jaxllm / {name}: {ratio}x" + (" (HF truncated at --max-seconds)" if hf[name]["truncated"] else ""))
     write_json(result, args.output_json)
     print(json.dumps(result, indent=1))
+    print(summary_table(result))
     return result
+
+
+def summary_table(result: dict) -> str:
+    """Markdown rows: each engine's output tokens/s, then jaxllm's ratio over each HF engine."""
+    rows = ["| engine | output tok/s | tokens done / asked | seconds | note |", "|---|---:|---:|---:|---|"]
+    for name, r in result["hf"].items():
+        note = r.get("error") or ("TRUNCATED at --max-seconds" if r["truncated"] else "")
+        rows.append(f"| {name} | {r['output_tokens_per_s']} | {r.get('output_tokens')} / "
+                    f"{r.get('requested_output_tokens')} | {r.get('elapsed_s')} | {note} |")
+    if "jaxllm" in result:
+        j = result["jaxllm"]
+        same = "same requests" if result["same_requests"] else "NOT the requests HF ran: a different workload"
+        rows.append(f"| jaxllm ({j.get('attention')}) | {j['output_tokens_per_s']} | {j.get('num_prompts')} requests | "
+                    f"{j.get('elapsed_s')} | {same} |")
+        rows += [f"| jaxllm / {name} | {ratio}x | | | {'HF truncated' if result['hf'][name]['truncated'] else ''} |"
+                 for name, ratio in result["ratio_jaxllm_over"].items()]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

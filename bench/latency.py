@@ -6,9 +6,10 @@ with its own seed), so no prefix-cache hit shortens a prefill.
     python -m bench.latency --model bench/configs/llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --max-model-len 4096 --input-len 32 --output-len 128 --batch-size 1 --output-json latency.json
 
-Reported (ms): end-to-end latency of one generate call (mean/median/p99), per output token
-(latency / output_len), and from the engine's request metrics the time to first token and the
-decode time per token after it ((e2e - ttft) / (output_len - 1)), the figure issue 8 bounds.
+Reported (ms; the JSON, then a markdown row of medians): end-to-end latency of one generate call
+(mean/median/p99), per output token (latency / output_len), and from the engine's request
+metrics the time to first token and the decode time per token after it
+((e2e - ttft) / (output_len - 1)), the figure issue 8 bounds.
 
 CPU smoke (bundled tiny model, vocab 512: workload ids are folded into it):
     JAX_PLATFORMS=cpu .venv/bin/python -m bench.latency --model jaxllm/data/stories260K \
@@ -94,11 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     write_json(result, args.output_json)
     print(json.dumps(result, indent=1))
-    print(f"latency: batch {args.batch_size}, {args.input_len} in / {args.output_len} out: "
-          f"median {stats['median_latency_ms']:.1f} ms, p99 {stats['p99_latency_ms']:.1f} ms, "
-          f"{stats['median_per_token_ms']:.2f} ms/token"
-          + (f", decode {stats['median_decode_per_token_ms']:.2f} ms/token after a "
-             f"{stats['median_ttft_ms']:.1f} ms first token" if "median_ttft_ms" in stats else ""))
+    print("| batch | input | output | median ms | p99 ms | ms/token | decode ms/token | TTFT ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    nan = float("nan")
+    print(f"| {args.batch_size} | {args.input_len} | {args.output_len} | {stats['median_latency_ms']:.1f} | "
+          f"{stats['p99_latency_ms']:.1f} | {stats['median_per_token_ms']:.2f} | "
+          f"{stats.get('median_decode_per_token_ms', nan):.2f} | {stats.get('median_ttft_ms', nan):.1f} |")
     return result
 
 

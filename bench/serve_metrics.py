@@ -54,6 +54,7 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
 
 
 _ROWS = [
+    ("Request rate (req/s)", "request_rate"), ("Max concurrency", "max_concurrency"),
     ("Successful requests", "completed"), ("Failed requests", "failed"),
     ("Benchmark duration (s)", "duration_s"), ("Total input tokens", "total_input_tokens"),
     ("Total generated tokens", "total_output_tokens"), ("Request throughput (req/s)", "request_throughput"),
@@ -63,13 +64,12 @@ _ROWS = [
 
 
 def table(result: dict) -> str:
-    """vLLM's printed summary: the totals, then mean/median/p99 of TTFT, TPOT and ITL."""
-    lines = ["{s:{c}^60}".format(s=" Serving Benchmark Result ", c="=")]
-    lines += [f"{label:<45}{result[key]:>15}" for label, key in _ROWS if key in result]
-    for name, key in (("Time to First Token", "ttft"), ("Time per Output Token (excl. 1st token)", "tpot"),
-                      ("Inter-token Latency", "itl")):
-        lines.append("{s:{c}^60}".format(s=f" {name} ", c="-"))
-        lines += [f"{f'{stat.capitalize()} {key.upper()} (ms):':<45}{result[f'{stat}_{key}_ms']:>15.2f}"
-                  for stat in ("mean", "median", "p99")]
-    lines.append("=" * 60)
-    return "\n".join(lines)
+    """The printed summary, as a markdown table (rows start with "|", ready for RESULTS.md): the
+    totals, then mean/median/p99 of TTFT, TPOT and ITL, in vLLM `bench serve`'s words."""
+    rows = [(label, result[key]) for label, key in _ROWS if key in result]
+    for name, key in (("TTFT", "ttft"), ("TPOT (excl. 1st token)", "tpot"), ("ITL", "itl")):
+        rows += [(f"{stat.capitalize()} {name} (ms)", f"{result[f'{stat}_{key}_ms']:.2f}")
+                 for stat in ("mean", "median", "p99")]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"| {'Serving benchmark':<{width}} | {'value':>10} |", f"|{'-' * (width + 2)}|{'-' * 11}:|"]
+    return "\n".join(lines + [f"| {label:<{width}} | {value!s:>10} |" for label, value in rows])

@@ -47,7 +47,8 @@ def test_serve_summary_from_timestamps():
     assert r["mean_itl_ms"] == pytest.approx(np.mean([50, 100, 100]), abs=1e-3)
     assert r["p99_itl_ms"] == pytest.approx(np.percentile([50, 100, 100], 99), abs=1e-3)
     text = table(r)
-    assert "Median TTFT (ms):" in text and "P99 ITL (ms):" in text and "Output token throughput" in text
+    assert all(line.startswith("|") for line in text.splitlines())
+    assert "| Median TTFT (ms)" in text and "| P99 ITL (ms)" in text and "| Output token throughput (tok/s)" in text
 
 
 def test_arrivals_all_at_once_or_poisson():
