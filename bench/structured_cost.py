@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     extra = {"token_buckets": args.token_buckets} if args.token_buckets else {}
     llm = LLM(model_dir_with_tokenizer(args.model), load_format=args.load_format, dtype=args.dtype,
-              max_model_len=args.max_model_len, max_num_seqs=max(args.batch, 16), **extra)
+              max_model_len=args.max_model_len, **extra)  # default budgets: shares the offline bench's compiles
     rng = np.random.default_rng(0)
-    prompts = [{"prompt_token_ids": rng.integers(1000, 100000, 128).tolist()} for _ in range(args.batch)]
+    high = min(100000, llm.engine.vocab_size)
+    prompts = [{"prompt_token_ids": rng.integers(high // 100, high, 128).tolist()} for _ in range(args.batch)]
     free = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=1)
     constrained = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=1,
                                  structured_outputs=StructuredOutputsParams(json=SCHEMA))

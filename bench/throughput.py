@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
               max_model_len=args.max_model_len, attention_backend=args.attention_backend,
               tensor_parallel_size=args.tensor_parallel_size, **kwargs)
     startup_s = time.perf_counter() - t0
-    reqs = requests_for(args.dataset, args.num_prompts, args.input_len, args.output_len)
+    reqs = requests_for(args.dataset, args.num_prompts, args.input_len, args.output_len, llm.engine.vocab_size)
     prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
     params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for _, n in reqs]
     timings = _instrument(llm)
