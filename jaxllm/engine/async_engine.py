@@ -6,6 +6,10 @@
 Only the engine thread touches the `LLMEngine`. It sleeps on an Event while there is no work.
 If a step raises, the engine is dead: every open stream raises `EngineDeadError` (caused by the
 original error) and new requests are refused with it.
+
+With `publish` (process 0 of a multi-process run), each loop iteration's engine calls are sent to
+the other processes before the step, and a final stop message when the loop ends
+(`jaxllm.engine.replication`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.metrics import EngineMetrics
+from jaxllm.engine.replication import EngineCall, Publish, StepMessage
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -41,8 +46,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, publish: Publish | None = None) -> None:
         self._engine = engine
+        self._publish = publish
+        self._journal: list[EngineCall] = []  # engine calls of this loop iteration (when publishing)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._commands: list[Callable[[], None]] = []  # run on the engine thread, in order
@@ -106,11 +113,11 @@ class AsyncEngine:
         finally:
             if not finished:  # the consumer went away (disconnect, cancellation): free its pages now
                 self._close_stream(request_id)
-                self._submit(lambda: self._engine.abort_request(request_id))
+                self._submit(lambda: self._call("abort_request", request_id))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with a final output whose finish_reason is "abort"."""
-        self._submit(lambda: self._engine.abort_request(request_id))
+        self._submit(lambda: self._call("abort_request", request_id))
 
     def metrics(self) -> EngineMetrics:
         return self._engine.metrics.snapshot()
@@ -145,10 +152,21 @@ class AsyncEngine:
         if stream is None:
             return  # cancelled before it reached the engine
         try:
-            self._engine.add_request(request_id, prompt_token_ids, sampling_params, prompt, cache_salt, delta=True)
+            self._call("add_request", request_id, prompt_token_ids, sampling_params, prompt, cache_salt, delta=True)
         except ValueError as e:
             self._close_stream(request_id)
             stream.put(e)
+
+    def _call(self, method: str, *args, **kwargs) -> None:
+        """An add/abort on the engine, journaled first when publishing (replayed even if it raises)."""
+        if self._publish is not None:
+            self._journal.append(EngineCall(method, args, kwargs))
+        getattr(self._engine, method)(*args, **kwargs)
+
+    def _publish_iteration(self, step: bool) -> None:
+        if self._publish is not None and (self._journal or step):
+            calls, self._journal = self._journal, []
+            self._publish(StepMessage(calls, step))
 
     def _close_stream(self, request_id: str) -> _Stream | None:
         with self._lock:
@@ -166,7 +184,9 @@ class AsyncEngine:
                     commands, self._commands = self._commands, []
                 for command in commands:
                     command()
-                if self._engine.has_unfinished_requests():
+                stepping = self._engine.has_unfinished_requests()
+                self._publish_iteration(stepping)
+                if stepping:
                     self._deliver(self._engine.step())
         except BaseException as e:  # any failure kills the engine
             logger.exception("engine loop died")
@@ -175,6 +195,12 @@ class AsyncEngine:
                 streams, self._streams = list(self._streams.values()), {}
             for stream in streams:
                 stream.put(self._dead())
+        finally:
+            if self._publish is not None:
+                try:
+                    self._publish(StepMessage([], step=False, stop=True))
+                except Exception:  # the other processes then fail on their own (runtime timeouts)
+                    logger.exception("could not tell the other processes to stop")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
