@@ -104,8 +104,23 @@ class ParallelConfig:
     distributed_coordinator: str | None = option(
         None, "host:port of process 0 for a multi-process run (jax.distributed.initialize)."
     )
-    num_processes: int = option(1, "Processes in a multi-process run.")
-    process_id: int = option(0, "This process's index in a multi-process run.")
+    num_processes: int = option(1, "Processes in a multi-process run (one per host; all run the same requests).")
+    process_id: int = option(0, "This process's index in a multi-process run (0 is the coordinator).")
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.num_processes < 1:
+            raise ValueError(f"num_processes must be at least 1, got {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id={self.process_id} must be in [0, num_processes={self.num_processes})")
+        if self.num_processes > 1:
+            host, _, port = (self.distributed_coordinator or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(
+                    f"num_processes={self.num_processes} needs distributed_coordinator as host:port of process 0, "
+                    f"got {self.distributed_coordinator!r}"
+                )
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from jaxllm.config import EngineConfig
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.engine.replication import follow
 from jaxllm.generation_config import GenerationDefaults, load_generation_defaults
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
@@ -36,8 +37,11 @@ class EngineParts:
 
 def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool = False) -> EngineParts:
     """Load the model, compile it, size the KV pool and wire the engine around it."""
-    from jaxllm.runner.model_runner import ModelRunner  # the only jax import on this path
+    # The only jax imports on this path:
+    from jaxllm import distributed  # noqa: PLC0415
+    from jaxllm.runner.model_runner import ModelRunner  # noqa: PLC0415
 
+    distributed.initialize(config.parallel)  # before any device is touched
     runner = ModelRunner(config, served=served)
     config = runner.config  # resolved: max_model_len, budgets, number of pages
     model_dir = runner.model.model_dir
@@ -54,11 +58,29 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
 
 
 def build_async_engine(config: EngineConfig, *, log_stats: bool = True) -> AsyncEngine:
+    """The server's engine. On process 0 of a multi-process run, it publishes its engine calls."""
     parts = build_engine(config, served=True, log_stats=log_stats)
-    engine = AsyncEngine(parts.engine)
+    publish = None
+    if config.parallel.num_processes > 1:
+        from jaxllm import distributed  # noqa: PLC0415
+
+        publish = distributed.StepPublisher(config.parallel.num_processes)
+    engine = AsyncEngine(parts.engine, publish)
     engine.generation_defaults = parts.generation_defaults
     engine.chat_template = parts.chat_template
     return engine
+
+
+def follow_process_zero(config: EngineConfig) -> int:
+    """Processes 1..N-1 of a multi-process server: no HTTP; build the same engine and replay process 0's
+    engine loop until it stops (`jaxllm.engine.replication`). Returns the number of steps run."""
+    from jaxllm import distributed  # noqa: PLC0415
+
+    parts = build_engine(config, served=True)
+    logger.info("Process %d: following process 0's engine loop (process 0 serves HTTP)", config.parallel.process_id)
+    steps = follow(parts.engine, distributed.StepReceiver(config.parallel.process_id))
+    logger.info("Process 0 stopped; %d steps run here", steps)
+    return steps
 
 
 def _grammar_compiler(tokenizer, vocab_size: int):
@@ -162,7 +184,9 @@ class LLM:
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         wanted = set(order)
-        bar = tqdm(total=len(order), desc="Processed prompts", unit="req", disable=not use_tqdm)
+        # NOTE: in a multi-process run every process returns the same outputs; only process 0 shows progress.
+        show = use_tqdm and self.engine.config.parallel.process_id == 0
+        bar = tqdm(total=len(order), desc="Processed prompts", unit="req", disable=not show)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.finished and out.request_id in wanted and out.request_id not in finished:

@@ -38,8 +38,8 @@ from serve.engine_client import EngineClient, ServingContext
 
 logger = logging.getLogger("jaxllm.serve")
 
-# Short aliases vLLM has for some flags.
-_ALIASES = {"tensor_parallel_size": ["-tp"]}
+# vLLM's spellings of some flags (--nnodes / --node-rank: one jaxllm process per host).
+_ALIASES = {"tensor_parallel_size": ["-tp"], "num_processes": ["--nnodes"], "process_id": ["--node-rank"]}
 # Flags whose integer value may be written 8k / 1M, as vLLM accepts.
 _SIZE_FLAGS = {"max_model_len", "max_num_batched_tokens"}
 # vLLM flags accepted with a warning: (flag, takes a value). Booleans also accept their --no- form.
@@ -141,7 +141,10 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m jaxllm.serve")
     if model_tag is not None:
         ns["model"] = model_tag
     engine_names = set(field_owners())
-    engine_config = EngineConfig.from_kwargs(**{k: v for k, v in ns.items() if k in engine_names})
+    try:
+        engine_config = EngineConfig.from_kwargs(**{k: v for k, v in ns.items() if k in engine_names})
+    except ValueError as e:  # e.g. --num-processes 2 without --distributed-coordinator
+        parser.error(str(e))
     server_values = {f.name: ns[f.name] for f in dataclasses.fields(ServerArgs)}
     for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
         server_values[name] = _json_or_list(server_values[name])
@@ -225,7 +228,11 @@ def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve") -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     engine_config, server_args = parse_args(argv, prog)
-    from jaxllm.llm import build_async_engine  # noqa: PLC0415  (the only import of device code)
+    from jaxllm.llm import build_async_engine, follow_process_zero  # noqa: PLC0415  (the only import of device code)
+
+    if engine_config.parallel.process_id > 0:  # multi-process: process 0 serves HTTP, the others follow it
+        follow_process_zero(engine_config)
+        return 0
 
     engine = build_async_engine(engine_config, log_stats=not server_args.disable_log_stats)
     ctx = make_context(engine, engine.config, server_args, default_sampling=engine.generation_defaults.sampling,

@@ -34,12 +34,35 @@ class ShardingRules:
 
 
 def make_mesh(tp: int, devices=None) -> Mesh:
-    devices = list(devices if devices is not None else jax.devices())
+    devices = list(devices if devices is not None else default_devices(tp))
     if tp > len(devices):
         raise ValueError(f"tensor_parallel_size={tp} exceeds the {len(devices)} visible devices")
     # NOTE: jax.sharding.Mesh keeps AxisType.Auto, so GSPMD propagates shardings between the
     # annotated weights (jax.make_mesh would default to Explicit axes).
     return Mesh(np.array(devices[:tp]), (TP,))
+
+
+def default_devices(tp: int) -> list:
+    """The devices a tp mesh takes: the first tp of one process; in a multi-process run, tp / N
+    local devices of each of the N processes (every process must hold part of every step)."""
+    devices = jax.devices()
+    num_processes = jax.process_count()
+    if num_processes == 1:
+        return devices
+    if tp % num_processes:
+        raise ValueError(
+            f"tensor_parallel_size={tp} must be a multiple of the {num_processes} processes "
+            "(each process holds an equal share of the mesh)"
+        )
+    per_process = tp // num_processes
+    local = [[d for d in devices if d.process_index == p] for p in range(num_processes)]
+    short = [p for p, ds in enumerate(local) if len(ds) < per_process]
+    if short:
+        raise ValueError(
+            f"tensor_parallel_size={tp} over {num_processes} processes needs {per_process} devices in each; "
+            f"process {short[0]} has {len(local[short[0]])}"
+        )
+    return [d for ds in local for d in ds[:per_process]]
 
 
 def rules_for(arch: ModelArch, tp: int) -> ShardingRules:

@@ -53,6 +53,21 @@ def test_positional_model_and_api_key_from_the_environment(monkeypatch: pytest.M
     assert parse_args(["--api-key", "flag"])[1].api_key == "flag"
 
 
+def test_multi_process_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    parallel = parse_args(["--distributed-coordinator", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1",
+                           "-tp", "16"])[0].parallel
+    assert (parallel.distributed_coordinator, parallel.num_processes, parallel.process_id) == ("10.0.0.1:1234", 2, 1)
+    vllm = parse_args(["--distributed-coordinator", "h:1", "--nnodes", "4", "--node-rank", "3"])[0].parallel
+    assert (vllm.num_processes, vllm.process_id) == (4, 3)
+    assert parse_args([])[0].parallel.num_processes == 1
+    for argv, message in ((["--num-processes", "2"], "needs distributed_coordinator as host:port"),
+                          (["--nnodes", "2", "--node-rank", "2", "--distributed-coordinator", "h:1"],
+                           r"process_id=2 must be in [0, num_processes=2)")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_vllm_flags_without_meaning_are_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="jaxllm.serve"):
         parse_args(["--trust-remote-code", "--enforce-eager", "--swap-space", "4", "--enable-chunked-prefill",
