@@ -285,10 +285,7 @@ class ModelRunner:
             logits_indices = np.arange(num_tokens, dtype=np.int32)
         meta, layout = pack_forward(arrays, logits_indices)
         sampling_meta, sampling_layout = pack({f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)})
-        # NOTE: two calls, not one batched device_put: the GPU runtime may coalesce a batch into one
-        # allocation, and an executable refuses an input that is not 256-byte aligned.
-        meta = jax.device_put(meta, self._replicated)
-        sampling_meta = jax.device_put(sampling_meta, self._replicated)
+        meta, sampling_meta = jax.device_put((meta, sampling_meta), self._replicated)  # one transfer
         args = (self.model.leaves, self.kv_pages, meta, self._prev_tokens)
         if want_prompt_logprobs:  # rare: every token's logits, through the (lazily compiled) jit
             key = ("forward-all-logits", num_tokens, pages_per_seq)

@@ -16,10 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 _WORD = np.dtype(np.int32)
-# NOTE: buffers are padded to 256 bytes: a batched device_put on the GPU may place its arrays
-# back to back in one allocation, and an XLA executable refuses an input that is not 256-byte
-# aligned ("Input buffer 1 is not 256-byte aligned", seen on the H200).
-_ALIGN_WORDS = 64
 
 
 @dataclass(frozen=True)
@@ -30,9 +26,7 @@ class Layout:
 
     @property
     def size(self) -> int:
-        """Words in the buffer: the fields, then padding up to a multiple of 256 bytes."""
-        used = sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in self.fields)
-        return -(-used // _ALIGN_WORDS) * _ALIGN_WORDS
+        return sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in self.fields)
 
 
 def layout_of(arrays: Mapping[str, np.ndarray | None]) -> Layout:
@@ -42,7 +36,7 @@ def layout_of(arrays: Mapping[str, np.ndarray | None]) -> Layout:
 def pack(arrays: Mapping[str, np.ndarray | None]) -> tuple[np.ndarray, Layout]:
     """numpy arrays (None: absent) -> (int32 buffer [layout.size], layout)."""
     layout = layout_of(arrays)
-    out = np.zeros(layout.size, _WORD)
+    out = np.empty(layout.size, _WORD)
     offset = 0
     for name, _, _ in layout.fields:
         a = np.asarray(arrays[name])
