@@ -32,7 +32,6 @@ from jaxllm.runner import kv_cache
 from jaxllm.runner.attention import select_attention
 from jaxllm.runner.input_batch import InputBatch, StepArrays, sampler_flags, sampling_arrays
 from jaxllm.runner.model_loading import LoadedModel, load_model
-from jaxllm.runner.packing import Layout, pack, unpack
 from jaxllm.runner.sampler import MAX_LOGPROBS, SamplerFlags, SamplingBatch, sample
 
 logger = logging.getLogger(__name__)
@@ -100,7 +99,7 @@ class ModelRunner:
         setup_compilation_cache(config.compilation_cache_dir)
         self.model: LoadedModel = load_model(config.model, config.parallel, devices)
         arch, mesh = self.model.arch, self.model.mesh
-        device = mesh.local_devices[0]  # one this process holds (multi-process: memory stats, defaults)
+        device = mesh.devices.flat[0]
         self.platform = device.platform
         self.vocab_size = arch.vocab_size
         self.max_model_len = self._resolve_max_model_len(config)
@@ -115,9 +114,7 @@ class ModelRunner:
             config.model.attention_backend, arch, self.model.dtype, self.page_size, mesh, self.model.rules
         )
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self._forward = jax.jit(
-            partial(_forward_packed, self.model.forward_fn(self.attention)), donate_argnums=(1,), static_argnums=(4,)
-        )
+        self._forward = jax.jit(self.model.forward_fn(self.attention), donate_argnums=(1,))
         self._compiled: dict[tuple, Any] = {}
         self._warm = False
 
@@ -172,10 +169,19 @@ class ModelRunner:
         return dataclasses.replace(config, scheduler=new_sched, model=model)
 
     def _abstract_args(self, num_tokens: int, pages_per_seq: int, num_pages: int | None = None):
-        """(leaves, kv_pages, packed metadata, prev_tokens, layout) of one forward bucket."""
+        num_slots = min(num_tokens, self.max_num_seqs)
         rep = self._replicated
-        layout = forward_layout(num_tokens, min(num_tokens, self.max_num_seqs), pages_per_seq)
-        meta = jax.ShapeDtypeStruct((layout.size,), jnp.int32, sharding=rep)
+        i32 = partial(jax.ShapeDtypeStruct, dtype=jnp.int32, sharding=rep)
+        batch = ForwardBatch(
+            input_ids=i32((num_tokens,)),
+            positions=i32((num_tokens,)),
+            slot_mapping=i32((num_tokens,)),
+            cu_q_lens=i32((num_slots + 1,)),
+            kv_lens=i32((num_slots,)),
+            page_indices=i32((num_slots, pages_per_seq)),
+            num_seqs=i32((1,)),
+            logits_indices=i32((num_slots,)),
+        )
         leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in self.model.leaves]
         if num_pages is None:
             kv = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in self.kv_pages]
@@ -186,8 +192,9 @@ class ModelRunner:
             shape = kv_pages_shape(self.model.arch, num_pages, self.page_size)
             sharding = kv_pages_sharding(self.model.mesh, self.model.rules)
             kv = [jax.ShapeDtypeStruct(shape, self.model.dtype, sharding=sharding)] * self.model.arch.num_layers
-        prev_tokens = jax.ShapeDtypeStruct((self.max_num_seqs,), jnp.int32, sharding=rep)
-        return leaves, kv, meta, prev_tokens, layout
+        placeholder_rows = i32((num_tokens,))
+        prev_tokens = i32((self.max_num_seqs,))
+        return leaves, kv, batch, placeholder_rows, prev_tokens
 
     def _activation_bytes(self) -> int:
         """Temp memory of the largest bucket's forward, compiled against a small stand-in pool."""
@@ -245,19 +252,21 @@ class ModelRunner:
             self._warn_compile(key)
             max_seqs = self.max_num_seqs
 
-            def run(logits, meta, layout: Layout):
-                tokens, logprobs = sample(logits, SamplingBatch(**unpack(meta, layout)), flags)
+            def run(logits, batch):
+                tokens, logprobs = sample(logits, batch, flags)
                 padded = jnp.zeros(max_seqs, jnp.int32).at[: tokens.shape[0]].set(tokens)
                 return padded, logprobs
 
-            fn = jax.jit(run, static_argnums=(2,))
-            if aot:  # the warm variants: temperature, seeds, positions (+ bitmask) columns only
+            fn = jax.jit(run)
+            if aot:
                 rep = self._replicated
-                layout = warm_sampling_layout(num_slots, self.vocab_size, flags.bitmask)
+                row = lambda dtype: jax.ShapeDtypeStruct((num_slots,), dtype, sharding=rep)  # noqa: E731
                 logits = jax.ShapeDtypeStruct((num_slots, self.vocab_size), jnp.float32, sharding=rep)
-                meta = jax.ShapeDtypeStruct((layout.size,), jnp.int32, sharding=rep)
-                compiled = fn.lower(logits, meta, layout).compile()
-                fn = lambda logits, meta, layout, compiled=compiled: compiled(logits, meta)  # noqa: E731
+                batch = SamplingBatch(row(jnp.float32), row(jnp.uint32), row(jnp.int32))
+                if flags.bitmask:
+                    words = -(-self.vocab_size // 32)
+                    batch.bitmask = jax.ShapeDtypeStruct((num_slots, words), jnp.int32, sharding=rep)
+                fn = fn.lower(logits, batch).compile()
             self._compiled[key] = fn
         return fn
 
@@ -283,20 +292,23 @@ class ModelRunner:
         logits_indices = arrays.logits_indices
         if want_prompt_logprobs:  # every token's logits; rows for sampling picked afterwards
             logits_indices = np.arange(num_tokens, dtype=np.int32)
-        meta, layout = pack_forward(arrays, logits_indices)
-        sampling_meta, sampling_layout = pack({f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)})
-        meta, sampling_meta = jax.device_put((meta, sampling_meta), self._replicated)  # one transfer
-        args = (self.model.leaves, self.kv_pages, meta, self._prev_tokens)
+        host = (
+            arrays.input_ids, arrays.positions, arrays.slot_mapping, arrays.cu_q_lens, arrays.kv_lens,
+            arrays.page_indices, arrays.num_seqs, logits_indices, arrays.placeholder_rows,
+        )
+        dev, sampling = jax.device_put((host, sampling), self._replicated)  # one transfer
+        batch = ForwardBatch(*dev[:8])
+        args = (self.model.leaves, self.kv_pages, batch, dev[8], self._prev_tokens)
         if want_prompt_logprobs:  # rare: every token's logits, through the (lazily compiled) jit
             key = ("forward-all-logits", num_tokens, pages_per_seq)
             if key not in self._compiled:
                 self._warn_compile(key)
                 self._compiled[key] = self._forward
-            self.kv_pages, all_logits = self._forward(*args, layout)
+            self.kv_pages, all_logits = self._forward(*args)
             logits = all_logits[jnp.asarray(arrays.logits_indices)]
         else:
             self.kv_pages, logits = self._compiled_forward(num_tokens, pages_per_seq)(*args)
-        tokens, logprobs = self._sampler(num_slots, flags)(logits, sampling_meta, sampling_layout)
+        tokens, logprobs = self._sampler(num_slots, flags)(logits, sampling)
         prompt_lp = None
         if want_prompt_logprobs:
             targets = np.zeros(num_tokens, np.int32)
@@ -350,39 +362,6 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self.kv_pages = []
-
-
-_FORWARD_FIELDS = ("input_ids", "positions", "slot_mapping", "cu_q_lens", "kv_lens", "page_indices", "num_seqs",
-                   "logits_indices", "placeholder_rows")
-
-
-def forward_layout(num_tokens: int, num_slots: int, pages_per_seq: int) -> Layout:
-    """The packed metadata of a forward bucket (T tokens, S slots, P pages per slot)."""
-    t, s = (num_tokens,), (num_slots,)
-    shapes = (t, t, t, (num_slots + 1,), s, (num_slots, pages_per_seq), (1,), s, t)
-    return Layout(tuple((name, shape, "int32") for name, shape in zip(_FORWARD_FIELDS, shapes, strict=True)))
-
-
-def pack_forward(arrays: StepArrays, logits_indices: np.ndarray) -> tuple[np.ndarray, Layout]:
-    fields = {name: getattr(arrays, name) for name in _FORWARD_FIELDS}
-    fields["logits_indices"] = logits_indices
-    return pack(fields)
-
-
-def warm_sampling_layout(num_slots: int, vocab_size: int, bitmask: bool) -> Layout:
-    """The packed sampling columns of a greedy or temperature-only batch (SamplingBatch's order)."""
-    s = (num_slots,)
-    fields = [("temperature", s, "float32"), ("seeds", s, "uint32"), ("positions", s, "int32")]
-    if bitmask:
-        fields.append(("bitmask", (num_slots, -(-vocab_size // 32)), "int32"))
-    return Layout(tuple(fields))
-
-
-def _forward_packed(forward, leaves, kv_pages, meta, prev_tokens, layout: Layout):
-    """The model step over packed metadata (unpacked by the static layout, inside the jit)."""
-    fields = unpack(meta, layout)
-    placeholder_rows = fields.pop("placeholder_rows")
-    return forward(leaves, kv_pages, ForwardBatch(**fields), placeholder_rows, prev_tokens)
 
 
 @jax.jit
