@@ -99,7 +99,7 @@ class ModelRunner:
         setup_compilation_cache(config.compilation_cache_dir)
         self.model: LoadedModel = load_model(config.model, config.parallel, devices)
         arch, mesh = self.model.arch, self.model.mesh
-        device = mesh.devices.flat[0]
+        device = mesh.local_devices[0]  # one this process holds (multi-process: memory stats, defaults)
         self.platform = device.platform
         self.vocab_size = arch.vocab_size
         self.max_model_len = self._resolve_max_model_len(config)
