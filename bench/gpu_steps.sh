@@ -2,7 +2,7 @@
 # One device call, several benches in a row, each under its own time limit, logs in $OUT.
 #   bash bench/gpu_steps.sh kernels offline-xla offline-pallas structured latency serve
 # Steps: kernels (bench/kernels.py table), grid (its correctness grid), offline-<backend>
-# (bench.throughput, sharegpt_like 1000), structured (bench.structured_cost), latency
+# (bench.throughput, sharegpt_like 1000), profile (the same under cProfile), structured (bench.structured_cost), latency
 # (bench.latency), serve (server + bench.serve at inf rate, then 8 req/s), hf (bench.hf_compare).
 # Env: MODEL (bench/configs/llama-3.1-8b), N (1000), T_<step> (seconds), EXTRA (more engine flags).
 set -u
@@ -38,6 +38,8 @@ for s in "$@"; do
     grid) step grid "${T_grid:-200}" python3 bench/kernels.py --only "decode 128 x 2048" --grid --budget-s 150 ;;
     offline-*) step "$s" "${T_offline:-300}" python3 -m bench.throughput --model "$MODEL" $COMMON \
         --attention-backend "${s#offline-}" --num-prompts "$N" --output-json "$OUT/$s.json" ${OFFLINE_ARGS:-} ;;
+    profile) step profile "${T_profile:-150}" python3 -m bench.throughput --model "$MODEL" $COMMON \
+        --num-prompts "$N" --profile ;;
     structured) step structured "${T_structured:-200}" python3 -m bench.structured_cost --model "$MODEL" $COMMON \
         --batch 64 ;;
     latency) step latency "${T_latency:-200}" python3 -m bench.latency --model "$MODEL" $COMMON \
