@@ -1,7 +1,7 @@
 """`AsyncEngine`: the `LLMEngine` loop on its own thread, fed and drained from asyncio.
 
     asyncio task: generate() -> validate -> command queue ──▶ engine thread: add/abort, step()
-    asyncio.Queue per request ◀── loop.call_soon_threadsafe(queue.put_nowait, output) ◀──┘
+    asyncio.Queue per request ◀── one loop.call_soon_threadsafe per step (all its outputs) ◀──┘
 
 Only the engine thread touches the `LLMEngine`. It sleeps on an Event while there is no work.
 If a step raises, the engine is dead: every open stream raises `EngineDeadError` (caused by the
@@ -43,6 +43,11 @@ class _Stream:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening
             pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in items:
+        queue.put_nowait(output)
 
 
 class AsyncEngine:
@@ -203,13 +208,25 @@ class AsyncEngine:
                     logger.exception("could not tell the other processes to stop")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            with self._lock:
+        """One step's outputs to their streams, with one wake-up per event loop.
+
+        NOTE: each `call_soon_threadsafe` writes to the loop's self-pipe and takes its lock: one per
+        output (hundreds per step when serving many streams) cost the engine thread and the event
+        loop more than the handoff itself.
+        """
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if output.finished:
                     self._streams.pop(output.request_id, None)
-            if stream is not None:
-                stream.put(output)
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, output))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
 
     def _dead(self) -> EngineDeadError:
         error = EngineDeadError(f"the engine loop died: {self._dead_error!r}")
