@@ -131,9 +131,12 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _grow(self, request: Request, num_tokens: int) -> list[int]:
-        new_pages = [self._take_fresh_page() for _ in range(self._num_pages_for(num_tokens) - len(request.page_ids))]
+        missing = self._num_pages_for(num_tokens) - len(request.page_ids)
+        new_pages = [self._take_fresh_page() for _ in range(missing)] if missing > 0 else []
         request.page_ids.extend(new_pages)
-        self._registered_this_step.update(self._register_full_blocks(request, num_tokens))
+        registered = self._register_full_blocks(request, num_tokens)
+        if registered:  # most decode steps fill no block
+            self._registered_this_step.update(registered)
         return new_pages
 
     def _take_fresh_page(self) -> int:

@@ -34,7 +34,7 @@ from jaxllm.engine.interfaces import (
 from jaxllm.engine.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     request: Request
     token_id: int

@@ -32,6 +32,10 @@ class CachedRequestState:
     num_pending: int = 0
     # Row of this request's token in the last dispatched step's sampled-token array.
     last_sampled_row: int = -1
+    needs: tuple[bool, ...] = ()  # sampler_needs(sampling_params), set when added
+
+    def __post_init__(self) -> None:
+        self.needs = sampler_needs(self.sampling_params)
 
     @property
     def num_tokens(self) -> int:
@@ -206,17 +210,35 @@ class InputBatch:
             state.num_pending -= 1
 
 
+def sampler_needs(p: SamplingParams) -> tuple[bool, bool, bool, bool, bool, bool]:
+    """What one request asks of the sampler, fixed for its life: (greedy, top-k/top-p/min-p,
+    penalties, logit_bias or allowed_token_ids, logprobs, min_tokens)."""
+    return (
+        p.greedy,
+        not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0),
+        p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0,
+        bool(p.logit_bias) or p.allowed_token_ids is not None,
+        p.logprobs is not None,
+        p.min_tokens > 0,
+    )
+
+
 def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool) -> SamplerFlags:
-    params = [s.sampling_params for s in states]
+    """The sampler variant a step needs: the OR (all, for greedy) over its requests.
+
+    NOTE: per step and per request on the hot path, so each request's fixed needs are computed once
+    (`CachedRequestState.needs`); only min_tokens changes as outputs arrive.
+    """
+    if not states:
+        return SamplerFlags(bitmask=bitmask_rows)
+    greedy, top, penalties, bias, logprobs, min_tokens = zip(*(s.needs for s in states), strict=True)
     return SamplerFlags(
-        all_greedy=all(p.greedy for p in params),
-        top_k_top_p=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0) for p in params),
-        penalties=any(
-            p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0 for p in params
-        ),
-        sparse_bias=any(needs_sparse_bias(s) for s in states),
+        all_greedy=all(greedy),
+        top_k_top_p=any(top),
+        penalties=any(penalties),
+        sparse_bias=any(bias) or (any(min_tokens) and any(needs_sparse_bias(s) for s in states)),
         bitmask=bitmask_rows,
-        logprobs=any(p.logprobs is not None for p in params),
+        logprobs=any(logprobs),
     )
 
 
