@@ -44,7 +44,8 @@ for s in "$@"; do
         --batch 64 ;;
     latency) step latency "${T_latency:-200}" python3 -m bench.latency --model "$MODEL" $COMMON \
         --output-json "$OUT/latency.json" ;;
-    hf) step hf "${T_hf:-300}" python3 -m bench.hf_compare --model "$MODEL" --output-json "$OUT/hf.json" ;;
+    hf) step hf "${T_hf:-480}" python3 -m bench.hf_compare --model "$MODEL" --max-model-len 4096 \
+        --num-prompts "${N_hf:-200}" --max-seconds 90 --run-jaxllm --output-json "$OUT/hf.json" ;;
     serve)
       MODEL_DIR=$(python3 -c "from bench.common import model_dir_with_tokenizer as m; print(m('$MODEL'))")
       t0=$(date +%s)
