@@ -113,8 +113,10 @@ class ModelRunner:
             config.model.attention_backend, arch, self.model.dtype, self.page_size, mesh, self.model.rules
         )
         # NOTE: the Mosaic kernel reads only the pages a request's kv_len covers, whatever the
-        # table's width: one width halves the buckets to compile (and the start-up) at no cost.
-        self.page_buckets = [max_pages] if self.attention_name == "pallas" else page_buckets(max_pages)
+        # table's width, so one width halves the buckets to compile (and the start-up); the wide
+        # table costs only its host->device copy, [S, max_pages] i32 per step, kept small here.
+        one_width = self.attention_name == "pallas" and max_pages <= _ONE_PAGE_WIDTH_UP_TO
+        self.page_buckets = [max_pages] if one_width else page_buckets(max_pages)
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._forward = jax.jit(self.model.forward_fn(self.attention), donate_argnums=(1,))
         self._compiled: dict[tuple, Any] = {}
@@ -124,7 +126,7 @@ class ModelRunner:
         page_bytes = kv_cache.bytes_per_page(arch, self.page_size, dtype, tp, rules)
         activation = self._activation_bytes() if kv_cache.device_memory(device) is not None else 0
         budget = kv_cache.kv_budget_bytes(config.cache, device, activation, _device_total_bytes(device))
-        num_pages = kv_cache.num_pages_for(config.cache, budget, page_bytes)
+        num_pages = _same_on_every_process(kv_cache.num_pages_for(config.cache, budget, page_bytes))
         kv_cache.check_fits(num_pages, self.page_size, self.max_model_len, page_bytes, budget)
         kv_cache.log_pool(num_pages, self.page_size, self.max_model_len, page_bytes)
         cache = dataclasses.replace(self.config.cache, num_pages=num_pages)
@@ -374,6 +376,21 @@ def _prompt_logprobs(logits, targets):
     target = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
     rank = jnp.sum(logprobs > target[:, None], axis=-1) + 1
     return top_ids.astype(jnp.int32), top_values, target, rank.astype(jnp.int32)
+
+
+# Widest page table (pages per request) sent whole every step with the Mosaic kernel: 8192 tokens
+# at 16-token pages; longer contexts keep two widths.
+_ONE_PAGE_WIDTH_UP_TO = 512
+
+
+def _same_on_every_process(num_pages: int) -> int:
+    """The smallest pool any process can hold: every process must run the same program on the
+    same pool, and each measured its own free memory."""
+    if jax.process_count() == 1:
+        return num_pages
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.asarray(num_pages, np.int64))))
 
 
 def _device_total_bytes(device) -> int | None:
