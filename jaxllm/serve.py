@@ -221,22 +221,12 @@ def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
         finally:
             watchdog.cancel()
 
-    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+    # NOTE: uvicorn's own choice of loop (uvloop when installed), as `uvicorn.run` would make: the
+    # event loop writes every SSE chunk of every stream, and uvloop (with httptools, which uvicorn
+    # picks by itself) cuts its per-chunk cost.
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(serve())
     return 1 if ctx.engine.is_dead or not server.started else 0
-
-
-def _event_loop_factory():
-    """uvloop's event loop when installed, as `uvicorn.run` would pick (None: asyncio's own).
-
-    NOTE: the event loop writes every SSE chunk of every stream; uvloop (and httptools, which
-    uvicorn picks by itself when installed) cut its per-chunk cost.
-    """
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve") -> int:
