@@ -131,12 +131,9 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _grow(self, request: Request, num_tokens: int) -> list[int]:
-        missing = self._num_pages_for(num_tokens) - len(request.page_ids)
-        new_pages = [self._take_fresh_page() for _ in range(missing)] if missing > 0 else []
+        new_pages = [self._take_fresh_page() for _ in range(self._num_pages_for(num_tokens) - len(request.page_ids))]
         request.page_ids.extend(new_pages)
-        registered = self._register_full_blocks(request, num_tokens)
-        if registered:  # most decode steps fill no block
-            self._registered_this_step.update(registered)
+        self._registered_this_step.update(self._register_full_blocks(request, num_tokens))
         return new_pages
 
     def _take_fresh_page(self) -> int:

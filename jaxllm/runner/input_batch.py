@@ -11,6 +11,7 @@ the previous step's device-resident token array to substitute, on device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,10 +33,10 @@ class CachedRequestState:
     num_pending: int = 0
     # Row of this request's token in the last dispatched step's sampled-token array.
     last_sampled_row: int = -1
-    needs: tuple[bool, ...] = ()  # sampler_needs(sampling_params), set when added
+    needs: SamplerNeeds = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.needs = sampler_needs(self.sampling_params)
+        self.needs = SamplerNeeds.of(self.sampling_params)
 
     @property
     def num_tokens(self) -> int:
@@ -210,17 +211,26 @@ class InputBatch:
             state.num_pending -= 1
 
 
-def sampler_needs(p: SamplingParams) -> tuple[bool, bool, bool, bool, bool, bool]:
-    """What one request asks of the sampler, fixed for its life: (greedy, top-k/top-p/min-p,
-    penalties, logit_bias or allowed_token_ids, logprobs, min_tokens)."""
-    return (
-        p.greedy,
-        not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0),
-        p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0,
-        bool(p.logit_bias) or p.allowed_token_ids is not None,
-        p.logprobs is not None,
-        p.min_tokens > 0,
-    )
+class SamplerNeeds(NamedTuple):
+    """What one request asks of the sampler, fixed for its life (min_tokens: only until it has them)."""
+
+    greedy: bool
+    top_k_top_p: bool  # top_k, top_p < 1 or min_p > 0 (sampled requests only)
+    penalties: bool
+    bias: bool  # logit_bias or allowed_token_ids
+    logprobs: bool
+    min_tokens: bool
+
+    @classmethod
+    def of(cls, p: SamplingParams) -> SamplerNeeds:
+        return cls(
+            greedy=p.greedy,
+            top_k_top_p=not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0),
+            penalties=p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0,
+            bias=bool(p.logit_bias) or p.allowed_token_ids is not None,
+            logprobs=p.logprobs is not None,
+            min_tokens=p.min_tokens > 0,
+        )
 
 
 def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool) -> SamplerFlags:
@@ -232,20 +242,15 @@ def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool) -> Sampl
     if not states:
         return SamplerFlags(bitmask=bitmask_rows)
     greedy, top, penalties, bias, logprobs, min_tokens = zip(*(s.needs for s in states), strict=True)
+    below_min = any(min_tokens) and any(s.num_outputs < s.sampling_params.min_tokens for s in states)
     return SamplerFlags(
         all_greedy=all(greedy),
         top_k_top_p=any(top),
         penalties=any(penalties),
-        sparse_bias=any(bias) or (any(min_tokens) and any(needs_sparse_bias(s) for s in states)),
+        sparse_bias=any(bias) or below_min,
         bitmask=bitmask_rows,
         logprobs=any(logprobs),
     )
-
-
-def needs_sparse_bias(state: CachedRequestState) -> bool:
-    p = state.sampling_params
-    below_min = state.num_outputs < p.min_tokens
-    return bool(p.logit_bias) or p.allowed_token_ids is not None or below_min
 
 
 def sampling_arrays(arrays: StepArrays, states: list[CachedRequestState], num_slots: int, flags: SamplerFlags,
