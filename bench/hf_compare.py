@@ -20,10 +20,9 @@ shared CPU makes torch's threads spin; --max-seconds 1.5 with --dataset fixed --
 the truncation):
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.hf_compare --model jaxllm/data/stories260K \
         --num-prompts 8 --max-seconds 60 --hf-batch-size 4
-and --run-jaxllm on a config with the Llama-3 vocabulary (bench.throughput does not fold ids into a
-smaller one), e.g. a 2-layer, hidden-64 Llama config.json with vocab_size 128256 in DIR:
-    JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 .venv/bin/python -m bench.hf_compare --model DIR --num-prompts 8 \
-        --max-model-len 512 --token-buckets 16 64 --run-jaxllm --max-seconds 30 --hf-batch-size 4
+and with jaxllm run on the same requests first:
+    JAX_PLATFORMS=cpu OMP_NUM_THREADS=1 .venv/bin/python -m bench.hf_compare --model jaxllm/data/stories260K \
+        --num-prompts 8 --max-model-len 512 --token-buckets 16 64 --run-jaxllm --max-seconds 30 --hf-batch-size 4
 """
 
 from __future__ import annotations

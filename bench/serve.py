@@ -105,11 +105,11 @@ async def run(args: argparse.Namespace) -> dict:
             tasks.append(asyncio.create_task(limited(prompt, n)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    expected = {i for i, (r, (_, n)) in enumerate(zip(results, reqs, strict=True)) if r.ok and r.output_tokens != n}
+    unexpected = sum(r.ok and r.output_tokens != n for r, (_, n) in zip(results, reqs, strict=True))
     return {
         "model": model, "dataset": args.dataset, "num_prompts": len(reqs), "request_rate": args.request_rate,
         "max_concurrency": args.max_concurrency, **summarize(results, duration),
-        "requests_with_unexpected_length": len(expected),
+        "requests_with_unexpected_length": unexpected,
     }
 
 

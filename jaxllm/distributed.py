@@ -44,10 +44,7 @@ def initialize(parallel: ParallelConfig) -> None:
                 f"{parallel.process_id} of {parallel.num_processes}"
             )
         return
-    # NOTE: cross-process collectives on CPU need an implementation (gloo is 0.10.2's default);
-    # GPUs use NCCL whatever this says.
-    if not jax.config.jax_cpu_collectives_implementation:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # NOTE: cross-process collectives on CPU go through gloo, jax's default; GPUs use NCCL.
     logger.info(
         "Joining a %d-process run as process %d (coordinator %s)",
         parallel.num_processes, parallel.process_id, parallel.distributed_coordinator,

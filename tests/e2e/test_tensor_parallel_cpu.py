@@ -112,10 +112,16 @@ def test_bad_distributed_options_fail_at_startup(checkpoints) -> None:
         LLM(llama, num_processes=2, process_id=2, distributed_coordinator="127.0.0.1:1", **_options("llama3"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (the probe sockets stay open until all are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class Processes:
@@ -166,7 +172,7 @@ def compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_two_processes_on_loopback_match_one(checkpoints, reference, compilation_cache, tmp_path: Path) -> None:
     """Two processes, one CPU device each, run `LLM.generate` on llama3 sharded tp=2 across both."""
     ref_tokens, ref_logprobs = reference("llama3")
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{_free_ports(1)[0]}"
     commands = []
     for pid in range(2):
         engine = {**_options("llama3"), "compilation_cache_dir": compilation_cache, "tensor_parallel_size": 2,
@@ -195,7 +201,8 @@ def test_two_processes_serve_http_from_process_zero(checkpoints, reference, comp
     """`python -m jaxllm.serve` on two processes: process 0 serves HTTP and publishes its engine calls,
     process 1 replays them; completions equal one process's, and both exit 0 after SIGTERM to process 0."""
     ref_tokens, ref_logprobs = reference("llama3")
-    coordinator, port = f"127.0.0.1:{_free_port()}", _free_port()
+    coordinator_port, port = _free_ports(2)
+    coordinator = f"127.0.0.1:{coordinator_port}"
     options = {**_options("llama3"), "compilation_cache_dir": compilation_cache}
     flags = [str(checkpoints["llama3"]), "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
              "-tp", "2", "--distributed-coordinator", coordinator, "--nnodes", "2", "--disable-log-stats"]

@@ -6,6 +6,7 @@ an abort, and the follower returns when the server's engine stops."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import queue
 import threading
 
@@ -40,7 +41,7 @@ def test_a_follower_replays_the_servers_engine_steps(make_engine, tokenizer) -> 
 
     def publish(message: StepMessage) -> None:
         sent.append(message)
-        messages.put(message)
+        messages.put(pickle.loads(pickle.dumps(message)))  # as the processes exchange them: no shared objects
 
     result: dict[str, int] = {}
     thread = threading.Thread(target=lambda: result.update(steps=follow(follower, messages.get)))
