@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.metrics import EngineMetrics
@@ -162,11 +163,17 @@ class AsyncEngine:
             self._close_stream(request_id)
             stream.put(e)
 
-    def _call(self, method: str, *args, **kwargs) -> None:
-        """An add/abort on the engine, journaled first when publishing (replayed even if it raises)."""
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """An add/abort on the engine, journaled with its outcome when publishing (replayed even if it
+        raised, so a follower that disagrees notices)."""
+        try:
+            getattr(self._engine, method)(*args, **kwargs)
+        except ValueError:
+            if self._publish is not None:
+                self._journal.append(EngineCall(method, args, kwargs, raised=True))
+            raise
         if self._publish is not None:
             self._journal.append(EngineCall(method, args, kwargs))
-        getattr(self._engine, method)(*args, **kwargs)
 
     def _publish_iteration(self, step: bool) -> None:
         if self._publish is not None and (self._journal or step):
@@ -203,7 +210,7 @@ class AsyncEngine:
         finally:
             if self._publish is not None:
                 try:
-                    self._publish(StepMessage([], step=False, stop=True))
+                    self._publish(StepMessage([], step=False, stop=True, failed=self._dead_error is not None))
                 except Exception:  # the other processes then fail on their own (runtime timeouts)
                     logger.exception("could not tell the other processes to stop")
 

@@ -29,6 +29,7 @@ class EngineCall:
     method: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    raised: bool = False  # it raised ValueError (an invalid request) on process 0
 
     def apply(self, engine: LLMEngine) -> None:
         if self.method not in ("add_request", "abort_request"):
@@ -43,6 +44,7 @@ class StepMessage:
     calls: list[EngineCall]
     step: bool
     stop: bool = False
+    failed: bool = False  # with stop: process 0's engine died (the others exit with an error too)
 
 
 Publish = Callable[[StepMessage], None]
@@ -56,11 +58,17 @@ def follow(engine: LLMEngine, receive: Receive) -> int:
         for call in message.calls:
             try:
                 call.apply(engine)
+                raised = False
             except ValueError:  # an invalid request: process 0 told its client; nothing was changed
-                pass
+                raised = True
+            if raised != call.raised:
+                raise RuntimeError(f"this process's engine diverged from process 0's: {call.method} "
+                                   f"{'raised' if raised else 'succeeded'} here only")
         if message.step:
             if not engine.has_unfinished_requests():
                 raise RuntimeError("this process's engine diverged from process 0's: it has nothing to step")
             engine.step()
             steps += 1
+    if message.failed:
+        raise RuntimeError("process 0's engine died; this process stops with it")
     return steps

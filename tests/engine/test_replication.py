@@ -10,6 +10,8 @@ import pickle
 import queue
 import threading
 
+import pytest
+
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.interfaces import SchedulerOutput
@@ -96,9 +98,24 @@ def test_a_follower_replays_the_servers_engine_steps(make_engine, tokenizer) -> 
 def test_a_rejected_call_is_rejected_on_the_follower_too(make_engine, tokenizer) -> None:
     """A call that raised ValueError on process 0 is replayed, raises the same way, and changes nothing."""
     follower = make_engine()
-    too_long = EngineCall("add_request", ("big", [5] * 200, SamplingParams(max_tokens=4)), {"delta": True})
+    too_long = EngineCall("add_request", ("big", [5] * 200, SamplingParams(max_tokens=4)), {"delta": True},
+                          raised=True)
     ok = EngineCall("add_request", ("ok", tokenizer.encode("Once"), SamplingParams(temperature=0.0, max_tokens=3)))
     script = iter([StepMessage([too_long, ok], step=True), StepMessage([], step=True), StepMessage([], step=True),
                    StepMessage([], step=False, stop=True)])
     assert follow(follower, lambda: next(script)) == 3
     assert not follower.has_unfinished_requests()
+
+
+def test_a_call_with_another_outcome_than_on_process_0_is_a_divergence(make_engine) -> None:
+    follower = make_engine()
+    too_long = EngineCall("add_request", ("big", [5] * 200, SamplingParams(max_tokens=4)), {"delta": True})
+    script = iter([StepMessage([too_long], step=False)])  # process 0 says it succeeded there
+    with pytest.raises(RuntimeError, match="diverged.*add_request raised here only"):
+        follow(follower, lambda: next(script))
+
+
+def test_a_follower_fails_when_process_0s_engine_died(make_engine) -> None:
+    script = iter([StepMessage([], step=False, stop=True, failed=True)])
+    with pytest.raises(RuntimeError, match="process 0's engine died"):
+        follow(make_engine(), lambda: next(script))
