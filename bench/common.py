@@ -80,7 +80,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """The engine flags of bench.throughput, for the other benches that build an `LLM`."""
+    """The engine flags of the benches that build an `LLM`."""
     parser.add_argument("--max-num-seqs", type=int)
     parser.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--attention-backend", default="auto")

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from bench.common import add_model_args, model_dir_with_tokenizer, requests_for, write_json
+from bench.common import add_engine_args, add_model_args, llm_kwargs, requests_for, write_json
 from jaxllm import LLM, SamplingParams
 
 
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    add_engine_args(p)
     p.add_argument("--output-json")
     p.add_argument("--debug-steps", action="store_true", help="block on every step and log its shapes")
     p.add_argument("--profile", action="store_true", help="cProfile the run; print the top functions")
@@ -109,13 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("jaxllm.runner.model_runner").setLevel(logging.DEBUG)
 
-    kwargs = {k: v for k, v in dict(max_num_seqs=args.max_num_seqs,
-                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                     token_buckets=args.token_buckets).items() if v}
     t0 = time.perf_counter()
-    llm = LLM(model_dir_with_tokenizer(args.model), load_format=args.load_format, dtype=args.dtype,
-              max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-              tensor_parallel_size=args.tensor_parallel_size, **kwargs)
+    llm = LLM(**llm_kwargs(args))
     startup_s = time.perf_counter() - t0
     reqs = requests_for(args.dataset, args.num_prompts, args.input_len, args.output_len, llm.engine.vocab_size)
     prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
