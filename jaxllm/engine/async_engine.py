@@ -166,14 +166,15 @@ class AsyncEngine:
     def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
         """An add/abort on the engine, journaled with its outcome when publishing (replayed even if it
         raised, so a follower that disagrees notices)."""
+        raised = False
         try:
             getattr(self._engine, method)(*args, **kwargs)
         except ValueError:
-            if self._publish is not None:
-                self._journal.append(EngineCall(method, args, kwargs, raised=True))
+            raised = True
             raise
-        if self._publish is not None:
-            self._journal.append(EngineCall(method, args, kwargs))
+        finally:
+            if self._publish is not None:
+                self._journal.append(EngineCall(method, args, kwargs, raised=raised))
 
     def _publish_iteration(self, step: bool) -> None:
         if self._publish is not None and (self._journal or step):
