@@ -32,7 +32,8 @@ class HostOnlyRunner:
         max_pages = -(-max_model_len // config.cache.block_size)
         self.batch = InputBatch(config.cache.block_size, config.cache.num_pages, 0, max_pages,
                                 config.scheduler.max_num_seqs)
-        self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens)
+        self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens,
+                                           config.scheduler.max_num_seqs)
         self.page_buckets = page_buckets(-(-max_model_len // config.cache.block_size))
         self.max_num_seqs = config.scheduler.max_num_seqs
         self.vocab_size, self.max_model_len = vocab_size, max_model_len

@@ -43,13 +43,21 @@ _WARM_SAMPLERS = tuple(
 )
 
 
-def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
-    """Powers of two from `smallest` up to the step budget (which is always a bucket)."""
+def token_buckets(max_tokens: int, max_num_seqs: int = 0, smallest: int = 16) -> list[int]:
+    """Powers of two from `smallest` up to the step budget (which is always a bucket), and every
+    multiple of 128 between 256 and min(1024, max_num_seqs).
+
+    NOTE: an 8B decode step is bound by its weights' read below ~200 tokens and by its matmuls
+    above, where padding costs its share; decode-only batches (at most max_num_seqs tokens) land
+    anywhere in 256-1024 as requests finish, and a power-of-two bucket pads them by 25% on
+    average (9% with these; 4% faster modeled on the sharegpt_like workload). Prefill chunks fill
+    the step budget, so larger buckets stay powers of two."""
     out, b = [], smallest
     while b < max_tokens:
         out.append(b)
         b *= 2
-    return [*out, max_tokens]
+    out += range(256 + 128, min(1024, max_num_seqs, max_tokens), 128)
+    return sorted({*out, max_tokens})
 
 
 def page_buckets(max_pages: int, count: int = 2, ratio: int = 4) -> list[int]:
@@ -156,7 +164,7 @@ class ModelRunner:
         default_seqs, default_tokens = scheduler_defaults(self.platform, _device_total_bytes(device), served)
         max_num_seqs = sched.max_num_seqs or default_seqs
         max_tokens = sched.max_num_batched_tokens or max(default_tokens, 16)
-        buckets = sorted(set(sched.token_buckets)) or token_buckets(max_tokens)
+        buckets = sorted(set(sched.token_buckets)) or token_buckets(max_tokens, max_num_seqs)
         if buckets[-1] < max_tokens:
             buckets.append(max_tokens)
         async_scheduling = sched.async_scheduling

@@ -1,0 +1,149 @@
+"""bf16 end to end against transformers (issue 7): a random Llama of about 1B parameters (Llama-3.2-1B's
+shape), greedy tokens and top-5 logprobs from jaxllm (attention kernel on) and from transformers (torch
+on the same GPU), compared with vLLM's `check_logprobs_close` rule: along each sequence the tokens must
+match until the first disagreement, and there each side's token must be in the other's top-5.
+
+    PYTHONPATH=. python3 bench/gpu_parity.py --attention-backend pallas --output-json $OUT/parity.json
+    # CPU smoke run of the script itself: --small --attention-backend xla --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import LLAMA3_TOKENIZER, write_json
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+SMALL = dict(LLAMA_1B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+TOP_K = 5
+
+
+def make_checkpoint(shape: dict, out: Path, seed: int) -> Path:
+    """A random-weight Llama checkpoint (bf16 safetensors) with the real Llama-3 tokenizer beside it."""
+    import gzip
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**shape, torch_dtype="bfloat16")).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    with gzip.open(LLAMA3_TOKENIZER / "tokenizer.json.gz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shutil.copy(LLAMA3_TOKENIZER / "tokenizer_config.json", out / "tokenizer_config.json")
+    return out
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int, device: str) -> list[dict]:
+    """[{tokens, top: [[(id, logprob)] * TOP_K] per position}] from transformers, one prompt at a time."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16).to(device).eval()
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+            tokens = gen.sequences[0, len(prompt):].tolist()
+            top = []
+            for logits in gen.logits:
+                logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+                values, indices = torch.topk(logprobs, TOP_K)
+                top.append(list(zip(indices.tolist(), values.tolist(), strict=True)))
+            out.append({"tokens": tokens, "top": top})
+    del model
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    return out
+
+
+def jaxllm_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int, backend: str) -> list[dict]:
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=4096, attention_backend=backend,
+              gpu_memory_utilization=0.5, max_num_seqs=16, max_num_batched_tokens=1024)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=TOP_K, ignore_eos=True)
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    out = []
+    for result in results:
+        completion = result.outputs[0]
+        top = [sorted(((t, lp.logprob) for t, lp in entry.items() if lp.rank <= TOP_K), key=lambda x: -x[1])[:TOP_K]
+               for entry in completion.logprobs]
+        out.append({"tokens": list(completion.token_ids), "top": top})
+    return out
+
+
+def compare(ours: list[dict], theirs: list[dict]) -> dict:
+    """vLLM's check_logprobs_close over every sequence; positions compared, matched and the logprob gaps."""
+    compared = matched = 0
+    failures, gaps, diverged = [], [], 0
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        for pos, (ta, tb) in enumerate(zip(a["tokens"], b["tokens"], strict=True)):
+            compared += 1
+            top_a, top_b = dict(a["top"][pos]), dict(b["top"][pos])
+            if ta == tb:
+                matched += 1
+                gaps.append(abs(top_a[ta] - top_b[tb]) if ta in top_a and tb in top_b else float("nan"))
+                continue
+            if ta not in top_b or tb not in top_a:
+                failures.append({"sequence": i, "position": pos, "ours": ta, "theirs": tb})
+            diverged += 1
+            break  # the sequences differ from here on: vLLM's rule stops comparing this one
+    gaps_arr = np.asarray([g for g in gaps if g == g])
+    return {"positions_compared": compared, "positions_matched": matched, "sequences": len(ours),
+            "sequences_diverged": diverged, "failures": failures, "passed": not failures,
+            "max_abs_logprob_diff_matched": round(float(gaps_arr.max()), 4) if gaps_arr.size else None,
+            "mean_abs_logprob_diff_matched": round(float(gaps_arr.mean()), 5) if gaps_arr.size else None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attention-backend", default="pallas")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--small", action="store_true", help="a 2-layer model (to check the script on a CPU)")
+    p.add_argument("--device", default="cuda", help="torch device for transformers")
+    p.add_argument("--output-json")
+    args = p.parse_args(argv)
+    shape = SMALL if args.small else LLAMA_1B
+    model_dir = make_checkpoint(shape, Path(tempfile.mkdtemp(prefix="jaxllm-parity-")), seed=0)
+    rng = np.random.default_rng(0)
+    # Lengths on and off page boundaries, up to several pages and a multi-chunk prompt.
+    lengths = [5, 16, 33, 128, 300, 511, 777, 1500][: args.num_prompts]
+    lengths += [int(x) for x in rng.integers(8, 1200, max(0, args.num_prompts - len(lengths)))]
+    prompts = [rng.integers(1000, 120000, n).tolist() for n in lengths]
+    t0 = time.perf_counter()
+    theirs = hf_greedy(model_dir, prompts, args.max_tokens, args.device)
+    hf_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = jaxllm_greedy(model_dir, prompts, args.max_tokens, args.attention_backend)
+    ours_s = time.perf_counter() - t0
+    result = {"model": "random Llama-3.2-1B shape" if not args.small else "small random Llama",
+              "attention_backend": args.attention_backend, "prompt_lengths": lengths,
+              "max_tokens": args.max_tokens, "hf_s": round(hf_s, 1), "jaxllm_s": round(ours_s, 1),
+              **compare(ours, theirs)}
+    print(json.dumps(result, indent=1))
+    write_json(result, args.output_json)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(0 if main()["passed"] else 1)
