@@ -49,8 +49,8 @@ class HostOnlyRunner:
         pages = next(p for p in self.page_buckets if p >= longest)
         arrays = self.batch.build(sched, num_tokens, num_slots, pages)
         states = [self.batch.requests[r] for r in arrays.req_ids]
-        flags = sampler_flags(states, bool(sched.grammar_bitmask))
-        sampling_arrays(arrays, states, num_slots, flags, sched.grammar_bitmask, self.vocab_size, self.max_model_len)
+        flags = sampler_flags(states, bool(sched.structured_req_ids))
+        sampling_arrays(arrays, states, num_slots, flags, {}, self.vocab_size, self.max_model_len)
         self.batch.advance(sched, arrays)
         tokens = self.rng.integers(1000, 100000, num_slots)
         rows = [i for i, s in enumerate(arrays.samples) if s]

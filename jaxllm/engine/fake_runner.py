@@ -51,10 +51,16 @@ class _RequestState:
 
 @dataclass
 class FakeStepHandle:
-    output: ModelRunnerOutput
+    output: ModelRunnerOutput | None  # None until sample() when the step has constrained requests
     delay_s: float = 0.0
+    sample_fn: Callable[[dict[str, np.ndarray]], ModelRunnerOutput] | None = None
+
+    def sample(self, grammar_bitmask: dict[str, np.ndarray]) -> None:
+        assert self.output is None and self.sample_fn is not None, "sample() without constrained requests"
+        self.output = self.sample_fn(grammar_bitmask)
 
     def result(self) -> ModelRunnerOutput:
+        assert self.output is not None, "result() before sample() on a step with constrained requests"
         if self.delay_s:
             time.sleep(self.delay_s)
         return self.output
@@ -95,7 +101,8 @@ class FakeModelRunner:
             assert state.num_computed_tokens == cached.num_computed_tokens, cached
             state.page_ids.extend(cached.new_page_ids)
 
-        output = ModelRunnerOutput([], [], [], {})
+        prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+        sampling: list[str] = []
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             state = self.requests[req_id]
             start, end = state.num_computed_tokens, state.num_computed_tokens + num_tokens
@@ -105,18 +112,31 @@ class FakeModelRunner:
                 self.kv[self._slot(state, pos)] = state.token_ids[pos]
             state.num_computed_tokens = end
             if state.params.prompt_logprobs is not None:
-                output.prompt_logprobs[req_id] = [
+                prompt_logprobs[req_id] = [
                     fake_top_logprobs(state.token_ids[p + 1], state.params.prompt_logprobs, self.vocab_size)
                     for p in range(start, min(end, state.num_prompt_tokens - 1))]
             if end == len(state.token_ids):  # reached the end of its tokens: sample
+                sampling.append(req_id)
+                # A placeholder until sampled: the next step may be scheduled before sample().
+                state.token_ids.append(-1)
+
+        def sample(grammar_bitmask: dict[str, np.ndarray]) -> ModelRunnerOutput:
+            output = ModelRunnerOutput([], [], [], prompt_logprobs)
+            for req_id in sampling:
+                state = self.requests[req_id]
+                end = len(state.token_ids) - 1
                 context = [self.kv[self._slot(state, pos)] for pos in range(end)]
-                token_id = self._sample(context, state.params, scheduler_output.grammar_bitmask.get(req_id))
-                state.token_ids.append(token_id)
+                token_id = self._sample(context, state.params, grammar_bitmask.get(req_id))
+                state.token_ids[end] = token_id
                 output.req_ids.append(req_id)
                 output.sampled_token_ids.append(token_id)
                 k = state.params.logprobs
                 output.logprobs.append(None if k is None else fake_top_logprobs(token_id, k, self.vocab_size))
-        return FakeStepHandle(output, self.delay_s)
+            return output
+
+        if scheduler_output.structured_req_ids:
+            return FakeStepHandle(None, self.delay_s, sample)
+        return FakeStepHandle(sample({}), self.delay_s)
 
     def _slot(self, state: _RequestState, pos: int) -> tuple[int, int]:
         return state.page_ids[pos // self.block_size], pos % self.block_size

@@ -52,8 +52,12 @@ class SchedulerOutput:
     # reading new_requests (a preempted request may be dropped and re-sent in the same step).
     # Ids the runner does not hold (aborted before their first step) may appear: ignore them.
     finished_req_ids: set[str] = field(default_factory=set)
-    # req_id -> packed allowed-token bitmask [ceil(vocab / 32)] int32 for constrained requests
-    # that sample this step (structured outputs); absent for unconstrained ones.
+    # Constrained requests (structured outputs) that sample this step. Their masks are not known at
+    # schedule time: in async scheduling the previous step's token is still in flight.
+    structured_req_ids: list[str] = field(default_factory=list)
+    # req_id -> packed allowed-token bitmask [ceil(vocab / 32)] int32 of each structured_req_ids
+    # entry still running, filled by the engine (Scheduler.grammar_bitmask) once the previous
+    # step's tokens are accepted, while this step's forward runs; handed to StepHandle.sample.
     grammar_bitmask: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -84,6 +88,11 @@ class ModelRunnerOutput:
 
 
 class StepHandle(Protocol):
+    def sample(self, grammar_bitmask: dict[str, np.ndarray]) -> None:
+        """Dispatch the sampling of a step with structured_req_ids (its forward is already running),
+        masked by these bitmasks; the engine calls it once, before result() and the next execute()."""
+        ...
+
     def result(self) -> ModelRunnerOutput:
         """Block until this step's sampled tokens are on the host."""
         ...
@@ -93,7 +102,8 @@ class ModelRunnerProtocol(Protocol):
     """What the engine needs of a runner (the real one, or the fake one in tests)."""
 
     def execute(self, scheduler_output: SchedulerOutput) -> StepHandle:
-        """Dispatch one step. May return before the device finishes (async copy back).
+        """Dispatch one step. May return before the device finishes (async copy back). With
+        structured_req_ids, only the forward: the sampling waits for StepHandle.sample.
 
         In async scheduling, a decode's input token may be the one sampled by the previous step,
         still on the device: the runner substitutes it itself.

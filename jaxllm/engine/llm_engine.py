@@ -1,7 +1,8 @@
 """`LLMEngine`: requests in, `RequestOutput`s out, one `step()` at a time (single thread, no jax).
 
-    step: schedule -> runner.execute -> [async: keep that step in flight, finish the previous one]
-          -> scheduler.update_from_output -> detokenize, check stops -> free finished -> outputs
+    step: schedule -> runner.execute -> [async: finish the previous step] -> [constrained requests:
+          their masks, then the sampling] -> scheduler.update_from_output -> detokenize, check stops
+          -> free finished -> outputs
 
 A user request with `n > 1` becomes n child requests ("{i}_{request_id}") sharing the prompt, so
 the prefix cache shares its pages; their outputs are gathered into one `RequestOutput`.
@@ -191,9 +192,13 @@ class LLMEngine:
         if self._in_flight is not None:
             self._finish_in_flight()
         if handle is not None:
+            if scheduler_output.structured_req_ids:
+                # NOTE: the masks need the previous step's tokens, accepted just above; they are
+                # computed here while this step's forward runs, and only its sampling waits for them.
+                scheduler_output.grammar_bitmask = self.scheduler.grammar_bitmask(scheduler_output)
+                handle.sample(scheduler_output.grammar_bitmask)
             self._in_flight = (scheduler_output, handle)
-            # NOTE: a constrained request's next bitmask needs this step's token: run it synchronously.
-            if not self.async_scheduling or scheduler_output.grammar_bitmask:
+            if not self.async_scheduling:
                 self._finish_in_flight()
         outputs = [out for group in self._changed.values() if (out := self._make_output(group)) is not None]
         self._changed.clear()

@@ -137,8 +137,22 @@ class Scheduler:
         output = SchedulerOutput(new_requests, cached_requests, num_scheduled, total)
         if total:  # an empty step is not run: keep the finished ids for the next one
             output.finished_req_ids, self._finished_req_ids = self._finished_req_ids, set()
-        output.grammar_bitmask = self._advance_scheduled(num_scheduled)
+        output.structured_req_ids = self._advance_scheduled(num_scheduled)
         return output
+
+    def grammar_bitmask(self, output: SchedulerOutput) -> dict[str, np.ndarray]:
+        """Allowed-token masks [ceil(vocab / 32)] int32 of the step's constrained requests, from their
+        grammars' current state (call after the previous step's tokens were accepted). Requests that
+        finished meanwhile get none: their token is dropped."""
+        bitmasks = {}
+        for req_id in output.structured_req_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.grammar is None:
+                continue
+            bitmask = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
+            request.grammar.fill_bitmask(bitmask)
+            bitmasks[req_id] = bitmask
+        return bitmasks
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[SampledToken]:
@@ -170,16 +184,15 @@ class Scheduler:
         self._finished_req_ids.add(request.req_id)
         self.num_preemptions += 1
 
-    def _advance_scheduled(self, num_scheduled: dict[str, int]) -> dict[str, np.ndarray]:
-        """Move num_computed_tokens past this step; a request that samples gets a placeholder."""
-        bitmasks = {}
+    def _advance_scheduled(self, num_scheduled: dict[str, int]) -> list[str]:
+        """Move num_computed_tokens past this step; a request that samples gets a placeholder.
+        Returns the constrained requests among those that sample."""
+        structured = []
         for req_id, num_new in num_scheduled.items():
             request = self.requests[req_id]
             request.num_computed_tokens += num_new
             if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1
                 if request.grammar is not None:
-                    bitmask = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)  # [ceil(vocab / 32)]
-                    request.grammar.fill_bitmask(bitmask)
-                    bitmasks[req_id] = bitmask
-        return bitmasks
+                    structured.append(req_id)
+        return structured

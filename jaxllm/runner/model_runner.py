@@ -85,9 +85,18 @@ class _Step:
     """What a dispatched step left for the host to read back."""
 
     arrays: StepArrays
-    tokens: jax.Array  # [max_num_seqs] i32, rows beyond S are padding
+    tokens: jax.Array | None  # [max_num_seqs] i32, rows beyond S are padding; None until sampled
     logprobs: tuple | None
     prompt_logprobs: tuple | None
+    # Set while the sampling waits for grammar bitmasks (StepHandle.sample).
+    pending: _PendingSample | None = None
+
+
+@dataclass
+class _PendingSample:
+    logits: jax.Array  # [S, V] f32, on device
+    sampling: SamplingBatch  # numpy, its bitmask rows all ones until sample()
+    flags: SamplerFlags
 
 
 class StepHandle:
@@ -95,6 +104,9 @@ class StepHandle:
         self._runner = runner
         self._step = step
         self._result: ModelRunnerOutput | None = None
+
+    def sample(self, grammar_bitmask: dict[str, np.ndarray]) -> None:
+        self._runner._sample_pending(self._step, grammar_bitmask)
 
     def result(self) -> ModelRunnerOutput:
         if self._result is None:
@@ -297,9 +309,8 @@ class ModelRunner:
         arrays = self.input_batch.build(sched, num_tokens, num_slots, pages_per_seq)
         states = [self.input_batch.requests[r] for r in arrays.req_ids]
         want_prompt_logprobs = bool(arrays.prompt_logprob_rows)
-        flags = sampler_flags(states, bitmask_rows=bool(sched.grammar_bitmask))
-        sampling = sampling_arrays(arrays, states, num_slots, flags, sched.grammar_bitmask, self.vocab_size,
-                                   self.max_model_len)
+        flags = sampler_flags(states, bitmask_rows=bool(sched.structured_req_ids))
+        sampling = sampling_arrays(arrays, states, num_slots, flags, {}, self.vocab_size, self.max_model_len)
 
         logits_indices = arrays.logits_indices
         if want_prompt_logprobs:  # every token's logits; rows for sampling picked afterwards
@@ -308,7 +319,10 @@ class ModelRunner:
             arrays.input_ids, arrays.positions, arrays.slot_mapping, arrays.cu_q_lens, arrays.kv_lens,
             arrays.page_indices, arrays.num_seqs, logits_indices, arrays.placeholder_rows,
         )
-        dev, sampling = jax.device_put((host, sampling), self._replicated)  # one transfer
+        if flags.bitmask:  # the sampling columns go with the masks, in sample()
+            dev = jax.device_put(host, self._replicated)
+        else:
+            dev, sampling = jax.device_put((host, sampling), self._replicated)  # one transfer
         batch = ForwardBatch(*dev[:8])
         args = (self.model.leaves, self.kv_pages, batch, dev[8], self._prev_tokens)
         if want_prompt_logprobs:  # rare: every token's logits, through the (lazily compiled) jit
@@ -320,22 +334,44 @@ class ModelRunner:
             logits = all_logits[jnp.asarray(arrays.logits_indices)]
         else:
             self.kv_pages, logits = self._compiled_forward(num_tokens, pages_per_seq)(*args)
-        tokens, logprobs = self._sampler(num_slots, flags)(logits, sampling)
         prompt_lp = None
         if want_prompt_logprobs:
             targets = np.zeros(num_tokens, np.int32)
             targets[:-1] = arrays.input_ids[1:]
             prompt_lp = _prompt_logprobs(all_logits, jnp.asarray(targets))
-        self._prev_tokens = tokens
+            jax.tree.map(lambda a: a.copy_to_host_async(), prompt_lp)
         self.input_batch.advance(sched, arrays)
-        for x in (tokens, logprobs, prompt_lp):
+        step = _Step(arrays, None, None, prompt_lp)
+        if flags.bitmask:
+            step.pending = _PendingSample(logits, sampling, flags)
+        else:
+            self._dispatch_sample(step, logits, sampling, flags)
+        return StepHandle(self, step)
+
+    def _sample_pending(self, step: _Step | None, grammar_bitmask: dict[str, np.ndarray]) -> None:
+        """The sampling of a step with constrained requests, once their masks are known."""
+        assert step is not None and step.pending is not None, "sample() on a step without constrained requests"
+        pending, step.pending = step.pending, None
+        mask = pending.sampling.bitmask  # [S, ceil(V / 32)] i32, all ones
+        for i, req_id in enumerate(step.arrays.req_ids):
+            row = grammar_bitmask.get(req_id)
+            if row is not None:
+                mask[i] = row
+        sampling = jax.device_put(pending.sampling, self._replicated)
+        self._dispatch_sample(step, pending.logits, sampling, pending.flags)
+
+    def _dispatch_sample(self, step: _Step, logits: jax.Array, sampling: SamplingBatch, flags: SamplerFlags) -> None:
+        num_slots = logits.shape[0]
+        step.tokens, step.logprobs = self._sampler(num_slots, flags)(logits, sampling)
+        self._prev_tokens = step.tokens  # the next step's decode inputs, without a host round trip
+        for x in (step.tokens, step.logprobs):
             if x is not None:
                 jax.tree.map(lambda a: a.copy_to_host_async(), x)
-        return StepHandle(self, _Step(arrays, tokens, logprobs, prompt_lp))
 
     def _finish(self, step: _Step | None) -> ModelRunnerOutput:
         if step is None:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        assert step.pending is None, "result() before sample() on a step with constrained requests"
         arrays = step.arrays
         tokens = np.asarray(step.tokens)
         rows = [i for i, s in enumerate(arrays.samples) if s]

@@ -6,9 +6,11 @@ or `tool_choice` (`tool_choice_constraint`) into a `StructuredOutputsParams` and
 `compile_grammar(spec, tokenizer, vocab_size)` (cached; a bad spec raises `ValueError`, which the server
 answers with a 400). The engine gives each constrained request `compiled.new_matcher()`
 (`make_grammar_compiler(tokenizer, vocab_size)` is that, as the `grammar_compiler` `LLMEngine` takes);
-before every sampling step it calls `matcher.fill_bitmask(row)` into the request's row of
-`SchedulerOutput.grammar_bitmask`, the runner masks the logits on device (the reference is
-`apply_bitmask_numpy`), and every sampled token goes back through `matcher.accept_token`.
+for every step where such a request samples, once the previous step's tokens are accepted and while
+this step's forward runs on the device, it calls `matcher.fill_bitmask(row)` into the request's row of
+`SchedulerOutput.grammar_bitmask` (`Scheduler.grammar_bitmask`); the runner then masks the logits on
+device (the reference is `apply_bitmask_numpy`), and every sampled token goes back through
+`matcher.accept_token`. Constrained batches keep async scheduling.
 
 NOTE: the grammar engine is llguidance (PyPI `llguidance`), chosen over xgrammar and outlines-core:
 - wheels: one `cp39-abi3` wheel per platform with no Python dependencies (manylinux_2_31 x86_64 serves both

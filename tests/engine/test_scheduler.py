@@ -37,7 +37,11 @@ def step(scheduler: Scheduler, runner: FakeModelRunner) -> SchedulerOutput:
     """One synchronous step: schedule, run, resolve, finish requests at max_tokens."""
     out = scheduler.schedule()
     if not out.is_empty:
-        finish_at_max_tokens(scheduler, scheduler.update_from_output(out, runner.execute(out).result()))
+        handle = runner.execute(out)
+        if out.structured_req_ids:
+            out.grammar_bitmask = scheduler.grammar_bitmask(out)
+            handle.sample(out.grammar_bitmask)
+        finish_at_max_tokens(scheduler, scheduler.update_from_output(out, handle.result()))
     return out
 
 
@@ -237,10 +241,10 @@ def test_bitmask_only_for_constrained_requests_that_sample():
     scheduler.add_request(constrained)
     add(scheduler, "free", 2, max_tokens=3, first=50)
     out = step(scheduler, runner)
-    assert out.num_scheduled_tokens == {"g": 4} and out.grammar_bitmask == {}  # a chunk: no sample
+    assert out.num_scheduled_tokens == {"g": 4} and out.structured_req_ids == []  # a chunk: no sample
     out = step(scheduler, runner)
     assert out.num_scheduled_tokens == {"g": 2, "free": 2}
-    assert list(out.grammar_bitmask) == ["g"] and out.grammar_bitmask["g"].shape == (VOCAB // 32,)
+    assert out.structured_req_ids == ["g"] and list(out.grammar_bitmask) == ["g"] and out.grammar_bitmask["g"].shape == (VOCAB // 32,)
     assert out.grammar_bitmask["g"].dtype == np.int32
     run_all(scheduler, runner)
     assert all(t % 2 == 0 for t in constrained.output_token_ids)
