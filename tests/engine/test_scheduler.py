@@ -244,7 +244,8 @@ def test_bitmask_only_for_constrained_requests_that_sample():
     assert out.num_scheduled_tokens == {"g": 4} and out.structured_req_ids == []  # a chunk: no sample
     out = step(scheduler, runner)
     assert out.num_scheduled_tokens == {"g": 2, "free": 2}
-    assert out.structured_req_ids == ["g"] and list(out.grammar_bitmask) == ["g"] and out.grammar_bitmask["g"].shape == (VOCAB // 32,)
+    assert out.structured_req_ids == ["g"] and list(out.grammar_bitmask) == ["g"]
+    assert out.grammar_bitmask["g"].shape == (VOCAB // 32,)
     assert out.grammar_bitmask["g"].dtype == np.int32
     run_all(scheduler, runner)
     assert all(t % 2 == 0 for t in constrained.output_token_ids)
