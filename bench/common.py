@@ -97,6 +97,30 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     return kwargs | {k: v for k, v in optional.items() if v}
 
 
+def generate_counting_steps(llm, prompts, params, during=None) -> tuple[float, int]:
+    """Run `llm.generate` (inside the context manager `during`, if given); returns (seconds, engine steps)."""
+    import contextlib
+    import time
+
+    steps = 0
+    step = llm.engine.step
+
+    def counted():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    llm.engine.step = counted
+    try:
+        with during or contextlib.nullcontext():
+            start = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+    finally:
+        llm.engine.step = step
+    return elapsed, steps
+
+
 def write_json(result: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
-from bench.common import add_model_args, model_dir_with_tokenizer
+from bench.common import add_model_args, generate_counting_steps, model_dir_with_tokenizer
 from jaxllm import LLM, SamplingParams, StructuredOutputsParams
 
 SCHEMA = {
@@ -22,23 +21,6 @@ SCHEMA = {
                                                                                    "items": {"type": "string"}}},
     "required": ["name", "age", "tags"],
 }
-
-
-def _run(llm: LLM, prompts, params) -> tuple[float, int]:
-    steps = 0
-    step = llm.engine.step
-
-    def counted():
-        nonlocal steps
-        steps += 1
-        return step()
-
-    llm.engine.step = counted
-    start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    llm.engine.step = step
-    return elapsed, steps
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     free = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=1)
     constrained = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, seed=1,
                                  structured_outputs=StructuredOutputsParams(json=SCHEMA))
-    _run(llm, prompts[:4], [free, constrained] * 2)  # warm: compiles the bitmask sampler variant
-    base_s, base_steps = _run(llm, prompts, [free] * args.batch)
+    generate_counting_steps(llm, prompts[:4], [free, constrained] * 2)  # warm: compiles the bitmask sampler variant
+    base_s, base_steps = generate_counting_steps(llm, prompts, [free] * args.batch)
     mixed = [constrained if i % 2 else free for i in range(args.batch)]
-    mixed_s, mixed_steps = _run(llm, prompts, mixed)
+    mixed_s, mixed_steps = generate_counting_steps(llm, prompts, mixed)
     result = {
         "batch": args.batch, "constrained": args.batch // 2,
         "unconstrained_ms_per_step": round(1000 * base_s / base_steps, 2),
