@@ -4,7 +4,7 @@
 # Steps: kernels (bench/kernels.py table), grid (its correctness grid), offline-<backend>
 # (bench.throughput, sharegpt_like 1000), profile (the same under cProfile), structured (bench.structured_cost), latency
 # (bench.latency), serve (server + bench.serve at inf rate, then 8 req/s), hf (bench.hf_compare),
-# parity (bench/gpu_parity.py: a random 1B Llama against transformers, bf16).
+# parity (bench/gpu_parity.py: a random 1B Llama against transformers, bf16), trace (bench/step_trace.py).
 # Env: MODEL (bench/configs/llama-3.1-8b), N (1000), T_<step> (seconds), EXTRA (more engine flags).
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -30,7 +30,7 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name rc=$rc in $(( $(date +%s) - t0 )) s"
   tr '\r' '\n' < "$OUT/$name.log" | grep -a -E "$GREP" | grep -a -v -E "$NOISE" | tail -${TAILN:-25}
 }
-GREP='output_tokens_per_s|total_tokens_per_s|startup_s|elapsed_s|Compiled|KV cache|Activation|"steps"|_s":|ms_per|Error|error|Traceback|FAIL|^\||ceilings|rc=|^step |fuzz (failures|.*FAIL)|MISALIGNED|positions_|passed|failures|diff_matched'
+GREP='busy|wall_ms|span_ms|output_tokens_per_s|total_tokens_per_s|startup_s|elapsed_s|Compiled|KV cache|Activation|"steps"|_s":|ms_per|Error|error|Traceback|FAIL|^\||ceilings|rc=|^step |fuzz (failures|.*FAIL)|MISALIGNED|positions_|passed|failures|diff_matched'
 NOISE='cuda_event.cc|cuda_executor.cc|cuda_host_allocator|cuda_device_allocator|Source Location|cuda_status.cc'
 
 for s in "$@"; do
@@ -47,6 +47,9 @@ for s in "$@"; do
         --output-json "$OUT/latency.json" ;;
     parity) step parity "${T_parity:-240}" python3 bench/gpu_parity.py --attention-backend "${PARITY_BACKEND:-pallas}" \
         --output-json "$OUT/parity.json" ;;
+    trace) step trace "${T_trace:-200}" python3 bench/step_trace.py --model "$MODEL" $COMMON \
+        --token-buckets 16 256 1024 --max-num-batched-tokens 1024 --max-num-seqs 256 --batches 1 256 \
+        --out /tmp/jaxllm-trace --output-json "$OUT/trace.json" ;;
     hf) step hf "${T_hf:-480}" python3 -m bench.hf_compare --model "$MODEL" --max-model-len 4096 \
         --num-prompts "${N_hf:-200}" --max-seconds 90 --run-jaxllm --output-json "$OUT/hf.json" ;;
     serve)
