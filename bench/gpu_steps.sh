@@ -48,7 +48,7 @@ for s in "$@"; do
     parity) step parity "${T_parity:-240}" python3 bench/gpu_parity.py --attention-backend "${PARITY_BACKEND:-pallas}" \
         --output-json "$OUT/parity.json" ;;
     trace) step trace "${T_trace:-200}" python3 bench/step_trace.py --model "$MODEL" $COMMON \
-        --token-buckets 16 256 1024 --max-num-batched-tokens 1024 --max-num-seqs 256 --batches 1 256 \
+        --batches 1 256 --sharegpt "$N" \
         --out /tmp/jaxllm-trace --output-json "$OUT/trace.json" ;;
     hf) step hf "${T_hf:-480}" python3 -m bench.hf_compare --model "$MODEL" --max-model-len 4096 \
         --num-prompts "${N_hf:-200}" --max-seconds 90 --run-jaxllm --output-json "$OUT/hf.json" ;;

@@ -27,6 +27,7 @@ from bench.common import (
     fold_into_vocab,
     generate_counting_steps,
     llm_kwargs,
+    requests_for,
     write_json,
 )
 from jaxllm import LLM, SamplingParams
@@ -67,6 +68,38 @@ def busy_us(events: list[dict]) -> float:
     return total
 
 
+def idle_gaps(events: list[dict], threshold_us: float = 50.0) -> dict:
+    """The device's idle time between its kernels: all of it, and the gaps over `threshold_us`
+    (those between steps, where the device waits for the host; gaps inside a step are a few us)."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events)
+    gaps, end = [], spans[0][1]
+    for start, stop in spans[1:]:
+        if start > end:
+            gaps.append(start - end)
+        end = max(end, stop)
+    g = np.asarray(gaps or [0.0])
+    big = g[g > threshold_us]
+    return {"idle_ms": round(float(g.sum()) / 1e3, 2), f"gaps_over_{threshold_us:g}us": int(big.size),
+            f"idle_in_gaps_over_{threshold_us:g}us_ms": round(float(big.sum()) / 1e3, 2),
+            "gap_p50_p90_p99_us": [round(float(x), 1) for x in np.percentile(big, [50, 90, 99])] if big.size else []}
+
+
+def module_runs(events: list[dict]) -> dict:
+    """XLA module executions on the device ('XLA Modules' lines): per module, count and durations."""
+    threads = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+               and "module" in e.get("args", {}).get("name", "").lower()}
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads and "dur" in e:
+            by_name[kernel_family(e["name"])].append(float(e["dur"]) / 1e3)
+    out = {}
+    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]:
+        d = np.asarray(durs)
+        out[name] = {"count": int(d.size), "total_ms": round(float(d.sum()), 1),
+                     "p10_p50_p90_ms": [round(float(x), 3) for x in np.percentile(d, [10, 50, 90])]}
+    return out
+
+
 def kernel_family(name: str) -> str:
     """Group kernel names: strip numeric suffixes (fusion.123 -> fusion)."""
     return re.sub(r"[._]\d+$", "", re.sub(r"\.\d+", "", name))[:80]
@@ -89,8 +122,20 @@ def summarize(events: list[dict], steps: int) -> dict:
         "busy_ms": round(busy / 1e3, 2),
         "busy_fraction": round(busy / max(stop - start, 1e-9), 3),
         "busy_ms_per_step": round(busy / 1e3 / max(steps, 1), 3),
+        **idle_gaps(dev),
         "top_kernels_ms_per_step": {k: round(v / 1e3 / max(steps, 1), 3) for k, v in top},
+        "modules": module_runs(events),
     }
+
+
+def profiled(log_dir: Path):
+    """jax.profiler.trace without the Python tracer (on by default; it slows every host step) and with
+    the lowest host tracing level, so the traced steps keep their untraced host timing."""
+    import jax
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level, options.host_tracer_level = 0, 1
+    return jax.profiler.trace(str(log_dir), create_perfetto_trace=True, profiler_options=options)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -100,11 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--sharegpt", type=int, default=0, metavar="N",
+                   help="also trace the offline sharegpt_like workload of N requests (bench.throughput's run)")
     p.add_argument("--out", default="/tmp/jaxllm-trace")
     p.add_argument("--output-json")
     args = p.parse_args(argv)
-    import jax
-
     llm = LLM(**llm_kwargs(args))
     vocab = llm.engine.vocab_size
     result: dict = {"scenarios": {}}
@@ -117,11 +162,23 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
         log_dir = Path(args.out) / f"batch{batch}"
         wall, steps = generate_counting_steps(llm, prompts, params,
-                                              jax.profiler.trace(str(log_dir), create_perfetto_trace=True))
+                                              profiled(log_dir))
         summary = {"steps": steps, "wall_ms_per_step": round(1000 * wall / max(steps, 1), 3),
                    **summarize(load_trace(log_dir), steps)}
         result["scenarios"][f"batch {batch}"] = summary
         print(f"batch {batch}:", json.dumps(summary, indent=1), flush=True)
+    if args.sharegpt:
+        reqs = requests_for("sharegpt_like", args.sharegpt, vocab_size=vocab)
+        prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
+        params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for _, n in reqs]
+        log_dir = Path(args.out) / "sharegpt"
+        wall, steps = generate_counting_steps(llm, prompts, params,
+                                              profiled(log_dir))
+        summary = {"steps": steps, "wall_s": round(wall, 2), "wall_ms_per_step": round(1000 * wall / max(steps, 1), 3),
+                   "output_tokens_per_s": round(sum(n for _, n in reqs) / wall, 1),
+                   **summarize(load_trace(log_dir), steps)}
+        result["scenarios"][f"sharegpt_like {args.sharegpt}"] = summary
+        print(f"sharegpt_like {args.sharegpt}:", json.dumps(summary, indent=1), flush=True)
     write_json(result, args.output_json)
     return result
 
