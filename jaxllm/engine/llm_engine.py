@@ -159,7 +159,7 @@ class LLMEngine:
             wants_logprobs = params.logprobs is not None
             sequence = _Sequence(request, index,
                                  OutputDetokenizer(self.tokenizer, prompt_token_ids, params, max_tokens,
-                                                   self.max_model_len),
+                                                   self.max_model_len, defer_text=final_only),
                                  [] if wants_logprobs else None, 0.0 if wants_logprobs else None)
             group.sequences.append(sequence)
         if sampling_params.prompt_logprobs is not None:

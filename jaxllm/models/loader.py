@@ -116,15 +116,19 @@ def load_weights(
         abstract = var.get_value()
         sharding = NamedSharding(mesh, rules.spec(var.get_metadata()["logical_axes"]))
         name = hf_name(path)
+        fused = var.get_metadata().get("fused_from")
         if checkpoint is None:
             value = _random_leaf(name, abstract.shape, jnp.dtype(dtype), sharding, jax.random.fold_in(key, i))
+        elif fused is not None:
+            value = _fused_checkpoint_leaf(checkpoint, name, fused, abstract.shape, np.dtype(dtype), sharding)
         else:
             value = _checkpoint_leaf(checkpoint, name, abstract.shape, np.dtype(dtype), sharding)
         var.set_value(value)
     return abstract_state
 
 
-def _checkpoint_leaf(checkpoint, name: str, shape, dtype: np.dtype, sharding) -> jax.Array:
+def _checkpoint_tensor(checkpoint, name: str, shape) -> np.ndarray:
+    """The memory-mapped tensor `name`, checked against its expected shape."""
     if name not in checkpoint:
         raise WeightLoadError(f"checkpoint has no tensor {name}")
     tensor = checkpoint[name].get(name)
@@ -132,7 +136,28 @@ def _checkpoint_leaf(checkpoint, name: str, shape, dtype: np.dtype, sharding) ->
         raise WeightLoadError(
             f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, expected {tuple(shape)}"
         )
+    return tensor
+
+
+def _checkpoint_leaf(checkpoint, name: str, shape, dtype: np.dtype, sharding) -> jax.Array:
+    tensor = _checkpoint_tensor(checkpoint, name, shape)
     return jax.make_array_from_callback(shape, sharding, lambda idx: np.asarray(tensor[idx]).astype(dtype))
+
+
+def _fused_checkpoint_leaf(checkpoint, name: str, fused, shape, dtype: np.dtype, sharding) -> jax.Array:
+    """A fused parameter (models.llama.FusedFrom): each device's shard is cut from every part's
+    memory map along the other axes, then the parts are concatenated (never a full copy)."""
+    module = name.rsplit(".", 2)[0]  # model.layers.3.self_attn.qkv_proj.weight -> ...self_attn
+    parts = [_checkpoint_tensor(checkpoint, f"{module}.{part}", hf_shape).reshape(here)
+             for part, hf_shape, here in fused.parts]
+    axis = fused.axis
+
+    def shard(idx: tuple[slice, ...]) -> np.ndarray:
+        across = tuple(slice(None) if a == axis else s for a, s in enumerate(idx))
+        joined = np.concatenate([np.asarray(p[across]) for p in parts], axis=axis)
+        return joined[(slice(None),) * axis + (idx[axis],)].astype(dtype)
+
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def _random_leaf(name: str, shape, dtype, sharding, key) -> jax.Array:

@@ -67,7 +67,7 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
     rules = rules_for(arch, tp)
     platform = mesh.devices.flat[0].platform
     dtype = resolve_dtype(model_config.dtype, arch, platform)
-    graphdef, state = nnx.split(abstract_model(arch, dtype))
+    graphdef, state = nnx.split(abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None))
     state = load_weights(model_dir, state, mesh, rules, dtype, model_config.load_format, model_config.seed)
     leaves, treedef = jax.tree.flatten(state)
     logger.info(

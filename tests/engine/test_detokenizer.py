@@ -180,3 +180,92 @@ def test_stream_detokenizer_falls_back_instead_of_failing(tokenizer):
     rest = "".join(detok.decode_next(t) for t in words[3:])
     assert detok.fallback is not None
     assert first + rest == " there was a girl named Lily"
+
+
+@pytest.fixture(scope="module", params=["stories260K", "llama3", "qwen2.5", "llama2"])
+def every_tokenizer(request, tokenizer):
+    from transformers import AutoTokenizer
+
+    return tokenizer if request.param == "stories260K" else AutoTokenizer.from_pretrained(
+        fixture_tokenizer(request.param))
+
+
+def _final_text(tokenizer, prompt_ids, output_ids, defer: bool, **params) -> tuple[str, Finish | None]:
+    sampling = SamplingParams(max_tokens=len(output_ids), **params)
+    sampling.all_stop_token_ids = {tokenizer.eos_token_id}
+    detok = OutputDetokenizer(tokenizer, prompt_ids, sampling, len(output_ids), 4096, defer_text=defer)
+    for token_id in output_ids:
+        if detok.update([token_id]) is not None:
+            break
+    return detok.text_to_emit(), detok.finish
+
+
+def test_deferred_text_equals_token_by_token_text(every_tokenizer):
+    """The one-call decode of a finished output (offline, final-only requests) gives exactly the text
+    the token-by-token path gives: random token soups (byte tokens, partial characters, special
+    tokens), prompts ending mid-character, EOS with and without its text."""
+    import random
+
+    tok = every_tokenizer
+    rng = random.Random(0)
+    vocab = len(tok)
+    multibyte = encode(tok, MULTIBYTE)
+    cases = []
+    for i in range(150):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 12))]
+        if i % 3 == 0:  # a prompt ending inside a character
+            prompt += multibyte[: rng.randrange(1, len(multibyte))]
+        output = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        if i % 4 == 0:
+            output = multibyte[rng.randrange(len(multibyte)):] + output
+        if i % 5 == 0:
+            output.insert(rng.randrange(len(output) + 1), tok.eos_token_id)
+        cases.append((prompt, output, {"include_stop_str_in_output": i % 2 == 0, "skip_special_tokens": i % 7 != 0}))
+    for prompt, output, params in cases:
+        assert _final_text(tok, prompt, output, True, **params) == _final_text(tok, prompt, output, False, **params)
+
+
+def test_deferred_text_is_not_used_with_stop_strings(tokenizer):
+    """Stop strings are searched in the text as it grows, so their requests decode token by token."""
+    prompt_ids = encode(tokenizer, "Once upon a time")
+    sampling = SamplingParams(max_tokens=64, stop=["girl"])
+    detok = OutputDetokenizer(tokenizer, prompt_ids, sampling, 64, 512, defer_text=True)
+    assert not detok.defer_text
+    detok.update(encode(tokenizer, STORY))
+    assert detok.finish == Finish("stop", "girl") and detok.text_to_emit() == " there was a little "
+
+
+def test_deferred_text_read_before_the_end_then_more_tokens(every_tokenizer):
+    """Text read early (an abort, or a caller peeking) and tokens after it still add up to the
+    token-by-token text."""
+    tok = every_tokenizer
+    prompt = encode(tok, "Once upon a time")
+    output = encode(tok, " " + MULTIBYTE + " and then they went home")
+    sampling = SamplingParams(max_tokens=len(output) + 1)
+    sampling.all_stop_token_ids = {tok.eos_token_id}
+    deferred = OutputDetokenizer(tok, prompt, sampling, len(output) + 1, 4096, defer_text=True)
+    eager = OutputDetokenizer(tok, prompt, sampling, len(output) + 1, 4096)
+    half = len(output) // 2
+    for d in (deferred, eager):
+        d.update(output[:half])
+    assert deferred.output_text == "" and deferred.text_to_emit() == eager.text_to_emit()
+    for d in (deferred, eager):
+        d.update(output[half:])
+    assert deferred.text_to_emit() == eager.text_to_emit()
+
+
+def test_deferred_text_takes_one_decode_call_for_byte_level_tokenizers(llama3_tokenizer):
+    """Llama-3's byte-level decoder: a random-token output (invalid UTF-8 and all, as a dummy-weight
+    benchmark makes) is decoded in one call, never stepped token by token."""
+    import random
+
+    rng = random.Random(1)
+    prompt = encode(llama3_tokenizer, "Once upon a time")
+    output = [rng.randrange(128000) for _ in range(200)]
+    sampling = SamplingParams(max_tokens=len(output), ignore_eos=True)
+    sampling.all_stop_token_ids = {llama3_tokenizer.eos_token_id}
+    detok = OutputDetokenizer(llama3_tokenizer, prompt, sampling, len(output), 4096, defer_text=True)
+    assert detok.update(output) == Finish("length")
+    text = detok.text_to_emit()
+    assert detok.decoder.untouched and detok.decoder.stream is None
+    assert text == _final_text(llama3_tokenizer, prompt, output, False, ignore_eos=True)[0]
