@@ -71,17 +71,26 @@ def busy_us(events: list[dict]) -> float:
 def idle_gaps(events: list[dict], threshold_us: float = 50.0) -> dict:
     """The device's idle time between its kernels: all of it, and the gaps over `threshold_us`
     (those between steps, where the device waits for the host; gaps inside a step are a few us)."""
-    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events)
-    gaps, end = [], spans[0][1]
-    for start, stop in spans[1:]:
+    ordered = sorted(events, key=lambda e: float(e["ts"]))
+    gaps, end, after = [], float(ordered[0]["ts"]) + float(ordered[0]["dur"]), []
+    for e in ordered[1:]:
+        start, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
         if start > end:
             gaps.append(start - end)
+            after.append(kernel_family(e["name"]))
         end = max(end, stop)
     g = np.asarray(gaps or [0.0])
-    big = g[g > threshold_us]
-    return {"idle_ms": round(float(g.sum()) / 1e3, 2), f"gaps_over_{threshold_us:g}us": int(big.size),
-            f"idle_in_gaps_over_{threshold_us:g}us_ms": round(float(big.sum()) / 1e3, 2),
-            "gap_p50_p90_p99_us": [round(float(x), 1) for x in np.percentile(big, [50, 90, 99])] if big.size else []}
+    big = g > threshold_us
+    # Which kernel the device waited for (the first of a forward, of the sampler, ...): idle per name.
+    waited: dict[str, float] = defaultdict(float)
+    for gap, name, is_big in zip(gaps, after, big, strict=False):
+        if is_big:
+            waited[name] += gap / 1e3
+    return {"idle_ms": round(float(g.sum()) / 1e3, 2), f"gaps_over_{threshold_us:g}us": int(big.sum()),
+            f"idle_in_gaps_over_{threshold_us:g}us_ms": round(float(g[big].sum()) / 1e3, 2),
+            "gap_p50_p90_p99_max_us": ([round(float(x), 1) for x in np.percentile(g[big], [50, 90, 99, 100])]
+                                       if big.any() else []),
+            "idle_ms_before": {k: round(v, 2) for k, v in sorted(waited.items(), key=lambda kv: -kv[1])[:6]}}
 
 
 def module_runs(events: list[dict]) -> dict:
