@@ -21,6 +21,7 @@ from bench.common import model_dir_with_tokenizer
 from jaxllm.config import EngineConfig
 from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.llm import freeze_startup_heap
 from jaxllm.runner.input_batch import InputBatch, sampler_flags, sampling_arrays
 from jaxllm.runner.model_runner import page_buckets, token_buckets
 from jaxllm.sampling_params import SamplingParams
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings = {"runner_host_s": 0.0}
     runner = HostOnlyRunner(config, args.max_model_len, 128256, timings)
     engine = LLMEngine(config, runner, tokenizer, args.max_model_len, 128256, [128001], log_stats=False)
+    freeze_startup_heap()  # as build_engine does
     schedule = engine.scheduler.schedule
     timings["schedule_s"] = 0.0
 

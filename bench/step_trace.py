@@ -83,7 +83,7 @@ def idle_gaps(events: list[dict], threshold_us: float = 50.0) -> dict:
     big = g > threshold_us
     # Which kernel the device waited for (the first of a forward, of the sampler, ...): idle per name.
     waited: dict[str, float] = defaultdict(float)
-    for gap, name, is_big in zip(gaps, after, big, strict=False):
+    for gap, name, is_big in zip(gaps, after, big, strict=True):
         if is_big:
             waited[name] += gap / 1e3
     return {"idle_ms": round(float(g.sum()) / 1e3, 2), f"gaps_over_{threshold_us:g}us": int(big.sum()),
@@ -91,22 +91,6 @@ def idle_gaps(events: list[dict], threshold_us: float = 50.0) -> dict:
             "gap_p50_p90_p99_max_us": ([round(float(x), 1) for x in np.percentile(g[big], [50, 90, 99, 100])]
                                        if big.any() else []),
             "idle_ms_before": {k: round(v, 2) for k, v in sorted(waited.items(), key=lambda kv: -kv[1])[:6]}}
-
-
-def module_runs(events: list[dict]) -> dict:
-    """XLA module executions on the device ('XLA Modules' lines): per module, count and durations."""
-    threads = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
-               and "module" in e.get("args", {}).get("name", "").lower()}
-    by_name: dict[str, list[float]] = defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in threads and "dur" in e:
-            by_name[kernel_family(e["name"])].append(float(e["dur"]) / 1e3)
-    out = {}
-    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]:
-        d = np.asarray(durs)
-        out[name] = {"count": int(d.size), "total_ms": round(float(d.sum()), 1),
-                     "p10_p50_p90_ms": [round(float(x), 3) for x in np.percentile(d, [10, 50, 90])]}
-    return out
 
 
 def kernel_family(name: str) -> str:
@@ -133,7 +117,6 @@ def summarize(events: list[dict], steps: int) -> dict:
         "busy_ms_per_step": round(busy / 1e3 / max(steps, 1), 3),
         **idle_gaps(dev),
         "top_kernels_ms_per_step": {k: round(v / 1e3 / max(steps, 1), 3) for k, v in top},
-        "modules": module_runs(events),
     }
 
 
@@ -145,6 +128,17 @@ def profiled(log_dir: Path):
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level, options.host_tracer_level = 0, 1
     return jax.profiler.trace(str(log_dir), create_perfetto_trace=True, profiler_options=options)
+
+
+def traced(llm, prompts, params, log_dir: Path, label: str, output_tokens: int | None = None) -> dict:
+    """One `generate` under the profiler, summarised (and printed)."""
+    wall, steps = generate_counting_steps(llm, prompts, params, profiled(log_dir))
+    summary = {"steps": steps, "wall_s": round(wall, 2), "wall_ms_per_step": round(1000 * wall / max(steps, 1), 3)}
+    if output_tokens is not None:
+        summary["output_tokens_per_s"] = round(output_tokens / wall, 1)
+    summary.update(summarize(load_trace(log_dir), steps))
+    print(f"{label}:", json.dumps(summary, indent=1), flush=True)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -169,25 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
         llm.generate(prompts, params, use_tqdm=False)  # warm (and the prefill of these prompts is cached after)
         reqs = fold_into_vocab(workload.fixed(batch, args.input_len, args.output_len, seed=batch + 1), vocab)
         prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
-        log_dir = Path(args.out) / f"batch{batch}"
-        wall, steps = generate_counting_steps(llm, prompts, params,
-                                              profiled(log_dir))
-        summary = {"steps": steps, "wall_ms_per_step": round(1000 * wall / max(steps, 1), 3),
-                   **summarize(load_trace(log_dir), steps)}
-        result["scenarios"][f"batch {batch}"] = summary
-        print(f"batch {batch}:", json.dumps(summary, indent=1), flush=True)
+        result["scenarios"][f"batch {batch}"] = traced(llm, prompts, params, Path(args.out) / f"batch{batch}",
+                                                       f"batch {batch}")
     if args.sharegpt:
         reqs = requests_for("sharegpt_like", args.sharegpt, vocab_size=vocab)
         prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
         params = [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=n) for _, n in reqs]
-        log_dir = Path(args.out) / "sharegpt"
-        wall, steps = generate_counting_steps(llm, prompts, params,
-                                              profiled(log_dir))
-        summary = {"steps": steps, "wall_s": round(wall, 2), "wall_ms_per_step": round(1000 * wall / max(steps, 1), 3),
-                   "output_tokens_per_s": round(sum(n for _, n in reqs) / wall, 1),
-                   **summarize(load_trace(log_dir), steps)}
-        result["scenarios"][f"sharegpt_like {args.sharegpt}"] = summary
-        print(f"sharegpt_like {args.sharegpt}:", json.dumps(summary, indent=1), flush=True)
+        label = f"sharegpt_like {args.sharegpt}"
+        result["scenarios"][label] = traced(llm, prompts, params, Path(args.out) / "sharegpt", label,
+                                            output_tokens=sum(n for _, n in reqs))
     write_json(result, args.output_json)
     return result
 

@@ -64,10 +64,11 @@ def freeze_startup_heap() -> None:
     """Move everything alive after start-up (model tree, tokenizer tables, compiled executables) out
     of the garbage collector's reach.
 
-    NOTE: a full collection otherwise walks that heap again and again while requests run: 3 of them
-    took 770 ms (up to 268 ms each) over 150 host steps of 1024 requests (bench/host_overhead.py on
-    the CPU machine), every one a stall of the device; frozen, 5 took 111 ms, and the host step
-    went from 26.7 to 20.3 ms. (vLLM tunes its engine's collector for the same reason.)"""
+    NOTE: a full collection otherwise walks that heap again and again while requests run: over 150
+    host steps of 1024 requests (bench/host_overhead.py on the CPU machine) 3 of them took 770 ms
+    (up to 268 ms each), every one a stall of the device; with the heap frozen before the requests
+    came, 5 took 111 ms and the host step went from 26.7 to 20.3 ms. (vLLM tunes its engine's
+    collector for the same reason.)"""
     gc.collect()
     gc.freeze()
 
