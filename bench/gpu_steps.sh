@@ -36,7 +36,7 @@ NOISE='cuda_event.cc|cuda_executor.cc|cuda_host_allocator|cuda_device_allocator|
 for s in "$@"; do
   case $s in
     kernels) step kernels "${T_kernels:-240}" python3 bench/kernels.py ${KERNEL_ARGS:-} ;;
-    grid) step grid "${T_grid:-200}" python3 bench/kernels.py --only "decode 128 x 2048" --grid --budget-s 150 ;;
+    grid) step grid "${T_grid:-200}" python3 bench/kernels.py --only "decode 128 x 2048" --grid --budget-s "${B_grid:-150}" ;;
     offline-*) step "$s" "${T_offline:-300}" python3 -m bench.throughput --model "$MODEL" $COMMON \
         --attention-backend "${s#offline-}" --num-prompts "$N" --output-json "$OUT/$s.json" ${OFFLINE_ARGS:-} ;;
     profile) step profile "${T_profile:-150}" python3 -m bench.throughput --model "$MODEL" $COMMON \

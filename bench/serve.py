@@ -9,7 +9,8 @@ the server's), so time to first token (TTFT), inter-token latency (ITL) and time
 (TPOT) are measured per request; bench/serve_metrics.py holds the definitions. --request-rate inf
 sends everything at once, a finite rate sends Poisson arrivals (exponential gaps, seed 0).
 --max-concurrency caps requests in flight. One short test request runs first (not measured).
-Only httpx is needed (no openai package). --model defaults to the server's first /v1/models entry.
+Streams are read by bench/sse_client.py (a lean asyncio HTTP/1.1 client: httpx was the bound at
+1000 streams); httpx only lists the models. --model defaults to the server's first /v1/models entry.
 
 CPU smoke (the bundled tiny model, vocab 512: --vocab-size folds the workload ids into it):
     JAX_PLATFORMS=cpu .venv/bin/python -m jaxllm.serve --port 8123 --max-model-len 512 \
@@ -33,32 +34,48 @@ import numpy as np
 
 from bench.common import requests_for, write_json
 from bench.serve_metrics import RequestResult, summarize, table
+from bench.sse_client import HTTPProtocolError, StreamedResponse, post_stream
+
+Sent = tuple[RequestResult, StreamedResponse | None]
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
+async def _one(url: str, headers: dict[str, str], model: str, prompt: list[int], max_tokens: int) -> Sent:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "temperature": 0.0, "stream_options": {"include_usage": True}}
     result = RequestResult(input_tokens=len(prompt), start=time.perf_counter())
+    try:
+        response = await post_stream(url, json.dumps(body).encode(), headers)
+    except (OSError, HTTPProtocolError, ValueError) as e:
+        result.error = f"{type(e).__name__}: {e}"[:200]
+        result.end = time.perf_counter()
+        return result, None
+    result.end = time.perf_counter()
+    return result, response
+
+
+def read_events(sent: Sent) -> RequestResult:
+    """Fill chunks, output_tokens and error from the raw response (after the run: JSON off the hot path)."""
+    result, response = sent
+    if response is None:
+        return result
+    if response.status != 200:
+        result.error = f"HTTP {response.status}: {response.body.decode(errors='replace')[:200]}"
+        return result
     usage_tokens = None
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
-                return result
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
-                    break
-                if chunk.get("choices"):
-                    result.chunks.append(time.perf_counter())
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        result.error = f"{type(e).__name__}: {e}"[:200]
-    result.end = time.perf_counter()
+        for arrived, data in response.events:
+            if data == b"[DONE]":
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                result.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
+                break
+            if chunk.get("choices"):
+                result.chunks.append(arrived)
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"].get("completion_tokens")
+    except json.JSONDecodeError as e:
+        result.error = f"JSONDecodeError: {e}"[:200]
     result.output_tokens = usage_tokens if usage_tokens is not None else len(result.chunks)
     return result
 
@@ -81,30 +98,30 @@ async def run(args: argparse.Namespace) -> dict:
     reqs = requests_for(args.dataset, args.num_prompts, args.input_len, args.output_len, args.vocab_size)
     base = args.base_url.rstrip("/")
     url = base + "/v1/completions"
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    async with httpx.AsyncClient(timeout=None, limits=limits, headers=headers) as client:
+    async with httpx.AsyncClient(timeout=None, headers=headers) as client:
         model = args.model or await _model_name(client, base)
-        test = await _one(client, url, model, reqs[0][0], min(reqs[0][1], 4))
-        if not test.ok:
-            raise SystemExit(f"test request failed: {test.error or 'no content chunk'}")
+    test = read_events(await _one(url, headers, model, reqs[0][0], min(reqs[0][1], 4)))
+    if not test.ok:
+        raise SystemExit(f"test request failed: {test.error or 'no content chunk'}")
 
-        async def limited(prompt: list[int], n: int) -> RequestResult:
-            if sem is None:
-                return await _one(client, url, model, prompt, n)
-            async with sem:
-                return await _one(client, url, model, prompt, n)
+    async def limited(prompt: list[int], n: int) -> Sent:
+        if sem is None:
+            return await _one(url, headers, model, prompt, n)
+        async with sem:
+            return await _one(url, headers, model, prompt, n)
 
-        tasks = []
-        start = time.perf_counter()
-        for (prompt, n), offset in zip(reqs, arrival_offsets(len(reqs), args.request_rate), strict=True):
-            delay = start + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(limited(prompt, n)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+    tasks = []
+    start = time.perf_counter()
+    for (prompt, n), offset in zip(reqs, arrival_offsets(len(reqs), args.request_rate), strict=True):
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(limited(prompt, n)))
+    sent = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    results = [read_events(s) for s in sent]
     unexpected = sum(r.ok and r.output_tokens != n for r, (_, n) in zip(results, reqs, strict=True))
     return {
         "model": model, "dataset": args.dataset, "num_prompts": len(reqs), "request_rate": args.request_rate,

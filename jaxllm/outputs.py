@@ -42,3 +42,29 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def merge_delta(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive DELTA outputs of one request as one (as vLLM's output collector merges them
+    when the consumer has fallen behind): text, token ids and logprobs concatenated per sequence,
+    everything else from the later one. `earlier` is updated in place and returned."""
+    by_index = {c.index: c for c in earlier.outputs}
+    for new in later.outputs:
+        old = by_index.get(new.index)
+        if old is None:
+            earlier.outputs.append(new)
+            by_index[new.index] = new
+            continue
+        old.text += new.text
+        old.token_ids = old.token_ids + new.token_ids
+        if old.logprobs is not None or new.logprobs is not None:
+            old.logprobs = (old.logprobs or []) + (new.logprobs or [])
+        old.cumulative_logprob = new.cumulative_logprob
+        old.finish_reason, old.stop_reason = new.finish_reason, new.stop_reason
+    earlier.outputs.sort(key=lambda c: c.index)
+    if earlier.prompt_logprobs is None:
+        earlier.prompt_logprobs = later.prompt_logprobs
+    earlier.finished = later.finished
+    earlier.num_cached_tokens = later.num_cached_tokens
+    earlier.metrics = later.metrics
+    return earlier

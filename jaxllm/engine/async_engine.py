@@ -1,7 +1,12 @@
 """`AsyncEngine`: the `LLMEngine` loop on its own thread, fed and drained from asyncio.
 
     asyncio task: generate() -> validate -> command queue ──▶ engine thread: add/abort, step()
-    asyncio.Queue per request ◀── one loop.call_soon_threadsafe per step (all its outputs) ◀──┘
+    _Stream per request ◀── one loop.call_soon_threadsafe per step (all its outputs) ◀──┘
+
+A stream holds at most one pending output: when its consumer has not taken the last one yet, the
+next is merged into it (`merge_delta`), as vLLM's output collector does. A client that reads slower
+than the engine steps (or an event loop busy with a thousand streams) then gets several tokens per
+chunk instead of a backlog that grows every step.
 
 Only the engine thread touches the `LLMEngine`. It sleeps on an Event while there is no work.
 If a step raises, the engine is dead: every open stream raises `EngineDeadError` (caused by the
@@ -18,13 +23,12 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.metrics import EngineMetrics
 from jaxllm.engine.replication import EngineCall, Publish, StepMessage
-from jaxllm.outputs import RequestOutput
+from jaxllm.outputs import RequestOutput, merge_delta
 from jaxllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,21 +38,46 @@ class EngineDeadError(RuntimeError):
     pass
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+    """One request's outputs on their way to its consumer; touched only on the consumer's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        """From any thread."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.deliver, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody is listening
             pass
 
+    def deliver(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self._error = item
+        elif self._pending is None:
+            self._pending = item
+        else:
+            merge_delta(self._pending, item)
+        self._ready.set()
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue, output in items:
-        queue.put_nowait(output)
+    async def next(self) -> RequestOutput | BaseException:
+        """The outputs since the last call, merged; the engine's error once they are all taken."""
+        await self._ready.wait()
+        item, self._pending = self._pending, None
+        if item is None:
+            assert self._error is not None
+            return self._error
+        if self._error is None:
+            self._ready.clear()
+        return item
+
+
+def _deliver_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, output in items:
+        stream.deliver(output)
 
 
 class AsyncEngine:
@@ -98,7 +127,7 @@ class AsyncEngine:
         """DELTA outputs of one request; the last has finished=True. Closing the iterator aborts the request."""
         self._raise_if_dead()
         self._engine.validate_request(prompt_token_ids, sampling_params)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         with self._lock:  # NOTE: checked under the lock the dying loop takes, so no stream is orphaned
             self._raise_if_dead()
             if request_id in self._streams:
@@ -108,7 +137,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.next()
                 if isinstance(item, BaseException):
                     finished = True  # the engine already dropped it
                     raise item
@@ -222,17 +251,17 @@ class AsyncEngine:
         output (hundreds per step when serving many streams) cost the engine thread and the event
         loop more than the handoff itself.
         """
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         with self._lock:
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if output.finished:
                     self._streams.pop(output.request_id, None)
                 if stream is not None:
-                    batches.setdefault(stream.loop, []).append((stream.queue, output))
+                    batches.setdefault(stream.loop, []).append((stream, output))
         for loop, items in batches.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_deliver_all, items)
             except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
 

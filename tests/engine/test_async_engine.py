@@ -12,6 +12,7 @@ import pytest
 from jaxllm.engine.async_engine import AsyncEngine, EngineDeadError
 from jaxllm.engine.fake_runner import FakeModelRunner, InjectedFailure
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput, merge_delta
 from jaxllm.sampling_params import SamplingParams
 from tests.engine.conftest import EOS_ID, VOCAB_SIZE, make_config, run_to_completion
 from tests.engine.test_llm_engine import SENTENCES
@@ -72,6 +73,34 @@ def test_concurrent_streams_concatenate_to_the_offline_outputs(make_engine, toke
             assert deltas[-1].outputs[0].finish_reason == want.finish_reason
         assert async_engine.num_free_pages() == async_engine.num_pages
         assert async_engine.metrics().generation_tokens_total == sum(len(w.token_ids) for w in expected.values())
+
+
+def test_a_slow_consumer_gets_the_steps_it_missed_merged_into_one_output(make_engine, tokenizer):
+    prompt = tokenizer.encode(SENTENCES[0])
+    params = SamplingParams(max_tokens=40, ignore_eos=True, logprobs=2)
+    offline = make_engine()
+    offline.add_request("r", prompt, params)
+    want = run_to_completion(offline)["r"].outputs[0]
+
+    engine = make_engine(FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.001), max_model_len=256)
+    with started(engine) as async_engine:
+
+        async def slow_reader():
+            deltas = []
+            async for out in async_engine.generate(prompt, params, "r"):
+                deltas.append(out)
+                time.sleep(0.01)  # blocks the event loop: about ten engine steps land meanwhile
+            return deltas
+
+        deltas = asyncio.run(slow_reader())
+    assert len(deltas) < len(want.token_ids) / 2, "the missed steps were not merged"
+    assert any(len(d.outputs[0].token_ids) > 1 for d in deltas)
+    assert "".join(d.outputs[0].text for d in deltas) == want.text
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == want.token_ids
+    merged_logprobs = [p for d in deltas for p in d.outputs[0].logprobs]
+    assert [max(p, key=lambda t: p[t].logprob) for p in merged_logprobs] == want.token_ids
+    assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert deltas[-1].outputs[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize("how", ["aclose", "cancel"])
@@ -191,3 +220,21 @@ def test_runner_failure_fails_every_stream_and_kills_the_engine(tokenizer):
                 await async_engine.generate([5, 6], params, "late").__anext__()
 
         asyncio.run(main())
+
+
+def test_merge_delta_joins_each_sequence_and_keeps_the_first_prompt_logprobs():
+    first = RequestOutput("r", None, [1, 2], [CompletionOutput(1, "a", [5], -1.0, [{5: Logprob(-1.0)}])],
+                          finished=False, prompt_logprobs=[None, {2: Logprob(-0.5)}], num_cached_tokens=0)
+    second = RequestOutput("r", None, [1, 2], [
+        CompletionOutput(0, "x", [7], -0.1, [{7: Logprob(-0.1)}]),
+        CompletionOutput(1, "b", [6], -3.0, [{6: Logprob(-2.0)}], finish_reason="stop", stop_reason="b"),
+    ], finished=True, prompt_logprobs=None, num_cached_tokens=16, metrics={"e2e_latency": 1.0})
+    merged = merge_delta(first, second)
+    assert [c.index for c in merged.outputs] == [0, 1]
+    seq0, seq1 = merged.outputs
+    assert (seq0.text, seq0.token_ids) == ("x", [7])
+    assert (seq1.text, seq1.token_ids, seq1.cumulative_logprob) == ("ab", [5, 6], -3.0)
+    assert [list(p) for p in seq1.logprobs] == [[5], [6]]
+    assert (seq1.finish_reason, seq1.stop_reason) == ("stop", "b")
+    assert merged.prompt_logprobs == [None, {2: Logprob(-0.5)}]
+    assert (merged.finished, merged.num_cached_tokens, merged.metrics) == (True, 16, {"e2e_latency": 1.0})
