@@ -6,6 +6,7 @@ the offline API and by `python -m jaxllm.serve`.
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import logging
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.config import EngineConfig
 from jaxllm.engine.async_engine import AsyncEngine
+from jaxllm.engine.engine_process import ProcessEngine
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.replication import follow
 from jaxllm.generation_config import GenerationDefaults, load_generation_defaults
@@ -73,8 +75,12 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def build_async_engine(config: EngineConfig, *, log_stats: bool = True) -> AsyncEngine:
-    """The server's engine. On process 0 of a multi-process run, it publishes its engine calls."""
+def build_async_engine(config: EngineConfig, *, log_stats: bool = True,
+                       in_process: bool = False) -> AsyncEngine | ProcessEngine:
+    """The server's engine: its loop in a child process (`ProcessEngine`), or on a thread of this
+    one with `in_process` and on every multi-process run, whose process 0 publishes its engine calls."""
+    if not in_process and config.parallel.num_processes == 1:
+        return ProcessEngine(functools.partial(build_engine, config, served=True, log_stats=log_stats))
     parts = build_engine(config, served=True, log_stats=log_stats)
     publish = None
     if config.parallel.num_processes > 1:

@@ -5,7 +5,8 @@
 Engine flags are generated from `jaxllm.config.EngineConfig` (one per field, `--help` from the field
 docs), server flags from `serve.args.ServerArgs`; common vLLM flags that mean nothing here are accepted
 with a warning, so vLLM command lines keep working. The engine is built by
-`jaxllm.llm.build_async_engine` (imported only here, inside `main`: everything else stays jax-free).
+`jaxllm.llm.build_async_engine` (imported only here, inside `main`: everything else stays jax-free),
+in a child process (`jaxllm.engine.engine_process`) unless --disable-frontend-multiprocessing.
 
 Shutdown: SIGTERM/SIGINT stop accepting connections, in-flight requests get `--shutdown-timeout`
 seconds to finish, the rest are cancelled (which aborts them in the engine), and the process exits 0.
@@ -32,6 +33,7 @@ from typing import Any
 import uvicorn
 
 from jaxllm.config import DEFAULT_MODEL, EngineConfig, field_owners, option_fields
+from jaxllm.engine.engine_process import LOG_FORMAT
 from serve.app import build_app
 from serve.args import API_KEY_ENV, ServerArgs
 from serve.engine_client import EngineClient, ServingContext
@@ -49,7 +51,6 @@ IGNORED_VLLM_FLAGS: list[tuple[str, bool]] = [
     ("--enable-chunked-prefill", False),
     ("--disable-custom-all-reduce", False),
     ("--disable-log-requests", False),
-    ("--disable-frontend-multiprocessing", False),
     ("--disable-uvicorn-access-log", False),
     ("--enable-prompt-tokens-details", False),
     ("--use-v2-block-manager", False),
@@ -230,7 +231,7 @@ def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     engine_config, server_args = parse_args(argv, prog)
     from jaxllm.llm import build_async_engine, follow_process_zero  # noqa: PLC0415  (the only import of device code)
 
@@ -238,7 +239,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve"
         follow_process_zero(engine_config)
         return 0
 
-    engine = build_async_engine(engine_config, log_stats=not server_args.disable_log_stats)
+    engine = build_async_engine(engine_config, log_stats=not server_args.disable_log_stats,
+                                in_process=server_args.disable_frontend_multiprocessing)
     ctx = make_context(engine, engine.config, server_args, default_sampling=engine.generation_defaults.sampling,
                        chat_template=engine.chat_template)
     return run_server(ctx)

@@ -37,6 +37,10 @@ class ServerArgs:
         "jaxllm", "Prefix of /metrics names: jaxllm, or vllm for vLLM's own names (existing dashboards).",
         choices=("jaxllm", "vllm"),
     )
+    disable_frontend_multiprocessing: bool = option(
+        False, "Run the engine loop on a thread of the HTTP process instead of in its own process (one GIL "
+        "for both: slower with many streams)."
+    )
     shutdown_timeout: float = option(
         30.0, "Seconds SIGTERM waits for in-flight requests to finish before aborting them."
     )

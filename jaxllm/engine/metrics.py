@@ -69,3 +69,12 @@ class EngineMetrics:
                 setattr(out, name, Histogram(h.buckets, list(h.counts), h.sum, h.count))
             out._lock = threading.Lock()
             return out
+
+    def __getstate__(self) -> dict:
+        """Picklable (the engine process sends snapshots to the HTTP process): the lock stays behind."""
+        state = {name: value for name, value in self.__dict__.items() if name != "_lock"}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

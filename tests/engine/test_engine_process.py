@@ -1,0 +1,149 @@
+"""ProcessEngine: the engine loop in a spawned child (over the fake runner here), streamed to asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from jaxllm.engine.engine_process import ProcessEngine, pack_output, unpack_output
+from jaxllm.engine.fake_runner import FakeModelRunner
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.engine.streams import EngineDeadError
+from jaxllm.generation_config import GenerationDefaults
+from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.sampling_params import SamplingParams
+from tests.engine.conftest import EOS_ID, STORIES, VOCAB_SIZE, make_config, run_to_completion
+from tests.engine.test_async_engine import collect, requests
+
+BLOCK_SIZE = 4
+
+
+def fake_engine_parts(delay_s: float = 0.001, fail_at_step: int | None = None, raise_in_factory: bool = False):
+    """The factory run in the child (so: top level, picklable by reference)."""
+    from transformers import AutoTokenizer
+
+    if raise_in_factory:
+        raise ValueError("no such model: boom")
+    runner = FakeModelRunner(VOCAB_SIZE, BLOCK_SIZE, delay_s=delay_s, fail_at_step=fail_at_step)
+    engine = LLMEngine(make_config(async_scheduling=True, max_num_batched_tokens=16), runner,
+                       AutoTokenizer.from_pretrained(STORIES), 256, VOCAB_SIZE, [EOS_ID], log_stats=False)
+    return SimpleNamespace(engine=engine, generation_defaults=GenerationDefaults({"temperature": 0.5}),
+                           chat_template="{{ x }}")
+
+
+@pytest.fixture(scope="module")
+def process_engine():
+    engine = ProcessEngine(fake_engine_parts)
+    yield engine
+    engine.shutdown()
+    assert not engine._process.is_alive()
+
+
+def test_streams_match_the_offline_outputs_and_every_page_comes_back(process_engine, make_engine, tokenizer):
+    offline = make_engine(max_model_len=256)
+    for request_id, prompt, params in requests(tokenizer):
+        offline.add_request(request_id, prompt, params)
+    expected = {rid: out.outputs[0] for rid, out in run_to_completion(offline).items()}
+    engine = process_engine
+    assert (engine.max_model_len, engine.vocab_size, engine.eos_token_ids) == (256, VOCAB_SIZE, frozenset([EOS_ID]))
+    assert engine.tokenizer.encode("Once upon a time") == tokenizer.encode("Once upon a time")
+    assert engine.generation_defaults.sampling == {"temperature": 0.5} and engine.chat_template == "{{ x }}"
+
+    async def main():
+        results = await asyncio.gather(*(collect(engine, *r) for r in requests(tokenizer)))
+        await engine.wait_idle()
+        return results
+
+    for (request_id, prompt, _), deltas in zip(requests(tokenizer), asyncio.run(main()), strict=True):
+        want = expected[request_id]
+        assert [d.finished for d in deltas] == [False] * (len(deltas) - 1) + [True]
+        assert "".join(d.outputs[0].text for d in deltas) == want.text
+        assert [t for d in deltas for t in d.outputs[0].token_ids] == want.token_ids
+        assert deltas[-1].outputs[0].finish_reason == want.finish_reason
+        assert all(d.prompt_token_ids == prompt for d in deltas)
+    assert engine.num_free_pages() == engine.num_pages
+    metrics = engine.metrics()
+    assert metrics.generation_tokens_total >= sum(len(w.token_ids) for w in expected.values())
+    assert metrics.num_requests_running == 0 and sum(metrics.request_success_total.values()) >= len(expected)
+
+
+def test_leaving_a_stream_aborts_it_and_refusals_raise_from_the_first_anext(process_engine, tokenizer):
+    engine = process_engine
+
+    async def main():
+        stream = engine.generate(tokenizer.encode("Once upon a time"), SamplingParams(max_tokens=200,
+                                                                                   ignore_eos=True), "leaver")
+        outputs = [await stream.__anext__(), await stream.__anext__()]
+        await stream.aclose()
+        with pytest.raises(ValueError, match="prompt cannot be empty"):
+            await engine.generate([], SamplingParams(), "empty").__anext__()
+        with pytest.raises(ValueError, match="maximum context length"):
+            await engine.generate([5] * 200, SamplingParams(max_tokens=100), "long").__anext__()
+        aborted = []
+        async for output in engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "to-abort"):
+            aborted.append(output)
+            await engine.abort("to-abort")
+        await engine.wait_idle()
+        return outputs, aborted
+
+    outputs, aborted = asyncio.run(main())
+    assert not outputs[-1].finished
+    assert aborted[-1].finished and aborted[-1].outputs[0].finish_reason == "abort"
+    assert engine.num_free_pages() == engine.num_pages
+
+
+def test_a_failing_engine_loop_fails_every_stream_and_new_requests(tokenizer):
+    engine = ProcessEngine(functools.partial(fake_engine_parts, delay_s=0.002, fail_at_step=4))
+    try:
+        async def main():
+            params = SamplingParams(max_tokens=50, ignore_eos=True)
+            results = await asyncio.gather(*(collect(engine, r, p, params) for r, p, _ in requests(tokenizer)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, EngineDeadError) for r in results), results
+            assert "InjectedFailure" in str(results[0].__cause__)
+            assert engine.is_dead
+            with pytest.raises(EngineDeadError):
+                await engine.generate([5, 6], params, "late").__anext__()
+
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_a_killed_engine_process_fails_its_streams():
+    engine = ProcessEngine(functools.partial(fake_engine_parts, delay_s=0.01))
+    try:
+        async def main():
+            stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "r")
+            await stream.__anext__()
+            os.kill(engine._process.pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match="exited"):
+                async for _ in stream:
+                    pass
+
+        asyncio.run(main())
+        assert engine.is_dead and "exit code -9" in str(engine.dead_error)
+    finally:
+        engine.shutdown()
+
+
+def test_a_factory_that_raises_fails_the_constructor_with_its_traceback():
+    with pytest.raises(RuntimeError, match="(?s)could not be built.*no such model: boom"):
+        ProcessEngine(functools.partial(fake_engine_parts, raise_in_factory=True))
+
+
+def test_outputs_cross_the_pipe_packed_without_their_prompt():
+    output = RequestOutput("r", "hi", [1, 2, 3], [CompletionOutput(0, "a", [5], -1.0, [{5: Logprob(-1.0, 1, "a")}],
+                                                                  "stop", "a")],
+                           finished=True, prompt_logprobs=[None, {2: Logprob(-0.5)}], num_cached_tokens=2,
+                           metrics={"e2e_latency": 1.0})
+    packed = pack_output(output)
+    assert [1, 2, 3] not in packed
+    assert unpack_output(packed, [1, 2, 3], "hi") == output
+    output.finished = False  # a running request's metrics stay behind
+    assert unpack_output(pack_output(output), [1, 2, 3], "hi").metrics == {}
