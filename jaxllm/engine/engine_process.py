@@ -1,8 +1,8 @@
 """`ProcessEngine`: the engine loop in a child process, served to asyncio as `AsyncEngine` serves it.
 
     HTTP process                                               engine process (spawned)
-    generate() ── ("add", ...) / ("abort", id) ──▶ pipe ──▶ add/abort, step() (schedule, forward,
-    OutputStream per request ◀── reader thread ◀── ("step", outputs, rejected, stats) ◀──┘ detokenize)
+    generate() ── ("add", ...) / ("abort", id) ─▶ sender thread ─▶ pipe ─▶ add/abort, step()
+    OutputStream per request ◀── reader thread ◀── ("step", outputs, rejected, stats) ◀──┘
 
 NOTE: in one process the event loop (HTTP parsing, JSON, a socket write per chunk) and the engine
 loop (scheduling, batch building, detokenizing) take turns on one GIL. On an H200 with 1000
@@ -10,6 +10,9 @@ streams the server made 5,900-6,100 output tokens/s where the offline engine mad
 either benchmark client. Here each loop has its own interpreter, as vLLM's API server and engine
 core have. Each step's outputs cross the pipe packed as tuples, without their prompt ids (the HTTP
 process keeps those): about 1 ms for 1000 outputs, pickling and unpickling, on the CPU machine.
+
+Commands leave through a sender thread, batched: a burst of a thousand new requests would fill the
+pipe while the child is inside a step, and the event loop must not wait on it.
 
 The child is spawned (never forked: the HTTP process may hold threads) with a picklable factory
 that builds the engine there (`jaxllm.llm.build_engine`, or a stand-in runner in tests); the
@@ -23,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 import time
@@ -123,9 +127,9 @@ def _engine_loop(engine: LLMEngine, conn: Connection) -> None:
     while True:
         messages = []
         if not engine.has_unfinished_requests() or conn.poll():
-            messages.append(conn.recv())  # blocks while there is nothing to do
+            messages += conn.recv()  # a batch of commands; blocks while there is nothing to do
             while conn.poll():
-                messages.append(conn.recv())
+                messages += conn.recv()
         rejected = []
         for kind, seq, *args in messages:
             if kind == "stop":
@@ -179,6 +183,9 @@ class ProcessEngine:
         self._prompts: dict[str, tuple[list[int], str | None]] = {}  # by request id, while it runs
         self._send_lock = threading.Lock()
         self._seq = 0
+        self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="jaxllm-engine-sender", daemon=True)
+        self._sender.start()
         self._stats = EngineStats(EngineMetrics(), info.num_pages, 0, busy=False)
         self._stopping = False
         self._dead_error: BaseException | None = None
@@ -199,6 +206,8 @@ class ProcessEngine:
     def shutdown(self) -> None:
         self._stopping = True
         self._send("stop")
+        self._outbox.put(None)
+        self._sender.join(5)
         self._process.join(30)
         if self._process.is_alive():
             self._process.kill()
@@ -242,12 +251,22 @@ class ProcessEngine:
             await asyncio.sleep(poll_s)
 
     def _send(self, kind: str, *args: Any) -> None:
-        with self._send_lock:
+        with self._send_lock:  # sequence numbers in queue order
             self._seq += 1
+            self._outbox.put((kind, self._seq, *args))
+
+    def _send_loop(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            batch = [message]
+            with contextlib.suppress(queue.Empty):
+                while (message := self._outbox.get_nowait()) is not None:
+                    batch.append(message)
             try:
-                self._conn.send((kind, self._seq, *args))
+                self._conn.send(batch)
             except (OSError, ValueError):  # the engine process is gone: the reader reports it
-                pass
+                return
+            if message is None:
+                return
 
     def _read(self) -> None:
         while True:
