@@ -99,8 +99,10 @@ def unpack_output(packed: PackedOutput, prompt_token_ids: list[int], prompt: str
 
 def run_engine_process(factory: EngineFactory, conn: Connection, log_level: int) -> None:
     """The child's main: build the engine, report it, then run its loop until told to stop."""
-    # NOTE: Ctrl-C reaches the whole process group; the HTTP process handles it and stops us in order.
+    # NOTE: Ctrl-C (and a service manager's SIGTERM) can reach the whole process group; the HTTP process
+    # handles them, drains its requests and then stops us in order. Left alone, we exit when its pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     try:
         parts = factory()

@@ -18,9 +18,9 @@ from jaxllm.tokenizer import load_tokenizer
 from serve.app import build_app
 from serve.args import ServerArgs
 from serve.engine_client import ServingContext
-from tests.serve.fake_engine import STORIES, STORY, new_engine, pool_is_free
+from tests.serve.fake_engine import STORIES, STORY, new_engine, pool_is_free, story_engine_parts
 
-__all__ = ["STORIES", "STORY", "new_engine", "pool_is_free"]
+__all__ = ["STORIES", "STORY", "new_engine", "pool_is_free", "story_engine_parts"]
 
 API_KEY = "sk-test-1234"
 MODEL_NAMES = ["stories", "stories-alias"]

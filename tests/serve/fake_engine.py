@@ -3,24 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.generation_config import GenerationDefaults
 from jaxllm.structured import make_grammar_compiler
+from jaxllm.tokenizer import load_tokenizer
 
 STORIES = Path(__file__).resolve().parents[2] / "jaxllm" / "data" / "stories260K"
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine."
 
 
-def new_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, num_pages: int = 512,
-               block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
-               fail_at_step: int | None = None) -> AsyncEngine:
+def new_engine(tokenizer: Any, script: list[int], **kwargs: Any) -> AsyncEngine:
     """An AsyncEngine over a FakeModelRunner that "generates" the token script: the token after a
     context of length L is script[(L + seed) % len(script)], so outputs read as text. Structured outputs
     work (the runner takes the first token the grammar allows at or after the script's)."""
+    return AsyncEngine(new_llm_engine(tokenizer, script, **kwargs))
+
+
+def story_engine_parts(**kwargs: Any) -> SimpleNamespace:
+    """A `ProcessEngine` factory (run in the child): `new_engine`'s engine over stories260K's tokenizer
+    and the STORY script."""
+    tokenizer = load_tokenizer(STORIES)
+    engine = new_llm_engine(tokenizer, tokenizer.encode(" " + STORY, add_special_tokens=False), **kwargs)
+    return SimpleNamespace(engine=engine, generation_defaults=GenerationDefaults(), chat_template=None)
+
+
+def new_llm_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, num_pages: int = 512,
+                   block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
+                   fail_at_step: int | None = None) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(model=str(STORIES)),
         cache=CacheConfig(block_size=block_size, num_pages=num_pages),
@@ -30,7 +45,7 @@ def new_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, n
                              % len(script)], delay_s=delay_s, fail_at_step=fail_at_step)
     engine = LLMEngine(config, runner, tokenizer, max_model_len, len(tokenizer), eos_token_ids, log_stats=False,
                        grammar_compiler=make_grammar_compiler(tokenizer, len(tokenizer)))
-    return AsyncEngine(engine)
+    return engine
 
 
 def pool_is_free(engine: AsyncEngine) -> bool:

@@ -83,8 +83,14 @@ def stream_chat(url: str, max_tokens: int, started: threading.Event, result: dic
     started.set()
 
 
-def test_sigterm_drains_in_flight_requests_then_aborts_the_rest_and_exits_0() -> None:
-    server = ServerProcess("tests.serve.fake_server", "--shutdown-timeout", "2", env={"FAKE_STEP_S": "0.02"})
+ENGINE_PLACES = pytest.mark.parametrize("engine_flags", [[], ["--disable-frontend-multiprocessing"]],
+                                       ids=["engine-process", "engine-thread"])
+
+
+@ENGINE_PLACES
+def test_sigterm_drains_in_flight_requests_then_aborts_the_rest_and_exits_0(engine_flags: list[str]) -> None:
+    server = ServerProcess("tests.serve.fake_server", "--shutdown-timeout", "2", *engine_flags,
+                           env={"FAKE_STEP_S": "0.02"})
     try:
         server.wait_ready(60)
         short, long = {}, {}
@@ -109,8 +115,10 @@ def test_sigterm_drains_in_flight_requests_then_aborts_the_rest_and_exits_0() ->
     assert not long["done"]  # aborted at the timeout
 
 
-def test_engine_death_fails_requests_with_500_and_exits_1() -> None:
-    server = ServerProcess("tests.serve.fake_server", env={"FAKE_FAIL_AT_STEP": "5", "FAKE_STEP_S": "0.01"})
+@ENGINE_PLACES
+def test_engine_death_fails_requests_with_500_and_exits_1(engine_flags: list[str]) -> None:
+    server = ServerProcess("tests.serve.fake_server", *engine_flags,
+                           env={"FAKE_FAIL_AT_STEP": "5", "FAKE_STEP_S": "0.01"})
     try:
         server.wait_ready(60)
         response = httpx.post(server.url + "/v1/chat/completions", timeout=30,

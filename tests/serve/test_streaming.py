@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import time
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from jaxllm.engine.engine_process import ProcessEngine
 from jaxllm.tokenizer import load_tokenizer
 from tests.fixtures import fixture_tokenizer
 from tests.serve.conftest import (
@@ -20,6 +22,7 @@ from tests.serve.conftest import (
     new_engine,
     pool_is_free,
     sse_events,
+    story_engine_parts,
     wait_until,
 )
 
@@ -54,10 +57,14 @@ def test_completion_sse_wire_format(live: LiveServer) -> None:
     assert all(e["object"] == "text_completion" and e["id"].startswith("cmpl-") for e in events[:-1])
 
 
-@pytest.fixture(scope="module")
-def slow_live(stories_tokenizer: Any, story_script: list[int]) -> Any:
-    """A server whose engine takes 5 ms per step, so a request can be cut off midway."""
-    engine = new_engine(stories_tokenizer, story_script, delay_s=0.005, num_pages=1024)
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def slow_live(request: Any, stories_tokenizer: Any, story_script: list[int]) -> Any:
+    """A server whose engine takes 5 ms per step, so a request can be cut off midway; its engine loop on
+    a thread (AsyncEngine) or in a child process (ProcessEngine, as `python -m jaxllm.serve` runs it)."""
+    if request.param == "engine-thread":
+        engine = new_engine(stories_tokenizer, story_script, delay_s=0.005, num_pages=1024)
+    else:
+        engine = ProcessEngine(functools.partial(story_engine_parts, delay_s=0.005, num_pages=1024))
     with LiveServer(make_context(engine)) as server:
         yield server
 
