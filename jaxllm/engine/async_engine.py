@@ -17,6 +17,7 @@ the other processes before the step, and a final stop message when the loop ends
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -83,8 +84,9 @@ class AsyncEngine:
             self._streams.close(request_id)
             self._submit(lambda: self._call("abort_request", request_id))
 
-        async for output in consume(stream, abandon):
-            yield output
+        async with contextlib.aclosing(consume(stream, abandon)) as outputs:
+            async for output in outputs:
+                yield output
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with a final output whose finish_reason is "abort"."""

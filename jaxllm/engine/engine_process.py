@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import queue
@@ -88,8 +89,9 @@ def pack_output(output: RequestOutput) -> PackedOutput:
              for c in output.outputs])
 
 
-def unpack_output(packed: PackedOutput, prompt_token_ids: list[int], prompt: str | None) -> RequestOutput:
-    request_id, finished, num_cached_tokens, prompt_logprobs, metrics, completions = packed
+def unpack_output(packed: PackedOutput, request_id: str, prompt_token_ids: list[int],
+                  prompt: str | None) -> RequestOutput:
+    _, finished, num_cached_tokens, prompt_logprobs, metrics, completions = packed
     return RequestOutput(request_id, prompt, prompt_token_ids, [CompletionOutput(*c) for c in completions],
                          finished, prompt_logprobs, num_cached_tokens, metrics or {})
 
@@ -99,10 +101,10 @@ def unpack_output(packed: PackedOutput, prompt_token_ids: list[int], prompt: str
 
 def run_engine_process(factory: EngineFactory, conn: Connection, log_level: int) -> None:
     """The child's main: build the engine, report it, then run its loop until told to stop."""
-    # NOTE: Ctrl-C (and a service manager's SIGTERM) can reach the whole process group; the HTTP process
-    # handles them, drains its requests and then stops us in order. Left alone, we exit when its pipe closes.
+    # NOTE: Ctrl-C reaches the whole process group; the HTTP process handles it, drains its requests and
+    # then stops us in order. SIGTERM keeps its default: multiprocessing ends a daemon child with it when
+    # the HTTP process exits without `shutdown()`, and waits for it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     try:
         parts = factory()
@@ -158,6 +160,13 @@ def _engine_loop(engine: LLMEngine, conn: Connection) -> None:
 # ---- the HTTP process ----
 
 
+@dataclass
+class _Running:
+    request_id: str  # the client's
+    prompt_token_ids: list[int]
+    prompt: str | None
+
+
 class ProcessEngine:
     def __init__(self, factory: EngineFactory) -> None:
         context = multiprocessing.get_context("spawn")
@@ -168,13 +177,15 @@ class ProcessEngine:
         child_conn.close()
         try:
             message = self._conn.recv()
+            if message[0] != "ready":
+                raise RuntimeError(f"the engine could not be built:\n{message[1]}")
         except EOFError:
-            self._process.join(5)
+            self._stop_process()
             raise RuntimeError(
                 f"the engine process exited during start-up (exit code {self._process.exitcode})") from None
-        if message[0] != "ready":
-            self._process.join(5)
-            raise RuntimeError(f"the engine could not be built:\n{message[1]}")
+        except BaseException:  # its error, or Ctrl-C while the model loads: the child must not outlive us
+            self._stop_process()
+            raise
         info: EngineInfo = message[1]
         self.config, self.tokenizer = info.config, info.tokenizer
         self.max_model_len, self.vocab_size = info.max_model_len, info.vocab_size
@@ -182,7 +193,12 @@ class ProcessEngine:
         self.num_pages = info.num_pages
         self.generation_defaults, self.chat_template = info.generation_defaults, info.chat_template
         self._streams = OpenStreams()
-        self._prompts: dict[str, tuple[list[int], str | None]] = {}  # by request id, while it runs
+        # NOTE: the engine process knows each request by a fresh id, "<request id>#<n>": the client's
+        # id can come back (X-Request-Id) while the outputs or the abort of its last use are in flight.
+        self._running: dict[str, _Running] = {}  # by engine id
+        self._engine_ids: dict[str, str] = {}  # request id -> engine id
+        self._next_id = itertools.count()
+        self._ids_lock = threading.Lock()  # the two maps change on the event loop and the reader thread
         self._send_lock = threading.Lock()
         self._seq = 0
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
@@ -210,33 +226,43 @@ class ProcessEngine:
         self._send("stop")
         self._outbox.put(None)
         self._sender.join(5)
-        self._process.join(30)
+        self._stop_process(timeout_s=30)
+        self._reader.join(5)
+        self._streams.fail_all(lambda: EngineDeadError("the engine was shut down"))
+
+    def _stop_process(self, timeout_s: float = 5) -> None:
+        """Wait for the child to exit (it exits on "stop" or when the pipe closes), killing it after `timeout_s`."""
+        self._process.join(timeout_s)
         if self._process.is_alive():
             self._process.kill()
             self._process.join(5)
-        self._reader.join(5)
         self._conn.close()
-        self._streams.fail_all(lambda: EngineDeadError("the engine was shut down"))
 
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str, *,
                        prompt: str | None = None, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """DELTA outputs of one request; the last has finished=True. A request the engine refuses raises
         ValueError from the first `__anext__`; closing the iterator aborts the request."""
         stream = self._streams.open(request_id)
-        self._prompts[request_id] = (list(prompt_token_ids), prompt)
-        self._send("add", request_id, list(prompt_token_ids), sampling_params, prompt, cache_salt)
+        engine_id = f"{request_id}#{next(self._next_id)}"
+        with self._ids_lock:
+            self._running[engine_id] = _Running(request_id, list(prompt_token_ids), prompt)
+            self._engine_ids[request_id] = engine_id
+        self._send("add", engine_id, list(prompt_token_ids), sampling_params, prompt, cache_salt)
 
         def abandon() -> None:
             self._streams.close(request_id)
-            self._prompts.pop(request_id, None)
-            self._send("abort", request_id)
+            self._forget(engine_id)
+            self._send("abort", engine_id)
 
-        async for output in consume(stream, abandon):
-            yield output
+        async with contextlib.aclosing(consume(stream, abandon)) as outputs:
+            async for output in outputs:
+                yield output
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with a final output whose finish_reason is "abort"."""
-        self._send("abort", request_id)
+        engine_id = self._engine_ids.get(request_id)
+        if engine_id is not None:
+            self._send("abort", engine_id)
 
     def metrics(self) -> EngineMetrics:
         return self._stats.metrics
@@ -267,10 +293,20 @@ class ProcessEngine:
                 self._conn.send(batch)
             except (OSError, ValueError):  # the engine process is gone: the reader reports it
                 return
+            except Exception as e:  # a command that cannot be pickled: nothing can be sent in order any more
+                self._die(RuntimeError(f"could not send a command to the engine process: {e!r}"))
+                return
             if message is None:
                 return
 
     def _read(self) -> None:
+        try:
+            self._read_loop()
+        except Exception as e:  # a bug here must not leave every stream waiting
+            logger.exception("reading the engine process' outputs failed")
+            self._die(RuntimeError(f"reading the engine process' outputs failed: {e!r}"))
+
+    def _read_loop(self) -> None:
         while True:
             try:
                 kind, *body = self._conn.recv()
@@ -283,18 +319,25 @@ class ProcessEngine:
                 self._die(RuntimeError(f"the engine loop raised in the engine process:\n{body[0]}"))
                 return
             packed, rejected, stats = body
-            for request_id, message in rejected:
-                self._prompts.pop(request_id, None)
-                self._streams.reject(request_id, ValueError(message))
+            for engine_id, message in rejected:
+                if (running := self._forget(engine_id)) is not None:
+                    self._streams.reject(running.request_id, ValueError(message))
             outputs = []
             for item in packed:
-                request_id, finished = item[0], item[1]
-                prompt = self._prompts.pop(request_id, None) if finished else self._prompts.get(request_id)
-                if prompt is not None:  # else its consumer has gone
-                    outputs.append(unpack_output(item, *prompt))
+                engine_id, finished = item[0], item[1]
+                running = self._forget(engine_id) if finished else self._running.get(engine_id)
+                if running is not None:  # else its consumer has gone
+                    outputs.append(unpack_output(item, running.request_id, running.prompt_token_ids, running.prompt))
             self._streams.deliver(outputs)
             if stats is not None:
                 self._stats = stats
+
+    def _forget(self, engine_id: str) -> _Running | None:
+        with self._ids_lock:
+            running = self._running.pop(engine_id, None)
+            if running is not None and self._engine_ids.get(running.request_id) == engine_id:
+                del self._engine_ids[running.request_id]
+            return running
 
     def _die(self, cause: BaseException) -> None:
         logger.error("%s", cause)

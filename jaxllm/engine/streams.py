@@ -132,7 +132,11 @@ class OpenStreams:
 
 
 async def consume(stream: OutputStream, abandon: Callable[[], None]) -> AsyncIterator[RequestOutput]:
-    """A stream's outputs until the finished one; `abandon()` when the consumer leaves before it."""
+    """A stream's outputs until the finished one; `abandon()` when the consumer leaves before it.
+
+    NOTE: a generator that re-yields these must close this one in its own `aclose()` (wrap it in
+    `contextlib.aclosing`): a plain `async for` leaves it to the event loop's finalizer, and the abort
+    (and the request id) would wait for it."""
     finished = False
     try:
         while True:

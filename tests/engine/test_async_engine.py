@@ -117,6 +117,8 @@ def test_consumer_going_away_aborts_and_frees_pages(make_engine, tokenizer, how)
                     if received == 3:
                         break
                 await stream.aclose()
+                # closed at once (not by a later finalizer): the id is free again before any other await
+                assert len(async_engine._streams) == 0
             else:
                 first_outputs = asyncio.Event()
 

@@ -80,6 +80,9 @@ def test_leaving_a_stream_aborts_it_and_refusals_raise_from_the_first_anext(proc
                                                                                    ignore_eos=True), "leaver")
         outputs = [await stream.__anext__(), await stream.__anext__()]
         await stream.aclose()
+        assert len(engine._streams) == 0  # closed at once: the id can be used again right away
+        again = engine.generate([5, 6], SamplingParams(max_tokens=2, ignore_eos=True), "leaver")
+        assert len([o async for o in again]) >= 1
         with pytest.raises(ValueError, match="prompt cannot be empty"):
             await engine.generate([], SamplingParams(), "empty").__anext__()
         with pytest.raises(ValueError, match="maximum context length"):
@@ -132,6 +135,22 @@ def test_a_killed_engine_process_fails_its_streams():
         engine.shutdown()
 
 
+def test_a_command_that_cannot_cross_the_pipe_kills_the_engine_instead_of_stalling_it():
+    engine = ProcessEngine(fake_engine_parts)
+    try:
+        params = SamplingParams(max_tokens=4)
+        params.unpicklable = lambda: None  # as if a field could not be pickled
+
+        async def main():
+            with pytest.raises(EngineDeadError):
+                await engine.generate([5, 6], params, "r").__anext__()
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+        assert engine.is_dead and "could not send" in str(engine.dead_error)
+    finally:
+        engine.shutdown()
+
+
 def test_a_factory_that_raises_fails_the_constructor_with_its_traceback():
     with pytest.raises(RuntimeError, match="(?s)could not be built.*no such model: boom"):
         ProcessEngine(functools.partial(fake_engine_parts, raise_in_factory=True))
@@ -144,6 +163,6 @@ def test_outputs_cross_the_pipe_packed_without_their_prompt():
                            metrics={"e2e_latency": 1.0})
     packed = pack_output(output)
     assert [1, 2, 3] not in packed
-    assert unpack_output(packed, [1, 2, 3], "hi") == output
+    assert unpack_output(packed, "r", [1, 2, 3], "hi") == output
     output.finished = False  # a running request's metrics stay behind
-    assert unpack_output(pack_output(output), [1, 2, 3], "hi").metrics == {}
+    assert unpack_output(pack_output(output), "r", [1, 2, 3], "hi").metrics == {}
