@@ -4,8 +4,10 @@
 # Steps: kernels (bench/kernels.py table), grid (its correctness grid), offline-<backend>
 # (bench.throughput, sharegpt_like 1000), profile (the same under cProfile), structured (bench.structured_cost), latency
 # (bench.latency), serve (server + bench.serve at inf rate, then 8 req/s), hf (bench.hf_compare),
-# parity (bench/gpu_parity.py: a random 1B Llama against transformers, bf16), trace (bench/step_trace.py).
-# Env: MODEL (bench/configs/llama-3.1-8b), N (1000), T_<step> (seconds), EXTRA (more engine flags).
+# parity (bench/gpu_parity.py: a random 1B Llama against transformers, bf16), trace (bench/step_trace.py),
+# startup (launch to the first served token, cold then warm from the compilation cache).
+# Env: MODEL (bench/configs/llama-3.1-8b), N (1000), T_<step> (seconds), EXTRA (more engine flags),
+# COMMON (the engine flags in place of the 8B defaults).
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}
@@ -17,7 +19,7 @@ if ls .carry/wheels/*.whl >/dev/null 2>&1; then
 fi
 MODEL=${MODEL:-bench/configs/llama-3.1-8b}
 N=${N:-1000}
-COMMON="--load-format dummy --dtype bfloat16 --max-model-len 4096 ${EXTRA:-}"
+COMMON=${COMMON:-"--load-format dummy --dtype bfloat16 --max-model-len 4096 ${EXTRA:-}"}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
@@ -64,6 +66,22 @@ for s in "$@"; do
       step serve-8 "${T_serve8:-150}" python3 -m bench.serve --model llama-8b --num-prompts "${N8:-400}" \
         --request-rate 8 --output-json "$OUT/serve_8.json"
       kill %1 2>/dev/null; wait ;;
+    startup)  # time from launch to the first completion token: cold (empty compilation cache), then warm
+      MODEL_DIR=$(python3 -c "from bench.common import model_dir_with_tokenizer as m; print(m('$MODEL'))")
+      CACHE=$(mktemp -d)
+      for run in cold warm; do
+        t0=$(date +%s%N)
+        python3 -m jaxllm.serve --model "$MODEL_DIR" --served-model-name llama-8b $COMMON --port 8000 \
+          --disable-log-stats --compilation-cache-dir "$CACHE" > "$OUT/startup-$run.log" 2>&1 &
+        for _ in $(seq 1 "${T_ready:-240}"); do
+          curl -sf localhost:8000/v1/completions -H 'Content-Type: application/json' \
+            -d '{"model": "llama-8b", "prompt": "Hello", "max_tokens": 1}' >/dev/null && break
+          sleep 0.5
+        done
+        echo "startup $run: first token after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+        grep -a -E "Compiled|KV cache" "$OUT/startup-$run.log" | tail -2
+        kill %1 2>/dev/null; wait
+      done ;;
     *) echo "unknown step $s" ;;
   esac
 done
