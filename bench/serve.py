@@ -9,8 +9,8 @@ the server's), so time to first token (TTFT), inter-token latency (ITL) and time
 (TPOT) are measured per request; bench/serve_metrics.py holds the definitions. --request-rate inf
 sends everything at once, a finite rate sends Poisson arrivals (exponential gaps, seed 0).
 --max-concurrency caps requests in flight. One short test request runs first (not measured).
-Streams are read by bench/sse_client.py (a lean asyncio HTTP/1.1 client: httpx was the bound at
-1000 streams); httpx only lists the models. --model defaults to the server's first /v1/models entry.
+Streams are read by bench/sse_client.py (a lean asyncio HTTP/1.1 client: httpx took most of a
+core at 1000 streams); httpx only lists the models. --model defaults to the server's first /v1/models entry.
 
 CPU smoke (the bundled tiny model, vocab 512: --vocab-size folds the workload ids into it):
     JAX_PLATFORMS=cpu .venv/bin/python -m jaxllm.serve --port 8123 --max-model-len 512 \

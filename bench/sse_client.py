@@ -1,11 +1,11 @@
 """A lean HTTP/1.1 client for one streamed POST (server-sent events), for bench.serve.
 
-NOTE: httpx spends about 150 us of Python per streamed chunk. With 1000 concurrent streams in one
-process it topped out near 6,400 chunks/s against a server that does no work (CPU machine,
-/tmp-style probe described in bench/RESULTS.md), which was also the serving figure measured on the
-H200: the benchmark client, not the server, set the number. This client parses in an
-`asyncio.Protocol`, timestamps each SSE event when its bytes arrive, and leaves the JSON payloads
-unparsed until the caller asks (after the run), so the hot path is a few byte searches per read.
+NOTE: httpx spends about 140 us of Python per streamed chunk. With 1000 concurrent streams in one
+process it topped out near 6,400 chunks/s on the CPU machine, against a raw asyncio server that
+only writes chunks, and on the H200 it took 27 s of CPU in a 30 s run: too close to its own limit
+to measure a faster server. This client parses in an `asyncio.Protocol`, timestamps each SSE
+event when its bytes arrive, and leaves the JSON payloads unparsed until the caller asks (after
+the run), so the hot path is a few byte searches per read (7 s of CPU for the same H200 run).
 
     response = await post_stream("http://localhost:8000/v1/completions", body_bytes, headers)
     response.status, response.events  # events: [(arrival perf_counter, b'{"id": ...}'), ...]

@@ -26,7 +26,7 @@ from typing import Any
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.metrics import EngineMetrics
 from jaxllm.engine.replication import EngineCall, Publish, StepMessage
-from jaxllm.engine.streams import EngineDeadError, OpenStreams, consume
+from jaxllm.engine.streams import EngineDeadError, OpenStreams, consume, engine_dead_error
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -173,9 +173,8 @@ class AsyncEngine:
                     logger.exception("could not tell the other processes to stop")
 
     def _dead(self) -> EngineDeadError:
-        error = EngineDeadError(f"the engine loop died: {self._dead_error!r}")
-        error.__cause__ = self._dead_error
-        return error
+        assert self._dead_error is not None
+        return engine_dead_error(self._dead_error)
 
     def _raise_if_dead(self) -> None:
         if self._dead_error is not None:

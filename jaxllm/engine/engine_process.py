@@ -40,7 +40,7 @@ from typing import Any
 from jaxllm.config import EngineConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.metrics import EngineMetrics
-from jaxllm.engine.streams import EngineDeadError, OpenStreams, consume
+from jaxllm.engine.streams import EngineDeadError, OpenStreams, consume, engine_dead_error
 from jaxllm.outputs import CompletionOutput, RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -244,10 +244,11 @@ class ProcessEngine:
         ValueError from the first `__anext__`; closing the iterator aborts the request."""
         stream = self._streams.open(request_id)
         engine_id = f"{request_id}#{next(self._next_id)}"
+        prompt_token_ids = list(prompt_token_ids)
         with self._ids_lock:
-            self._running[engine_id] = _Running(request_id, list(prompt_token_ids), prompt)
+            self._running[engine_id] = _Running(request_id, prompt_token_ids, prompt)
             self._engine_ids[request_id] = engine_id
-        self._send("add", engine_id, list(prompt_token_ids), sampling_params, prompt, cache_salt)
+        self._send("add", engine_id, prompt_token_ids, sampling_params, prompt, cache_salt)
 
         def abandon() -> None:
             self._streams.close(request_id)
@@ -342,10 +343,4 @@ class ProcessEngine:
     def _die(self, cause: BaseException) -> None:
         logger.error("%s", cause)
         self._dead_error = cause
-
-        def error() -> EngineDeadError:
-            dead = EngineDeadError(f"the engine loop died: {cause!r}")
-            dead.__cause__ = cause
-            return dead
-
-        self._streams.fail_all(error)
+        self._streams.fail_all(lambda: engine_dead_error(cause))

@@ -72,8 +72,7 @@ class EngineMetrics:
 
     def __getstate__(self) -> dict:
         """Picklable (the engine process sends snapshots to the HTTP process): the lock stays behind."""
-        state = {name: value for name, value in self.__dict__.items() if name != "_lock"}
-        return state
+        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

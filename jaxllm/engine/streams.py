@@ -22,6 +22,13 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+def engine_dead_error(cause: BaseException) -> EngineDeadError:
+    """What a stream (or a new request) raises once the engine loop has died of `cause`."""
+    error = EngineDeadError(f"the engine loop died: {cause!r}")
+    error.__cause__ = cause
+    return error
+
+
 class OutputStream:
     """One request's outputs on their way to its consumer; touched only on the consumer's event loop."""
 

@@ -52,7 +52,7 @@ def test_chunked_event_stream_split_anywhere(line_end, seed):
     payloads = [data for _, data in response.events]
     assert [json.loads(p) for p in payloads[:-1]] == EVENTS and payloads[-1] == b"[DONE]"
     times = [t for t, _ in response.events]
-    assert times == sorted(times) and times[0] >= 1.0  # stamped when the event's last byte came
+    assert times == sorted(times) and len(set(times)) > 1  # each stamped by the read that completed it
 
 
 def test_content_length_body_and_read_until_close():
