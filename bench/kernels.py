@@ -228,10 +228,10 @@ def plans_for(shape: Shape) -> list[mosaic_gpu._Plan]:
         return plans
     return [
         plan(tokens, 4, 3),
-        plan(tokens, 4, 2, consumers=2),
-        plan(tokens, 4, 3, consumers=2),
+        plan(tokens, 4, 3, consumers=2),  # the plan before ping-pong (64-key blocks)
+        plan(tokens, 4, 3, consumers=2, pingpong=True),
         plan(tokens, 8, 2, consumers=2),
-        plan(2 * tokens, 4, 2, consumers=2),
+        plan(tokens, 8, 2, consumers=2, pingpong=True),  # the default
     ]
 
 
@@ -429,7 +429,15 @@ def run_fuzz(cases: int, num_pages: int, deadline: float) -> list[str]:
     return failures
 
 
-TUNE_SHAPES = ("decode 32 x 512", "decode 128 x 2048", "decode 32 x 8192", "decode 4 x", "prefill 8 x 2048", "mixed")
+TUNE_SHAPES = (
+    "decode 32 x 512",
+    "decode 256 x 512",
+    "decode 128 x 2048",
+    "decode 32 x 8192",
+    "decode 4 x",
+    "prefill 8 x 2048",
+    "mixed",
+)
 
 
 def write_outputs(out_dir: str, rows: list[dict], failures: list[str], bandwidth: float, rate: float) -> str:

@@ -76,6 +76,9 @@ class _Plan:
     num_slots: int  # depth of the K/V SMEM ring
     kv_splits: int = 1  # > 1: split-K, each tile's KV range cut into this many CTAs, merged in jnp
     consumers: int = 1  # consumer warpgroups per CTA, each with its own n tokens, sharing the K/V ring
+    # Two consumers take turns on the tensor cores (FA3's ping-pong): one's softmax runs while
+    # the other's QK^T and PV wgmmas do.
+    pingpong: bool = False
 
     @property
     def tile_tokens(self) -> int:
@@ -105,15 +108,19 @@ def _plan(
     decode_like = num_tokens <= 2 * num_slots
     if decode_like and num_slots * num_kv_heads < _NUM_SMS and max_kv_len >= 8 * block_kv:
         splits = min(8, -(-2 * _NUM_SMS // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
-    # Prefill: two consumer warpgroups per CTA read each K/V block once for 2n tokens and keep
-    # the tensor cores busy while the other one runs its softmax.
-    consumers = 1 if decode_like else 2
+    if decode_like:
+        return _Plan(tokens, pages_per_block, num_slots=3, kv_splits=max(1, splits))
+    # Prefill: two consumer warpgroups per CTA read each K/V block once for 2n tokens and take
+    # turns on the tensor cores; 128-key blocks halve the per-block overhead (barriers, the
+    # softmax's row reductions) against 64. Two slots of 128 x 128 K and V fill 128 of the
+    # 227 KiB of SMEM.
+    prefill_kv = 128
     return _Plan(
         tokens_per_tile=tokens,
-        pages_per_block=pages_per_block,
-        num_slots=3,
-        kv_splits=max(1, splits),
-        consumers=consumers,
+        pages_per_block=max(1, prefill_kv // page_size),
+        num_slots=2 if head_dim == 128 else 3,
+        consumers=2,
+        pingpong=True,
     )
 
 
@@ -260,11 +267,19 @@ def _build_kernel(
             s = jnp.where(ok, s, _MASKED)
         return s
 
+    def rendezvous(turn):
+        """Both consumers meet here (`turn` is None without ping-pong: nothing to do)."""
+        if turn is not None:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
     def consumer(c, out_refs, q_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars):
         """Consumer warpgroup c: the tile's tokens in its window [load_from + c n, + n)."""
-        q_bar, k_bar, v_bar, k_free, v_free = bars
+        q_bar, k_bar, v_bar, k_free, v_free, turn = bars
         tile_token, tile_count, tile_pos, kv_start, kv_end, mask_from, load_from, split = work
-        q_smem, p_smem, o_smem, q_bar = q_smem.at[c], p_smem.at[c], o_smem.at[c], q_bar.at[c]
+        q_smem, o_smem, q_bar = q_smem.at[c], o_smem.at[c], q_bar.at[c]
+        if p_smem is not None:
+            p_smem = p_smem.at[c]
         if lse_smem is not None:
             lse_smem = lse_smem.at[c]
         if kt_smem is not None:
@@ -274,6 +289,15 @@ def _build_kernel(
         count = jnp.maximum(jnp.minimum(tile_token + tile_count, window + n) - token, 0)
         pos = tile_pos + (token - tile_token)
         shift = token - window  # rows [shift, shift + count) of each head group are ours
+        if turn is not None:
+            plgpu.set_max_registers(232, action="increase")
+
+        # NOTE: ping-pong. Consumer 1 starts one meeting behind consumer 0 and consumer 0 ends
+        # with one more, so in every block one consumer's softmax runs between the other's
+        # QK^T issue and its PV issue: the tensor cores see QK0(c0) QK0(c1) PV0(c0) QK1(c0)
+        # PV0(c1) QK1(c1) ... Both meet twice per KV block, also when one has no tokens here.
+        if c == 1:
+            rendezvous(turn)
 
         @pl.when(count > 0)
         def _attend():
@@ -294,6 +318,7 @@ def _build_kernel(
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, _k_transposed(k_smem.at[slot], kt_smem))
+                    rendezvous(turn)
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
@@ -303,17 +328,17 @@ def _build_kernel(
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 l_i = l_i * alpha + p.sum(axis=1)
-                p_smem[...] = p.astype(dtype)
-                plgpu.commit_smem()
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p = p.astype(dtype)
+                if turn is not None:
+                    # The softmax is done before the other consumer is let onto the tensor cores.
+                    acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+                    plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_bar.at[slot])
-
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-                    return acc_ref[...]
-
-                o = pl.run_scoped(pv, plgpu.ACC((rows, head_dim), jnp.float32))
+                if turn is not None:
+                    plgpu.barrier_wait(turn)
+                acc = _add_pv(acc, p, v_smem.at[slot], p_smem)
                 plgpu.barrier_arrive(v_free.at[slot])
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o
                 return acc, m_new, l_i
 
             carry = (
@@ -364,11 +389,37 @@ def _build_kernel(
                 slot = lax.rem(kv_block - kv_start, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
+                rendezvous(turn)
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
+                rendezvous(turn)
+
+        if c == 0:
+            rendezvous(turn)
+
+    def _add_pv(acc, p, v_slot, p_smem):
+        """acc + P V: P from registers on the GPU; through SMEM in the simulator (p_smem)."""
+        if p_smem is None:
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p, v_slot)
+
+            return pl.run_state(pv)(plgpu.ACC.init(acc))
+        # NOTE: jax 0.10.2's simulator reads wgmma operands from SMEM only, and does not
+        # interpret run_state: the same product, staged.
+        p_smem[...] = p
+        plgpu.commit_smem()
+
+        def pv_staged(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem, v_slot)
+            return acc_ref[...]
+
+        return acc + pl.run_scoped(pv_staged, plgpu.ACC((rows, head_dim), jnp.float32))
 
     def producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars):
-        _, k_bar, v_bar, k_free, v_free = bars
+        _, k_bar, v_bar, k_free, v_free, turn = bars
+        if turn is not None:
+            plgpu.set_max_registers(40, action="decrease")
         _, _, _, kv_start, kv_end, _, _, _ = work
 
         @pl.loop(kv_start, kv_end)
@@ -436,7 +487,7 @@ def _build_kernel(
         _swizzled((consumers, rows, head_dim), dtype),  # q
         _swizzled((slots, block_kv, head_dim), dtype),  # k ring
         _swizzled((slots, block_kv, head_dim), dtype),  # v ring
-        _swizzled((consumers, rows, block_kv), dtype),  # p
+        _swizzled((consumers, rows, block_kv), dtype) if simulate else None,  # p (registers on the GPU)
         plgpu.SMEM((consumers, rows, head_dim), out_type[0].dtype),  # o staging (untiled: row-granular TMA stores)
         plgpu.SMEM((consumers, rows, _LSE_WIDTH), jnp.float32) if splits > 1 else None,
         plgpu.SMEM((consumers, head_dim, block_kv), dtype) if simulate else None,
@@ -446,6 +497,7 @@ def _build_kernel(
             plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=2) if plan.pingpong else None,  # the consumers' turns
         ),
     ]
     return plgpu.kernel(
@@ -456,7 +508,10 @@ def _build_kernel(
         grid_names=("tile", "head"),
         num_threads=consumers + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        # approx_math: ex2.approx for the softmax (and tanh.approx for the soft-cap), as FA3 does.
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True
+        ),
         interpret=interpret,
     )
 
@@ -511,6 +566,8 @@ def _ragged_paged_attention(
     )
     if (plan.pages_per_block * page_size) % 64:
         raise ValueError(f"KV blocks must be a multiple of 64 tokens (wgmma tiling), got {plan}")
+    if plan.pingpong and plan.consumers != 2:
+        raise ValueError(f"ping-pong needs two consumer warpgroups, got {plan}")
     padded_tokens = max(-(-num_tokens // 8) * 8, plan.tile_tokens)
     q_in = q if padded_tokens == num_tokens else jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
     block_kv = plan.pages_per_block * page_size
