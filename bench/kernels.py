@@ -223,8 +223,9 @@ def plans_for(shape: Shape) -> list[mosaic_gpu._Plan]:
     tokens = max(8, 64 // group)
     plan = mosaic_gpu._Plan
     if shape.kind == "decode":
-        plans = [plan(tokens, pages, slots) for pages, slots in ((4, 2), (4, 3), (4, 4), (8, 2))]
-        plans += [plan(tokens, 4, 3, kv_splits=splits) for splits in (2, 4, 8)]
+        plans = [plan(tokens, 4, 3, heads_per_cta=h) for h in (1, 2, 4, 8)]
+        plans += [plan(tokens, 8, 2, heads_per_cta=h) for h in (1, 2, 4, 8)]
+        plans += [plan(tokens, 4, 3, kv_splits=splits) for splits in (2, 4)]
         return plans
     return [
         plan(tokens, 4, 3),
@@ -431,9 +432,9 @@ def run_fuzz(cases: int, num_pages: int, deadline: float) -> list[str]:
 
 TUNE_SHAPES = (
     "decode 32 x 512",
+    "decode 128 x 512",
     "decode 256 x 512",
     "decode 128 x 2048",
-    "decode 32 x 8192",
     "decode 4 x",
     "prefill 8 x 2048",
     "mixed",

@@ -79,6 +79,10 @@ class _Plan:
     # Two consumers take turns on the tensor cores (FA3's ping-pong): one's softmax runs while
     # the other's QK^T and PV wgmmas do.
     pingpong: bool = False
+    # KV heads per CTA, one after the other through the same K/V ring: a short decode's CTA
+    # otherwise spends much of its life starting up (Q load, first page ids, first TMA) and
+    # finishing (output stores), with nothing overlapping them.
+    heads_per_cta: int = 1
 
     @property
     def tile_tokens(self) -> int:
@@ -91,6 +95,7 @@ class _Plan:
 # NOTE: the split-K choice needs the SM count at trace time, where no device may be at hand
 # (CPU lowering checks); H100 and H200 both have 132.
 _NUM_SMS = 132
+_MIN_CTAS = 2 * _NUM_SMS
 
 
 def _plan(
@@ -109,7 +114,16 @@ def _plan(
     if decode_like and num_slots * num_kv_heads < _NUM_SMS and max_kv_len >= 8 * block_kv:
         splits = min(8, -(-2 * _NUM_SMS // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
     if decode_like:
-        return _Plan(tokens, pages_per_block, num_slots=3, kv_splits=max(1, splits))
+        # Several KV heads per CTA while the batch still leaves _MIN_CTAS CTAs.
+        hpc = 1
+        while (
+            splits == 1
+            and hpc < 8
+            and num_kv_heads % (2 * hpc) == 0
+            and num_slots * num_kv_heads // (2 * hpc) >= _MIN_CTAS
+        ):
+            hpc *= 2
+        return _Plan(tokens, pages_per_block, num_slots=3, kv_splits=max(1, splits), heads_per_cta=hpc)
     # Prefill: two consumer warpgroups per CTA read each K/V block once for 2n tokens and take
     # turns on the tensor cores; 128-key blocks halve the per-block overhead (barriers, the
     # softmax's row reductions) against 64. Two slots of 128 x 128 K and V fill 128 of the
@@ -249,6 +263,8 @@ def _build_kernel(
     scale = params.sm_scale
     soft_cap = params.soft_cap
     window = params.sliding_window
+    hpc = plan.heads_per_cta
+    q_buffers = 2 if hpc > 1 else 1
 
     def scores(s, pos_first, kv_block, masked: bool):
         """fp32 logits in the exp2 domain, masked where a row may not see a key."""
@@ -273,11 +289,12 @@ def _build_kernel(
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-    def consumer(c, out_refs, q_ref, work, head, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars):
-        """Consumer warpgroup c: the tile's tokens in its window [load_from + c n, + n)."""
+    def consumer(c, out_refs, q_ref, work, head0, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars):
+        """Consumer warpgroup c: the tile's tokens in its window [load_from + c n, + n), for the
+        CTA's KV heads head0 .. head0 + hpc - 1 in turn."""
         q_bar, k_bar, v_bar, k_free, v_free, turn = bars
         tile_token, tile_count, tile_pos, kv_start, kv_end, mask_from, load_from, split = work
-        q_smem, o_smem, q_bar = q_smem.at[c], o_smem.at[c], q_bar.at[c]
+        q_smem, o_smem = q_smem.at[c], o_smem.at[c]
         if p_smem is not None:
             p_smem = p_smem.at[c]
         if lse_smem is not None:
@@ -289,6 +306,7 @@ def _build_kernel(
         count = jnp.maximum(jnp.minimum(tile_token + tile_count, window + n) - token, 0)
         pos = tile_pos + (token - tile_token)
         shift = token - window  # rows [shift, shift + count) of each head group are ours
+        num_blocks = kv_end - kv_start  # per head; the ring position of head i's block b is i * num_blocks + b
         if turn is not None:
             plgpu.set_max_registers(232, action="increase")
 
@@ -299,84 +317,103 @@ def _build_kernel(
         if c == 1:
             rendezvous(turn)
 
-        @pl.when(count > 0)
-        def _attend():
+        def load_q(i):
+            """Head head0 + i's queries into Q buffer i % q_buffers."""
+            buf = lax.rem(i, q_buffers)
+
             @pl.loop(0, group)
             def _load_q(g):
                 rows_g = pl.multiple_of(g * n, 8)
                 plgpu.copy_gmem_to_smem(
-                    q_ref.at[pl.ds(window, n), head * group + g], q_smem.at[pl.ds(rows_g, n)], q_bar
+                    q_ref.at[pl.ds(window, n), (head0 + i) * group + g],
+                    q_smem.at[buf, pl.ds(rows_g, n)],
+                    q_bar.at[c * q_buffers + buf],
                 )
 
-            plgpu.barrier_wait(q_bar)
-            pos_first = pos - shift  # position of row 0 of each head group
+        @pl.when(count > 0)
+        def _attend():
+            load_q(0)
 
-            def step(kv_block, carry, masked: bool):
-                acc, m_i, l_i = carry
-                slot = lax.rem(kv_block - kv_start, slots)
-                plgpu.barrier_wait(k_bar.at[slot])
+            @pl.loop(0, hpc)
+            def _head(i):
+                head = head0 + i
+                buf = lax.rem(i, q_buffers)
+                plgpu.barrier_wait(q_bar.at[c * q_buffers + buf])
+                if hpc > 1:
+                    # The other buffer held head i - 1's queries, whose wgmmas are done.
+                    pl.when(i + 1 < hpc)(lambda: load_q(i + 1))
+                q_i = q_smem.at[buf]
+                ring = i * num_blocks - kv_start
+                pos_first = pos - shift  # position of row 0 of each head group
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, _k_transposed(k_smem.at[slot], kt_smem))
-                    rendezvous(turn)
-                    return acc_ref[...]
+                def step(kv_block, carry, masked: bool):
+                    acc, m_i, l_i = carry
+                    slot = lax.rem(ring + kv_block, slots)
+                    plgpu.barrier_wait(k_bar.at[slot])
 
-                s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                s = scores(s, pos_first, kv_block, masked)
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                l_i = l_i * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p = p.astype(dtype)
-                if turn is not None:
-                    # The softmax is done before the other consumer is let onto the tensor cores.
-                    acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
-                    plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(v_bar.at[slot])
-                if turn is not None:
-                    plgpu.barrier_wait(turn)
-                acc = _add_pv(acc, p, v_smem.at[slot], p_smem)
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l_i
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_i, _k_transposed(k_smem.at[slot], kt_smem))
+                        rendezvous(turn)
+                        return acc_ref[...]
 
-            carry = (
-                jnp.zeros((rows, head_dim), jnp.float32),
-                jnp.full((rows,), _MASKED, jnp.float32),
-                jnp.zeros((rows,), jnp.float32),
-            )
-            carry = lax.fori_loop(kv_start, mask_from, functools.partial(step, masked=False), carry)
-            acc, m_i, l_i = lax.fori_loop(mask_from, kv_end, functools.partial(step, masked=True), carry)
-            seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
-            inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
-            o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
-            stores = [(o_smem, out_refs[0])]
-            if splits > 1:
-                # log2-sum-exp2 of the row's scores in this split; rows that saw no key weigh 0.
-                lse = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), _MASKED)
-                lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
-                stores.append((lse_smem, out_refs[1]))
-            plgpu.commit_smem()
+                    s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    s = scores(s, pos_first, kv_block, masked)
+                    m_new = jnp.maximum(m_i, s.max(axis=1))
+                    alpha = jnp.exp2(m_i - m_new)
+                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    l_i = l_i * alpha + p.sum(axis=1)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    p = p.astype(dtype)
+                    if turn is not None:
+                        # The softmax is done before the other consumer is let onto the tensor cores.
+                        acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+                        plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    if turn is not None:
+                        plgpu.barrier_wait(turn)
+                    acc = _add_pv(acc, p, v_smem.at[slot], p_smem)
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l_i
 
-            @pl.loop(0, group)
-            def _store(g):
-                for smem, gmem in stores:
-                    if splits > 1:
-                        gmem = gmem.at[split]
-                    done = jnp.int32(0)
-                    size = n
-                    while size:
-                        # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
-                        @pl.when((count & size) != 0)
-                        def _store_rows(smem=smem, gmem=gmem, done=done, size=size):
-                            plgpu.copy_smem_to_gmem(
-                                smem.at[pl.ds(g * n + shift + done, size)],
-                                gmem.at[pl.ds(token + done, size), head * group + g],
-                            )
+                carry = (
+                    jnp.zeros((rows, head_dim), jnp.float32),
+                    jnp.full((rows,), _MASKED, jnp.float32),
+                    jnp.zeros((rows,), jnp.float32),
+                )
+                carry = lax.fori_loop(kv_start, mask_from, functools.partial(step, masked=False), carry)
+                acc, m_i, l_i = lax.fori_loop(mask_from, kv_end, functools.partial(step, masked=True), carry)
+                seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
+                inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+                if hpc > 1:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # head i - 1's stores read o/lse
+                o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+                stores = [(o_smem, out_refs[0])]
+                if splits > 1:
+                    # log2-sum-exp2 of the row's scores in this split; rows that saw no key weigh 0.
+                    lse = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), _MASKED)
+                    lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
+                    stores.append((lse_smem, out_refs[1]))
+                plgpu.commit_smem()
 
-                        done = done + (count & size)
-                        size //= 2
+                @pl.loop(0, group)
+                def _store(g):
+                    for smem, gmem in stores:
+                        if splits > 1:
+                            gmem = gmem.at[split]
+                        done = jnp.int32(0)
+                        size = n
+                        while size:
+                            # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
+                            @pl.when((count & size) != 0)
+                            def _store_rows(smem=smem, gmem=gmem, done=done, size=size):
+                                plgpu.copy_smem_to_gmem(
+                                    smem.at[pl.ds(g * n + shift + done, size)],
+                                    gmem.at[pl.ds(token + done, size), head * group + g],
+                                )
+
+                            done = done + (count & size)
+                            size //= 2
 
             plgpu.wait_smem_to_gmem(0)
 
@@ -384,9 +421,9 @@ def _build_kernel(
         # K/V blocks on: the producer waits for every consumer's release.
         @pl.when(count == 0)
         def _release_only():
-            @pl.loop(kv_start, kv_end)
-            def _release(kv_block):
-                slot = lax.rem(kv_block - kv_start, slots)
+            @pl.loop(0, hpc * num_blocks)
+            def _release(b):
+                slot = lax.rem(b, slots)
                 plgpu.barrier_wait(k_bar.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 rendezvous(turn)
@@ -416,19 +453,23 @@ def _build_kernel(
 
         return acc + pl.run_scoped(pv_staged, plgpu.ACC((rows, head_dim), jnp.float32))
 
-    def producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars):
+    def producer(kv_ref, page_indices_ref, seq, work, head0, k_smem, v_smem, bars):
+        """Streams the tile's KV blocks for each of the CTA's heads in turn through the ring."""
         _, k_bar, v_bar, k_free, v_free, turn = bars
         if turn is not None:
             plgpu.set_max_registers(40, action="decrease")
         _, _, _, kv_start, kv_end, _, _, _ = work
+        num_blocks = kv_end - kv_start
+        total = hpc * num_blocks
 
-        @pl.loop(kv_start, kv_end)
-        def _fetch(kv_block):
-            i = kv_block - kv_start
-            slot = lax.rem(i, slots)
+        @pl.loop(0, total)
+        def _fetch(b):
+            i = lax.div(b, num_blocks)  # the CTA's i-th head
+            kv_block = kv_start + b - i * num_blocks
+            slot = lax.rem(b, slots)
             for kv, smem, bar, free in ((0, k_smem, k_bar, k_free), (1, v_smem, v_bar, v_free)):
 
-                @pl.when(i >= slots)
+                @pl.when(b >= slots)
                 def _wait_free(free=free):
                     plgpu.barrier_wait(free.at[slot])
 
@@ -438,14 +479,14 @@ def _build_kernel(
                     page = jnp.clip(page_indices_ref[seq, entry], 0, num_pages - 1)
                     rows_j = pl.multiple_of(j * page_size, page_size)
                     plgpu.copy_gmem_to_smem(
-                        kv_ref.at[kv, head, page], smem.at[slot, pl.ds(rows_j, page_size)], bar.at[slot]
+                        kv_ref.at[kv, head0 + i, page], smem.at[slot, pl.ds(rows_j, page_size)], bar.at[slot]
                     )
 
         # Observe the consumer's releases of the last slots too, so every barrier phase has a
         # waiter (the simulator checks this; on the GPU it only delays the idle producer's exit).
-        @pl.loop(jnp.maximum(kv_end - slots, kv_start), kv_end)
-        def _drain(kv_block):
-            slot = lax.rem(kv_block - kv_start, slots)
+        @pl.loop(jnp.maximum(total - slots, 0), total)
+        def _drain(b):
+            slot = lax.rem(b, slots)
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
 
@@ -453,7 +494,7 @@ def _build_kernel(
         out_refs = refs[: len(out_type)]
         q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars = refs[len(out_type) :]
         tile = lax.axis_index("tile")
-        head = lax.axis_index("head")
+        head0 = lax.axis_index("head") * hpc
         wg = lax.axis_index("wg")
         seq = work_ref[tile, _W_SEQ]
         columns = (_W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM)
@@ -466,11 +507,11 @@ def _build_kernel(
             @pl.when((count > 0) & (wg == c))
             def _consume(c=c):
                 smem = (q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem)
-                consumer(c, out_refs, q_ref, work, head, *smem, bars)
+                consumer(c, out_refs, q_ref, work, head0, *smem, bars)
 
         @pl.when((count > 0) & (wg == consumers))
         def _produce():
-            producer(kv_ref, page_indices_ref, seq, work, head, k_smem, v_smem, bars)
+            producer(kv_ref, page_indices_ref, seq, work, head0, k_smem, v_smem, bars)
 
     splits = plan.kv_splits
     out_type = [jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype)]
@@ -484,7 +525,7 @@ def _build_kernel(
         ]
     consumers = plan.consumers
     scratch = [
-        _swizzled((consumers, rows, head_dim), dtype),  # q
+        _swizzled((consumers, q_buffers, rows, head_dim), dtype),  # q (the next head's loads ahead)
         _swizzled((slots, block_kv, head_dim), dtype),  # k ring
         _swizzled((slots, block_kv, head_dim), dtype),  # v ring
         _swizzled((consumers, rows, block_kv), dtype) if simulate else None,  # p (registers on the GPU)
@@ -492,7 +533,7 @@ def _build_kernel(
         plgpu.SMEM((consumers, rows, _LSE_WIDTH), jnp.float32) if splits > 1 else None,
         plgpu.SMEM((consumers, head_dim, block_kv), dtype) if simulate else None,
         (
-            plgpu.Barrier(num_arrivals=group, num_barriers=consumers),
+            plgpu.Barrier(num_arrivals=group, num_barriers=consumers * q_buffers),
             plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
             plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
@@ -504,7 +545,7 @@ def _build_kernel(
         body,
         out_type=out_type,
         scratch_types=scratch,
-        grid=(num_work, num_kv_heads),
+        grid=(num_work, num_kv_heads // hpc),
         grid_names=("tile", "head"),
         num_threads=consumers + 1,
         thread_name="wg",
@@ -566,6 +607,8 @@ def _ragged_paged_attention(
     )
     if (plan.pages_per_block * page_size) % 64:
         raise ValueError(f"KV blocks must be a multiple of 64 tokens (wgmma tiling), got {plan}")
+    if num_kv_heads % plan.heads_per_cta:
+        raise ValueError(f"{num_kv_heads} KV heads are not a multiple of heads_per_cta in {plan}")
     if plan.pingpong and plan.consumers != 2:
         raise ValueError(f"ping-pong needs two consumer warpgroups, got {plan}")
     padded_tokens = max(-(-num_tokens // 8) * 8, plan.tile_tokens)

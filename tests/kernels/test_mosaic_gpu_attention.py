@@ -132,6 +132,47 @@ def test_simulated_split_k_matches_reference(simulator):
     assert not simulator.races_found()
 
 
+# Two KV heads per CTA, one after the other through one K/V ring: a decode plan, and a
+# ping-pong plan over a mixed batch (a decode tile leaves its second consumer without tokens).
+HEADS_PER_CTA_PLANS = {
+    "decode": mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, heads_per_cta=2),
+    "mixed_padded": mosaic_gpu._Plan(
+        tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, heads_per_cta=2
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HEADS_PER_CTA_PLANS))
+def test_simulated_heads_per_cta_matches_reference(simulator, name):
+    case = CASES[name]
+    batch = make_batch(case)
+    ref = ragged_paged_attention_reference(*batch, case.params)
+    simulator.reset()
+    plan = HEADS_PER_CTA_PLANS[name]
+    out = mosaic_gpu._ragged_paged_attention(*batch, case.params, plan=plan, interpret=simulator.params())
+    out = jax.block_until_ready(out)
+    assert bool(jnp.isfinite(out.astype(jnp.float32)).all()), "unwritten (NaN-poisoned) or non-finite outputs"
+    assert relative_error(out, ref) < REL_TOL[case.dtype]
+    assert not simulator.races_found()
+
+
+@pytest.mark.parametrize("name", list(HEADS_PER_CTA_PLANS))
+def test_heads_per_cta_lowers_for_cuda(name):
+    case = CASES[name]
+    plan = HEADS_PER_CTA_PLANS[name]
+    fn = jax.jit(lambda *b: mosaic_gpu._ragged_paged_attention(*b, case.params, plan=plan, interpret=None))
+    assert "mosaic_gpu" in fn.trace(*make_batch(case)).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_heads_per_cta_chosen_while_the_batch_fills_the_gpu():
+    llama = dict(num_kv_heads=8, max_kv_len=4096, group=4, page_size=16, head_dim=128)
+    assert mosaic_gpu._plan(num_tokens=1024, num_slots=1024, **llama).heads_per_cta == 8
+    assert mosaic_gpu._plan(num_tokens=64, num_slots=64, **llama).heads_per_cta == 1  # 512 CTAs
+    assert mosaic_gpu._plan(num_tokens=2048, num_slots=64, **llama).heads_per_cta == 1  # prefill
+    odd = {**llama, "num_kv_heads": 3}
+    assert mosaic_gpu._plan(num_tokens=1024, num_slots=1024, **odd).heads_per_cta == 1
+
+
 def test_split_k_chosen_for_few_long_decodes():
     few = dict(num_kv_heads=8, max_kv_len=8192, group=4, page_size=16, head_dim=128)
     assert mosaic_gpu._plan(num_tokens=4, num_slots=4, **few).kv_splits > 1
