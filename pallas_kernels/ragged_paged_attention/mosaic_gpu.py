@@ -95,7 +95,7 @@ class _Plan:
 # NOTE: the split-K choice needs the SM count at trace time, where no device may be at hand
 # (CPU lowering checks); H100 and H200 both have 132.
 _NUM_SMS = 132
-_MIN_CTAS = 2 * _NUM_SMS
+_MIN_CTAS = _NUM_SMS * 9 // 10  # decode CTAs worth keeping (fewer, longer CTAs measured faster down to this)
 
 
 def _plan(
@@ -113,17 +113,17 @@ def _plan(
     decode_like = num_tokens <= 2 * num_slots
     if decode_like and num_slots * num_kv_heads < _NUM_SMS and max_kv_len >= 8 * block_kv:
         splits = min(8, -(-2 * _NUM_SMS // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
-    if decode_like:
-        # Several KV heads per CTA while the batch still leaves _MIN_CTAS CTAs.
+    if decode_like and splits == 1:
+        # Several KV heads per CTA, 128-key blocks in 2 slots, while the batch still fills about
+        # one wave of CTAs: on the H200 (2026-12-04) 256 decodes x 512 keys took 162 us against
+        # 201 us with one head per CTA and 64-key blocks in 3 slots; 128 x 512, 95 against 114.
+        ppb = max(1, 128 // page_size)
         hpc = 1
-        while (
-            splits == 1
-            and hpc < 8
-            and num_kv_heads % (2 * hpc) == 0
-            and num_slots * num_kv_heads // (2 * hpc) >= _MIN_CTAS
-        ):
+        while hpc < 8 and num_kv_heads % (2 * hpc) == 0 and num_slots * num_kv_heads // (2 * hpc) >= _MIN_CTAS:
             hpc *= 2
-        return _Plan(tokens, pages_per_block, num_slots=3, kv_splits=max(1, splits), heads_per_cta=hpc)
+        return _Plan(tokens, ppb, num_slots=2, heads_per_cta=hpc)
+    if decode_like:
+        return _Plan(tokens, pages_per_block, num_slots=3, kv_splits=splits)
     # Prefill: two consumer warpgroups per CTA read each K/V block once for 2n tokens and take
     # turns on the tensor cores; 128-key blocks halve the per-block overhead (barriers, the
     # softmax's row reductions) against 64. Two slots of 128 x 128 K and V fill 128 of the

@@ -167,7 +167,8 @@ def test_heads_per_cta_lowers_for_cuda(name):
 def test_heads_per_cta_chosen_while_the_batch_fills_the_gpu():
     llama = dict(num_kv_heads=8, max_kv_len=4096, group=4, page_size=16, head_dim=128)
     assert mosaic_gpu._plan(num_tokens=1024, num_slots=1024, **llama).heads_per_cta == 8
-    assert mosaic_gpu._plan(num_tokens=64, num_slots=64, **llama).heads_per_cta == 1  # 512 CTAs
+    assert mosaic_gpu._plan(num_tokens=64, num_slots=64, **llama).heads_per_cta == 4  # 128 CTAs
+    assert mosaic_gpu._plan(num_tokens=8, num_slots=8, **llama).heads_per_cta == 1
     assert mosaic_gpu._plan(num_tokens=2048, num_slots=64, **llama).heads_per_cta == 1  # prefill
     odd = {**llama, "num_kv_heads": 3}
     assert mosaic_gpu._plan(num_tokens=1024, num_slots=1024, **odd).heads_per_cta == 1
