@@ -223,8 +223,7 @@ def plans_for(shape: Shape) -> list[mosaic_gpu._Plan]:
     tokens = max(8, 64 // group)
     plan = mosaic_gpu._Plan
     if shape.kind == "decode":
-        plans = [plan(tokens, 4, 3, heads_per_cta=h) for h in (1, 2, 4, 8)]
-        plans += [plan(tokens, 8, 2, heads_per_cta=h) for h in (1, 2, 4, 8)]
+        plans = [plan(tokens, 4, 3), plan(tokens, 8, 2), plan(tokens, 8, 3), plan(tokens, 8, 2, max_ctas=264)]
         plans += [plan(tokens, 4, 3, kv_splits=splits) for splits in (2, 4)]
         return plans
     return [

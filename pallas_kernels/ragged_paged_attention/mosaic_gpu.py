@@ -1,24 +1,30 @@
 """Ragged paged attention for Hopper, written with Mosaic GPU (`plgpu.kernel`).
 
-One CTA computes one *tile*: up to `consumers * n` consecutive query tokens of one request
-against one KV head. A consumer warpgroup's rows are the G query heads of that KV head times
-its n tokens, head-major (row r = g * n + t), padded to 64 rows for wgmma. Decodes are tiles
-with one token; a prefill chunk is cut into tiles; padded tokens get tiles with no keys (their
-output is zero). Decode, prefill and mixed batches all run through this one kernel.
+The unit of work is an *item*: a tile of up to `consumers * n` consecutive query tokens of one
+request against one KV head. A consumer warpgroup's rows are the G query heads of that KV head
+times its n tokens, head-major (row r = g * n + t), padded to 64 rows for wgmma. Decodes are
+tiles with one token; a prefill chunk is cut into tiles; padded tokens get tiles with no keys
+(their output is zero). Decode, prefill and mixed batches all run through this one kernel.
+
+The CTAs are persistent, one per SM: `_cta_bounds` cuts the items, in order, into runs of
+about equal cost (KV blocks), and each CTA runs its run one item after the other through one
+K/V ring, so a short decode's start-up (page ids, first TMA, its Q load: loaded while the item
+before runs) and its output stores overlap other items' work, and one long request's heads
+spread over several SMs.
 
 Per CTA, 1 + `consumers` warpgroups:
-  - producer: walks the tile's KV blocks (block_kv = pages_per_block pages), reads each page
+  - producer: walks each item's KV blocks (block_kv = pages_per_block pages), reads each page
     id from the block table in GMEM and issues one TMA copy per page for K and for V into a
     `num_slots`-deep SMEM ring; a slot is refilled once every consumer released it;
   - consumers (1 for decode-like batches, 2 for prefill so each K/V block is read once for
-    2n tokens): S = Q K^T (wgmma), online softmax in fp32 (exp2 domain), P staged in SMEM,
-    O += P V (wgmma); at the end O / l goes straight into `out [T, Hq, D]` with power-of-two
-    TMA stores (a tile may end anywhere).
+    2n tokens, taking turns on the tensor cores): S = Q K^T (wgmma), online softmax in fp32
+    (exp2 domain), O += P V (wgmma, P from registers); at the end O / l goes straight into
+    `out [T, Hq, D]` with power-of-two TMA stores (a tile may end anywhere).
 
 The wrapper turns (cu_q_lens, kv_lens, num_seqs) into a work list of tiles with cheap jnp ops
 (`_work_list`), so the signature matches the reference; request order does not matter. For a
-few long decodes (too few tiles to fill the SMs) `_plan` picks split-K: each tile's KV range
-is cut over several CTAs that write fp32 partials (O and log-sum-exp), merged in jnp.
+few long decodes (too few items to fill the SMs) `_plan` picks split-K: each tile's KV range
+is cut into several work rows that write fp32 partials (O and log-sum-exp), merged in jnp.
 The new tokens' K/V are written beforehand by `common.write_kv_pages` (a separate scatter).
 
 Tested on CPU (tests/kernels): the Mosaic GPU simulator, and the CUDA lowering with jax 0.10.2
@@ -30,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,10 +86,7 @@ class _Plan:
     # Two consumers take turns on the tensor cores (FA3's ping-pong): one's softmax runs while
     # the other's QK^T and PV wgmmas do.
     pingpong: bool = False
-    # KV heads per CTA, one after the other through the same K/V ring: a short decode's CTA
-    # otherwise spends much of its life starting up (Q load, first page ids, first TMA) and
-    # finishing (output stores), with nothing overlapping them.
-    heads_per_cta: int = 1
+    max_ctas: int = 132  # persistent CTAs: one per SM of an H100/H200 (the SMEM ring leaves room for one)
 
     @property
     def tile_tokens(self) -> int:
@@ -95,7 +99,6 @@ class _Plan:
 # NOTE: the split-K choice needs the SM count at trace time, where no device may be at hand
 # (CPU lowering checks); H100 and H200 both have 132.
 _NUM_SMS = 132
-_MIN_CTAS = _NUM_SMS * 9 // 10  # decode CTAs worth keeping (fewer, longer CTAs measured faster down to this)
 
 
 def _plan(
@@ -114,14 +117,9 @@ def _plan(
     if decode_like and num_slots * num_kv_heads < _NUM_SMS and max_kv_len >= 8 * block_kv:
         splits = min(8, -(-2 * _NUM_SMS // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
     if decode_like and splits == 1:
-        # Several KV heads per CTA, 128-key blocks in 2 slots, while the batch still fills about
-        # one wave of CTAs: on the H200 (2026-12-04) 256 decodes x 512 keys took 162 us against
-        # 201 us with one head per CTA and 64-key blocks in 3 slots; 128 x 512, 95 against 114.
-        ppb = max(1, 128 // page_size)
-        hpc = 1
-        while hpc < 8 and num_kv_heads % (2 * hpc) == 0 and num_slots * num_kv_heads // (2 * hpc) >= _MIN_CTAS:
-            hpc *= 2
-        return _Plan(tokens, ppb, num_slots=2, heads_per_cta=hpc)
+        # 128-key blocks in 2 slots: on the H200 (2026-12-04) 256 decodes x 512 keys took 189 us
+        # against 201 with 64-key blocks in 3 slots, 128 x 2048 288 against 295.
+        return _Plan(tokens, max(1, 128 // page_size), num_slots=2)
     if decode_like:
         return _Plan(tokens, pages_per_block, num_slots=3, kv_splits=splits)
     # Prefill: two consumer warpgroups per CTA read each K/V block once for 2n tokens and take
@@ -138,7 +136,21 @@ def _plan(
     )
 
 
-# Columns of the work list, one row per CTA (a tile, or one KV split of a tile).
+class _View(NamedTuple):
+    """One consumer's share of one item (scalars read from the work list)."""
+
+    head: jax.Array  # KV head
+    window: jax.Array  # first token of the consumer's Q window (a multiple of 8)
+    token: jax.Array  # first token it owns
+    count: jax.Array  # tokens it owns (0: it only releases the item's K/V blocks)
+    pos: jax.Array  # position of `token` in its request
+    kv_start: jax.Array  # the item's KV blocks: [kv_start, kv_end), unmasked before mask_from
+    kv_end: jax.Array
+    mask_from: jax.Array
+    split: jax.Array | int  # KV split index (split-K), 0 otherwise
+
+
+# Columns of the work list, one row per tile (or per KV split of a tile).
 _W_SEQ, _W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM, _W_SPLIT = range(9)
 _W_COLS = 9
 
@@ -217,6 +229,25 @@ def _work_list(
     return jnp.stack([c.astype(jnp.int32) for c in columns], axis=1)
 
 
+def _cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int) -> jax.Array:  # [num_ctas + 1] i32
+    """Cut the items (work row, KV head), in order, into `num_ctas` runs of about equal cost.
+
+    Item i is work row i // Hkv against KV head i % Hkv; CTA p runs items [bounds[p],
+    bounds[p + 1]). An item costs its KV blocks plus one (its Q load and output stores), so a
+    CTA gets many short decodes or a few long ones, and one long request's heads spread over
+    several CTAs. Rows with no tokens (past the last tile) cost nothing and fall after
+    bounds[-1]: no CTA visits them.
+    """
+    active = work[:, _W_COUNT] > 0
+    cost = jnp.where(active, work[:, _W_KV_END] - work[:, _W_KV_START] + 1, 0)  # [W]
+    item_cost = jnp.repeat(cost, num_kv_heads)  # [W * Hkv]
+    ends = jnp.cumsum(item_cost)
+    middles = 2 * ends - item_cost  # twice each item's midpoint on the cost axis (nondecreasing)
+    # CTA p takes the items whose midpoint falls in [p, p + 1) * total / num_ctas.
+    targets = jnp.arange(num_ctas + 1, dtype=jnp.int32) * (2 * ends[-1]) // num_ctas
+    return jnp.searchsorted(middles, targets, side="left").astype(jnp.int32)
+
+
 def _k_transposed(k_slot, kt_scratch):
     """The B operand of S = Q K^T.
 
@@ -247,7 +278,7 @@ def _build_kernel(
     page_size: int,
     num_pages: int,
     pages_per_seq: int,
-    num_work: int,
+    num_ctas: int,
     dtype,
     plan: _Plan,
     params: AttentionParams,
@@ -263,8 +294,11 @@ def _build_kernel(
     scale = params.sm_scale
     soft_cap = params.soft_cap
     window = params.sliding_window
-    hpc = plan.heads_per_cta
-    q_buffers = 2 if hpc > 1 else 1
+    splits = plan.kv_splits
+    consumers = plan.consumers
+    # Decode items are short: the next item's queries load while one runs. Prefill items are
+    # long, and two consumers' second Q buffers would not fit in SMEM beside 128-key blocks.
+    q_buffers = 2 if consumers == 1 else 1
 
     def scores(s, pos_first, kv_block, masked: bool):
         """fp32 logits in the exp2 domain, masked where a row may not see a key."""
@@ -289,24 +323,31 @@ def _build_kernel(
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-    def consumer(c, out_refs, q_ref, work, head0, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars):
-        """Consumer warpgroup c: the tile's tokens in its window [load_from + c n, + n), for the
-        CTA's KV heads head0 .. head0 + hpc - 1 in turn."""
-        q_bar, k_bar, v_bar, k_free, v_free, turn = bars
-        tile_token, tile_count, tile_pos, kv_start, kv_end, mask_from, load_from, split = work
-        q_smem, o_smem = q_smem.at[c], o_smem.at[c]
-        if p_smem is not None:
-            p_smem = p_smem.at[c]
-        if lse_smem is not None:
-            lse_smem = lse_smem.at[c]
-        if kt_smem is not None:
-            kt_smem = kt_smem.at[c]
-        window = pl.multiple_of(load_from + c * n, 8)
+    def view(work_ref, i, c):
+        """Consumer c's share of item i: work row i // Hkv (a tile, or one KV split of it) for
+        KV head i % Hkv."""
+        w, head = lax.div(i, num_kv_heads), lax.rem(i, num_kv_heads)
+        tile_token, tile_count, tile_pos = (work_ref[w, k] for k in (_W_TOKEN, _W_COUNT, _W_POS))
+        window = pl.multiple_of(work_ref[w, _W_LOAD_FROM] + c * n, 8)
         token = jnp.maximum(tile_token, window)
-        count = jnp.maximum(jnp.minimum(tile_token + tile_count, window + n) - token, 0)
-        pos = tile_pos + (token - tile_token)
-        shift = token - window  # rows [shift, shift + count) of each head group are ours
-        num_blocks = kv_end - kv_start  # per head; the ring position of head i's block b is i * num_blocks + b
+        return _View(
+            head=head,
+            window=window,
+            token=token,
+            count=jnp.maximum(jnp.minimum(tile_token + tile_count, window + n) - token, 0),
+            pos=tile_pos + (token - tile_token),
+            kv_start=work_ref[w, _W_KV_START],
+            kv_end=work_ref[w, _W_KV_END],
+            mask_from=work_ref[w, _W_MASK_FROM],
+            split=work_ref[w, _W_SPLIT] if splits > 1 else 0,
+        )
+
+    def consumer(c, first, last, work_ref, out_refs, q_ref, smem, bars):
+        """Consumer warpgroup c: items [first, last), each its window's tokens against one KV head."""
+        q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem = smem
+        q_bar, k_bar, v_bar, k_free, v_free, turn = bars
+        q_smem, o_smem = q_smem.at[c], o_smem.at[c]
+        p_smem, lse_smem, kt_smem = (None if r is None else r.at[c] for r in (p_smem, lse_smem, kt_smem))
         if turn is not None:
             plgpu.set_max_registers(232, action="increase")
 
@@ -317,122 +358,136 @@ def _build_kernel(
         if c == 1:
             rendezvous(turn)
 
-        def load_q(i):
-            """Head head0 + i's queries into Q buffer i % q_buffers."""
-            buf = lax.rem(i, q_buffers)
-
+        def load_q(v, buf):
             @pl.loop(0, group)
             def _load_q(g):
-                rows_g = pl.multiple_of(g * n, 8)
                 plgpu.copy_gmem_to_smem(
-                    q_ref.at[pl.ds(window, n), (head0 + i) * group + g],
-                    q_smem.at[buf, pl.ds(rows_g, n)],
+                    q_ref.at[pl.ds(v.window, n), v.head * group + g],
+                    q_smem.at[buf, pl.ds(pl.multiple_of(g * n, 8), n)],
                     q_bar.at[c * q_buffers + buf],
                 )
 
-        @pl.when(count > 0)
-        def _attend():
-            load_q(0)
+        if q_buffers > 1:
+            # Each item's queries load while the item before it runs.
+            @pl.when(first < last)
+            def _first_q():
+                v = view(work_ref, first, c)
+                pl.when(v.count > 0)(lambda: load_q(v, 0))
 
-            @pl.loop(0, hpc)
-            def _head(i):
-                head = head0 + i
-                buf = lax.rem(i, q_buffers)
+        def item(i, ring):
+            """One item; `ring` counts the K/V blocks this CTA consumed before it."""
+            v = view(work_ref, i, c)
+            buf = lax.rem(i - first, q_buffers)
+
+            @pl.when(v.count > 0)
+            def _attend():
+                if q_buffers == 1:
+                    load_q(v, buf)
                 plgpu.barrier_wait(q_bar.at[c * q_buffers + buf])
-                if hpc > 1:
-                    # The other buffer held head i - 1's queries, whose wgmmas are done.
-                    pl.when(i + 1 < hpc)(lambda: load_q(i + 1))
-                q_i = q_smem.at[buf]
-                ring = i * num_blocks - kv_start
-                pos_first = pos - shift  # position of row 0 of each head group
+                if q_buffers > 1:
+                    # The other buffer held the item before, whose wgmmas are done.
+                    @pl.when(i + 1 < last)
+                    def _next_q():
+                        v_next = view(work_ref, i + 1, c)
+                        pl.when(v_next.count > 0)(lambda: load_q(v_next, 1 - buf))
 
-                def step(kv_block, carry, masked: bool):
-                    acc, m_i, l_i = carry
-                    slot = lax.rem(ring + kv_block, slots)
+                attend(c, v, ring, q_smem.at[buf], k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs)
+
+            # A warpgroup with no tokens in this item (a decode next to a prefill) only passes
+            # the K/V blocks on: the producer waits for every consumer's release.
+            @pl.when(v.count == 0)
+            def _release_only():
+                @pl.loop(0, v.kv_end - v.kv_start)
+                def _release(b):
+                    slot = lax.rem(ring + b, slots)
                     plgpu.barrier_wait(k_bar.at[slot])
-
-                    def qk(acc_ref):
-                        plgpu.wgmma(acc_ref, q_i, _k_transposed(k_smem.at[slot], kt_smem))
-                        rendezvous(turn)
-                        return acc_ref[...]
-
-                    s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
-                    s = scores(s, pos_first, kv_block, masked)
-                    m_new = jnp.maximum(m_i, s.max(axis=1))
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p = p.astype(dtype)
-                    if turn is not None:
-                        # The softmax is done before the other consumer is let onto the tensor cores.
-                        acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
-                        plgpu.barrier_arrive(turn)
+                    rendezvous(turn)
                     plgpu.barrier_wait(v_bar.at[slot])
-                    if turn is not None:
-                        plgpu.barrier_wait(turn)
-                    acc = _add_pv(acc, p, v_smem.at[slot], p_smem)
                     plgpu.barrier_arrive(v_free.at[slot])
-                    return acc, m_new, l_i
+                    rendezvous(turn)
 
-                carry = (
-                    jnp.zeros((rows, head_dim), jnp.float32),
-                    jnp.full((rows,), _MASKED, jnp.float32),
-                    jnp.zeros((rows,), jnp.float32),
-                )
-                carry = lax.fori_loop(kv_start, mask_from, functools.partial(step, masked=False), carry)
-                acc, m_i, l_i = lax.fori_loop(mask_from, kv_end, functools.partial(step, masked=True), carry)
-                seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
-                inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
-                if hpc > 1:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # head i - 1's stores read o/lse
-                o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
-                stores = [(o_smem, out_refs[0])]
-                if splits > 1:
-                    # log2-sum-exp2 of the row's scores in this split; rows that saw no key weigh 0.
-                    lse = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), _MASKED)
-                    lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
-                    stores.append((lse_smem, out_refs[1]))
-                plgpu.commit_smem()
+            return ring + (v.kv_end - v.kv_start)
 
-                @pl.loop(0, group)
-                def _store(g):
-                    for smem, gmem in stores:
-                        if splits > 1:
-                            gmem = gmem.at[split]
-                        done = jnp.int32(0)
-                        size = n
-                        while size:
-                            # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
-                            @pl.when((count & size) != 0)
-                            def _store_rows(smem=smem, gmem=gmem, done=done, size=size):
-                                plgpu.copy_smem_to_gmem(
-                                    smem.at[pl.ds(g * n + shift + done, size)],
-                                    gmem.at[pl.ds(token + done, size), head * group + g],
-                                )
-
-                            done = done + (count & size)
-                            size //= 2
-
-            plgpu.wait_smem_to_gmem(0)
-
-        # A warpgroup with no tokens in this tile (a decode next to a prefill) only passes the
-        # K/V blocks on: the producer waits for every consumer's release.
-        @pl.when(count == 0)
-        def _release_only():
-            @pl.loop(0, hpc * num_blocks)
-            def _release(b):
-                slot = lax.rem(b, slots)
-                plgpu.barrier_wait(k_bar.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-                rendezvous(turn)
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
-                rendezvous(turn)
-
+        lax.fori_loop(first, last, item, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
         if c == 0:
             rendezvous(turn)
+
+    def attend(c, v, ring, q_i, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs):
+        """Online softmax over the item's KV blocks, then its rows of O (and LSE) to GMEM."""
+        _, k_bar, v_bar, k_free, v_free, turn = bars
+        shift = v.token - v.window  # rows [shift, shift + count) of each head group are ours
+        pos_first = v.pos - shift  # position of row 0 of each head group
+        ring = ring - v.kv_start  # the ring position of block kv_block is ring + kv_block
+
+        def step(kv_block, carry, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(ring + kv_block, slots)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_i, _k_transposed(k_smem.at[slot], kt_smem))
+                rendezvous(turn)
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = scores(s, pos_first, kv_block, masked)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p = p.astype(dtype)
+            if turn is not None:
+                # The softmax is done before the other consumer is let onto the tensor cores.
+                acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+                plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if turn is not None:
+                plgpu.barrier_wait(turn)
+            acc = _add_pv(acc, p, v_smem.at[slot], p_smem)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l_i
+
+        carry = (
+            jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows,), _MASKED, jnp.float32),
+            jnp.zeros((rows,), jnp.float32),
+        )
+        carry = lax.fori_loop(v.kv_start, v.mask_from, functools.partial(step, masked=False), carry)
+        acc, m_i, l_i = lax.fori_loop(v.mask_from, v.kv_end, functools.partial(step, masked=True), carry)
+        seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
+        inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores read o/lse
+        o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
+        stores = [(o_smem, out_refs[0])]
+        if splits > 1:
+            # log2-sum-exp2 of the row's scores in this split; rows that saw no key weigh 0.
+            lse = jnp.where(seen, m_i + jnp.log2(jnp.where(seen, l_i, 1.0)), _MASKED)
+            lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
+            stores.append((lse_smem, out_refs[1]))
+        plgpu.commit_smem()
+
+        @pl.loop(0, group)
+        def _store(g):
+            for smem, gmem in stores:
+                if splits > 1:
+                    gmem = gmem.at[v.split]
+                done = jnp.int32(0)
+                size = n
+                while size:
+                    # TMA boxes have static sizes: store `count` rows as a sum of powers of two.
+                    @pl.when((v.count & size) != 0)
+                    def _store_rows(smem=smem, gmem=gmem, done=done, size=size):
+                        plgpu.copy_smem_to_gmem(
+                            smem.at[pl.ds(g * n + shift + done, size)],
+                            gmem.at[pl.ds(v.token + done, size), v.head * group + g],
+                        )
+
+                    done = done + (v.count & size)
+                    size //= 2
 
     def _add_pv(acc, p, v_slot, p_smem):
         """acc + P V: P from registers on the GPU; through SMEM in the simulator (p_smem)."""
@@ -453,36 +508,40 @@ def _build_kernel(
 
         return acc + pl.run_scoped(pv_staged, plgpu.ACC((rows, head_dim), jnp.float32))
 
-    def producer(kv_ref, page_indices_ref, seq, work, head0, k_smem, v_smem, bars):
-        """Streams the tile's KV blocks for each of the CTA's heads in turn through the ring."""
+    def producer(first, last, work_ref, page_indices_ref, kv_ref, k_smem, v_smem, bars):
+        """Streams the KV blocks of items [first, last) through the ring, one after the other."""
         _, k_bar, v_bar, k_free, v_free, turn = bars
         if turn is not None:
             plgpu.set_max_registers(40, action="decrease")
-        _, _, _, kv_start, kv_end, _, _, _ = work
-        num_blocks = kv_end - kv_start
-        total = hpc * num_blocks
 
-        @pl.loop(0, total)
-        def _fetch(b):
-            i = lax.div(b, num_blocks)  # the CTA's i-th head
-            kv_block = kv_start + b - i * num_blocks
-            slot = lax.rem(b, slots)
-            for kv, smem, bar, free in ((0, k_smem, k_bar, k_free), (1, v_smem, v_bar, v_free)):
+        def item(i, ring):
+            w, head = lax.div(i, num_kv_heads), lax.rem(i, num_kv_heads)
+            seq, kv_start, kv_end = (work_ref[w, k] for k in (_W_SEQ, _W_KV_START, _W_KV_END))
 
-                @pl.when(b >= slots)
-                def _wait_free(free=free):
-                    plgpu.barrier_wait(free.at[slot])
+            @pl.loop(0, kv_end - kv_start)
+            def _fetch(b):
+                slot = lax.rem(ring + b, slots)
+                kv_block = kv_start + b
+                for kv, smem, bar, free in ((0, k_smem, k_bar, k_free), (1, v_smem, v_bar, v_free)):
 
-                @pl.loop(0, ppb)
-                def _fetch_page(j, kv=kv, smem=smem, bar=bar):
-                    entry = jnp.minimum(kv_block * ppb + j, pages_per_seq - 1)
-                    page = jnp.clip(page_indices_ref[seq, entry], 0, num_pages - 1)
-                    rows_j = pl.multiple_of(j * page_size, page_size)
-                    plgpu.copy_gmem_to_smem(
-                        kv_ref.at[kv, head0 + i, page], smem.at[slot, pl.ds(rows_j, page_size)], bar.at[slot]
-                    )
+                    @pl.when(ring + b >= slots)
+                    def _wait_free(free=free):
+                        plgpu.barrier_wait(free.at[slot])
 
-        # Observe the consumer's releases of the last slots too, so every barrier phase has a
+                    @pl.loop(0, ppb)
+                    def _fetch_page(j, kv=kv, smem=smem, bar=bar):
+                        entry = jnp.minimum(kv_block * ppb + j, pages_per_seq - 1)
+                        page = jnp.clip(page_indices_ref[seq, entry], 0, num_pages - 1)
+                        rows_j = pl.multiple_of(j * page_size, page_size)
+                        plgpu.copy_gmem_to_smem(
+                            kv_ref.at[kv, head, page], smem.at[slot, pl.ds(rows_j, page_size)], bar.at[slot]
+                        )
+
+            return ring + (kv_end - kv_start)
+
+        total = lax.fori_loop(first, last, item, jnp.int32(0))
+
+        # Observe the consumers' releases of the last slots too, so every barrier phase has a
         # waiter (the simulator checks this; on the GPU it only delays the idle producer's exit).
         @pl.loop(jnp.maximum(total - slots, 0), total)
         def _drain(b):
@@ -490,30 +549,20 @@ def _build_kernel(
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
 
-    def body(work_ref, page_indices_ref, q_ref, kv_ref, *refs):
+    def body(work_ref, bounds_ref, page_indices_ref, q_ref, kv_ref, *refs):
         out_refs = refs[: len(out_type)]
-        q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars = refs[len(out_type) :]
-        tile = lax.axis_index("tile")
-        head0 = lax.axis_index("head") * hpc
+        *smem, bars = refs[len(out_type) :]
+        k_smem, v_smem = smem[1], smem[2]
+        cta = lax.axis_index("cta")
+        first, last = bounds_ref[cta], bounds_ref[cta + 1]
         wg = lax.axis_index("wg")
-        seq = work_ref[tile, _W_SEQ]
-        columns = (_W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM)
-        work = tuple(work_ref[tile, c] for c in columns)
-        work += (work_ref[tile, _W_SPLIT] if splits > 1 else 0,)
-        count = work[1]
-
         for c in range(consumers):
+            pl.when(wg == c)(lambda c=c: consumer(c, first, last, work_ref, out_refs, q_ref, smem, bars))
 
-            @pl.when((count > 0) & (wg == c))
-            def _consume(c=c):
-                smem = (q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem)
-                consumer(c, out_refs, q_ref, work, head0, *smem, bars)
-
-        @pl.when((count > 0) & (wg == consumers))
+        @pl.when(wg == consumers)
         def _produce():
-            producer(kv_ref, page_indices_ref, seq, work, head0, k_smem, v_smem, bars)
+            producer(first, last, work_ref, page_indices_ref, kv_ref, k_smem, v_smem, bars)
 
-    splits = plan.kv_splits
     out_type = [jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype)]
     # Per split: normalised O and the rows' log2-sum-exp2, _LSE_WIDTH wide.
     # NOTE: a TMA box's SMEM rows must start 128-byte aligned; 8-wide fp32 rows (32 bytes) gave
@@ -523,9 +572,8 @@ def _build_kernel(
             jax.ShapeDtypeStruct((splits, num_tokens, num_q_heads, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((splits, num_tokens, num_q_heads, _LSE_WIDTH), jnp.float32),
         ]
-    consumers = plan.consumers
     scratch = [
-        _swizzled((consumers, q_buffers, rows, head_dim), dtype),  # q (the next head's loads ahead)
+        _swizzled((consumers, q_buffers, rows, head_dim), dtype),  # q
         _swizzled((slots, block_kv, head_dim), dtype),  # k ring
         _swizzled((slots, block_kv, head_dim), dtype),  # v ring
         _swizzled((consumers, rows, block_kv), dtype) if simulate else None,  # p (registers on the GPU)
@@ -545,8 +593,8 @@ def _build_kernel(
         body,
         out_type=out_type,
         scratch_types=scratch,
-        grid=(num_work, num_kv_heads // hpc),
-        grid_names=("tile", "head"),
+        grid=(num_ctas,),
+        grid_names=("cta",),
         num_threads=consumers + 1,
         thread_name="wg",
         # approx_math: ex2.approx for the softmax (and tanh.approx for the soft-cap), as FA3 does.
@@ -607,8 +655,6 @@ def _ragged_paged_attention(
     )
     if (plan.pages_per_block * page_size) % 64:
         raise ValueError(f"KV blocks must be a multiple of 64 tokens (wgmma tiling), got {plan}")
-    if num_kv_heads % plan.heads_per_cta:
-        raise ValueError(f"{num_kv_heads} KV heads are not a multiple of heads_per_cta in {plan}")
     if plan.pingpong and plan.consumers != 2:
         raise ValueError(f"ping-pong needs two consumer warpgroups, got {plan}")
     padded_tokens = max(-(-num_tokens // 8) * 8, plan.tile_tokens)
@@ -624,6 +670,8 @@ def _ragged_paged_attention(
         sliding_window=params.sliding_window,
         kv_splits=plan.kv_splits,
     )
+    num_ctas = min(plan.max_ctas, work.shape[0] * num_kv_heads)
+    bounds = _cta_bounds(work, num_kv_heads=num_kv_heads, num_ctas=num_ctas)
     kernel = _build_kernel(
         num_tokens=padded_tokens,
         num_q_heads=num_q_heads,
@@ -632,14 +680,14 @@ def _ragged_paged_attention(
         page_size=page_size,
         num_pages=num_pages,
         pages_per_seq=page_indices.shape[1],
-        num_work=work.shape[0],
+        num_ctas=num_ctas,
         dtype=q.dtype,
         plan=plan,
         params=params,
         simulate=simulate,
         interpret=interpret,
     )
-    outs = kernel(work, page_indices, q_in, kv_pages)
+    outs = kernel(work, bounds, page_indices, q_in, kv_pages)
     if plan.kv_splits == 1:
         return outs[0][:num_tokens]
     return _merge_splits(*outs)[:num_tokens].astype(q.dtype)

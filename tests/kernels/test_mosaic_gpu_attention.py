@@ -132,23 +132,24 @@ def test_simulated_split_k_matches_reference(simulator):
     assert not simulator.races_found()
 
 
-# Two KV heads per CTA, one after the other through one K/V ring: a decode plan, and a
-# ping-pong plan over a mixed batch (a decode tile leaves its second consumer without tokens).
-HEADS_PER_CTA_PLANS = {
-    "decode": mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, heads_per_cta=2),
+# Persistent CTAs: with 3 CTAs every CTA runs several items (work row x KV head) one after
+# the other through one K/V ring, its next item's queries loading ahead: a decode plan, and a
+# ping-pong plan over a mixed batch (a decode item leaves the second consumer without tokens).
+FEW_CTA_PLANS = {
+    "decode": mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, max_ctas=3),
     "mixed_padded": mosaic_gpu._Plan(
-        tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, heads_per_cta=2
+        tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, max_ctas=3
     ),
 }
 
 
-@pytest.mark.parametrize("name", list(HEADS_PER_CTA_PLANS))
-def test_simulated_heads_per_cta_matches_reference(simulator, name):
+@pytest.mark.parametrize("name", list(FEW_CTA_PLANS))
+def test_simulated_few_ctas_match_reference(simulator, name):
     case = CASES[name]
     batch = make_batch(case)
     ref = ragged_paged_attention_reference(*batch, case.params)
     simulator.reset()
-    plan = HEADS_PER_CTA_PLANS[name]
+    plan = FEW_CTA_PLANS[name]
     out = mosaic_gpu._ragged_paged_attention(*batch, case.params, plan=plan, interpret=simulator.params())
     out = jax.block_until_ready(out)
     assert bool(jnp.isfinite(out.astype(jnp.float32)).all()), "unwritten (NaN-poisoned) or non-finite outputs"
@@ -156,22 +157,26 @@ def test_simulated_heads_per_cta_matches_reference(simulator, name):
     assert not simulator.races_found()
 
 
-@pytest.mark.parametrize("name", list(HEADS_PER_CTA_PLANS))
-def test_heads_per_cta_lowers_for_cuda(name):
+@pytest.mark.parametrize("name", list(FEW_CTA_PLANS))
+def test_few_ctas_lower_for_cuda(name):
     case = CASES[name]
-    plan = HEADS_PER_CTA_PLANS[name]
+    plan = FEW_CTA_PLANS[name]
     fn = jax.jit(lambda *b: mosaic_gpu._ragged_paged_attention(*b, case.params, plan=plan, interpret=None))
     assert "mosaic_gpu" in fn.trace(*make_batch(case)).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_heads_per_cta_chosen_while_the_batch_fills_the_gpu():
-    llama = dict(num_kv_heads=8, max_kv_len=4096, group=4, page_size=16, head_dim=128)
-    assert mosaic_gpu._plan(num_tokens=1024, num_slots=1024, **llama).heads_per_cta == 8
-    assert mosaic_gpu._plan(num_tokens=64, num_slots=64, **llama).heads_per_cta == 4  # 128 CTAs
-    assert mosaic_gpu._plan(num_tokens=8, num_slots=8, **llama).heads_per_cta == 1
-    assert mosaic_gpu._plan(num_tokens=2048, num_slots=64, **llama).heads_per_cta == 1  # prefill
-    odd = {**llama, "num_kv_heads": 3}
-    assert mosaic_gpu._plan(num_tokens=1024, num_slots=1024, **odd).heads_per_cta == 1
+def test_cta_bounds_balance_cost_and_skip_empty_rows():
+    # Rows: a 2-block item, a 10-block item, a 0-block item with tokens (padding), 2 empty rows.
+    work = np.zeros((5, mosaic_gpu._W_COLS), np.int32)
+    work[:3, mosaic_gpu._W_COUNT] = (1, 1, 4)
+    work[:3, mosaic_gpu._W_KV_END] = (2, 10, 0)
+    bounds = np.asarray(mosaic_gpu._cta_bounds(jnp.asarray(work), num_kv_heads=2, num_ctas=4))
+    # Item costs (blocks + 1), two heads each: 3 3 11 11 1 1, then 0 0 0 0 (never visited).
+    assert bounds[0] == 0 and bounds[-1] == 6
+    assert (np.diff(bounds) >= 0).all()
+    costs = np.array([3, 3, 11, 11, 1, 1])
+    per_cta = [costs[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert sum(per_cta) == costs.sum() and max(per_cta) <= 13  # the two 11-block heads apart
 
 
 def test_split_k_chosen_for_few_long_decodes():
