@@ -6,11 +6,12 @@ times its n tokens, head-major (row r = g * n + t), padded to 64 rows for wgmma.
 tiles with one token; a prefill chunk is cut into tiles; padded tokens get tiles with no keys
 (their output is zero). Decode, prefill and mixed batches all run through this one kernel.
 
-The CTAs are persistent, one per SM: `_cta_bounds` cuts the items, in order, into runs of
-about equal cost (KV blocks), and each CTA runs its run one item after the other through one
-K/V ring, so a short decode's start-up (page ids, first TMA, its Q load: loaded while the item
-before runs) and its output stores overlap other items' work, and one long request's heads
-spread over several SMs.
+For decode-like batches the CTAs are persistent, one per SM: `_cta_bounds` cuts the items, in
+order, into runs of about equal cost (KV blocks), and each CTA runs its run one item after the
+other through one K/V ring, so a short decode's start-up (page ids, first TMA, its Q load:
+loaded while the item before runs) and its output stores overlap other items' work, and one
+long request's heads spread over several SMs. Prefill plans give every item its own CTA, so
+the CTAs running at once share one request's K/V in L2.
 
 Per CTA, 1 + `consumers` warpgroups:
   - producer: walks each item's KV blocks (block_kv = pages_per_block pages), reads each page
@@ -87,6 +88,9 @@ class _Plan:
     # the other's QK^T and PV wgmmas do.
     pingpong: bool = False
     max_ctas: int = 132  # persistent CTAs: one per SM of an H100/H200 (the SMEM ring leaves room for one)
+    # False: one CTA per item, in order (prefill: concurrent CTAs then share a request's K/V in
+    # L2; persistent runs spread over all requests measured 1.26x slower on 8 x 2048).
+    persistent: bool = True
 
     @property
     def tile_tokens(self) -> int:
@@ -133,6 +137,7 @@ def _plan(
         num_slots=2 if head_dim == 128 else 3,
         consumers=2,
         pingpong=True,
+        persistent=False,
     )
 
 
@@ -192,7 +197,10 @@ def _work_list(
     # Each segment adds at most one tile beyond T / n, plus one for the window alignment.
     num_work = (num_tokens + 7 * (num_slots + 1)) // n + num_slots + 2
     w = jnp.arange(num_work, dtype=jnp.int32)
-    seg = jnp.minimum(jnp.searchsorted(tile_end, w, side="right"), num_slots).astype(jnp.int32)
+    # NOTE: compare_all, one fused compare-and-count: the default binary search is a while loop
+    # of tiny kernels on a GPU, which XLA cannot merge across the layers that share this list.
+    seg = jnp.minimum(jnp.searchsorted(tile_end, w, side="right", method="compare_all"), num_slots)
+    seg = seg.astype(jnp.int32)
     local = w - (tile_end[seg] - tiles[seg])
     active = w < tile_end[-1]
     window = seg_window[seg] + local * n
@@ -229,23 +237,27 @@ def _work_list(
     return jnp.stack([c.astype(jnp.int32) for c in columns], axis=1)
 
 
-def _cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int) -> jax.Array:  # [num_ctas + 1] i32
+def _cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int, persistent: bool) -> jax.Array:
+    # -> [num_ctas + 1] i32
     """Cut the items (work row, KV head), in order, into `num_ctas` runs of about equal cost.
 
     Item i is work row i // Hkv against KV head i % Hkv; CTA p runs items [bounds[p],
     bounds[p + 1]). An item costs its KV blocks plus one (its Q load and output stores), so a
     CTA gets many short decodes or a few long ones, and one long request's heads spread over
     several CTAs. Rows with no tokens (past the last tile) cost nothing and fall after
-    bounds[-1]: no CTA visits them.
+    bounds[-1]: no CTA visits them. Not `persistent`: one item per CTA.
     """
     active = work[:, _W_COUNT] > 0
+    if not persistent:  # one item per CTA, in order
+        num_items = jnp.sum(active, dtype=jnp.int32) * num_kv_heads
+        return jnp.minimum(jnp.arange(num_ctas + 1, dtype=jnp.int32), num_items)
     cost = jnp.where(active, work[:, _W_KV_END] - work[:, _W_KV_START] + 1, 0)  # [W]
     item_cost = jnp.repeat(cost, num_kv_heads)  # [W * Hkv]
     ends = jnp.cumsum(item_cost)
     middles = 2 * ends - item_cost  # twice each item's midpoint on the cost axis (nondecreasing)
     # CTA p takes the items whose midpoint falls in [p, p + 1) * total / num_ctas.
     targets = jnp.arange(num_ctas + 1, dtype=jnp.int32) * (2 * ends[-1]) // num_ctas
-    return jnp.searchsorted(middles, targets, side="left").astype(jnp.int32)
+    return jnp.searchsorted(middles, targets, side="left", method="compare_all").astype(jnp.int32)
 
 
 def _k_transposed(k_slot, kt_scratch):
@@ -670,8 +682,9 @@ def _ragged_paged_attention(
         sliding_window=params.sliding_window,
         kv_splits=plan.kv_splits,
     )
-    num_ctas = min(plan.max_ctas, work.shape[0] * num_kv_heads)
-    bounds = _cta_bounds(work, num_kv_heads=num_kv_heads, num_ctas=num_ctas)
+    num_items = work.shape[0] * num_kv_heads
+    num_ctas = min(plan.max_ctas, num_items) if plan.persistent else num_items
+    bounds = _cta_bounds(work, num_kv_heads=num_kv_heads, num_ctas=num_ctas, persistent=plan.persistent)
     kernel = _build_kernel(
         num_tokens=padded_tokens,
         num_q_heads=num_q_heads,

@@ -170,13 +170,15 @@ def test_cta_bounds_balance_cost_and_skip_empty_rows():
     work = np.zeros((5, mosaic_gpu._W_COLS), np.int32)
     work[:3, mosaic_gpu._W_COUNT] = (1, 1, 4)
     work[:3, mosaic_gpu._W_KV_END] = (2, 10, 0)
-    bounds = np.asarray(mosaic_gpu._cta_bounds(jnp.asarray(work), num_kv_heads=2, num_ctas=4))
+    bounds = np.asarray(mosaic_gpu._cta_bounds(jnp.asarray(work), num_kv_heads=2, num_ctas=4, persistent=True))
     # Item costs (blocks + 1), two heads each: 3 3 11 11 1 1, then 0 0 0 0 (never visited).
     assert bounds[0] == 0 and bounds[-1] == 6
     assert (np.diff(bounds) >= 0).all()
     costs = np.array([3, 3, 11, 11, 1, 1])
     per_cta = [costs[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     assert sum(per_cta) == costs.sum() and max(per_cta) <= 13  # the two 11-block heads apart
+    one_each = mosaic_gpu._cta_bounds(jnp.asarray(work), num_kv_heads=2, num_ctas=10, persistent=False)
+    assert np.asarray(one_each).tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 6, 6, 6]
 
 
 def test_split_k_chosen_for_few_long_decodes():
