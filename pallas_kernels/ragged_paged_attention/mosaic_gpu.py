@@ -87,7 +87,7 @@ class _Plan:
     # Two consumers take turns on the tensor cores (FA3's ping-pong): one's softmax runs while
     # the other's QK^T and PV wgmmas do.
     pingpong: bool = False
-    max_ctas: int = 132  # persistent CTAs: one per SM of an H100/H200 (the SMEM ring leaves room for one)
+    max_ctas: int = 0  # persistent CTAs; 0: one per SM (the SMEM ring leaves room for one)
     # False: one CTA per item, in order (prefill: concurrent CTAs then share a request's K/V in
     # L2; persistent runs spread over all requests measured 1.26x slower on 8 x 2048).
     persistent: bool = True
@@ -100,9 +100,14 @@ class _Plan:
         return -(-group * self.tokens_per_tile // _ROWS_PER_WGMMA) * _ROWS_PER_WGMMA
 
 
-# NOTE: the split-K choice needs the SM count at trace time, where no device may be at hand
-# (CPU lowering checks); H100 and H200 both have 132.
-_NUM_SMS = 132
+@functools.cache
+def _num_sms() -> int:
+    """The first GPU's SM count; 132 (H100 and H200 SXM) where there is none: the plans are also
+    traced on CPU machines, for the CUDA lowering checks."""
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except Exception:  # noqa: BLE001 - no GPU backend here (RuntimeError), or no core_count
+        return 132
 
 
 def _plan(
@@ -118,8 +123,9 @@ def _plan(
     # the SMs, each with a long KV range. Splitting a prefill tile only adds partial traffic.
     splits = 1
     decode_like = num_tokens <= 2 * num_slots
-    if decode_like and num_slots * num_kv_heads < _NUM_SMS and max_kv_len >= 8 * block_kv:
-        splits = min(8, -(-2 * _NUM_SMS // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
+    sms = _num_sms()
+    if decode_like and num_slots * num_kv_heads < sms and max_kv_len >= 8 * block_kv:
+        splits = min(8, -(-2 * sms // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
     if decode_like and splits == 1:
         # 128-key blocks in 2 slots: on the H200 (2026-12-04) 256 decodes x 512 keys took 189 us
         # against 201 with 64-key blocks in 3 slots, 128 x 2048 288 against 295.
@@ -252,11 +258,15 @@ def _cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int, persistent
         num_items = jnp.sum(active, dtype=jnp.int32) * num_kv_heads
         return jnp.minimum(jnp.arange(num_ctas + 1, dtype=jnp.int32), num_items)
     cost = jnp.where(active, work[:, _W_KV_END] - work[:, _W_KV_START] + 1, 0)  # [W]
-    item_cost = jnp.repeat(cost, num_kv_heads)  # [W * Hkv]
-    ends = jnp.cumsum(item_cost)
-    middles = 2 * ends - item_cost  # twice each item's midpoint on the cost axis (nondecreasing)
+    row_end = jnp.cumsum(cost * num_kv_heads)  # [W]: the cost of rows 0..w, every head
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
+    item_start = (row_end - cost * num_kv_heads)[:, None] + heads[None, :] * cost[:, None]  # [W, Hkv]
+    middles = (2 * item_start + cost[:, None]).reshape(-1)  # twice each item's midpoint (nondecreasing)
     # CTA p takes the items whose midpoint falls in [p, p + 1) * total / num_ctas.
-    targets = jnp.arange(num_ctas + 1, dtype=jnp.int32) * (2 * ends[-1]) // num_ctas
+    # (p * 2 total) // num_ctas, without forming p * 2 total (int32: long contexts overflow it)
+    per_cta, rest = jnp.divmod(2 * row_end[-1], num_ctas)
+    p = jnp.arange(num_ctas + 1, dtype=jnp.int32)
+    targets = p * per_cta + p * rest // num_ctas
     return jnp.searchsorted(middles, targets, side="left", method="compare_all").astype(jnp.int32)
 
 
@@ -683,7 +693,7 @@ def _ragged_paged_attention(
         kv_splits=plan.kv_splits,
     )
     num_items = work.shape[0] * num_kv_heads
-    num_ctas = min(plan.max_ctas, num_items) if plan.persistent else num_items
+    num_ctas = min(plan.max_ctas or _num_sms(), num_items) if plan.persistent else num_items
     bounds = _cta_bounds(work, num_kv_heads=num_kv_heads, num_ctas=num_ctas, persistent=plan.persistent)
     kernel = _build_kernel(
         num_tokens=padded_tokens,

@@ -181,6 +181,21 @@ def test_cta_bounds_balance_cost_and_skip_empty_rows():
     assert np.asarray(one_each).tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 6, 6, 6]
 
 
+def test_work_list_and_cta_bounds_have_no_loops():
+    """Both run before the kernel in every layer: a while loop there (jnp.searchsorted's default
+    binary search) is a chain of tiny GPU kernels per layer (+0.4 ms per decode step on the H200)."""
+    batch = make_batch(Case(q_lens=(1,) * 8, kv_lens=(300,) * 8, num_kv_heads=2, pages_per_seq=20))
+    _, _, kv_lens, _, cu_q_lens, num_seqs = batch
+
+    def prologue(cu_q_lens, kv_lens, num_seqs):
+        work = mosaic_gpu._work_list(cu_q_lens, kv_lens, num_seqs, num_tokens=16, tokens_per_tile=16, block_kv=128,
+                                     sliding_window=None)
+        return work, mosaic_gpu._cta_bounds(work, num_kv_heads=2, num_ctas=132, persistent=True)
+
+    hlo = jax.jit(prologue).lower(cu_q_lens, kv_lens, num_seqs).as_text()
+    assert "while" not in hlo and "stablehlo.case" not in hlo
+
+
 def test_split_k_chosen_for_few_long_decodes():
     few = dict(num_kv_heads=8, max_kv_len=8192, group=4, page_size=16, head_dim=128)
     assert mosaic_gpu._plan(num_tokens=4, num_slots=4, **few).kv_splits > 1
