@@ -1,7 +1,10 @@
 """Host overhead per step, CPU only: the scheduler, the runner's batch preparation and the
 engine's output processing (detokenize, stops) for N running decodes, with no device at all.
 
-    python bench/host_overhead.py --num-requests 256 --steps 200
+    python -m bench.host_overhead --num-requests 256 --steps 200
+
+(As a module: run as a script, bench/ goes first on sys.path and bench/kernels.py shadows the
+`kernels` package that transformers imports.)
 
 The runner here is the real host half of `ModelRunner.execute` (InputBatch.update/build, padding
 to the bucket, sampler flags and sampling arrays, advance) with the device step replaced by

@@ -102,13 +102,15 @@ def relative_error(out: jax.Array, ref: jax.Array) -> float:
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_simulated_kernel_matches_reference(simulator, name):
-    case = CASES[name]
+def check_simulated(simulator, case: Case, plan=None) -> None:
+    """Run the kernel (default plan, or `plan`) in the simulator and compare it with the reference."""
     batch = make_batch(case)
     ref = ragged_paged_attention_reference(*batch, case.params)
     simulator.reset()
-    out = ragged_paged_attention_mosaic(*batch, case.params, interpret=simulator.params())
+    if plan is None:  # the public entry point
+        out = ragged_paged_attention_mosaic(*batch, case.params, interpret=simulator.params())
+    else:
+        out = mosaic_gpu._ragged_paged_attention(*batch, case.params, plan=plan, interpret=simulator.params())
     out = jax.block_until_ready(out)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert bool(jnp.isfinite(out.astype(jnp.float32)).all()), "unwritten (NaN-poisoned) or non-finite outputs"
@@ -118,18 +120,15 @@ def test_simulated_kernel_matches_reference(simulator, name):
     assert not simulator.races_found()
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_simulated_kernel_matches_reference(simulator, name):
+    check_simulated(simulator, CASES[name])
+
+
 def test_simulated_split_k_matches_reference(simulator):
     """Long decodes with few requests: each tile's KV range split over 3 CTAs, merged in jnp."""
     case = Case(q_lens=(1, 1), kv_lens=(150, 200), num_q_heads=4, num_kv_heads=1, pages_per_seq=16)
-    batch = make_batch(case)
-    ref = ragged_paged_attention_reference(*batch, case.params)
-    plan = mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3)
-    simulator.reset()
-    out = mosaic_gpu._ragged_paged_attention(*batch, case.params, plan=plan, interpret=simulator.params())
-    out = jax.block_until_ready(out)
-    assert bool(jnp.isfinite(out.astype(jnp.float32)).all())
-    assert relative_error(out, ref) < REL_TOL[case.dtype]
-    assert not simulator.races_found()
+    check_simulated(simulator, case, mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3))
 
 
 # Persistent CTAs: with 3 CTAs every CTA runs several items (work row x KV head) one after
@@ -145,16 +144,7 @@ FEW_CTA_PLANS = {
 
 @pytest.mark.parametrize("name", list(FEW_CTA_PLANS))
 def test_simulated_few_ctas_match_reference(simulator, name):
-    case = CASES[name]
-    batch = make_batch(case)
-    ref = ragged_paged_attention_reference(*batch, case.params)
-    simulator.reset()
-    plan = FEW_CTA_PLANS[name]
-    out = mosaic_gpu._ragged_paged_attention(*batch, case.params, plan=plan, interpret=simulator.params())
-    out = jax.block_until_ready(out)
-    assert bool(jnp.isfinite(out.astype(jnp.float32)).all()), "unwritten (NaN-poisoned) or non-finite outputs"
-    assert relative_error(out, ref) < REL_TOL[case.dtype]
-    assert not simulator.races_found()
+    check_simulated(simulator, CASES[name], FEW_CTA_PLANS[name])
 
 
 @pytest.mark.parametrize("name", list(FEW_CTA_PLANS))
