@@ -228,10 +228,11 @@ def plans_for(shape: Shape) -> list[mosaic_gpu._Plan]:
         return plans
     return [
         plan(tokens, 4, 3),
-        plan(tokens, 4, 3, consumers=2),  # the plan before ping-pong (64-key blocks)
-        plan(tokens, 4, 3, consumers=2, pingpong=True),
-        plan(tokens, 8, 2, consumers=2),
-        plan(tokens, 8, 2, consumers=2, pingpong=True),  # the default
+        plan(tokens, 4, 3, consumers=2, persistent=False),  # the plan before ping-pong (64-key blocks)
+        plan(tokens, 4, 3, consumers=2, pingpong=True, persistent=False),
+        plan(tokens, 8, 2, consumers=2, persistent=False),
+        plan(tokens, 8, 2, consumers=2, pingpong=True, persistent=False),  # the default
+        plan(tokens, 8, 2, consumers=2, pingpong=True),  # persistent
     ]
 
 

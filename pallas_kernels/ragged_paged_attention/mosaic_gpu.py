@@ -70,8 +70,9 @@ def mosaic_unsupported_reason(
     group = num_q_heads // num_kv_heads
     if group > 8:
         return f"GQA group {group} is larger than 8"
-    if page_size < 16 or page_size & (page_size - 1):
-        return f"page_size {page_size} is not a power of two >= 16"
+    if page_size < 16 or page_size > 128 or page_size & (page_size - 1):
+        # Above 128 a page alone is a KV block: two slots of 256 x 128 K and V overflow SMEM.
+        return f"page_size {page_size} is not a power of two from 16 to 128"
     return None
 
 
@@ -82,12 +83,14 @@ class _Plan:
     tokens_per_tile: int  # n: query tokens per tile (power of two, >= 8)
     pages_per_block: int  # pages per KV block (one pipeline step)
     num_slots: int  # depth of the K/V SMEM ring
-    kv_splits: int = 1  # > 1: split-K, each tile's KV range cut into this many CTAs, merged in jnp
+    kv_splits: int = 1  # > 1: split-K, each tile's KV range cut into this many work rows, merged in jnp
     consumers: int = 1  # consumer warpgroups per CTA, each with its own n tokens, sharing the K/V ring
     # Two consumers take turns on the tensor cores (FA3's ping-pong): one's softmax runs while
     # the other's QK^T and PV wgmmas do.
     pingpong: bool = False
-    max_ctas: int = 0  # persistent CTAs; 0: one per SM (the SMEM ring leaves room for one)
+    # Persistent CTAs; 0: one per SM (at head_dim 128 the SMEM ring leaves room for one; at 64 a
+    # decode CTA takes ~88 KiB and two would fit: not tried).
+    max_ctas: int = 0
     # False: one CTA per item, in order (prefill: concurrent CTAs then share a request's K/V in
     # L2; persistent runs spread over all requests measured 1.26x slower on 8 x 2048).
     persistent: bool = True
@@ -262,7 +265,7 @@ def _cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int, persistent
     heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
     item_start = (row_end - cost * num_kv_heads)[:, None] + heads[None, :] * cost[:, None]  # [W, Hkv]
     middles = (2 * item_start + cost[:, None]).reshape(-1)  # twice each item's midpoint (nondecreasing)
-    # CTA p takes the items whose midpoint falls in [p, p + 1) * total / num_ctas.
+    # CTA p takes the items whose midpoint falls in [p, p + 1) * total / num_ctas (floored).
     # (p * 2 total) // num_ctas, without forming p * 2 total (int32: long contexts overflow it)
     per_cta, rest = jnp.divmod(2 * row_end[-1], num_ctas)
     p = jnp.arange(num_ctas + 1, dtype=jnp.int32)
@@ -318,8 +321,8 @@ def _build_kernel(
     window = params.sliding_window
     splits = plan.kv_splits
     consumers = plan.consumers
-    # Decode items are short: the next item's queries load while one runs. Prefill items are
-    # long, and two consumers' second Q buffers would not fit in SMEM beside 128-key blocks.
+    # Decode items are short: the next item's queries load while one runs. Prefill plans run
+    # one item per CTA (persistent=False), where a second buffer would go unused.
     q_buffers = 2 if consumers == 1 else 1
 
     def scores(s, pos_first, kv_block, masked: bool):
@@ -400,19 +403,19 @@ def _build_kernel(
             """One item; `ring` counts the K/V blocks this CTA consumed before it."""
             v = view(work_ref, i, c)
             buf = lax.rem(i - first, q_buffers)
+            if q_buffers > 1:
+                # Into the buffer of the item before, whose wgmmas are done; issued whether or
+                # not this item has tokens for us, so every load has its wait and vice versa.
+                @pl.when(i + 1 < last)
+                def _next_q():
+                    v_next = view(work_ref, i + 1, c)
+                    pl.when(v_next.count > 0)(lambda: load_q(v_next, 1 - buf))
 
             @pl.when(v.count > 0)
             def _attend():
                 if q_buffers == 1:
                     load_q(v, buf)
                 plgpu.barrier_wait(q_bar.at[c * q_buffers + buf])
-                if q_buffers > 1:
-                    # The other buffer held the item before, whose wgmmas are done.
-                    @pl.when(i + 1 < last)
-                    def _next_q():
-                        v_next = view(work_ref, i + 1, c)
-                        pl.when(v_next.count > 0)(lambda: load_q(v_next, 1 - buf))
-
                 attend(c, v, ring, q_smem.at[buf], k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs)
 
             # A warpgroup with no tokens in this item (a decode next to a prefill) only passes

@@ -131,26 +131,44 @@ def test_simulated_split_k_matches_reference(simulator):
     check_simulated(simulator, case, mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3))
 
 
-# Persistent CTAs: with 3 CTAs every CTA runs several items (work row x KV head) one after
-# the other through one K/V ring, its next item's queries loading ahead: a decode plan, and a
-# ping-pong plan over a mixed batch (a decode item leaves the second consumer without tokens).
-FEW_CTA_PLANS = {
-    "decode": mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, max_ctas=3),
-    "mixed_padded": mosaic_gpu._Plan(
-        tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, max_ctas=3
+# Persistent CTAs: with 2-3 CTAs every CTA runs several items (work row x KV head) one after
+# the other through one K/V ring, its next item's queries loading ahead.
+_Plan = mosaic_gpu._Plan
+# Consumer 0 of the second and third tiles owns no tokens (they start at token 40) yet must pass
+# their K/V blocks on and keep the ping-pong meetings.
+IDLE_FIRST_CONSUMER = Case(q_lens=(34, 6), kv_lens=(34, 60), num_q_heads=8, num_kv_heads=2, head_dim=128)
+FEW_CTA_CASES = {
+    "decode": (CASES["decode"], _Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, max_ctas=3)),
+    "decode_128_keys": (CASES["decode"], _Plan(tokens_per_tile=16, pages_per_block=8, num_slots=2, max_ctas=3)),
+    # A decode item leaves the second consumer without tokens.
+    "mixed_pingpong": (
+        CASES["mixed_padded"],
+        _Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, max_ctas=3),
+    ),
+    "idle_first_consumer": (
+        IDLE_FIRST_CONSUMER,
+        _Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, max_ctas=2),
+    ),
+    # Split-K rows of several tiles on one CTA reuse its O and LSE staging.
+    "split_k": (
+        Case(q_lens=(1, 1), kv_lens=(150, 200), num_q_heads=4, num_kv_heads=1, pages_per_seq=16),
+        _Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3, max_ctas=2),
     ),
 }
 
 
-@pytest.mark.parametrize("name", list(FEW_CTA_PLANS))
+@pytest.mark.parametrize("name", list(FEW_CTA_CASES))
 def test_simulated_few_ctas_match_reference(simulator, name):
-    check_simulated(simulator, CASES[name], FEW_CTA_PLANS[name])
+    check_simulated(simulator, *FEW_CTA_CASES[name])
 
 
-@pytest.mark.parametrize("name", list(FEW_CTA_PLANS))
+def test_simulated_idle_first_consumer_one_item_per_cta(simulator):
+    check_simulated(simulator, IDLE_FIRST_CONSUMER)  # the default prefill plan: one item per CTA
+
+
+@pytest.mark.parametrize("name", ["decode", "mixed_pingpong"])
 def test_few_ctas_lower_for_cuda(name):
-    case = CASES[name]
-    plan = FEW_CTA_PLANS[name]
+    case, plan = FEW_CTA_CASES[name]
     fn = jax.jit(lambda *b: mosaic_gpu._ragged_paged_attention(*b, case.params, plan=plan, interpret=None))
     assert "mosaic_gpu" in fn.trace(*make_batch(case)).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -278,3 +296,4 @@ def test_unsupported_reasons():
     assert "head_dim" in mosaic_unsupported_reason(**{**ok, "head_dim": 96})
     assert "GQA" in mosaic_unsupported_reason(**{**ok, "num_q_heads": 80})
     assert "page_size" in mosaic_unsupported_reason(**{**ok, "page_size": 8})
+    assert "page_size" in mosaic_unsupported_reason(**{**ok, "page_size": 256})
