@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import workload
 from pallas_kernels.ragged_paged_attention import mosaic_gpu
 from pallas_kernels.ragged_paged_attention.common import AttentionParams
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
@@ -114,6 +115,7 @@ def table_shapes() -> list[Shape]:
         Shape("prefill 8 x 2048 fresh", [2048] * 8, [2048] * 8, "prefill"),
         Shape("prefill 2048 onto 6144", [2048], [8192], "prefill"),
         Shape("mixed 128 x 2048 + 1024 chunk", [1] * 128 + [1024], [2048] * 128 + [2048], "mixed"),
+        sharegpt_decode_shape(),
     ]
     for reqs in (32, 128, 256):
         for ctx in (512, 2048, 8192):
@@ -121,6 +123,14 @@ def table_shapes() -> list[Shape]:
                 shapes.append(Shape(f"decode {reqs} x {ctx}", [1] * reqs, [ctx] * reqs, "decode"))
     shapes.append(Shape("decode 4 x 8192 (split-K)", [1] * 4, [8192] * 4, "decode"))
     return shapes
+
+
+def sharegpt_decode_shape(num_requests: int = 1000, seed: int = 0) -> Shape:
+    """One decode step of the offline benchmark's mix: each request of `sharegpt_like` at a random
+    point of its output (uniform shapes hide what one long request costs a step)."""
+    rng = np.random.default_rng(seed)
+    kv_lens = [len(ids) + int(rng.integers(0, out)) + 1 for ids, out in workload.sharegpt_like(num_requests)]
+    return Shape(f"decode {num_requests} sharegpt-like", [1] * num_requests, kv_lens, "decode")
 
 
 def build_batch(q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=PAGE, dtype=DTYPE, seed=0, extra_slots=0, extra_tokens=0):
@@ -431,6 +441,7 @@ def run_fuzz(cases: int, num_pages: int, deadline: float) -> list[str]:
 
 
 TUNE_SHAPES = (
+    "decode 1000 sharegpt-like",
     "decode 32 x 512",
     "decode 128 x 512",
     "decode 256 x 512",
