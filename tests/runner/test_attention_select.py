@@ -51,3 +51,21 @@ def test_forcing_the_kernel_where_it_cannot_run_is_a_clear_error() -> None:
     mesh = make_mesh(1)
     with pytest.raises(ValueError, match="--attention-backend pallas cannot run this model: .*cpu"):
         attention.select_attention("pallas", ARCH, jnp.bfloat16, 16, mesh, rules_for(ARCH, 1))
+
+
+def test_kernel_sharded_over_kv_heads_lowers_for_cuda() -> None:
+    """tp=2: the Mosaic kernel runs per shard under shard_map (2 of 4 KV heads, 4 of 8 query heads
+    each), and the whole lowers for a GPU from this CPU machine."""
+    import jax
+
+    from jaxllm.models.sharding import ShardingRules
+    from pallas_kernels.ragged_paged_attention.mosaic_gpu import ragged_paged_attention_mosaic
+    from tests.kernels.test_mosaic_gpu_attention import Case, make_batch
+
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices")
+    case = Case(q_lens=(1, 40), kv_lens=(300, 200), num_q_heads=8, num_kv_heads=4, head_dim=128, pages_per_seq=19)
+    sharded = attention._shard_over_heads(ragged_paged_attention_mosaic, make_mesh(2), ShardingRules())
+    fn = jax.jit(lambda *batch: sharded(*batch, case.params))
+    text = fn.trace(*make_batch(case)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "num_partitions = 2" in text
