@@ -319,7 +319,7 @@ def _build_kernel(
     slots = plan.num_slots
     scale = params.sm_scale
     soft_cap = params.soft_cap
-    window = params.sliding_window
+    sliding_window = params.sliding_window
     splits = plan.kv_splits
     consumers = plan.consumers
     # Decode items are short: the next item's queries load while one runs. Prefill plans run
@@ -338,8 +338,8 @@ def _build_kernel(
             q_pos = pos_first + lax.rem(row, n)
             k_pos = kv_block * block_kv + col
             ok = k_pos <= q_pos
-            if window is not None:
-                ok = ok & (k_pos > q_pos - window)
+            if sliding_window is not None:
+                ok = ok & (k_pos > q_pos - sliding_window)
             s = jnp.where(ok, s, _MASKED)
         return s
 
