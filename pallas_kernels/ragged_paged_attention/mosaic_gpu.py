@@ -417,7 +417,7 @@ def _build_kernel(
                 if q_buffers == 1:
                     load_q(v, buf)
                 plgpu.barrier_wait(q_bar.at[c * q_buffers + buf])
-                attend(c, v, ring, q_smem.at[buf], k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs)
+                attend(v, ring, q_smem.at[buf], k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs)
 
             # A warpgroup with no tokens in this item (a decode next to a prefill) only passes
             # the K/V blocks on: the producer waits for every consumer's release.
@@ -440,7 +440,7 @@ def _build_kernel(
         if c == 0:
             rendezvous(turn)
 
-    def attend(c, v, ring, q_i, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs):
+    def attend(v, ring, q_i, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs):
         """Online softmax over the item's KV blocks, then its rows of O (and LSE) to GMEM."""
         _, k_bar, v_bar, k_free, v_free, turn = bars
         shift = v.token - v.window  # rows [shift, shift + count) of each head group are ours
