@@ -130,8 +130,9 @@ def _plan(
     if decode_like and num_slots * num_kv_heads < sms and max_kv_len >= 8 * block_kv:
         splits = min(8, -(-2 * sms // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
     if decode_like and splits == 1:
-        # 128-key blocks in 2 slots: on the H200 (2026-12-04) 256 decodes x 512 keys took 189 us
-        # against 201 with 64-key blocks in 3 slots, 128 x 2048 288 against 295.
+        # 128-key blocks in 2 slots: on the H200 (2026-12-04, one CTA per item then) 256 decodes
+        # x 512 keys took 189 us against 201 with 64-key blocks in 3 slots, 128 x 2048 288
+        # against 295.
         return _Plan(tokens, max(1, 128 // page_size), num_slots=2)
     if decode_like:
         return _Plan(tokens, pages_per_block, num_slots=3, kv_splits=splits)
