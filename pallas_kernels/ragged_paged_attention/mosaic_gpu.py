@@ -89,10 +89,11 @@ class _Plan:
     # the other's QK^T and PV wgmmas do.
     pingpong: bool = False
     # Persistent CTAs; 0: one per SM (at head_dim 128 the SMEM ring leaves room for one; at 64 a
-    # decode CTA takes ~88 KiB and two would fit: not tried).
+    # decode CTA's buffers add up to ~88 KiB and two would fit: not tried).
     max_ctas: int = 0
-    # False: one CTA per item, in order (prefill: concurrent CTAs then share a request's K/V in
-    # L2; persistent runs spread over all requests measured 1.26x slower on 8 x 2048).
+    # False: one CTA per item, in order. Prefill: persistent runs measured 1.26x slower on 8 x 2048
+    # (806 against 640 us, with the slower search of c9c5aee); likely cause: the CTAs running at
+    # once span every request, where one CTA per item keeps them on one request's K/V in L2.
     persistent: bool = True
 
     @property
@@ -249,8 +250,8 @@ def _work_list(
 
 
 def _cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int, persistent: bool) -> jax.Array:
-    # -> [num_ctas + 1] i32
-    """Cut the items (work row, KV head), in order, into `num_ctas` runs of about equal cost.
+    """[num_ctas + 1] i32: the items (work row, KV head), in order, cut into `num_ctas` runs of
+    about equal cost.
 
     Item i is work row i // Hkv against KV head i % Hkv; CTA p runs items [bounds[p],
     bounds[p + 1]). An item costs its KV blocks plus one (its Q load and output stores), so a

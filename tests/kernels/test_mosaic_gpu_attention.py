@@ -126,7 +126,7 @@ def test_simulated_kernel_matches_reference(simulator, name):
 
 
 def test_simulated_split_k_matches_reference(simulator):
-    """Long decodes with few requests: each tile's KV range split over 3 CTAs, merged in jnp."""
+    """Long decodes with few requests: each tile's KV range split into 3 work rows, merged in jnp."""
     case = Case(q_lens=(1, 1), kv_lens=(150, 200), num_q_heads=4, num_kv_heads=1, pages_per_seq=16)
     check_simulated(simulator, case, mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3))
 
@@ -168,9 +168,7 @@ def test_simulated_idle_first_consumer_one_item_per_cta(simulator):
 
 @pytest.mark.parametrize("name", ["decode", "mixed_pingpong"])
 def test_few_ctas_lower_for_cuda(name):
-    case, plan = FEW_CTA_CASES[name]
-    fn = jax.jit(lambda *b: mosaic_gpu._ragged_paged_attention(*b, case.params, plan=plan, interpret=None))
-    assert "mosaic_gpu" in fn.trace(*make_batch(case)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in _lower_for_cuda(*FEW_CTA_CASES[name])
 
 
 def test_cta_bounds_balance_cost_and_skip_empty_rows():
@@ -211,9 +209,10 @@ def test_split_k_chosen_for_few_long_decodes():
     assert mosaic_gpu._plan(num_tokens=2048, num_slots=4, **few).kv_splits == 1  # prefill
 
 
-def _lower_for_cuda(case: Case) -> str:
+def _lower_for_cuda(case: Case, plan=None) -> str:
+    """The kernel's CUDA lowering text (default plan, or `plan`)."""
     batch = make_batch(case)
-    fn = jax.jit(lambda *args: ragged_paged_attention_mosaic(*args, case.params))
+    fn = jax.jit(lambda *args: mosaic_gpu._ragged_paged_attention(*args, case.params, plan=plan, interpret=None))
     return fn.trace(*batch).lower(lowering_platforms=("cuda",)).as_text()
 
 
