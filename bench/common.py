@@ -85,6 +85,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--block-size", type=int, help="tokens per KV page (engine default 16)")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -93,7 +94,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                   max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                   tensor_parallel_size=args.tensor_parallel_size)
     optional = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    token_buckets=args.token_buckets)
+                    token_buckets=args.token_buckets, block_size=args.block_size)
     return kwargs | {k: v for k, v in optional.items() if v}
 
 

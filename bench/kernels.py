@@ -133,8 +133,11 @@ def sharegpt_decode_shape(num_requests: int = 1000, seed: int = 0) -> Shape:
     return Shape(f"decode {num_requests} sharegpt-like", [1] * num_requests, kv_lens, "decode")
 
 
-def build_batch(q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=PAGE, dtype=DTYPE, seed=0, extra_slots=0, extra_tokens=0):
-    """Random q and KV pool; every request gets its own scattered pages."""
+def build_batch(q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=None, dtype=DTYPE, seed=0, extra_slots=0,
+                extra_tokens=0):
+    """Random q and KV pool; every request gets its own scattered pages (page: tokens per page, PAGE
+    unless given)."""
+    page = page or PAGE
     rng = np.random.default_rng(seed)
     num_slots = len(q_lens) + extra_slots
     pages_per_seq = max(-(-max(kv_lens) // page), 1)
@@ -314,8 +317,8 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
 
 def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
     head = (
-        f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}; ceilings measured in the same run: "
-        f"copy {bandwidth / 1e12:.2f} TB/s (read + write), dense bf16 matmul {rate / 1e12:.0f} TFLOP/s.\n\n"
+        f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}; page {PAGE}; ceilings measured in the same "
+        f"run: copy {bandwidth / 1e12:.2f} TB/s (read + write), dense bf16 matmul {rate / 1e12:.0f} TFLOP/s.\n\n"
         "| shape | Mosaic us | vs ceiling | XLA path us | speedup vs XLA | Triton paged us | cuDNN dense us "
         "| rel err vs XLA |\n|---|---|---|---|---|---|---|---|\n"
     )
@@ -481,6 +484,7 @@ def tune_shape(shape: Shape, deadline: float) -> dict:
 
 
 def main() -> int:
+    global PAGE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", action="store_true", help="also run the correctness grid")
     parser.add_argument("--tune", action="store_true", help="also time every launch plan on a few shapes")
@@ -488,11 +492,13 @@ def main() -> int:
     parser.add_argument("--fuzz", type=int, default=0, help="engine-shaped batches to check first")
     parser.add_argument("--fuzz-pages", type=int, default=56390, help="KV pool pages for the fuzz cases")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop the grid and tuning after this many seconds")
+    parser.add_argument("--page-size", type=int, default=PAGE, help="tokens per KV page in the table's shapes")
     args = parser.parse_args()
+    PAGE = args.page_size
     start = time.time()
     deadline = start + args.budget_s
     out_dir = os.environ.get("OUT", ".")
-    log(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    log(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}, page size {PAGE}")
     failures: list[str] = []
     if args.fuzz:
         failures += run_fuzz(args.fuzz, args.fuzz_pages, deadline)

@@ -3,7 +3,8 @@
 Be paranoid about adding lines here: everything per step is on the hot path.
 
 One step: pad the scheduled work to a precompiled bucket (T tokens, S = min(T, max_num_seqs)
-request slots, P pages per slot), ship the metadata in one transfer, run the jitted forward with
+request slots, P pages per slot), ship the metadata in one transfer into buffers that keep their
+addresses from step to step (`step_inputs`: CUDA graphs replay unchanged), run the jitted forward with
 the KV pages donated, sample on device, and start copying the tokens back while the host goes
 on to prepare the next step.
 """
@@ -33,6 +34,7 @@ from jaxllm.runner.attention import select_attention
 from jaxllm.runner.input_batch import InputBatch, StepArrays, sampler_flags, sampling_arrays
 from jaxllm.runner.model_loading import LoadedModel, load_model
 from jaxllm.runner.sampler import MAX_LOGPROBS, SamplerFlags, SamplingBatch, sample
+from jaxllm.runner.step_inputs import StableInputs
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,7 @@ class ModelRunner:
         one_width = self.attention_name == "pallas" and max_pages <= _ONE_PAGE_WIDTH_UP_TO
         self.page_buckets = [max_pages] if one_width else page_buckets(max_pages)
         self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._inputs = StableInputs(self._replicated)
         self._forward = jax.jit(self.model.forward_fn(self.attention), donate_argnums=(1,))
         self._compiled: dict[tuple, Any] = {}
         self._warm = False
@@ -242,11 +245,26 @@ class ModelRunner:
         for num_slots in sorted({min(t, self.max_num_seqs) for t in self.token_buckets}):
             for flags in _WARM_SAMPLERS:
                 self._sampler(num_slots, flags, aot=True)
+        for num_tokens, pages_per_seq in keys:
+            self._warm_inputs(num_tokens, pages_per_seq)
         self._warm = True
         logger.info(
             "Compiled %d forward buckets (tokens %s x pages/request %s) in %.1f s; attention: %s",
             len(keys), self.token_buckets, self.page_buckets, time.perf_counter() - start, self.attention_name,
         )
+
+    def _warm_inputs(self, num_tokens: int, pages_per_seq: int) -> None:
+        """Compile the input unpacking of a bucket's warm steps (as `execute` and `_sample_pending`
+        ship them: with the plain sampling columns, or without and then with grammar bitmasks)."""
+        num_slots = min(num_tokens, self.max_num_seqs)
+        zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        tokens, slots = zeros(num_tokens), zeros(num_slots)
+        host = (tokens, tokens, tokens, zeros(num_slots + 1), slots, zeros(num_slots, pages_per_seq), zeros(1),
+                slots, tokens)
+        sampling = SamplingBatch(np.zeros(num_slots, np.float32), np.zeros(num_slots, np.uint32), slots)
+        masked = dataclasses.replace(sampling, bitmask=zeros(num_slots, -(-self.vocab_size // 32)))
+        for tree in ((host, sampling), host, masked):
+            self._inputs.put(tree)
 
     def _compile_forward(self, num_tokens: int, pages_per_seq: int):
         start = time.perf_counter()
@@ -320,9 +338,9 @@ class ModelRunner:
             arrays.page_indices, arrays.num_seqs, logits_indices, arrays.placeholder_rows,
         )
         if flags.bitmask:  # the sampling columns go with the masks, in sample()
-            dev = jax.device_put(host, self._replicated)
+            dev = self._inputs.put(host)
         else:
-            dev, sampling = jax.device_put((host, sampling), self._replicated)  # one transfer
+            dev, sampling = self._inputs.put((host, sampling))  # one transfer
         batch = ForwardBatch(*dev[:8])
         args = (self.model.leaves, self.kv_pages, batch, dev[8], self._prev_tokens)
         if want_prompt_logprobs:  # rare: every token's logits, through the (lazily compiled) jit
@@ -357,7 +375,7 @@ class ModelRunner:
             row = grammar_bitmask.get(req_id)
             if row is not None:
                 mask[i] = row
-        sampling = jax.device_put(pending.sampling, self._replicated)
+        sampling = self._inputs.put(pending.sampling)
         self._dispatch_sample(step, pending.logits, sampling, pending.flags)
 
     def _dispatch_sample(self, step: _Step, logits: jax.Array, sampling: SamplingBatch, flags: SamplerFlags) -> None:
