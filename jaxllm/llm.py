@@ -42,14 +42,15 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     """Load the model, compile it, size the KV pool and wire the engine around it."""
     # The only jax imports on this path:
     from jaxllm import distributed  # noqa: PLC0415
+    from jaxllm.models.loader import resolve_model_dir  # noqa: PLC0415
     from jaxllm.runner.model_runner import ModelRunner  # noqa: PLC0415
 
     distributed.initialize(config.parallel)  # before any device is touched
-    runner = ModelRunner(config, served=served)
-    config = runner.config  # resolved: max_model_len, budgets, number of pages
-    model_dir = runner.model.model_dir
-    tokenizer = load_tokenizer(config.model.tokenizer or model_dir, config.model.revision)
+    model_dir = resolve_model_dir(config.model.model, config.model.revision)
     defaults = load_generation_defaults(model_dir, config.model.generation_config, config.model.revision)
+    runner = ModelRunner(config, served=served, default_sampling=SamplingParams(**defaults.sampling))
+    config = runner.config  # resolved: max_model_len, budgets, number of pages
+    tokenizer = load_tokenizer(config.model.tokenizer or model_dir, config.model.revision)
     eos = set(defaults.eos_token_ids) | set(runner.model.arch.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

@@ -31,18 +31,38 @@ from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput, TokenLo
 from jaxllm.models.batch import ForwardBatch
 from jaxllm.runner import kv_cache
 from jaxllm.runner.attention import select_attention
-from jaxllm.runner.input_batch import InputBatch, StepArrays, sampler_flags, sampling_arrays
+from jaxllm.runner.input_batch import InputBatch, SamplerNeeds, StepArrays, sampler_flags, sampling_arrays
 from jaxllm.runner.model_loading import LoadedModel, load_model
 from jaxllm.runner.sampler import MAX_LOGPROBS, SamplerFlags, SamplingBatch, sample
 from jaxllm.runner.step_inputs import StableInputs
+from jaxllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 # Sampler variants compiled at warmup: greedy and temperature-only batches, each also with grammar
-# bitmasks (structured outputs); rarer options (top-k/p, penalties, biases, logprobs) compile on use.
+# bitmasks (structured outputs), and the variant of the default sampling params; rarer options
+# (top-k/p, penalties, biases, logprobs) compile on use.
 _WARM_SAMPLERS = tuple(
     SamplerFlags(all_greedy=greedy, bitmask=bitmask) for greedy in (True, False) for bitmask in (False, True)
 )
+
+
+def _warm_sampler_flags(default_sampling: SamplingParams | None) -> list[SamplerFlags]:
+    """_WARM_SAMPLERS and the variants of a batch of default requests (with greedy or
+    temperature-only ones among them), with and without bitmasks.
+
+    NOTE: a model's generation config often makes top-p the default (Llama-3 instruct: temperature
+    0.6, top_p 0.9); compiled on use, that variant cost the first request ~3 s on an H200, and as
+    much again at each new batch size."""
+    out = list(_WARM_SAMPLERS)
+    if default_sampling is not None:
+        needs = SamplerNeeds.of(default_sampling)
+        for bitmask in (False, True):
+            flags = SamplerFlags(all_greedy=needs.greedy, top_k_top_p=needs.top_k_top_p, penalties=needs.penalties,
+                                 sparse_bias=needs.bias, bitmask=bitmask, logprobs=needs.logprobs)
+            if flags not in out:
+                out.append(flags)
+    return out
 
 
 def token_buckets(max_tokens: int, max_num_seqs: int = 0, smallest: int = 16) -> list[int]:
@@ -117,7 +137,10 @@ class StepHandle:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, *, served: bool = False, devices=None):
+    def __init__(self, config: EngineConfig, *, served: bool = False, devices=None,
+                 default_sampling: SamplingParams | None = None):
+        """default_sampling: what a request gets when it sets nothing (the model's generation
+        config), whose sampler variant is then compiled at warmup too."""
         setup_compilation_cache(config.compilation_cache_dir)
         self.model: LoadedModel = load_model(config.model, config.parallel, devices)
         arch, mesh = self.model.arch, self.model.mesh
@@ -158,6 +181,7 @@ class ModelRunner:
         self.kv_pages = kv_cache.allocate_kv_pages(arch, num_pages, self.page_size, dtype, mesh, rules)
         self.input_batch = InputBatch(self.page_size, num_pages, config.model.seed, max_pages, self.max_num_seqs)
         self._prev_tokens = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self._replicated)
+        self._warm_sampler_flags = _warm_sampler_flags(default_sampling)
         self._warmup()
 
     # ----- startup -------------------------------------------------------------------------
@@ -238,13 +262,15 @@ class ModelRunner:
         workers = max(1, min(len(keys), os.cpu_count() or 1, 4 if self.platform == "gpu" else 2))
         start = time.perf_counter()
         # NOTE: XLA compiles release the GIL, so buckets compile in parallel threads.
+        slot_counts = sorted({min(t, self.max_num_seqs) for t in self.token_buckets})
         with ThreadPoolExecutor(workers) as pool:
             futures = {key: pool.submit(self._compile_forward, *key) for key in keys}
+            samplers = [pool.submit(self._sampler, num_slots, flags, True)
+                        for num_slots in slot_counts for flags in self._warm_sampler_flags]
             for key in tqdm(keys, desc="Compiling buckets", unit="bucket", leave=False):
                 self._compiled[("forward", *key)] = futures[key].result()
-        for num_slots in sorted({min(t, self.max_num_seqs) for t in self.token_buckets}):
-            for flags in _WARM_SAMPLERS:
-                self._sampler(num_slots, flags, aot=True)
+            for future in samplers:
+                future.result()
         for num_tokens, pages_per_seq in keys:
             self._warm_inputs(num_tokens, pages_per_seq)
         self._warm = True
@@ -253,18 +279,36 @@ class ModelRunner:
             len(keys), self.token_buckets, self.page_buckets, time.perf_counter() - start, self.attention_name,
         )
 
+    def _placeholder_sampling(self, num_slots: int, flags: SamplerFlags) -> SamplingBatch:
+        """Zeros shaped as `sampling_arrays` sends them for these flags (bias tables at their
+        narrowest width)."""
+        row = lambda dtype=np.int32: np.zeros(num_slots, dtype)  # noqa: E731
+        table = lambda width, dtype=np.int32: np.zeros((num_slots, width), dtype)  # noqa: E731
+        batch = SamplingBatch(row(np.float32), row(np.uint32), row())
+        if flags.top_k_top_p:
+            batch.top_k, batch.top_p, batch.min_p = row(), row(np.float32), row(np.float32)
+        if flags.penalties:
+            batch.presence_penalty, batch.frequency_penalty, batch.repetition_penalty = (row(np.float32),) * 3
+            batch.output_tokens = batch.prompt_tokens = table(self.max_model_len)
+        if flags.sparse_bias:
+            batch.bias_ids, batch.bias_values, batch.allowed_only = table(16), table(16, np.float32), row(np.bool_)
+        if flags.bitmask:
+            batch.bitmask = table(-(-self.vocab_size // 32))
+        return batch
+
     def _warm_inputs(self, num_tokens: int, pages_per_seq: int) -> None:
-        """Compile the input unpacking of a bucket's warm steps (as `execute` and `_sample_pending`
-        ship them: with the plain sampling columns, or without and then with grammar bitmasks)."""
+        """Compile the input unpacking of a bucket's warm steps, as `execute` and `_sample_pending`
+        ship them: with the sampling columns of a warm sampler, or without them and then the
+        columns with grammar bitmasks."""
         num_slots = min(num_tokens, self.max_num_seqs)
         zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         tokens, slots = zeros(num_tokens), zeros(num_slots)
         host = (tokens, tokens, tokens, zeros(num_slots + 1), slots, zeros(num_slots, pages_per_seq), zeros(1),
                 slots, tokens)
-        sampling = SamplingBatch(np.zeros(num_slots, np.float32), np.zeros(num_slots, np.uint32), slots)
-        masked = dataclasses.replace(sampling, bitmask=zeros(num_slots, -(-self.vocab_size // 32)))
-        for tree in ((host, sampling), host, masked):
-            self._inputs.put(tree)
+        self._inputs.put(host)
+        for flags in self._warm_sampler_flags:
+            sampling = self._placeholder_sampling(num_slots, flags)
+            self._inputs.put(sampling if flags.bitmask else (host, sampling))
 
     def _compile_forward(self, num_tokens: int, pages_per_seq: int):
         start = time.perf_counter()
@@ -302,12 +346,9 @@ class ModelRunner:
             fn = jax.jit(run)
             if aot:
                 rep = self._replicated
-                row = lambda dtype: jax.ShapeDtypeStruct((num_slots,), dtype, sharding=rep)  # noqa: E731
                 logits = jax.ShapeDtypeStruct((num_slots, self.vocab_size), jnp.float32, sharding=rep)
-                batch = SamplingBatch(row(jnp.float32), row(jnp.uint32), row(jnp.int32))
-                if flags.bitmask:
-                    words = -(-self.vocab_size // 32)
-                    batch.bitmask = jax.ShapeDtypeStruct((num_slots, words), jnp.int32, sharding=rep)
+                batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                                     self._placeholder_sampling(num_slots, flags))
                 fn = fn.lower(logits, batch).compile()
             self._compiled[key] = fn
         return fn

@@ -165,6 +165,36 @@ def test_constrained_requests_need_no_compile_after_warmup(llm):
     assert_pool_free(llm)
 
 
+def test_default_top_p_from_the_generation_config_needs_no_compile_after_warmup(tmp_path):
+    """A generation config that makes top-p every request's default (as Llama-3 instruct's does)
+    gets that sampler variant compiled at warmup, not on the first request of each batch size."""
+    import json
+
+    from jaxllm import LLM
+    from jaxllm.config import DEFAULT_MODEL
+    from tests.e2e.conftest import COMMON
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    llm = LLM(DEFAULT_MODEL, max_num_seqs=16, max_num_batched_tokens=16, token_buckets=[16],
+              generation_config=str(tmp_path), **COMMON)
+    assert llm.default_sampling_params().top_p == 0.9
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        outs = llm.generate(["Once upon a time", "The cat"], use_tqdm=False)  # the defaults
+        outs += llm.generate(["Once upon a time"], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert all(o.outputs[0].token_ids for o in outs)
+    assert_pool_free(llm)
+
+
 def test_startup_heap_is_frozen_out_of_the_collector(llm):
     """Everything alive after start-up is frozen, so full collections while serving skip it."""
     import gc
