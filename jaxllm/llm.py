@@ -48,7 +48,7 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     distributed.initialize(config.parallel)  # before any device is touched
     model_dir = resolve_model_dir(config.model.model, config.model.revision)
     defaults = load_generation_defaults(model_dir, config.model.generation_config, config.model.revision)
-    runner = ModelRunner(config, served=served, default_sampling=SamplingParams(**defaults.sampling))
+    runner = ModelRunner(config, served=served, default_sampling=_default_sampling(defaults))
     config = runner.config  # resolved: max_model_len, budgets, number of pages
     tokenizer = load_tokenizer(config.model.tokenizer or model_dir, config.model.revision)
     eos = set(defaults.eos_token_ids) | set(runner.model.arch.eos_token_ids)
@@ -61,6 +61,15 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template))
     freeze_startup_heap()
     return parts
+
+
+def _default_sampling(defaults: GenerationDefaults) -> SamplingParams | None:
+    """The default sampling params, for warmup; None (and requests will say why) when invalid."""
+    try:
+        return SamplingParams(**defaults.sampling)
+    except (TypeError, ValueError) as exc:
+        logger.warning("The generation config's sampling defaults %s are not valid: %s", defaults.sampling, exc)
+        return None
 
 
 def freeze_startup_heap() -> None:

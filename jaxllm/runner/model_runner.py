@@ -47,19 +47,33 @@ _WARM_SAMPLERS = tuple(
 )
 
 
+def _split_tables(batch: SamplingBatch) -> tuple[SamplingBatch, dict[str, np.ndarray]]:
+    """(batch with its per-row columns only, {field: [S, X] table}).
+
+    NOTE: the tables stay out of the stable buffers: they feed only the sampler, whose dispatch is
+    cheap, and one kept per bucket would hold gigabytes (token histories at long max_model_len)."""
+    tables = {f.name: v for f in dataclasses.fields(batch) if (v := getattr(batch, f.name)) is not None and v.ndim > 1}
+    return dataclasses.replace(batch, **dict.fromkeys(tables)), tables
+
+
 def _warm_sampler_flags(default_sampling: SamplingParams | None) -> list[SamplerFlags]:
-    """_WARM_SAMPLERS and the variants of a batch of default requests (with greedy or
-    temperature-only ones among them), with and without bitmasks.
+    """_WARM_SAMPLERS and the variants of batches of requests that keep some of the default
+    sampling params: its penalties and biases with greedy batches, and with sampled ones with
+    and without its top-k/p; each with and without bitmasks.
 
     NOTE: a model's generation config often makes top-p the default (Llama-3 instruct: temperature
     0.6, top_p 0.9); compiled on use, that variant cost the first request ~3 s on an H200, and as
-    much again at each new batch size."""
+    much again at each new batch size. The server fills each unset field from the defaults, so a
+    request with temperature=0 or top_p=1 keeps the rest (a repetition penalty, say)."""
     out = list(_WARM_SAMPLERS)
-    if default_sampling is not None:
-        needs = SamplerNeeds.of(default_sampling)
+    if default_sampling is None:
+        return out
+    needs = SamplerNeeds.of(default_sampling)
+    kinds = [(True, False), (False, False), (False, needs.top_k_top_p)]  # (all greedy, top-k/p)
+    for greedy, top in kinds:
         for bitmask in (False, True):
-            flags = SamplerFlags(all_greedy=needs.greedy, top_k_top_p=needs.top_k_top_p, penalties=needs.penalties,
-                                 sparse_bias=needs.bias, bitmask=bitmask, logprobs=needs.logprobs)
+            flags = SamplerFlags(all_greedy=greedy, top_k_top_p=top, penalties=needs.penalties,
+                                 sparse_bias=needs.bias, bitmask=bitmask)
             if flags not in out:
                 out.append(flags)
     return out
@@ -171,7 +185,10 @@ class ModelRunner:
         tp, rules, dtype = mesh.devices.size, self.model.rules, self.model.dtype
         page_bytes = kv_cache.bytes_per_page(arch, self.page_size, dtype, tp, rules)
         activation = self._activation_bytes() if kv_cache.device_memory(device) is not None else 0
-        budget = kv_cache.kv_budget_bytes(config.cache, device, activation, _device_total_bytes(device))
+        # The step inputs' buffers stay allocated, one set per bucket (step_inputs.StableInputs).
+        keys = [(t, p) for t in self.token_buckets for p in self.page_buckets]
+        inputs = sum(a.nbytes for key in keys for a in self._placeholder_host(*key))
+        budget = kv_cache.kv_budget_bytes(config.cache, device, activation + inputs, _device_total_bytes(device))
         num_pages = _same_on_every_process(kv_cache.num_pages_for(config.cache, budget, page_bytes))
         kv_cache.check_fits(num_pages, self.page_size, self.max_model_len, page_bytes, budget)
         kv_cache.log_pool(num_pages, self.page_size, self.max_model_len, page_bytes)
@@ -296,19 +313,27 @@ class ModelRunner:
             batch.bitmask = table(-(-self.vocab_size // 32))
         return batch
 
-    def _warm_inputs(self, num_tokens: int, pages_per_seq: int) -> None:
-        """Compile the input unpacking of a bucket's warm steps, as `execute` and `_sample_pending`
-        ship them: with the sampling columns of a warm sampler, or without them and then the
-        columns with grammar bitmasks."""
+    def _placeholder_host(self, num_tokens: int, pages_per_seq: int) -> tuple[np.ndarray, ...]:
+        """Zeros shaped as the forward's host inputs of a bucket (the `host` tuple of `execute`)."""
         num_slots = min(num_tokens, self.max_num_seqs)
         zeros = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
         tokens, slots = zeros(num_tokens), zeros(num_slots)
-        host = (tokens, tokens, tokens, zeros(num_slots + 1), slots, zeros(num_slots, pages_per_seq), zeros(1),
+        return (tokens, tokens, tokens, zeros(num_slots + 1), slots, zeros(num_slots, pages_per_seq), zeros(1),
                 slots, tokens)
+
+    def _warm_inputs(self, num_tokens: int, pages_per_seq: int) -> None:
+        """Compile the input unpacking of a bucket's warm steps, as `execute` and `_sample_pending`
+        ship them: with the sampling columns of a warm sampler, or without them and then the
+        columns of a step with grammar bitmasks."""
+        num_slots = min(num_tokens, self.max_num_seqs)
+        host = self._placeholder_host(num_tokens, pages_per_seq)
         self._inputs.put(host)
         for flags in self._warm_sampler_flags:
-            sampling = self._placeholder_sampling(num_slots, flags)
-            self._inputs.put(sampling if flags.bitmask else (host, sampling))
+            columns, _ = _split_tables(self._placeholder_sampling(num_slots, flags))
+            if flags.bitmask:
+                self._inputs.put(columns)
+            else:
+                self._inputs.put(host, columns)
 
     def _compile_forward(self, num_tokens: int, pages_per_seq: int):
         start = time.perf_counter()
@@ -381,7 +406,7 @@ class ModelRunner:
         if flags.bitmask:  # the sampling columns go with the masks, in sample()
             dev = self._inputs.put(host)
         else:
-            dev, sampling = self._inputs.put((host, sampling))  # one transfer
+            dev, sampling = self._put_sampling(sampling, host)
         batch = ForwardBatch(*dev[:8])
         args = (self.model.leaves, self.kv_pages, batch, dev[8], self._prev_tokens)
         if want_prompt_logprobs:  # rare: every token's logits, through the (lazily compiled) jit
@@ -416,8 +441,17 @@ class ModelRunner:
             row = grammar_bitmask.get(req_id)
             if row is not None:
                 mask[i] = row
-        sampling = self._inputs.put(pending.sampling)
+        (sampling,) = self._put_sampling(pending.sampling)
         self._dispatch_sample(step, pending.logits, sampling, pending.flags)
+
+    def _put_sampling(self, sampling: SamplingBatch, *before: Any) -> tuple:
+        """(*before, sampling) on the device: `before` and the per-row columns in one transfer
+        into stable buffers, the [S, X] tables (token histories, biases, bitmasks) plainly."""
+        columns, tables = _split_tables(sampling)
+        *out, columns = self._inputs.put(*before, columns) if before else (self._inputs.put(columns),)
+        if tables:
+            columns = dataclasses.replace(columns, **jax.device_put(tables, self._replicated))
+        return (*out, columns)
 
     def _dispatch_sample(self, step: _Step, logits: jax.Array, sampling: SamplingBatch, flags: SamplerFlags) -> None:
         num_slots = logits.shape[0]

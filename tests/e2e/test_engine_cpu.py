@@ -165,6 +165,37 @@ def test_constrained_requests_need_no_compile_after_warmup(llm):
     assert_pool_free(llm)
 
 
+def test_decode_steps_feed_the_forward_from_the_same_buffers(llm):
+    """Consecutive steps of one bucket hand the compiled forward its inputs at the same device
+    addresses (what lets XLA's CUDA graphs replay without an update on a GPU)."""
+    runner = llm.engine.runner
+    compiled_forward = runner._compiled_forward
+    seen = []
+
+    def recording(num_tokens, pages_per_seq):
+        forward = compiled_forward(num_tokens, pages_per_seq)
+
+        def run(leaves, kv_pages, batch, placeholder_rows, prev_tokens):
+            seen.append((num_tokens, pages_per_seq, _buffer_pointers((batch, placeholder_rows))))
+            return forward(leaves, kv_pages, batch, placeholder_rows, prev_tokens)
+
+        return run
+
+    runner._compiled_forward = recording
+    try:
+        out = llm.generate({"prompt_token_ids": [1, 403, 407]}, _greedy(6), use_tqdm=False)
+    finally:
+        runner._compiled_forward = compiled_forward
+    assert len(out[0].outputs[0].token_ids) == 6
+    assert len(seen) == 6 and len({(t, p) for t, p, _ in seen}) == 1  # one bucket throughout
+    assert all(pointers == seen[0][2] for _, _, pointers in seen)
+    assert_pool_free(llm)
+
+
+def _buffer_pointers(tree) -> list[int]:
+    return [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(tree)]
+
+
 def test_default_top_p_from_the_generation_config_needs_no_compile_after_warmup(tmp_path):
     """A generation config that makes top-p every request's default (as Llama-3 instruct's does)
     gets that sampler variant compiled at warmup, not on the first request of each batch size."""
