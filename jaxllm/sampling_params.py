@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+# Logprobs per position at most (vLLM's default max_logprobs): the sampler computes this many.
+MAX_LOGPROBS = 20
 
 
 @dataclass

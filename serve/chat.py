@@ -157,6 +157,7 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
         vocab_size=engine.vocab_size,
         structured_outputs=structured,
         keep_special_tokens=tools.keep_special_tokens,
+        logprobs_param="top_logprobs",
     )
     parsers = OutputParsers(_reasoning_parser(ctx, request, constrained=structured is not None), tools.parser,
                             request)

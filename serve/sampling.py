@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
+from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from serve.errors import APIError, from_sampling_error, not_supported
 from serve.protocol import SamplingFields
 
@@ -39,8 +39,14 @@ def build_sampling_params(
     vocab_size: int,
     structured_outputs: StructuredOutputsParams | None = None,
     keep_special_tokens: bool = False,
+    logprobs_param: str = "logprobs",
 ) -> SamplingParams:
-    """`keep_special_tokens`: a tool parser needs the call markers in the text (vLLM's adjust_request)."""
+    """`keep_special_tokens`: a tool parser needs the call markers in the text (vLLM's adjust_request).
+    `logprobs_param`: the request field `logprobs` came from, for the error."""
+    for value, param, kind in ((logprobs, logprobs_param, "sample"), (prompt_logprobs, "prompt_logprobs", "prompt")):
+        if value is not None and value > MAX_LOGPROBS:
+            raise APIError(f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
+                           f"{MAX_LOGPROBS}", param=param)
     # NOTE: vLLM v1 detokenizes fast tokenizers with the Rust DecodeStream, which never spaces out added
     # tokens; jaxllm's engine takes its Python window detokenizer when special tokens are kept, which does
     # unless told not to (" <tool_call>" would leave a stray " " of content before every call).
@@ -48,6 +54,8 @@ def build_sampling_params(
         name: value if (value := getattr(request, name)) is not None else model_defaults.get(name, default)
         for name, default in _OPENAI_DEFAULTS.items()
     }
+    if isinstance(values["top_k"], int) and values["top_k"] >= vocab_size:
+        values["top_k"] = 0  # vLLM's: all of the vocabulary is no limit (and the runner packs top_k as int32)
     try:
         logit_bias = {int(k): v for k, v in request.logit_bias.items()} if request.logit_bias else None
     except ValueError as e:

@@ -25,7 +25,7 @@ from jaxllm.engine.metrics import EngineMetrics
 from jaxllm.engine.request import Grammar, Request, RequestStatus
 from jaxllm.engine.scheduler import SampledToken, Scheduler
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -115,6 +115,10 @@ class LLMEngine:
         if bad:
             raise ValueError(f"Token id {bad[0]} is out of vocabulary")
         sampling_params.validate_vocab(self.vocab_size)
+        for kind, value in (("sample", sampling_params.logprobs), ("prompt", sampling_params.prompt_logprobs)):
+            if value is not None and value > MAX_LOGPROBS:  # the sampler computes this many
+                raise ValueError(f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
+                                 f"{MAX_LOGPROBS}")
         max_tokens = sampling_params.max_tokens
         if max_tokens is None:
             if num_prompt >= self.max_model_len:

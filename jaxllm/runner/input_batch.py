@@ -270,7 +270,7 @@ def sampling_arrays(arrays: StepArrays, states: list[CachedRequestState], num_sl
         positions=col(arrays.kv_lens[:n], np.int32, 0),
     )
     if flags.top_k_top_p:
-        batch.top_k = col([p.top_k for p in params], np.int32, 0)
+        batch.top_k = col([min(p.top_k, vocab_size) for p in params], np.int32, 0)  # any k >= V: all of it
         batch.top_p = col([p.top_p for p in params], np.float32, 1.0)
         batch.min_p = col([p.min_p for p in params], np.float32, 0.0)
     if flags.penalties:

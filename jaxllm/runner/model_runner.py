@@ -33,9 +33,9 @@ from jaxllm.runner import kv_cache
 from jaxllm.runner.attention import select_attention
 from jaxllm.runner.input_batch import InputBatch, SamplerNeeds, StepArrays, sampler_flags, sampling_arrays
 from jaxllm.runner.model_loading import LoadedModel, load_model
-from jaxllm.runner.sampler import MAX_LOGPROBS, SamplerFlags, SamplingBatch, sample
+from jaxllm.runner.sampler import SamplerFlags, SamplingBatch, sample
 from jaxllm.runner.step_inputs import StableInputs
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-# Logprobs returned per position at most (vLLM's default max_logprobs).
-MAX_LOGPROBS = 20
+from jaxllm.sampling_params import MAX_LOGPROBS
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,17 @@ def test_constrained_requests_need_no_compile_after_warmup(llm):
     assert_pool_free(llm)
 
 
+def test_a_top_k_beyond_the_vocabulary_is_no_limit(llm):
+    """top_k of 2**40 (past int32) samples as top_k = the vocabulary, with the same seed, and the engine lives."""
+    params = dict(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    huge = llm.generate({"prompt_token_ids": [1, 403]}, SamplingParams(top_k=2**40, **params), use_tqdm=False)
+    off = llm.generate({"prompt_token_ids": [1, 403]}, SamplingParams(top_k=llm.engine.vocab_size, **params),
+                       use_tqdm=False)
+    assert len(huge[0].outputs[0].token_ids) == 6
+    assert huge[0].outputs[0].token_ids == off[0].outputs[0].token_ids
+    assert_pool_free(llm)
+
+
 def test_decode_steps_feed_the_forward_from_the_same_buffers(llm):
     """Consecutive steps of one bucket hand the compiled forward its inputs at the same device
     addresses (what lets XLA's CUDA graphs replay without an update on a GPU)."""

@@ -153,6 +153,10 @@ def test_validation_errors_use_vllms_wording(make_engine):
         engine.add_request("r", [5], SamplingParams(stop_token_ids=[9999]))
     with pytest.raises(ValueError, match="structured_outputs"):
         engine.add_request("r", [5], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")))
+    with pytest.raises(ValueError, match="Requested sample logprobs of 21, which is greater than max allowed: 20"):
+        engine.add_request("r", [5], SamplingParams(logprobs=21))
+    with pytest.raises(ValueError, match="Requested prompt logprobs of 50, which is greater than max allowed: 20"):
+        engine.add_request("r", [5], SamplingParams(prompt_logprobs=50))
     small = make_engine(num_pages=4, block_size=4)
     with pytest.raises(ValueError, match="needs 5 KV pages"):
         small.add_request("r", [5] * 10, SamplingParams(max_tokens=8))
