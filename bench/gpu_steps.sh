@@ -81,6 +81,12 @@ for s in "$@"; do
         echo "startup $run: first token after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
         grep -a -E "Compiled|KV cache" "$OUT/startup-$run.log" | tail -2
         kill %1 2>/dev/null; wait
+        # The warm run must not start while the driver still tears down the cold server's ~130 GB
+        # (on 2026-12-04 the warm run took 29 s to reach jax against 15 s cold).
+        for _ in $(seq 1 120); do
+          [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && break; sleep 0.5
+        done
+        echo "startup $run: GPU free again after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
       done ;;
     *) echo "unknown step $s" ;;
   esac
