@@ -75,7 +75,7 @@ def measure(runner, num_tokens: int, iterations: int) -> dict:
         for i in range(iterations):
             t = time.perf_counter()
             dev = {"fresh": lambda: jax.device_put(host, rep), "same": lambda: same,
-                   "stable": lambda: runner._inputs.put(host)}[inputs]()
+                   "stable": lambda: runner._inputs.put(host)[0]}[inputs]()
             put += time.perf_counter() - t
             if fresh_prev_tokens:
                 runner._prev_tokens = jax.device_put(np.zeros(runner.max_num_seqs, np.int32), rep)

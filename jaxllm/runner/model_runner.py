@@ -186,8 +186,8 @@ class ModelRunner:
         page_bytes = kv_cache.bytes_per_page(arch, self.page_size, dtype, tp, rules)
         activation = self._activation_bytes() if kv_cache.device_memory(device) is not None else 0
         # The step inputs' buffers stay allocated, one set per bucket (step_inputs.StableInputs).
-        keys = [(t, p) for t in self.token_buckets for p in self.page_buckets]
-        inputs = sum(a.nbytes for key in keys for a in self._placeholder_host(*key))
+        self._bucket_keys = [(t, p) for t in self.token_buckets for p in self.page_buckets]
+        inputs = sum(a.nbytes for key in self._bucket_keys for a in self._placeholder_host(*key))
         budget = kv_cache.kv_budget_bytes(config.cache, device, activation + inputs, _device_total_bytes(device))
         num_pages = _same_on_every_process(kv_cache.num_pages_for(config.cache, budget, page_bytes))
         kv_cache.check_fits(num_pages, self.page_size, self.max_model_len, page_bytes, budget)
@@ -274,7 +274,7 @@ class ModelRunner:
         return temp
 
     def _warmup(self) -> None:
-        keys = [(t, p) for t in self.token_buckets for p in self.page_buckets]
+        keys = self._bucket_keys
         # GPU compiles autotune on the device: a few at a time, or they slow each other down.
         workers = max(1, min(len(keys), os.cpu_count() or 1, 4 if self.platform == "gpu" else 2))
         start = time.perf_counter()
@@ -404,7 +404,7 @@ class ModelRunner:
             arrays.page_indices, arrays.num_seqs, logits_indices, arrays.placeholder_rows,
         )
         if flags.bitmask:  # the sampling columns go with the masks, in sample()
-            dev = self._inputs.put(host)
+            (dev,) = self._inputs.put(host)
         else:
             dev, sampling = self._put_sampling(sampling, host)
         batch = ForwardBatch(*dev[:8])
@@ -448,7 +448,7 @@ class ModelRunner:
         """(*before, sampling) on the device: `before` and the per-row columns in one transfer
         into stable buffers, the [S, X] tables (token histories, biases, bitmasks) plainly."""
         columns, tables = _split_tables(sampling)
-        *out, columns = self._inputs.put(*before, columns) if before else (self._inputs.put(columns),)
+        *out, columns = self._inputs.put(*before, columns)
         if tables:
             columns = dataclasses.replace(columns, **jax.device_put(tables, self._replicated))
         return (*out, columns)

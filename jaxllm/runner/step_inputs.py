@@ -53,9 +53,9 @@ def _as_int32(leaf: np.ndarray) -> np.ndarray:
 
 
 class StableInputs:
-    """`put(*trees)` is `jax.device_put(trees, sharding)` for pytrees of numpy arrays, in one
-    transfer, with each tree's result in the same device buffers as the previous put of a tree of
-    its structure, shapes and dtypes."""
+    """`put(*trees)` is `jax.device_put(trees, sharding)` for pytrees of numpy arrays (a tuple,
+    one per tree), in one transfer, with each tree's result in the same device buffers as the
+    previous put of a tree of its structure, shapes and dtypes."""
 
     def __init__(self, sharding: Sharding):
         self._sharding = sharding
@@ -63,13 +63,11 @@ class StableInputs:
         # NOTE: keep_unused, or jit drops the unread `previous` and the donation with it.
         self._unpack = jax.jit(_unpack, donate_argnums=(0,), keep_unused=True)
 
-    def put(self, *trees: Any) -> Any:
-        """The trees on the device: one tree for one tree given, else a tuple of them."""
+    def put(self, *trees: Any) -> tuple[Any, ...]:
         flat = [jax.tree.flatten(tree) for tree in trees]
         leaves_all = [leaf for leaves, _ in flat for leaf in leaves]
         if not leaves_all or not all(_packable(leaf) for leaf in leaves_all):  # e.g. float16: plain
-            out = jax.device_put(trees, self._sharding)
-            return out[0] if len(trees) == 1 else out
+            return jax.device_put(trees, self._sharding)
         keys = [(treedef, tuple((leaf.shape, leaf.dtype.str) for leaf in leaves)) for leaves, treedef in flat]
         previous = []
         for key, (leaves, _) in zip(keys, flat, strict=True):
@@ -80,5 +78,4 @@ class StableInputs:
         packed = np.concatenate([_as_int32(leaf) for leaf in leaves_all])
         results = self._unpack(tuple(previous), jax.device_put(packed, self._sharding))
         self._buffers.update(zip(keys, results, strict=True))
-        out = tuple(jax.tree.unflatten(treedef, result) for (_, treedef), result in zip(flat, results, strict=True))
-        return out[0] if len(trees) == 1 else out
+        return tuple(jax.tree.unflatten(treedef, result) for (_, treedef), result in zip(flat, results, strict=True))

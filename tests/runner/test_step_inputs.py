@@ -44,7 +44,7 @@ def test_values_dtypes_and_structure_survive_the_packing() -> None:
         got_host, got_sampling = inputs.put(host, sampling)
         assert got_sampling.top_k is None
         _assert_equal((got_host, got_sampling), (host, sampling))
-        _assert_equal(inputs.put(sampling), sampling)  # one tree in, one tree out
+        _assert_equal(inputs.put(sampling), (sampling,))  # a tuple, one per tree
 
 
 def test_the_next_put_of_the_same_shapes_reuses_the_buffers() -> None:
@@ -64,5 +64,5 @@ def test_the_next_put_of_the_same_shapes_reuses_the_buffers() -> None:
 
 def test_a_tree_that_cannot_be_packed_takes_the_plain_transfer() -> None:
     tree = (np.arange(4, dtype=np.int32), np.array([1.5, 2.0], np.float16))
-    got = _inputs().put(tree)
+    (got,) = _inputs().put(tree)
     _assert_equal(got, tree)
