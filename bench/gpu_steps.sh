@@ -79,7 +79,13 @@ for s in "$@"; do
           sleep 0.5
         done
         echo "startup $run: first token after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
-        grep -a -E "Compiled|KV cache" "$OUT/startup-$run.log" | tail -2
+        # Served, the buckets after the smallest load in the background: wait for all of them, so
+        # the warm run finds every one in the cache.
+        for _ in $(seq 1 "${T_loaded:-300}"); do
+          grep -q -a "Compiled .* forward buckets" "$OUT/startup-$run.log" && break; sleep 1
+        done
+        echo "startup $run: every bucket loaded after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+        grep -a -E "Compiled|KV cache|Activation|Loaded" "$OUT/startup-$run.log" | tail -5
         kill %1 2>/dev/null; wait
         # The warm run must not start while the driver still tears down the cold server's ~130 GB
         # (on 2026-12-04 the warm run took 29 s to reach jax against 15 s cold).

@@ -6,7 +6,6 @@ the offline API and by `python -m jaxllm.serve`.
 
 from __future__ import annotations
 
-import functools
 import gc
 import itertools
 import logging
@@ -17,10 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from jaxllm.config import EngineConfig
-from jaxllm.engine.async_engine import AsyncEngine
-from jaxllm.engine.engine_process import ProcessEngine
 from jaxllm.engine.llm_engine import LLMEngine
-from jaxllm.engine.replication import follow
 from jaxllm.generation_config import GenerationDefaults, load_generation_defaults
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
@@ -60,6 +56,7 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     )
     parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template))
     freeze_startup_heap()
+    runner.load_in_background()  # served: the buckets the warmup left
     return parts
 
 
@@ -83,36 +80,6 @@ def freeze_startup_heap() -> None:
     collector for the same reason.)"""
     gc.collect()
     gc.freeze()
-
-
-def build_async_engine(config: EngineConfig, *, log_stats: bool = True,
-                       in_process: bool = False) -> AsyncEngine | ProcessEngine:
-    """The server's engine: its loop in a child process (`ProcessEngine`), or on a thread of this
-    one with `in_process` and on every multi-process run, whose process 0 publishes its engine calls."""
-    if not in_process and config.parallel.num_processes == 1:
-        return ProcessEngine(functools.partial(build_engine, config, served=True, log_stats=log_stats))
-    parts = build_engine(config, served=True, log_stats=log_stats)
-    publish = None
-    if config.parallel.num_processes > 1:
-        from jaxllm import distributed  # noqa: PLC0415
-
-        publish = distributed.StepPublisher(config.parallel.num_processes)
-    engine = AsyncEngine(parts.engine, publish)
-    engine.generation_defaults = parts.generation_defaults
-    engine.chat_template = parts.chat_template
-    return engine
-
-
-def follow_process_zero(config: EngineConfig) -> int:
-    """Processes 1..N-1 of a multi-process server: no HTTP; build the same engine and replay process 0's
-    engine loop until it stops (`jaxllm.engine.replication`). Returns the number of steps run."""
-    from jaxllm import distributed  # noqa: PLC0415
-
-    parts = build_engine(config, served=True)
-    logger.info("Process %d: following process 0's engine loop (process 0 serves HTTP)", config.parallel.process_id)
-    steps = follow(parts.engine, distributed.StepReceiver(config.parallel.process_id))
-    logger.info("Process 0 stopped; %d steps run here", steps)
-    return steps
 
 
 def _grammar_compiler(tokenizer, vocab_size: int):

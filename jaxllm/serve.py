@@ -5,8 +5,9 @@
 Engine flags are generated from `jaxllm.config.EngineConfig` (one per field, `--help` from the field
 docs), server flags from `serve.args.ServerArgs`; common vLLM flags that mean nothing here are accepted
 with a warning, so vLLM command lines keep working. The engine is built by
-`jaxllm.llm.build_async_engine` (imported only here, inside `main`: everything else stays jax-free),
-in a child process (`jaxllm.engine.engine_process`) unless --disable-frontend-multiprocessing.
+`jaxllm.serving.build_async_engine`, in a child process (`jaxllm.engine.engine_process`) unless
+--disable-frontend-multiprocessing. The HTTP stack (`serve.app`) loads on a thread while that
+process imports and builds the engine: each side spends seconds importing transformers.
 
 Shutdown: SIGTERM/SIGINT stop accepting connections, in-flight requests get `--shutdown-timeout`
 seconds to finish, the rest are cancelled (which aborts them in the engine), and the process exits 0.
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -34,7 +36,7 @@ import uvicorn
 
 from jaxllm.config import DEFAULT_MODEL, EngineConfig, field_owners, option_fields
 from jaxllm.engine.engine_process import LOG_FORMAT
-from serve.app import build_app
+from jaxllm.serving import build_async_engine, follow_process_zero
 from serve.args import API_KEY_ENV, ServerArgs
 from serve.engine_client import EngineClient, ServingContext
 
@@ -201,6 +203,8 @@ async def _watch_engine(ctx: ServingContext, server: uvicorn.Server) -> None:
 
 def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT (exit status 0) or the engine's death (1). `sock`: an already bound socket."""
+    from serve.app import build_app  # noqa: PLC0415  (heavy: see main)
+
     args = ctx.args
     config = uvicorn.Config(
         build_app(ctx),
@@ -233,14 +237,15 @@ def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve") -> int:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     engine_config, server_args = parse_args(argv, prog)
-    from jaxllm.llm import build_async_engine, follow_process_zero  # noqa: PLC0415  (the only import of device code)
-
     if engine_config.parallel.process_id > 0:  # multi-process: process 0 serves HTTP, the others follow it
         follow_process_zero(engine_config)
         return 0
 
+    http_stack = threading.Thread(target=importlib.import_module, args=("serve.app",), daemon=True)
+    http_stack.start()
     engine = build_async_engine(engine_config, log_stats=not server_args.disable_log_stats,
                                 in_process=server_args.disable_frontend_multiprocessing)
+    http_stack.join()
     ctx = make_context(engine, engine.config, server_args, default_sampling=engine.generation_defaults.sampling,
                        chat_template=engine.chat_template)
     return run_server(ctx)

@@ -17,6 +17,7 @@ def test_engine_and_serve_import_without_jax():
     result = _run(
         "import jaxllm, jaxllm.engine, serve, jaxllm.config, jaxllm.sampling_params, jaxllm.outputs\n"
         "import jaxllm.engine.interfaces, jaxllm.engine.metrics, jaxllm.model_arch, jaxllm.serve, jaxllm.cli\n"
+        "import jaxllm.serving\n"
         "from jaxllm import SamplingParams, RequestOutput\n"
         "import pkgutil, importlib\n"
         "for pkg in (jaxllm.engine, serve):\n"
@@ -32,3 +33,17 @@ def test_engine_and_serve_import_without_jax():
 def test_the_blocker_really_blocks():
     result = _run("import jax\n")
     assert result.returncode != 0 and "jax is blocked here" in result.stderr
+
+
+def test_server_entry_point_imports_no_transformers():
+    """`python -m jaxllm.serve` starts the engine process before it loads the HTTP stack: its own
+    import (and the engine process's re-import of it as __main__) stays light."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, jaxllm.serve, jaxllm.serving\n"
+         "heavy = [m for m in ('transformers', 'torch', 'jax', 'serve.app') if m in sys.modules]\n"
+         "assert not heavy, heavy\n"
+         "print('ok')\n"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")

@@ -70,6 +70,7 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join()
+        self._engine.shutdown()
         self._streams.fail_all(lambda: EngineDeadError("the engine was shut down"))
 
     async def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str, *,

@@ -124,6 +124,8 @@ def run_engine_process(factory: EngineFactory, conn: Connection, log_level: int)
         logger.exception("engine loop died")
         with contextlib.suppress(OSError):
             conn.send(("dead", traceback.format_exc()))
+    finally:
+        engine.shutdown()  # NOTE: or the exit waits for every bucket still queued to load
 
 
 def _engine_loop(engine: LLMEngine, conn: Connection) -> None:

@@ -84,6 +84,9 @@ class FakeModelRunner:
     requests: dict[str, _RequestState] = field(default_factory=dict, init=False)
     kv: dict[tuple[int, int], int] = field(default_factory=dict, init=False)  # (page, slot) -> token id there
 
+    def shutdown(self) -> None:
+        pass
+
     def execute(self, scheduler_output: SchedulerOutput) -> FakeStepHandle:
         self.num_steps += 1
         if self.num_steps == self.fail_at_step:

@@ -109,3 +109,7 @@ class ModelRunnerProtocol(Protocol):
         still on the device: the runner substitutes it itself.
         """
         ...
+
+    def shutdown(self) -> None:
+        """Stop any background work (buckets still loading). Steps may still run afterwards."""
+        ...

@@ -185,6 +185,10 @@ class LLMEngine:
                     self._finish(sequence, Finish("abort"))
             self._changed[request_id] = group
 
+    def shutdown(self) -> None:
+        """Stop the runner's background work (buckets still loading)."""
+        self.runner.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups) or self._in_flight is not None
 

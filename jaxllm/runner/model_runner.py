@@ -11,17 +11,24 @@ on to prepare the next step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -184,7 +191,9 @@ class ModelRunner:
 
         tp, rules, dtype = mesh.devices.size, self.model.rules, self.model.dtype
         page_bytes = kv_cache.bytes_per_page(arch, self.page_size, dtype, tp, rules)
-        activation = self._activation_bytes() if kv_cache.device_memory(device) is not None else 0
+        activation = 0
+        if kv_cache.device_memory(device) is not None:
+            activation = self._activation_bytes(config.compilation_cache_dir)
         # The step inputs' buffers stay allocated, one set per bucket (step_inputs.StableInputs).
         self._bucket_keys = [(t, p) for t in self.token_buckets for p in self.page_buckets]
         inputs = sum(a.nbytes for key in self._bucket_keys for a in self._placeholder_host(*key))
@@ -199,7 +208,11 @@ class ModelRunner:
         self.input_batch = InputBatch(self.page_size, num_pages, config.model.seed, max_pages, self.max_num_seqs)
         self._prev_tokens = jax.device_put(np.zeros(self.max_num_seqs, np.int32), self._replicated)
         self._warm_sampler_flags = _warm_sampler_flags(default_sampling)
-        self._warmup()
+        self._loader: ThreadPoolExecutor | None = None
+        self._deferred: list[tuple[int, tuple, Callable[[], Any]]] = []  # warmup jobs left to the loader
+        # NOTE: served, a single process starts serving once its smallest bucket is ready and loads
+        # the rest behind it; offline runs and multi-process runs wait for every bucket.
+        self._warmup(background=served and jax.process_count() == 1)
 
     # ----- startup -------------------------------------------------------------------------
 
@@ -264,37 +277,118 @@ class ModelRunner:
         prev_tokens = i32((self.max_num_seqs,))
         return leaves, kv, batch, placeholder_rows, prev_tokens
 
-    def _activation_bytes(self) -> int:
-        """Temp memory of the largest bucket's forward, compiled against a small stand-in pool."""
+    def _activation_bytes(self, cache_dir: str | None) -> int:
+        """Temp memory of the largest bucket's forward, compiled against a small stand-in pool.
+
+        NOTE: with a compilation cache the figure is kept beside it, keyed by the traced program
+        (every shape, the kernel's body and its compiler params), the weights' shardings, jax's
+        version and the device: a warm start then skips lowering that bucket and loading it from
+        the cache (~3 s of the 8B config's warm start on an H200), only to read one number."""
         args = self._abstract_args(self.token_buckets[-1], self.page_buckets[-1], num_pages=self.page_buckets[-1] + 1)
-        compiled = self._forward.lower(*args).compile()
-        analysis = compiled.memory_analysis()
+        traced = self._forward.trace(*args)
+        path = None
+        if cache_dir:
+            device = self.model.mesh.devices.flat[0]
+            specs = [str(getattr(leaf.sharding, "spec", None)) for leaf in args[0]]
+            key = "\n".join([str(traced.jaxpr), jax.__version__, jaxlib.__version__, device.device_kind,
+                             device.client.platform_version, str(self.model.mesh.shape), *specs,
+                             os.environ.get("XLA_FLAGS", "")])
+            path = Path(cache_dir) / f"jaxllm-activation-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                temp = int(json.loads(path.read_text())["temp_size_in_bytes"])
+                logger.info("Activation peak of the largest bucket: %.2f GiB (from %s)", temp / kv_cache.GiB, path)
+                return temp
+        analysis = traced.lower().compile().memory_analysis()
         temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
         logger.info("Activation peak of the largest bucket: %.2f GiB", temp / kv_cache.GiB)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                scratch = path.with_suffix(f".{os.getpid()}.tmp")
+                scratch.write_text(json.dumps({"temp_size_in_bytes": temp}))
+                scratch.replace(path)
         return temp
 
-    def _warmup(self) -> None:
-        keys = self._bucket_keys
-        # GPU compiles autotune on the device: a few at a time, or they slow each other down.
-        workers = max(1, min(len(keys), os.cpu_count() or 1, 4 if self.platform == "gpu" else 2))
+    def _warmup(self, background: bool) -> None:
+        """Compile (or load from the compilation cache) every bucket's forward, the common sampler
+        variants and the input unpacking of both, smallest token bucket first.
+
+        background: compile only the smallest token bucket's; `load_in_background` loads the others
+        on a thread pool, and a step that needs one still loading waits for it (`_ready`).
+
+        NOTE: the first served request waited for every bucket before (2026-12-04, H200, 8B config:
+        73.5 s from launch to the first token with a warm compilation cache, 29 s of it loading 14
+        buckets one after the other: tracing and lowering hold the GIL)."""
         start = time.perf_counter()
-        # NOTE: XLA compiles release the GIL, so buckets compile in parallel threads.
-        slot_counts = sorted({min(t, self.max_num_seqs) for t in self.token_buckets})
-        with ThreadPoolExecutor(workers) as pool:
-            futures = {key: pool.submit(self._compile_forward, *key) for key in keys}
-            samplers = [pool.submit(self._sampler, num_slots, flags, True)
-                        for num_slots in slot_counts for flags in self._warm_sampler_flags]
-            for key in tqdm(keys, desc="Compiling buckets", unit="bucket", leave=False):
-                self._compiled[("forward", *key)] = futures[key].result()
-            for future in samplers:
-                future.result()
-        for num_tokens, pages_per_seq in keys:
-            self._warm_inputs(num_tokens, pages_per_seq)
+        jobs = self._warmup_jobs()
+        first = [job for job in jobs if job[0] == jobs[0][0]]  # the smallest token bucket's
+        # GPU compiles autotune on the device: a few at a time, or they slow each other down.
+        workers = max(1, min(len(jobs), os.cpu_count() or 1, 4 if self.platform == "gpu" else 2))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-compile")
+        pending = {key: pool.submit(fn) for _, key, fn in (first if background else jobs)}
+        for key, future in tqdm(pending.items(), desc="Compiling buckets", unit="job", leave=False, disable=background):
+            self._compiled[key] = future.result()
         self._warm = True
+        self._deferred = jobs[len(first):] if background else []
+        if not self._deferred:
+            pool.shutdown()
+            self._log_compiled(start)
+            return
+        self._loader = pool
+        logger.info("Compiled the %d-token bucket in %.1f s; %d more jobs will load in the background",
+                    jobs[0][0], time.perf_counter() - start, len(self._deferred))
+
+    def load_in_background(self) -> None:
+        """Start loading what a background warmup left (none offline). Called once the engine is
+        built: the loaders hold the GIL for most of their time, and would slow the rest of the
+        start-up threefold (the tokenizer's 0.3 s load took 5.4 s beside two of them on the CPU
+        machine)."""
+        if self._loader is None or not self._deferred:
+            return
+        start = time.perf_counter()
+        for _, key, fn in self._deferred:
+            self._compiled[key] = future = self._loader.submit(fn)
+            future.add_done_callback(partial(self._loaded, key))
+        left = [future for _, key, _ in self._deferred if isinstance(future := self._compiled[key], Future)]
+        self._deferred = []
+        threading.Thread(target=lambda: (wait(left), self._log_compiled(start)), daemon=True).start()
+
+    def _warmup_jobs(self) -> list[tuple[int, tuple, Callable[[], Any]]]:
+        """(token bucket, key in `_compiled`, job) for every forward bucket, each sampler variant
+        compiled at warmup and each bucket's input unpacking, in token-bucket order."""
+        jobs, samplers = [], set()
+        for num_tokens, pages_per_seq in self._bucket_keys:
+            key = ("forward", num_tokens, pages_per_seq)
+            jobs.append((num_tokens, key, partial(self._compile_forward, num_tokens, pages_per_seq)))
+            jobs.append((num_tokens, ("inputs", num_tokens, pages_per_seq),
+                         partial(self._warm_inputs, num_tokens, pages_per_seq)))
+            num_slots = min(num_tokens, self.max_num_seqs)
+            for flags in self._warm_sampler_flags:
+                if (num_slots, flags) not in samplers:
+                    samplers.add((num_slots, flags))
+                    jobs.append((num_tokens, ("sample", num_slots, flags),
+                                 partial(self._build_sampler, num_slots, flags, True)))
+        return sorted(jobs, key=lambda job: job[0])
+
+    def _loaded(self, key: tuple, future: Future) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            logger.error("Loading %s in the background failed: %r", key, future.exception())
+            return
+        self._compiled[key] = future.result()
+
+    def _log_compiled(self, start: float) -> None:
         logger.info(
             "Compiled %d forward buckets (tokens %s x pages/request %s) in %.1f s; attention: %s",
-            len(keys), self.token_buckets, self.page_buckets, time.perf_counter() - start, self.attention_name,
+            len(self._bucket_keys), self.token_buckets, self.page_buckets, time.perf_counter() - start,
+            self.attention_name,
         )
+
+    def wait_warm(self) -> None:
+        """Wait until every bucket loading in the background is ready (tests, benchmarks)."""
+        for key, fn in list(self._compiled.items()):
+            if isinstance(fn, Future):
+                self._compiled[key] = fn.result()
 
     def _placeholder_sampling(self, num_slots: int, flags: SamplerFlags) -> SamplingBatch:
         """Zeros shaped as `sampling_arrays` sends them for these flags (bias tables at their
@@ -324,16 +418,20 @@ class ModelRunner:
     def _warm_inputs(self, num_tokens: int, pages_per_seq: int) -> None:
         """Compile the input unpacking of a bucket's warm steps, as `execute` and `_sample_pending`
         ship them: with the sampling columns of a warm sampler, or without them and then the
-        columns of a step with grammar bitmasks."""
+        columns of a step with grammar bitmasks.
+
+        NOTE: through buffers of its own, which it then drops: a loader thread must not donate the
+        buffers of a step the engine thread is preparing. The compiled unpacking is shared."""
+        scratch = StableInputs(self._replicated)
         num_slots = min(num_tokens, self.max_num_seqs)
         host = self._placeholder_host(num_tokens, pages_per_seq)
-        self._inputs.put(host)
+        scratch.put(host)
         for flags in self._warm_sampler_flags:
             columns, _ = _split_tables(self._placeholder_sampling(num_slots, flags))
             if flags.bitmask:
-                self._inputs.put(columns)
+                scratch.put(columns)
             else:
-                self._inputs.put(host, columns)
+                scratch.put(host, columns)
 
     def _compile_forward(self, num_tokens: int, pages_per_seq: int):
         start = time.perf_counter()
@@ -344,39 +442,54 @@ class ModelRunner:
 
     def _compiled_forward(self, num_tokens: int, pages_per_seq: int):
         key = ("forward", num_tokens, pages_per_seq)
-        fn = self._compiled.get(key)
+        fn = self._ready(key)
         if fn is None:
             self._warn_compile(key)
             fn = self._compiled[key] = self._compile_forward(num_tokens, pages_per_seq)
+        return fn
+
+    def _ready(self, key: tuple) -> Any:
+        """What `_compiled` holds for `key`, once ready (a bucket loading in the background is
+        waited for, with its input unpacking); None if it was never compiled."""
+        fn = self._compiled.get(key)
+        if isinstance(fn, Future) and fn.cancelled():  # shut down before it loaded
+            return None
+        if isinstance(fn, Future):
+            fn = self._compiled[key] = fn.result()
+            if key[0] == "forward":
+                self._ready(("inputs", *key[1:]))
         return fn
 
     def _warn_compile(self, key: tuple) -> None:
         if self._warm:
             logger.warning("Compiling after warmup: %s (a bucket or variant missing from warmup)", key)
 
-    def _sampler(self, num_slots: int, flags: SamplerFlags, aot: bool = False):
+    def _sampler(self, num_slots: int, flags: SamplerFlags):
         """The sampling step for S rows and these flags. The common variants (greedy, and
         temperature-only) are compiled ahead at warmup; rarer ones compile on first use."""
         key = ("sample", num_slots, flags)
-        fn = self._compiled.get(key)
+        fn = self._ready(key)
         if fn is None:
             self._warn_compile(key)
-            max_seqs = self.max_num_seqs
-
-            def run(logits, batch):
-                tokens, logprobs = sample(logits, batch, flags)
-                padded = jnp.zeros(max_seqs, jnp.int32).at[: tokens.shape[0]].set(tokens)
-                return padded, logprobs
-
-            fn = jax.jit(run)
-            if aot:
-                rep = self._replicated
-                logits = jax.ShapeDtypeStruct((num_slots, self.vocab_size), jnp.float32, sharding=rep)
-                batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                                     self._placeholder_sampling(num_slots, flags))
-                fn = fn.lower(logits, batch).compile()
-            self._compiled[key] = fn
+            fn = self._compiled[key] = self._build_sampler(num_slots, flags)
         return fn
+
+    def _build_sampler(self, num_slots: int, flags: SamplerFlags, aot: bool = False):
+        max_seqs = self.max_num_seqs
+
+        def run(logits, batch):
+            tokens, logprobs = sample(logits, batch, flags)
+            padded = jnp.zeros(max_seqs, jnp.int32).at[: tokens.shape[0]].set(tokens)
+            return padded, logprobs
+
+        fn = jax.jit(run)
+        if not aot:
+            return fn
+        rep = self._replicated
+        logits = jax.ShapeDtypeStruct((num_slots, self.vocab_size), jnp.float32, sharding=rep)
+        batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                             self._placeholder_sampling(num_slots, flags))
+        return fn.lower(logits, batch).compile()
 
     # ----- one step ------------------------------------------------------------------------
 
@@ -502,7 +615,10 @@ class ModelRunner:
         )
 
     def shutdown(self) -> None:
-        self.kv_pages = []
+        """Cancel the buckets still queued to load (those loading finish): the process's exit
+        would otherwise wait for all of them."""
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
 
 
 @jax.jit

@@ -42,6 +42,11 @@ def _unpack(previous: tuple[Buffers, ...], packed: jax.Array) -> tuple[Buffers, 
     return tuple(out)
 
 
+# NOTE: keep_unused, or jit drops the unread `previous` and the donation with it. One jit for every
+# StableInputs, so one that warms a shape up (the runner's loader threads) compiles it for all.
+_unpack_jit = jax.jit(_unpack, donate_argnums=(0,), keep_unused=True)
+
+
 def _packable(leaf: np.ndarray) -> bool:
     return leaf.dtype.itemsize == 4 or leaf.dtype == np.bool_
 
@@ -60,8 +65,6 @@ class StableInputs:
     def __init__(self, sharding: Sharding):
         self._sharding = sharding
         self._buffers: dict[Any, Buffers] = {}  # (treedef, shapes, dtypes) -> the last result
-        # NOTE: keep_unused, or jit drops the unread `previous` and the donation with it.
-        self._unpack = jax.jit(_unpack, donate_argnums=(0,), keep_unused=True)
 
     def put(self, *trees: Any) -> tuple[Any, ...]:
         flat = [jax.tree.flatten(tree) for tree in trees]
@@ -76,6 +79,6 @@ class StableInputs:
                 buffers = tuple(jax.device_put([np.zeros_like(leaf) for leaf in leaves], self._sharding))
             previous.append(buffers)
         packed = np.concatenate([_as_int32(leaf) for leaf in leaves_all])
-        results = self._unpack(tuple(previous), jax.device_put(packed, self._sharding))
+        results = _unpack_jit(tuple(previous), jax.device_put(packed, self._sharding))
         self._buffers.update(zip(keys, results, strict=True))
         return tuple(jax.tree.unflatten(treedef, result) for (_, treedef), result in zip(flat, results, strict=True))

@@ -19,8 +19,6 @@ import httpx
 import openai
 import pytest
 
-import jaxllm.llm
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -131,8 +129,6 @@ def test_engine_death_fails_requests_with_500_and_exits_1(engine_flags: list[str
 
 @pytest.fixture(scope="module")
 def real_server() -> Iterator[ServerProcess]:
-    if not hasattr(jaxllm.llm, "build_async_engine"):
-        pytest.skip("jaxllm.llm.build_async_engine is not there yet")
     # NOTE: a small step budget keeps the compile at startup short on a CPU.
     server = ServerProcess("jaxllm.serve", "--served-model-name", "stories", "--api-key", "sk-real",
                            "--enforce-eager", "--disable-log-stats", "--max-model-len", "256", "--max-num-seqs", "4",

@@ -1,0 +1,59 @@
+"""The server's engine: its loop in a child process, or on a thread of the HTTP process.
+
+NOTE: light to import (nothing of transformers, torch or jax): `python -m jaxllm.serve` starts the
+engine process first and loads its own HTTP stack while the child imports and builds the engine
+(on the CPU machine each side takes ~4-5 s to import, mostly transformers pulling in torch).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine.async_engine import AsyncEngine
+from jaxllm.engine.engine_process import ProcessEngine
+from jaxllm.engine.replication import follow
+
+if TYPE_CHECKING:
+    from jaxllm.llm import EngineParts
+
+logger = logging.getLogger(__name__)
+
+
+def build_served_engine(config: EngineConfig, log_stats: bool = False) -> EngineParts:
+    """`jaxllm.llm.build_engine` for serving; the engine process's factory (importable without it)."""
+    from jaxllm.llm import build_engine  # noqa: PLC0415  (device code)
+
+    return build_engine(config, served=True, log_stats=log_stats)
+
+
+def build_async_engine(config: EngineConfig, *, log_stats: bool = True,
+                       in_process: bool = False) -> AsyncEngine | ProcessEngine:
+    """The server's engine: its loop in a child process (`ProcessEngine`), or on a thread of this
+    one with `in_process` and on every multi-process run, whose process 0 publishes its engine calls."""
+    if not in_process and config.parallel.num_processes == 1:
+        return ProcessEngine(functools.partial(build_served_engine, config, log_stats))
+    parts = build_served_engine(config, log_stats)
+    publish = None
+    if config.parallel.num_processes > 1:
+        from jaxllm import distributed  # noqa: PLC0415
+
+        publish = distributed.StepPublisher(config.parallel.num_processes)
+    engine = AsyncEngine(parts.engine, publish)
+    engine.generation_defaults = parts.generation_defaults
+    engine.chat_template = parts.chat_template
+    return engine
+
+
+def follow_process_zero(config: EngineConfig) -> int:
+    """Processes 1..N-1 of a multi-process server: no HTTP; build the same engine and replay process 0's
+    engine loop until it stops (`jaxllm.engine.replication`). Returns the number of steps run."""
+    from jaxllm import distributed  # noqa: PLC0415
+
+    parts = build_served_engine(config)
+    logger.info("Process %d: following process 0's engine loop (process 0 serves HTTP)", config.parallel.process_id)
+    steps = follow(parts.engine, distributed.StepReceiver(config.parallel.process_id))
+    logger.info("Process 0 stopped; %d steps run here", steps)
+    return steps

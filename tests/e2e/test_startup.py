@@ -1,0 +1,79 @@
+"""Start-up: a served engine starts with its smallest bucket ready and loads the rest in the
+background (the offline engine's tokens while they load; no compile once they are in); the
+activation estimate is kept beside the compilation cache."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future
+
+import jax
+import numpy as np
+
+from jaxllm import SamplingParams
+from jaxllm.config import DEFAULT_MODEL, EngineConfig
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.llm import build_engine
+from tests.e2e.conftest import COMMON
+
+# The `llm` fixture's engine options, so the two engines compile the same buckets.
+OPTIONS = dict(max_num_seqs=64, max_num_batched_tokens=128, token_buckets=[16, 64, 128])
+
+
+def _generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params, final_only=True)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+    return [done[str(i)] for i in range(len(prompts))]
+
+
+def _compiles_during(fn) -> list[float]:
+    compiles: list[float] = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return compiles
+
+
+def test_served_engine_serves_while_buckets_load(llm):
+    engine = build_engine(EngineConfig.from_kwargs(model=DEFAULT_MODEL, **OPTIONS, **COMMON), served=True).engine
+    runner = engine.runner
+    smallest = [key for key in runner._compiled if key[0] == "forward" and key[1] == 16]
+    assert smallest and not any(isinstance(runner._compiled[key], Future) for key in smallest)
+    assert {key[1:] for key in runner._compiled if key[0] == "forward"} == set(runner._bucket_keys)
+
+    rng = np.random.default_rng(3)
+    prompts = [[1, *rng.integers(3, 512, int(n)).tolist()] for n in rng.integers(1, 120, 24)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    served = _generate(engine, prompts, greedy)  # big prefill steps wait for their buckets
+    offline = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], greedy,
+                                                             use_tqdm=False)]
+    assert served == offline
+
+    runner.wait_warm()
+    assert not any(isinstance(fn, Future) for fn in runner._compiled.values())
+    assert _compiles_during(lambda: _generate(engine, prompts, greedy)) == []
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
+    runner.shutdown()
+
+
+def test_activation_estimate_is_kept_beside_the_compilation_cache(llm, tmp_path):
+    runner = llm.engine.runner
+    first = runner._activation_bytes(str(tmp_path))
+    (kept,) = tmp_path.glob("jaxllm-activation-*.json")
+    assert first > 0 and json.loads(kept.read_text()) == {"temp_size_in_bytes": first}
+    kept.write_text(json.dumps({"temp_size_in_bytes": 12345}))  # proves the second call reads it
+    assert _compiles_during(lambda: runner._activation_bytes(str(tmp_path))) == []
+    assert runner._activation_bytes(str(tmp_path)) == 12345
+    assert runner._activation_bytes(None) == first  # no cache: compiled again
