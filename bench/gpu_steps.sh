@@ -53,7 +53,7 @@ for s in "$@"; do
         --batches 1 256 --sharegpt "$N" \
         --out /tmp/jaxllm-trace --output-json "$OUT/trace.json" ;;
     hf) step hf "${T_hf:-480}" python3 -m bench.hf_compare --model "$MODEL" --max-model-len 4096 \
-        --num-prompts "${N_hf:-200}" --max-seconds 90 --run-jaxllm --output-json "$OUT/hf.json" ;;
+        --num-prompts "${N_hf:-200}" --max-seconds 90 ${HF_ARGS:---run-jaxllm} --output-json "$OUT/hf.json" ;;
     serve)
       MODEL_DIR=$(python3 -c "from bench.common import model_dir_with_tokenizer as m; print(m('$MODEL'))")
       t0=$(date +%s)
@@ -61,6 +61,10 @@ for s in "$@"; do
         --disable-log-stats > "$OUT/server.log" 2>&1 &
       for _ in $(seq 1 "${T_ready:-240}"); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
       echo "server ready after $(( $(date +%s) - t0 )) s"
+      for _ in $(seq 1 "${T_loaded:-300}"); do  # measure the server with every bucket loaded
+        grep -q -a "Compiled .* forward buckets" "$OUT/server.log" && break; sleep 1
+      done
+      echo "every bucket loaded after $(( $(date +%s) - t0 )) s"
       step serve-inf "${T_serve:-200}" python3 -m bench.serve --model llama-8b --num-prompts "$N" \
         --request-rate inf --output-json "$OUT/serve_inf.json"
       step serve-8 "${T_serve8:-150}" python3 -m bench.serve --model llama-8b --num-prompts "${N8:-400}" \
