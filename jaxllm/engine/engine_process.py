@@ -228,7 +228,8 @@ class ProcessEngine:
         self._send("stop")
         self._outbox.put(None)
         self._sender.join(5)
-        self._stop_process(timeout_s=30)
+        # NOTE: a dead engine may never have got the stop (its sender gone): no 30 s wait for it.
+        self._stop_process(timeout_s=1 if self.is_dead else 30)
         self._reader.join(5)
         self._streams.fail_all(lambda: EngineDeadError("the engine was shut down"))
 
