@@ -32,6 +32,9 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name rc=$rc in $(( $(date +%s) - t0 )) s"
   tr '\r' '\n' < "$OUT/$name.log" | grep -a -E "$GREP" | grep -a -v -E "$NOISE" | tail -${TAILN:-25}
 }
+wait_loaded() {  # wait_loaded LOG: a served engine's buckets load in the background; wait for all of them
+  for _ in $(seq 1 "${T_loaded:-300}"); do grep -q -a "Compiled .* forward buckets" "$1" && break; sleep 1; done
+}
 GREP='busy|wall_ms|span_ms|output_tokens_per_s|total_tokens_per_s|startup_s|elapsed_s|Compiled|KV cache|Activation|"steps"|_s":|ms_per|Error|error|Traceback|FAIL|^\||ceilings|rc=|^step |fuzz (failures|.*FAIL)|MISALIGNED|positions_|passed|failures|diff_matched'
 NOISE='cuda_event.cc|cuda_executor.cc|cuda_host_allocator|cuda_device_allocator|Source Location|cuda_status.cc'
 
@@ -61,9 +64,7 @@ for s in "$@"; do
         --disable-log-stats > "$OUT/server.log" 2>&1 &
       for _ in $(seq 1 "${T_ready:-240}"); do curl -sf localhost:8000/health >/dev/null && break; sleep 1; done
       echo "server ready after $(( $(date +%s) - t0 )) s"
-      for _ in $(seq 1 "${T_loaded:-300}"); do  # measure the server with every bucket loaded
-        grep -q -a "Compiled .* forward buckets" "$OUT/server.log" && break; sleep 1
-      done
+      wait_loaded "$OUT/server.log"  # measure the server with every bucket loaded
       echo "every bucket loaded after $(( $(date +%s) - t0 )) s"
       step serve-inf "${T_serve:-200}" python3 -m bench.serve --model llama-8b --num-prompts "$N" \
         --request-rate inf --output-json "$OUT/serve_inf.json"
@@ -83,11 +84,7 @@ for s in "$@"; do
           sleep 0.5
         done
         echo "startup $run: first token after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
-        # Served, the buckets after the smallest load in the background: wait for all of them, so
-        # the warm run finds every one in the cache.
-        for _ in $(seq 1 "${T_loaded:-300}"); do
-          grep -q -a "Compiled .* forward buckets" "$OUT/startup-$run.log" && break; sleep 1
-        done
+        wait_loaded "$OUT/startup-$run.log"  # so the warm run finds every bucket in the cache
         echo "startup $run: every bucket loaded after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
         grep -a -E "Compiled|KV cache|Activation|Loaded" "$OUT/startup-$run.log" | tail -5
         kill %1 2>/dev/null; wait

@@ -344,13 +344,13 @@ class ModelRunner:
         CPU machine)."""
         if self._loader is None or not self._deferred:
             return
-        start = time.perf_counter()
+        start, futures = time.perf_counter(), []
         for _, key, fn in self._deferred:
             self._compiled[key] = future = self._loader.submit(fn)
             future.add_done_callback(partial(self._loaded, key))
-        left = [future for _, key, _ in self._deferred if isinstance(future := self._compiled[key], Future)]
+            futures.append(future)
         self._deferred = []
-        threading.Thread(target=lambda: (wait(left), self._log_compiled(start)), daemon=True).start()
+        threading.Thread(target=lambda: (wait(futures), self._log_compiled(start)), daemon=True).start()
 
     def _warmup_jobs(self) -> list[tuple[int, tuple, Callable[[], Any]]]:
         """(token bucket, key in `_compiled`, job) for every forward bucket, each sampler variant
@@ -386,9 +386,8 @@ class ModelRunner:
 
     def wait_warm(self) -> None:
         """Wait until every bucket loading in the background is ready (tests, benchmarks)."""
-        for key, fn in list(self._compiled.items()):
-            if isinstance(fn, Future):
-                self._compiled[key] = fn.result()
+        for key in list(self._compiled):
+            self._ready(key)
 
     def _placeholder_sampling(self, num_slots: int, flags: SamplerFlags) -> SamplingBatch:
         """Zeros shaped as `sampling_arrays` sends them for these flags (bias tables at their

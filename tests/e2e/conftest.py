@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import jax
 import pytest
 
 from jaxllm import LLM
@@ -28,3 +32,19 @@ def assert_pool_free(llm: LLM) -> None:
     assert not engine.has_unfinished_requests()
     bm = engine.block_manager
     assert bm.num_free_pages == bm.num_pages, f"{bm.num_pages - bm.num_free_pages} pages leaked"
+
+
+@contextlib.contextmanager
+def backend_compiles() -> Iterator[list[float]]:
+    """The durations of the XLA compiles that happen inside the block (filled as they happen)."""
+    compiles: list[float] = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

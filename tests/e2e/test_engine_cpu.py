@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxllm import SamplingParams
-from tests.e2e.conftest import assert_pool_free
+from tests.e2e.conftest import assert_pool_free, backend_compiles
 
 RNG = np.random.default_rng(0)
 # Mixed lengths, from 1 to 180 tokens, random ids from the 512-token vocabulary (BOS first).
@@ -72,21 +72,12 @@ def test_prefix_cache_hit_equals_miss(llm):
 
 
 def test_no_compile_after_warmup(llm):
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     rng = np.random.default_rng(5)
     prompts = [{"prompt_token_ids": [1, *rng.integers(3, 512, int(n)).tolist()]} for n in rng.integers(1, 300, 100)]
     params = [SamplingParams(temperature=float(t), max_tokens=int(m), seed=i)
               for i, (t, m) in enumerate(zip(rng.choice([0.0, 0.8], 100), rng.integers(1, 40, 100), strict=True))]
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert_pool_free(llm)
 
@@ -147,19 +138,10 @@ def test_constrained_requests_need_no_compile_after_warmup(llm):
     """The grammar-bitmask sampler variants are compiled at warmup too."""
     from jaxllm import StructuredOutputsParams
 
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     choice = StructuredOutputsParams(choice=["yes", "no"])
     params = [SamplingParams(temperature=t, max_tokens=8, structured_outputs=choice) for t in (0.0, 1.0)]
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         outs = llm.generate([{"prompt_token_ids": [1, 403, 407]}] * 2, params, use_tqdm=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert all(o.outputs[0].text in ("yes", "no") for o in outs)
     assert_pool_free(llm)
@@ -220,18 +202,9 @@ def test_default_top_p_from_the_generation_config_needs_no_compile_after_warmup(
     llm = LLM(DEFAULT_MODEL, max_num_seqs=16, max_num_batched_tokens=16, token_buckets=[16],
               generation_config=str(tmp_path), **COMMON)
     assert llm.default_sampling_params().top_p == 0.9
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         outs = llm.generate(["Once upon a time", "The cat"], use_tqdm=False)  # the defaults
         outs += llm.generate(["Once upon a time"], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert all(o.outputs[0].token_ids for o in outs)
     assert_pool_free(llm)

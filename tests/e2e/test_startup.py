@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 from concurrent.futures import Future
 
-import jax
 import numpy as np
 
 from jaxllm import SamplingParams
 from jaxllm.config import DEFAULT_MODEL, EngineConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.llm import build_engine
-from tests.e2e.conftest import COMMON
+from tests.e2e.conftest import COMMON, backend_compiles
 
 # The `llm` fixture's engine options, so the two engines compile the same buckets.
 OPTIONS = dict(max_num_seqs=64, max_num_batched_tokens=128, token_buckets=[16, 64, 128])
@@ -29,21 +28,6 @@ def _generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParam
             if out.finished:
                 done[out.request_id] = list(out.outputs[0].token_ids)
     return [done[str(i)] for i in range(len(prompts))]
-
-
-def _compiles_during(fn) -> list[float]:
-    compiles: list[float] = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return compiles
 
 
 def test_served_engine_serves_while_buckets_load(llm):
@@ -63,7 +47,9 @@ def test_served_engine_serves_while_buckets_load(llm):
 
     runner.wait_warm()
     assert not any(isinstance(fn, Future) for fn in runner._compiled.values())
-    assert _compiles_during(lambda: _generate(engine, prompts, greedy)) == []
+    with backend_compiles() as compiles:
+        _generate(engine, prompts, greedy)
+    assert compiles == []
     assert engine.block_manager.num_free_pages == engine.block_manager.num_pages
     runner.shutdown()
 
@@ -74,6 +60,7 @@ def test_activation_estimate_is_kept_beside_the_compilation_cache(llm, tmp_path)
     (kept,) = tmp_path.glob("jaxllm-activation-*.json")
     assert first > 0 and json.loads(kept.read_text()) == {"temp_size_in_bytes": first}
     kept.write_text(json.dumps({"temp_size_in_bytes": 12345}))  # proves the second call reads it
-    assert _compiles_during(lambda: runner._activation_bytes(str(tmp_path))) == []
-    assert runner._activation_bytes(str(tmp_path)) == 12345
+    with backend_compiles() as compiles:
+        assert runner._activation_bytes(str(tmp_path)) == 12345
+    assert compiles == []
     assert runner._activation_bytes(None) == first  # no cache: compiled again
