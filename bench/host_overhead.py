@@ -21,10 +21,10 @@ import time
 import numpy as np
 
 from bench.common import model_dir_with_tokenizer
-from jaxllm.config import EngineConfig
+from jaxllm.build import freeze_startup_heap
+from jaxllm.config import EngineConfig, EngineLimits
 from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput
 from jaxllm.engine.llm_engine import LLMEngine
-from jaxllm.llm import freeze_startup_heap
 from jaxllm.runner.input_batch import InputBatch, sampler_flags, sampling_arrays
 from jaxllm.runner.model_runner import page_buckets, token_buckets
 from jaxllm.sampling_params import SamplingParams
@@ -32,15 +32,13 @@ from jaxllm.tokenizer import load_tokenizer
 
 
 class HostOnlyRunner:
-    def __init__(self, config: EngineConfig, max_model_len: int, vocab_size: int, timings: dict):
-        max_pages = -(-max_model_len // config.cache.block_size)
-        self.batch = InputBatch(config.cache.block_size, config.cache.num_pages, 0, max_pages,
-                                config.scheduler.max_num_seqs)
-        self.token_buckets = token_buckets(config.scheduler.max_num_batched_tokens,
-                                           config.scheduler.max_num_seqs)
-        self.page_buckets = page_buckets(-(-max_model_len // config.cache.block_size))
-        self.max_num_seqs = config.scheduler.max_num_seqs
-        self.vocab_size, self.max_model_len = vocab_size, max_model_len
+    def __init__(self, limits: EngineLimits, vocab_size: int, timings: dict):
+        max_pages = -(-limits.max_model_len // limits.block_size)
+        self.batch = InputBatch(limits.block_size, limits.num_pages, 0, max_pages, limits.max_num_seqs)
+        self.token_buckets = token_buckets(limits.max_num_batched_tokens, limits.max_num_seqs)
+        self.page_buckets = page_buckets(max_pages)
+        self.max_num_seqs = limits.max_num_seqs
+        self.vocab_size, self.max_model_len = vocab_size, limits.max_model_len
         self.rng = np.random.default_rng(0)
         self.timings = timings
 
@@ -78,11 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-model-len", type=int, default=4096)
     args = p.parse_args(argv)
     config = EngineConfig.from_kwargs(max_num_seqs=args.num_requests, max_num_batched_tokens=8192,
-                                      num_pages=args.num_requests * (args.max_model_len // 16), async_scheduling=True)
+                                      async_scheduling=True)
+    limits = EngineLimits.given(config, max_model_len=args.max_model_len,
+                                num_pages=args.num_requests * (args.max_model_len // 16))
     tokenizer = load_tokenizer(model_dir_with_tokenizer("bench/configs/llama-3.1-8b"))
     timings = {"runner_host_s": 0.0}
-    runner = HostOnlyRunner(config, args.max_model_len, 128256, timings)
-    engine = LLMEngine(config, runner, tokenizer, args.max_model_len, 128256, [128001], log_stats=False)
+    runner = HostOnlyRunner(limits, 128256, timings)
+    engine = LLMEngine(config, limits, runner, tokenizer, 128256, [128001], log_stats=False)
     freeze_startup_heap()  # as build_engine does
     schedule = engine.scheduler.schedule
     timings["schedule_s"] = 0.0

@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_output": float(np.mean([n for _, n in reqs])),
         "config": {k: v for k, v in vars(args).items() if k != "output_json"},
         "attention": llm.engine.runner.attention_name,
-        "max_num_seqs": llm.engine.config.scheduler.max_num_seqs,
-        "max_num_batched_tokens": llm.engine.config.scheduler.max_num_batched_tokens,
-        "num_pages": llm.engine.config.cache.num_pages,
+        "max_num_seqs": llm.engine.limits.max_num_seqs,
+        "max_num_batched_tokens": llm.engine.limits.max_num_batched_tokens,
+        "num_pages": llm.engine.limits.num_pages,
         "step_profile": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},
     }
     print(json.dumps(result, indent=1))

@@ -4,7 +4,8 @@ It is made of four small dataclasses (model / cache / scheduler / parallel). Eve
 default and a one-line doc in its metadata: the CLI (`python -m jaxllm.serve --help`) and the
 `LLM(...)` keyword arguments are generated from these fields, so a flag exists exactly when a
 field does. Values known only at startup (the number of KV pages, device-dependent defaults) are
-filled in once with `dataclasses.replace` by the runner; the config is frozen from then on.
+resolved once, before the engine is built, into an `EngineLimits`; no component writes back into the
+config.
 
 This module imports only the standard library.
 """
@@ -78,7 +79,6 @@ class CacheConfig:
     )
     num_gpu_blocks_override: int | None = option(None, "Number of KV pages, overriding the memory-based size.")
     enable_prefix_caching: bool = option(True, "Reuse KV pages of shared prompt prefixes.")
-    num_pages: int = option(0, "Filled in at startup: KV pages in the pool.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +155,32 @@ class EngineConfig:
         return cls(**built, **top)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """What the engine runs with: the config's open values resolved against the model and the device
+    (the context length, the scheduler's budgets, the KV pool from free memory), once, before the
+    engine is built. The scheduler, the block manager and request validation read these."""
+
+    max_model_len: int  # prompt + output tokens of one request
+    block_size: int  # tokens per KV page
+    num_pages: int  # KV pages in the pool
+    max_num_seqs: int  # requests in one step
+    max_num_batched_tokens: int  # query tokens in one step
+    token_buckets: tuple[int, ...]  # padded token counts compiled ahead, ascending; the last is the budget
+    async_scheduling: bool  # schedule step N + 1 while step N runs
+
+    @classmethod
+    def given(cls, config: EngineConfig, *, max_model_len: int, num_pages: int) -> EngineLimits:
+        """The limits of a config that sets every scheduler value itself (tests, host-only benchmarks);
+        the runner resolves the open ones against the device instead."""
+        sched = config.scheduler
+        if sched.max_num_seqs is None or sched.max_num_batched_tokens is None:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be set")
+        buckets = tuple(sorted({*sched.token_buckets, sched.max_num_batched_tokens}))
+        return cls(max_model_len, config.cache.block_size, num_pages, sched.max_num_seqs,
+                   sched.max_num_batched_tokens, buckets, bool(sched.async_scheduling))
+
+
 GROUPS: dict[str, type] = {
     "model": ModelConfig,
     "cache": CacheConfig,
@@ -179,7 +205,7 @@ def option_fields() -> list[tuple[str | None, dataclasses.Field]]:
     """Every user-facing option as (group, field), in declaration order (for the CLI)."""
     out: list[tuple[str | None, dataclasses.Field]] = []
     for group, klass in GROUPS.items():
-        out.extend((group, f) for f in dataclasses.fields(klass) if f.name != "num_pages")
+        out.extend((group, f) for f in dataclasses.fields(klass))
     out.extend((None, f) for f in dataclasses.fields(EngineConfig) if f.name not in GROUPS)
     return out
 

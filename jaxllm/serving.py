@@ -17,14 +17,14 @@ from jaxllm.engine.engine_process import ProcessEngine
 from jaxllm.engine.replication import follow
 
 if TYPE_CHECKING:
-    from jaxllm.llm import EngineParts
+    from jaxllm.build import EngineParts
 
 logger = logging.getLogger(__name__)
 
 
 def build_served_engine(config: EngineConfig, log_stats: bool = False) -> EngineParts:
-    """`jaxllm.llm.build_engine` for serving; the engine process's factory (importable without it)."""
-    from jaxllm.llm import build_engine  # noqa: PLC0415  (device code)
+    """`jaxllm.build.build_engine` for serving; the engine process's factory (importable without it)."""
+    from jaxllm.build import build_engine  # noqa: PLC0415  (device code)
 
     return build_engine(config, served=True, log_stats=log_stats)
 

@@ -15,7 +15,7 @@ Commands leave through a sender thread, batched: a burst of a thousand new reque
 pipe while the child is inside a step, and the event loop must not wait on it.
 
 The child is spawned (never forked: the HTTP process may hold threads) with a picklable factory
-that builds the engine there (`jaxllm.llm.build_engine`, or a stand-in runner in tests); the
+that builds the engine there (`jaxllm.build.build_engine`, or a stand-in runner in tests); the
 constructor waits until it is built. If the child dies, or its loop raises, every open stream
 raises `EngineDeadError` and new requests are refused, as with `AsyncEngine`.
 """
@@ -51,7 +51,7 @@ STATS_INTERVAL_S = 0.1
 LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
 
 # Builds the engine in the child: returns an object with .engine (an LLMEngine), .generation_defaults
-# and .chat_template (`jaxllm.llm.EngineParts`).
+# and .chat_template (`jaxllm.build.EngineParts`).
 EngineFactory = Callable[[], Any]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from jaxllm.config import EngineConfig
+from jaxllm.config import EngineConfig, EngineLimits
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Finish, OutputDetokenizer
 from jaxllm.engine.interfaces import ModelRunnerOutput, ModelRunnerProtocol, SchedulerOutput, StepHandle, TokenLogprobs
@@ -76,23 +76,22 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer: PreTrainedTokenizerBase,
-                 max_model_len: int, vocab_size: int, eos_token_ids: Iterable[int], *, log_stats: bool = True,
-                 grammar_compiler: GrammarCompiler | None = None) -> None:
-        assert config.cache.num_pages > 0, "config.cache.num_pages must be filled in by the runner"
+    def __init__(self, config: EngineConfig, limits: EngineLimits, runner: ModelRunnerProtocol,
+                 tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: Iterable[int], *,
+                 log_stats: bool = True, grammar_compiler: GrammarCompiler | None = None) -> None:
         self.config = config
+        self.limits = limits
         self.runner = runner
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
+        self.max_model_len = limits.max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.log_stats = log_stats
         self.grammar_compiler = grammar_compiler
-        self.async_scheduling = bool(config.scheduler.async_scheduling)
+        self.async_scheduling = limits.async_scheduling
         self.stream_interval = max(1, config.scheduler.stream_interval)
-        self.block_manager = BlockManager(config.cache.num_pages, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, max_model_len, vocab_size)
+        self.block_manager = BlockManager(limits.num_pages, limits.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(limits, self.block_manager, vocab_size)
         self.metrics = EngineMetrics()
         # NOTE: requests without a seed get one from here, so the runner can key all sampling by
         # (seed, position) and a run is reproducible from config.model.seed.
@@ -132,7 +131,7 @@ class LLMEngine:
                 f"{max_tokens} output tokens and your prompt contains at least {num_prompt} input tokens, for a "
                 f"total of at least {num_prompt + max_tokens} tokens. Please reduce the length of the input "
                 "prompt or the number of requested output tokens.")
-        block_size, num_pages = self.config.cache.block_size, self.config.cache.num_pages
+        block_size, num_pages = self.limits.block_size, self.limits.num_pages
         pages_needed = -(-(num_prompt + max_tokens - 1) // block_size)  # the last token's KV is never computed
         if pages_needed > num_pages:
             raise ValueError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxllm.config import SchedulerConfig
+from jaxllm.config import EngineLimits
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.interfaces import (
     CachedRequestData,
@@ -42,12 +42,10 @@ class SampledToken:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
-                 vocab_size: int) -> None:
-        assert config.max_num_seqs is not None and config.max_num_batched_tokens is not None, "resolve them first"
-        self.max_num_seqs = config.max_num_seqs
-        self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = max_model_len
+    def __init__(self, limits: EngineLimits, block_manager: BlockManager, vocab_size: int) -> None:
+        self.max_num_seqs = limits.max_num_seqs
+        self.max_num_batched_tokens = limits.max_num_batched_tokens
+        self.max_model_len = limits.max_model_len
         self.block_manager = block_manager
         self.vocab_size = vocab_size
         self.requests: dict[str, Request] = {}  # every unfinished request

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from jaxllm.config import EngineConfig, scheduler_defaults
+from jaxllm.config import EngineConfig, EngineLimits, scheduler_defaults
 from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxllm.models.batch import ForwardBatch
 from jaxllm.runner import kv_cache
@@ -169,11 +169,11 @@ class ModelRunner:
         self.platform = device.platform
         self.vocab_size = arch.vocab_size
         self.max_model_len = self._resolve_max_model_len(config)
-        self.config = self._resolve_scheduler(config, device, served)
-        sched = self.config.scheduler
-        self.max_num_seqs: int = sched.max_num_seqs
+        self.config = config
+        self.max_num_seqs, max_num_batched_tokens, buckets, async_scheduling = self._resolve_scheduler(
+            config, device, served)
         self.page_size = config.cache.block_size
-        self.token_buckets = sorted(sched.token_buckets)
+        self.token_buckets = buckets
         max_pages = -(-self.max_model_len // self.page_size)
         self.attention, self.attention_name = select_attention(
             config.model.attention_backend, arch, self.model.dtype, self.page_size, mesh, self.model.rules
@@ -201,8 +201,11 @@ class ModelRunner:
         num_pages = _same_on_every_process(kv_cache.num_pages_for(config.cache, budget, page_bytes))
         kv_cache.check_fits(num_pages, self.page_size, self.max_model_len, page_bytes, budget)
         kv_cache.log_pool(num_pages, self.page_size, self.max_model_len, page_bytes)
-        cache = dataclasses.replace(self.config.cache, num_pages=num_pages)
-        self.config = dataclasses.replace(self.config, cache=cache)
+        self.limits = EngineLimits(
+            max_model_len=self.max_model_len, block_size=self.page_size, num_pages=num_pages,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            token_buckets=tuple(buckets), async_scheduling=async_scheduling,
+        )
         self.num_pages = num_pages
         self.kv_pages = kv_cache.allocate_kv_pages(arch, num_pages, self.page_size, dtype, mesh, rules)
         self.input_batch = InputBatch(self.page_size, num_pages, config.model.seed, max_pages, self.max_num_seqs)
@@ -228,7 +231,8 @@ class ModelRunner:
             )
         return wanted
 
-    def _resolve_scheduler(self, config: EngineConfig, device, served: bool) -> EngineConfig:
+    def _resolve_scheduler(self, config: EngineConfig, device, served: bool) -> tuple[int, int, list[int], bool]:
+        """(max_num_seqs, max_num_batched_tokens, token buckets, async_scheduling) for this device."""
         sched = config.scheduler
         default_seqs, default_tokens = scheduler_defaults(self.platform, _device_total_bytes(device), served)
         max_num_seqs = sched.max_num_seqs or default_seqs
@@ -239,15 +243,7 @@ class ModelRunner:
         async_scheduling = sched.async_scheduling
         if async_scheduling is None:
             async_scheduling = self.platform != "cpu" or self.model.mesh.devices.size == 1
-        new_sched = dataclasses.replace(
-            sched,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_tokens,
-            token_buckets=buckets,
-            async_scheduling=async_scheduling,
-        )
-        model = dataclasses.replace(config.model, max_model_len=self.max_model_len)
-        return dataclasses.replace(config, scheduler=new_sched, model=model)
+        return max_num_seqs, max_tokens, buckets, async_scheduling
 
     def _abstract_args(self, num_tokens: int, pages_per_seq: int, num_pages: int | None = None):
         num_slots = min(num_tokens, self.max_num_seqs)

@@ -10,9 +10,9 @@ from concurrent.futures import Future
 import numpy as np
 
 from jaxllm import SamplingParams
+from jaxllm.build import build_engine
 from jaxllm.config import DEFAULT_MODEL, EngineConfig
 from jaxllm.engine.llm_engine import LLMEngine
-from jaxllm.llm import build_engine
 from tests.e2e.conftest import COMMON, backend_compiles
 
 # The `llm` fixture's engine options, so the two engines compile the same buckets.

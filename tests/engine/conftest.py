@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import jaxllm
-from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, ModelConfig, SchedulerConfig
 from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.outputs import RequestOutput
@@ -25,15 +25,26 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(STORIES)
 
 
-def make_config(*, num_pages: int = 64, block_size: int = 4, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
+def make_config(*, block_size: int = 4, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
                 async_scheduling: bool = False, enable_prefix_caching: bool = True, stream_interval: int = 1,
                 seed: int = 0) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(seed=seed),
-        cache=CacheConfig(block_size=block_size, num_pages=num_pages, enable_prefix_caching=enable_prefix_caching),
+        cache=CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   async_scheduling=async_scheduling, stream_interval=stream_interval),
     )
+
+
+def new_llm_engine(tokenizer, runner: FakeModelRunner | None = None, *, max_model_len: int = 128,
+                   num_pages: int = 64, log_stats: bool = False, grammar_compiler=None,
+                   **config_kwargs) -> LLMEngine:
+    """An LLMEngine over a FakeModelRunner (a fresh one by default) with a pool of `num_pages`."""
+    config = make_config(**config_kwargs)
+    runner = runner or FakeModelRunner(VOCAB_SIZE, config.cache.block_size)
+    limits = EngineLimits.given(config, max_model_len=max_model_len, num_pages=num_pages)
+    return LLMEngine(config, limits, runner, tokenizer, VOCAB_SIZE, [EOS_ID], log_stats=log_stats,
+                     grammar_compiler=grammar_compiler)
 
 
 MakeEngine = Callable[..., LLMEngine]
@@ -44,12 +55,8 @@ def make_engine(tokenizer) -> Iterator[MakeEngine]:
     """Build LLMEngines over a FakeModelRunner; after the test each must be idle with its whole pool free."""
     engines: list[LLMEngine] = []
 
-    def make(runner: FakeModelRunner | None = None, *, max_model_len: int = 128, log_stats: bool = False,
-             grammar_compiler=None, **config_kwargs) -> LLMEngine:
-        config = make_config(**config_kwargs)
-        runner = runner or FakeModelRunner(VOCAB_SIZE, config.cache.block_size)
-        engine = LLMEngine(config, runner, tokenizer, max_model_len, VOCAB_SIZE, [EOS_ID], log_stats=log_stats,
-                           grammar_compiler=grammar_compiler)
+    def make(runner: FakeModelRunner | None = None, **kwargs) -> LLMEngine:
+        engine = new_llm_engine(tokenizer, runner, **kwargs)
         engines.append(engine)
         return engine
 

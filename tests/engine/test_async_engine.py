@@ -14,7 +14,7 @@ from jaxllm.engine.fake_runner import FakeModelRunner, InjectedFailure
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput, merge_delta
 from jaxllm.sampling_params import SamplingParams
-from tests.engine.conftest import EOS_ID, VOCAB_SIZE, make_config, run_to_completion
+from tests.engine.conftest import VOCAB_SIZE, new_llm_engine, run_to_completion
 from tests.engine.test_llm_engine import SENTENCES
 
 TIMEOUT_S = 10.0
@@ -208,8 +208,7 @@ def test_idle_engine_thread_does_not_step(make_engine):
 
 def test_runner_failure_fails_every_stream_and_kills_the_engine(tokenizer):
     runner = FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.002, fail_at_step=4)
-    engine = LLMEngine(make_config(max_num_batched_tokens=8), runner, tokenizer, 128, VOCAB_SIZE, [EOS_ID],
-                       log_stats=False)
+    engine = new_llm_engine(tokenizer, runner, max_num_batched_tokens=8)
     with started(engine) as async_engine:
         async def main():
             params = SamplingParams(max_tokens=50, ignore_eos=True)

@@ -12,12 +12,11 @@ import pytest
 
 from jaxllm.engine.engine_process import ProcessEngine, pack_output, unpack_output
 from jaxllm.engine.fake_runner import FakeModelRunner
-from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.streams import EngineDeadError
 from jaxllm.generation_config import GenerationDefaults
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxllm.sampling_params import SamplingParams
-from tests.engine.conftest import EOS_ID, STORIES, VOCAB_SIZE, make_config, run_to_completion
+from tests.engine.conftest import EOS_ID, STORIES, VOCAB_SIZE, new_llm_engine, run_to_completion
 from tests.engine.test_async_engine import collect, requests
 
 BLOCK_SIZE = 4
@@ -30,8 +29,8 @@ def fake_engine_parts(delay_s: float = 0.001, fail_at_step: int | None = None, r
     if raise_in_factory:
         raise ValueError("no such model: boom")
     runner = FakeModelRunner(VOCAB_SIZE, BLOCK_SIZE, delay_s=delay_s, fail_at_step=fail_at_step)
-    engine = LLMEngine(make_config(async_scheduling=True, max_num_batched_tokens=16), runner,
-                       AutoTokenizer.from_pretrained(STORIES), 256, VOCAB_SIZE, [EOS_ID], log_stats=False)
+    engine = new_llm_engine(AutoTokenizer.from_pretrained(STORIES), runner, max_model_len=256, async_scheduling=True,
+                            max_num_batched_tokens=16)
     return SimpleNamespace(engine=engine, generation_defaults=GenerationDefaults({"temperature": 0.5}),
                            chat_template="{{ x }}")
 

@@ -10,15 +10,16 @@ from tests.jax_blocker import BLOCK_JAX
 SCRIPT = BLOCK_JAX + """
 
 import asyncio
-from jaxllm.config import CacheConfig, EngineConfig, SchedulerConfig
+from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.sampling_params import SamplingParams
 
-config = EngineConfig(cache=CacheConfig(block_size=4, num_pages=8),
+config = EngineConfig(cache=CacheConfig(block_size=4),
                       scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, async_scheduling=True))
-engine = LLMEngine(config, FakeModelRunner(512, 4), None, 64, 512, [2], log_stats=False)
+limits = EngineLimits.given(config, max_model_len=64, num_pages=8)
+engine = LLMEngine(config, limits, FakeModelRunner(512, 4), None, 512, [2], log_stats=False)
 async_engine = AsyncEngine(engine)
 async_engine.start()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxllm.config import SchedulerConfig
+from jaxllm.config import EngineLimits
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.interfaces import SchedulerOutput
@@ -17,8 +17,8 @@ VOCAB = 512
 
 def make_scheduler(*, num_pages: int = 16, block_size: int = 4, max_num_seqs: int = 4, budget: int = 16,
                    max_model_len: int = 64) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
-                     BlockManager(num_pages, block_size), max_model_len, VOCAB)
+    limits = EngineLimits(max_model_len, block_size, num_pages, max_num_seqs, budget, (budget,), False)
+    return Scheduler(limits, BlockManager(num_pages, block_size), VOCAB)
 
 
 def add(scheduler: Scheduler, req_id: str, num_prompt: int, max_tokens: int = 4, first: int = 10) -> Request:

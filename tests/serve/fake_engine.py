@@ -6,7 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, ModelConfig, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
@@ -38,12 +38,13 @@ def new_llm_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 51
                    fail_at_step: int | None = None) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(model=str(STORIES)),
-        cache=CacheConfig(block_size=block_size, num_pages=num_pages),
+        cache=CacheConfig(block_size=block_size),
         scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096, async_scheduling=False),
     )
     runner = FakeModelRunner(len(tokenizer), block_size, next_token_fn=lambda ctx, seed: script[(len(ctx) + seed)
                              % len(script)], delay_s=delay_s, fail_at_step=fail_at_step)
-    engine = LLMEngine(config, runner, tokenizer, max_model_len, len(tokenizer), eos_token_ids, log_stats=False,
+    limits = EngineLimits.given(config, max_model_len=max_model_len, num_pages=num_pages)
+    engine = LLMEngine(config, limits, runner, tokenizer, len(tokenizer), eos_token_ids, log_stats=False,
                        grammar_compiler=make_grammar_compiler(tokenizer, len(tokenizer)))
     return engine
 

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from jaxllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, ModelConfig, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
@@ -57,11 +57,12 @@ def parrot_engine(tokenizer: Any) -> AsyncEngine:
         return said[written] if written < len(said) else im_end
 
     config = EngineConfig(model=ModelConfig(model=str(fixture_tokenizer("qwen2.5"))),
-                          cache=CacheConfig(block_size=16, num_pages=256),
+                          cache=CacheConfig(block_size=16),
                           scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=2048,
                                                     async_scheduling=False))
     runner = FakeModelRunner(len(tokenizer), 16, next_token_fn=next_token, delay_s=0.001)
-    return AsyncEngine(LLMEngine(config, runner, tokenizer, 2048, len(tokenizer), (im_end,), log_stats=False))
+    limits = EngineLimits.given(config, max_model_len=2048, num_pages=256)
+    return AsyncEngine(LLMEngine(config, limits, runner, tokenizer, len(tokenizer), (im_end,), log_stats=False))
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,13 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
-from jaxllm.engine.fake_runner import FakeModelRunner
-from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.structured import make_grammar_compiler, tool_choice_constraint
 from serve.tool_parsers import ConstrainedToolParser
-from tests.engine.conftest import make_config, run_to_completion
+from tests.engine.conftest import VOCAB_SIZE, new_llm_engine, run_to_completion
 
 STORIES = "jaxllm/data/stories260K"
-VOCAB_SIZE, EOS_ID = 512, 2
+
 SCHEMA = {
     "type": "object",
     "properties": {"hero": {"type": "string", "minLength": 1, "maxLength": 10},
@@ -39,9 +37,9 @@ def tokenizer():
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_constrained_requests_beside_free_ones(tokenizer, async_scheduling: bool) -> None:
-    config = make_config(block_size=4, num_pages=256, max_num_seqs=8, async_scheduling=async_scheduling)
-    engine = LLMEngine(config, FakeModelRunner(VOCAB_SIZE, config.cache.block_size), tokenizer, 512, VOCAB_SIZE,
-                       [EOS_ID], log_stats=False, grammar_compiler=make_grammar_compiler(tokenizer, VOCAB_SIZE))
+    engine = new_llm_engine(tokenizer, max_model_len=512, num_pages=256, max_num_seqs=8,
+                            async_scheduling=async_scheduling,
+                            grammar_compiler=make_grammar_compiler(tokenizer, VOCAB_SIZE))
     named = tool_choice_constraint(TOOLS, {"type": "function", "function": {"name": "find_toy"}})
     specs = {
         "json": StructuredOutputsParams(json=SCHEMA),
@@ -74,9 +72,7 @@ def test_constrained_requests_beside_free_ones(tokenizer, async_scheduling: bool
 
 
 def test_a_bad_spec_is_refused_when_the_request_is_added(tokenizer) -> None:
-    config = make_config(block_size=4, num_pages=64)
-    engine = LLMEngine(config, FakeModelRunner(VOCAB_SIZE, config.cache.block_size), tokenizer, 128, VOCAB_SIZE,
-                       [EOS_ID], log_stats=False, grammar_compiler=make_grammar_compiler(tokenizer, VOCAB_SIZE))
+    engine = new_llm_engine(tokenizer, grammar_compiler=make_grammar_compiler(tokenizer, VOCAB_SIZE))
     params = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "array", "uniqueItems": True}))
     with pytest.raises(ValueError, match="uniqueItems"):
         engine.add_request("bad", [1, 5, 6], params)
