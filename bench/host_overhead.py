@@ -23,11 +23,12 @@ import numpy as np
 from bench.common import model_dir_with_tokenizer
 from jaxllm.build import freeze_startup_heap
 from jaxllm.config import EngineConfig, EngineLimits
+from jaxllm.engine.core import EngineInfo
 from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.runner.input_batch import InputBatch, sampler_flags, sampling_arrays
 from jaxllm.runner.model_runner import page_buckets, token_buckets
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.tokenizer import load_tokenizer
 
 
@@ -95,10 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     engine.scheduler.schedule = timed_schedule
     rng = np.random.default_rng(1)
+    info = EngineInfo.describe(engine)
+    params = SamplingParams(temperature=0.8, max_tokens=args.max_model_len - args.prompt_len, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)  # as LLM.generate
     for i in range(args.num_requests):
-        engine.add_request(str(i), rng.integers(1000, 100000, args.prompt_len).tolist(),
-                           SamplingParams(temperature=0.8, max_tokens=args.max_model_len - args.prompt_len,
-                                          ignore_eos=True), final_only=True)  # as LLM.generate
+        engine.add_request(info.new_request(str(i), rng.integers(1000, 100000, args.prompt_len).tolist(), params))
+
     def prefilling() -> bool:
         return bool(engine.scheduler.waiting) or any(
             r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.running

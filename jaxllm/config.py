@@ -64,8 +64,15 @@ class ModelConfig:
     )
 
     @property
-    def name(self) -> str:
-        return self.served_model_name[0] if self.served_model_name else self.model
+    def served_names(self) -> list[str]:
+        """The names the API answers to, the first reported in responses: --served-model-name, else the
+        --model value as given.
+
+        NOTE: with no --model that value is the bundled model's install path, which no client should have
+        to send, so the bundled model is served by its folder name."""
+        if self.served_model_name:
+            return list(self.served_model_name)
+        return [Path(self.model).name if self.model == DEFAULT_MODEL else self.model]
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +215,7 @@ def option_fields() -> list[tuple[str | None, dataclasses.Field]]:
         out.extend((group, f) for f in dataclasses.fields(klass))
     out.extend((None, f) for f in dataclasses.fields(EngineConfig) if f.name not in GROUPS)
     return out
+
 
 
 def scheduler_defaults(platform: str, device_memory_bytes: int | None, served: bool) -> tuple[int, int]:

@@ -11,9 +11,9 @@ requests in the same order (the offline API with the same prompts): the schedule
 manager and the engine's seeds depend only on that, so the processes stay in lockstep. A process
 that diverges waits in a collective until the runtime times out.
 
-The server runs on process 0 only: its engine loop publishes each iteration's engine calls, which
-the other processes replay (`jaxllm.engine.replication`), through the coordination service that
-`jax.distributed` already runs on process 0 (`StepPublisher` / `StepReceiver`).
+The server runs on process 0 only: its engine loop publishes each iteration (the commands it applied,
+and whether it stepped), which the other processes replay (`jaxllm.engine.core.follow`), through the
+coordination service that `jax.distributed` already runs on process 0 (`StepPublisher` / `StepReceiver`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pickle
 import jax
 
 from jaxllm.config import ParallelConfig
-from jaxllm.engine.replication import StepMessage
+from jaxllm.engine.core import Iteration
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def initialize(parallel: ParallelConfig) -> None:
     )
 
 
-# ----- the multi-process server: process 0's engine calls, replayed on the others -----------------
+# ----- the multi-process server: process 0's loop iterations, replayed on the others ----------------
 
 _STEP_KEY = "jaxllm/steps/{process}/{seq}"
 _POLL_MS = 60_000  # a follower waits this long per poll while the server is idle, then polls again
@@ -78,7 +78,7 @@ def _kv_client():
 
 
 class StepPublisher:
-    """Process 0: each `StepMessage` of its engine loop, sent to every other process (one key each).
+    """Process 0: each `Iteration` of its engine loop, sent to every other process (one key each).
 
     NOTE: messages are pickled; the coordinator is part of the deployment and trusted, as the
     processes already trust each other with the model's collectives.
@@ -89,7 +89,7 @@ class StepPublisher:
         self._followers = range(1, num_processes)
         self._seq = 0
 
-    def __call__(self, message: StepMessage) -> None:
+    def __call__(self, message: Iteration) -> None:
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         for process in self._followers:
             self._client.key_value_set_bytes(_STEP_KEY.format(process=process, seq=self._seq), payload)
@@ -97,14 +97,14 @@ class StepPublisher:
 
 
 class StepReceiver:
-    """Processes 1..N-1: the next `StepMessage` of process 0 (blocks while the server is idle)."""
+    """Processes 1..N-1: the next `Iteration` of process 0 (blocks while the server is idle)."""
 
     def __init__(self, process_id: int):
         self._client = _kv_client()
         self._process = process_id
         self._seq = 0
 
-    def __call__(self) -> StepMessage:
+    def __call__(self) -> Iteration:
         key = _STEP_KEY.format(process=self._process, seq=self._seq)
         while True:
             try:

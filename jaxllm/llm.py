@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 
 from jaxllm.build import build_engine
 from jaxllm.config import EngineConfig
-from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.engine.core import Abort, CommandQueue, EngineCore, EngineInfo
+from jaxllm.outputs import EngineOutput, RequestOutput
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.tokenizer import apply_chat_template, encode_prompt, resolve_chat_template
 
 logger = logging.getLogger(__name__)
@@ -33,15 +34,17 @@ class LLM:
             kwargs["model"] = model
         parts = build_engine(EngineConfig.from_kwargs(**kwargs), served=False)
         self.engine = parts.engine
-        self.generation_defaults = parts.generation_defaults
-        self.chat_template = parts.chat_template
+        self.info = EngineInfo.describe(parts.engine, parts.generation_defaults.sampling, parts.chat_template)
+        # NOTE: processes of a multi-process run have no channel to agree on when a grammar compile has
+        # ended, so there each request waits for its own.
+        self._core = EngineCore(parts.engine, wait_for_grammars=self.engine.config.parallel.num_processes > 1)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.info.tokenizer
 
     def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams(**self.generation_defaults.sampling)
+        return SamplingParams(**self.info.default_sampling)
 
     def generate(
         self,
@@ -49,7 +52,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """A prompt is a string or {"prompt_token_ids": [...]} (optionally with "prompt")."""
+        """A prompt is a string or {"prompt_token_ids": [...]} (optionally with "prompt"). Every request is
+        validated before any runs (`jaxllm.validation.ValidationError`). A request that fails in the engine
+        (a grammar that does not compile) has finish_reason "error" and its `error` set."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         prompts = list(prompts)
@@ -58,19 +63,36 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        order: list[str] = []
+        requests = []
+        for prompt, sp in zip(prompts, params, strict=True):
+            text, token_ids = self._tokenize(prompt)
+            sp = sp.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+            requests.append(self.info.new_request(str(next(self._ids)), token_ids, sp, prompt=text))
+        commands = CommandQueue()
+        commands.put(*requests)
+        # NOTE: in a multi-process run every process returns the same outputs; only process 0 shows progress.
+        show = use_tqdm and self.engine.config.parallel.process_id == 0
+        bar = tqdm(total=len(requests), desc="Processed prompts", unit="req", disable=not show)
+        finished: dict[str, RequestOutput] = {}
+        wanted = {r.request_id: r for r in requests}
+
+        def collect(outputs: list[EngineOutput]) -> None:
+            for out in outputs:
+                request = wanted.get(out.request_id)
+                if out.finished and request is not None and out.request_id not in finished:
+                    finished[out.request_id] = out.to_request_output(out.request_id, request.prompt,
+                                                                     request.prompt_token_ids)
+                    bar.update(1)
+
         try:
-            for prompt, sp in zip(prompts, params, strict=True):
-                text, token_ids = self._tokenize(prompt)
-                request_id = str(next(self._ids))
-                self.engine.add_request(request_id, token_ids, sp, prompt=text, final_only=True)
-                order.append(request_id)
-            return self._run(order, use_tqdm)
+            self._core.run(commands, collect, until_idle=True)
         except BaseException:
-            self.engine.abort_request(order)
-            while self.engine.has_unfinished_requests():
-                self.engine.step()
+            commands.put(Abort(tuple(wanted)))
+            self._core.run(commands, lambda outputs: None, until_idle=True)
             raise
+        finally:
+            bar.close()
+        return [finished[r.request_id] for r in requests]
 
     def chat(
         self,
@@ -87,13 +109,13 @@ class LLM:
         tools) reach the chat template; assistant tool calls fed back may carry their `arguments` as
         JSON text, as the server returns them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.info.tokenizer
         prompts = []
         for conversation in conversations:
             text = apply_chat_template(
                 tokenizer, conversation, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools,
-                chat_template=resolve_chat_template(chat_template) or self.chat_template,
+                chat_template=resolve_chat_template(chat_template) or self.info.chat_template,
                 chat_template_kwargs=chat_template_kwargs,
             )
             ids = encode_prompt(tokenizer, text, add_special_tokens=False)
@@ -102,23 +124,9 @@ class LLM:
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, encode_prompt(self.engine.tokenizer, prompt, add_special_tokens=True)
+            return prompt, encode_prompt(self.info.tokenizer, prompt, add_special_tokens=True)
         if "prompt_token_ids" in prompt:
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])
         if "prompt" in prompt:
-            return prompt["prompt"], encode_prompt(self.engine.tokenizer, prompt["prompt"], add_special_tokens=True)
+            return prompt["prompt"], encode_prompt(self.info.tokenizer, prompt["prompt"], add_special_tokens=True)
         raise ValueError("a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids'")
-
-    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
-        wanted = set(order)
-        # NOTE: in a multi-process run every process returns the same outputs; only process 0 shows progress.
-        show = use_tqdm and self.engine.config.parallel.process_id == 0
-        bar = tqdm(total=len(order), desc="Processed prompts", unit="req", disable=not show)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished and out.request_id in wanted and out.request_id not in finished:
-                    finished[out.request_id] = out
-                    bar.update(1)
-        bar.close()
-        return [finished[r] for r in order]

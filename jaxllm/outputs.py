@@ -1,8 +1,15 @@
-"""`RequestOutput` and `CompletionOutput`, shaped as vLLM's."""
+"""`RequestOutput` and `CompletionOutput`, shaped as vLLM's, and `EngineOutput`, the engine's per-step form.
+
+The engine emits one `EngineOutput` per request with news each step. It is made of tuples, so it
+crosses the process boundary as it is (the engine process pickles a step's outputs in one send);
+the client that submitted the request turns it into the `RequestOutput` its caller reads, adding
+the prompt it kept (`EngineOutput.to_request_output`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass
@@ -25,7 +32,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: SampleLogprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
 
     def finished(self) -> bool:
@@ -42,6 +49,39 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Why the request failed (its outputs' finish_reason is "error"), e.g. a grammar that did not compile.
+    error: str | None = None
+
+
+class SequenceOutput(NamedTuple):
+    """One sequence's part of an `EngineOutput`: `CompletionOutput`'s fields, in its order."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: SampleLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class EngineOutput(NamedTuple):
+    """What the engine reports of one request in one step (all of it, or what is new: the request's
+    `output_kind`)."""
+
+    request_id: str
+    sequences: list[SequenceOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
+    metrics: dict[str, float] | None = None  # with the finished output only
+    error: str | None = None  # the request failed; it is finished
+
+    def to_request_output(self, request_id: str, prompt: str | None, prompt_token_ids: list[int]) -> RequestOutput:
+        """The caller's `RequestOutput` (under its own request id), with the prompt the client kept."""
+        return RequestOutput(request_id, prompt, prompt_token_ids, [CompletionOutput(*s) for s in self.sequences],
+                             self.finished, self.prompt_logprobs, self.num_cached_tokens, self.metrics or {},
+                             self.error)
 
 
 def merge_delta(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -67,4 +107,5 @@ def merge_delta(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
     earlier.finished = later.finished
     earlier.num_cached_tokens = later.num_cached_tokens
     earlier.metrics = later.metrics
+    earlier.error = later.error
     return earlier

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 from jaxllm.config import EngineConfig
 from jaxllm.engine.async_engine import AsyncEngine
+from jaxllm.engine.client import EngineClient
+from jaxllm.engine.core import follow
 from jaxllm.engine.engine_process import ProcessEngine
-from jaxllm.engine.replication import follow
 
 if TYPE_CHECKING:
     from jaxllm.build import EngineParts
@@ -29,10 +30,9 @@ def build_served_engine(config: EngineConfig, log_stats: bool = False) -> Engine
     return build_engine(config, served=True, log_stats=log_stats)
 
 
-def build_async_engine(config: EngineConfig, *, log_stats: bool = True,
-                       in_process: bool = False) -> AsyncEngine | ProcessEngine:
+def build_async_engine(config: EngineConfig, *, log_stats: bool = True, in_process: bool = False) -> EngineClient:
     """The server's engine: its loop in a child process (`ProcessEngine`), or on a thread of this
-    one with `in_process` and on every multi-process run, whose process 0 publishes its engine calls."""
+    one with `in_process` and on every multi-process run, whose process 0 publishes its loop's iterations."""
     if not in_process and config.parallel.num_processes == 1:
         return ProcessEngine(functools.partial(build_served_engine, config, log_stats))
     parts = build_served_engine(config, log_stats)
@@ -41,15 +41,13 @@ def build_async_engine(config: EngineConfig, *, log_stats: bool = True,
         from jaxllm import distributed  # noqa: PLC0415
 
         publish = distributed.StepPublisher(config.parallel.num_processes)
-    engine = AsyncEngine(parts.engine, publish)
-    engine.generation_defaults = parts.generation_defaults
-    engine.chat_template = parts.chat_template
-    return engine
+    return AsyncEngine(parts.engine, publish, default_sampling=parts.generation_defaults.sampling,
+                       chat_template=parts.chat_template)
 
 
 def follow_process_zero(config: EngineConfig) -> int:
     """Processes 1..N-1 of a multi-process server: no HTTP; build the same engine and replay process 0's
-    engine loop until it stops (`jaxllm.engine.replication`). Returns the number of steps run."""
+    engine loop until it stops (`jaxllm.engine.core.follow`). Returns the number of steps run."""
     from jaxllm import distributed  # noqa: PLC0415
 
     parts = build_served_engine(config)

@@ -171,7 +171,7 @@ class IncrementalDetokenizer:
 
 @dataclass(frozen=True)
 class Finish:
-    reason: str  # "stop" | "length" | "abort"
+    reason: str  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop string or stop token id; None for EOS and length
 
 

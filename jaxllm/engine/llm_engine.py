@@ -1,11 +1,12 @@
-"""`LLMEngine`: requests in, `RequestOutput`s out, one `step()` at a time (single thread, no jax).
+"""`LLMEngine`: validated requests in, `EngineOutput`s out, one `step()` at a time (single thread, no jax).
 
     step: schedule -> runner.execute -> [async: finish the previous step] -> [constrained requests:
           their masks, then the sampling] -> scheduler.update_from_output -> detokenize, check stops
           -> free finished -> outputs
 
 A user request with `n > 1` becomes n child requests ("{i}_{request_id}") sharing the prompt, so
-the prefix cache shares its pages; their outputs are gathered into one `RequestOutput`.
+the prefix cache shares its pages; their outputs are gathered into one `EngineOutput`. The loop that
+feeds and steps it is `jaxllm.engine.core.EngineCore`.
 """
 
 from __future__ import annotations
@@ -15,27 +16,31 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jaxllm.config import EngineConfig, EngineLimits
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Finish, OutputDetokenizer
 from jaxllm.engine.interfaces import ModelRunnerOutput, ModelRunnerProtocol, SchedulerOutput, StepHandle, TokenLogprobs
 from jaxllm.engine.metrics import EngineMetrics
-from jaxllm.engine.request import Grammar, Request, RequestStatus
+from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import SampledToken, Scheduler
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxllm.outputs import EngineOutput, Logprob, SequenceOutput
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from jaxllm.engine.core import AddRequest
+
 logger = logging.getLogger(__name__)
 
-STATS_INTERVAL_S = 5.0
+LOG_STATS_INTERVAL_S = 5.0  # between the periodic stats lines
 MAX_RANDOM_SEED = 2**31 - 1
 
-GrammarCompiler = Callable[[SamplingParams], Grammar]
+# SamplingParams (with the engine's stop ids) -> a compiled grammar: `.new_matcher()` gives each request its
+# `Grammar` (`jaxllm.structured.make_grammar_compiler`). Raises ValueError for a spec it cannot compile.
+GrammarCompiler = Callable[[SamplingParams], Any]
 
 _FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
 
@@ -61,14 +66,13 @@ class _Group:
     """One user request: its n sequences and how its outputs are reported."""
 
     request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    delta: bool
-    final_only: bool = False  # report once, when finished (the offline API: no per-step copies)
+    output_kind: RequestOutputKind
     sequences: list[_Sequence] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # position 0 is None
     sent_prompt_logprobs: bool = False
     arrival_wall_time: float = field(default_factory=time.time)
+    error: str | None = None  # why it failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -105,84 +109,75 @@ class LLMEngine:
 
     # ---- requests in ----
 
-    def validate_request(self, prompt_token_ids: list[int], sampling_params: SamplingParams) -> int:
-        """Raise ValueError (vLLM's wording) for a request this engine cannot serve; returns its max_tokens."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise ValueError("The decoder prompt cannot be empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of vocabulary")
-        sampling_params.validate_vocab(self.vocab_size)
-        for kind, value in (("sample", sampling_params.logprobs), ("prompt", sampling_params.prompt_logprobs)):
-            if value is not None and value > MAX_LOGPROBS:  # the sampler computes this many
-                raise ValueError(f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
-                                 f"{MAX_LOGPROBS}")
-        max_tokens = sampling_params.max_tokens
-        if max_tokens is None:
-            if num_prompt >= self.max_model_len:
-                raise ValueError(
-                    f"This model's maximum context length is {self.max_model_len} tokens. However, your request "
-                    f"has {num_prompt} input tokens. Please reduce the length of the input messages.")
-            max_tokens = self.max_model_len - num_prompt
-        elif num_prompt + max_tokens > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{max_tokens} output tokens and your prompt contains at least {num_prompt} input tokens, for a "
-                f"total of at least {num_prompt + max_tokens} tokens. Please reduce the length of the input "
-                "prompt or the number of requested output tokens.")
-        block_size, num_pages = self.limits.block_size, self.limits.num_pages
-        pages_needed = -(-(num_prompt + max_tokens - 1) // block_size)  # the last token's KV is never computed
-        if pages_needed > num_pages:
-            raise ValueError(
-                f"The request needs {pages_needed} KV pages of {block_size} tokens ({num_prompt} prompt + "
-                f"{max_tokens} output tokens), more than the {num_pages} pages of the KV cache.")
-        if sampling_params.structured_outputs is not None and self.grammar_compiler is None:
-            raise ValueError("structured_outputs is not supported by this engine (no grammar backend)")
-        return max_tokens
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                    prompt: str | None = None, cache_salt: str | None = None, *, delta: bool = False,
-                    final_only: bool = False) -> None:
-        """Queue a request. delta=True: report only what is new since the last output (streaming);
-        final_only=True: report only the finished output (vLLM's RequestOutputKind.FINAL_ONLY)."""
+    def add_request(self, command: AddRequest) -> None:
+        """Queue a validated request (`EngineInfo.new_request`). With structured outputs it waits for
+        `grammar_ready` (or `fail_request`) before it is scheduled."""
+        request_id, params = command.request_id, command.params
         if request_id in self._groups:
             raise ValueError(f"Request id {request_id} is already running.")
-        max_tokens = self.validate_request(prompt_token_ids, sampling_params)
-        prompt_token_ids = list(prompt_token_ids)
-        group = _Group(request_id, prompt, prompt_token_ids, delta, final_only)
-        n = sampling_params.n
+        prompt_token_ids = command.prompt_token_ids
+        group = _Group(request_id, params.output_kind, prompt_token_ids=prompt_token_ids)
+        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
+        n = params.n
         for index in range(n):
-            seed = (sampling_params.seed + index if sampling_params.seed is not None
-                    else self._seed_rng.randint(0, MAX_RANDOM_SEED))
-            params = sampling_params.clone(n=1, seed=seed, all_stop_token_ids=set(self.eos_token_ids))
-            grammar = self.grammar_compiler(params) if params.structured_outputs is not None else None
+            seed = params.seed + index if params.seed is not None else self._seed_rng.randint(0, MAX_RANDOM_SEED)
+            child = params.clone(n=1, seed=seed, all_stop_token_ids=set(self.eos_token_ids))
             child_id = request_id if n == 1 else f"{index}_{request_id}"
-            request = Request(child_id, prompt_token_ids, params, max_tokens, cache_salt=cache_salt, grammar=grammar)
-            wants_logprobs = params.logprobs is not None
+            request = Request(child_id, prompt_token_ids, child, command.max_tokens, cache_salt=command.cache_salt)
+            if params.structured_outputs is not None:
+                request.status = RequestStatus.WAITING_FOR_GRAMMAR
+            wants_logprobs = child.logprobs is not None
             sequence = _Sequence(request, index,
-                                 OutputDetokenizer(self.tokenizer, prompt_token_ids, params, max_tokens,
+                                 OutputDetokenizer(self.tokenizer, prompt_token_ids, child, command.max_tokens,
                                                    self.max_model_len, defer_text=final_only),
                                  [] if wants_logprobs else None, 0.0 if wants_logprobs else None)
             group.sequences.append(sequence)
-        if sampling_params.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         self._groups[request_id] = group
         for sequence in group.sequences:
             self._sequences[sequence.request.req_id] = (group, sequence)
             self.scheduler.add_request(sequence.request)
 
+    def compile_grammar(self, params: SamplingParams) -> Any:
+        """The compiled grammar of a request's structured outputs, ending on this engine's stop ids
+        (`EngineCore` calls it on a worker thread)."""
+        assert self.grammar_compiler is not None, "validation refuses structured outputs without a grammar backend"
+        return self.grammar_compiler(params.clone(all_stop_token_ids=set(self.eos_token_ids)))
+
+    def is_waiting_for_grammar(self, request_id: str) -> bool:
+        group = self._groups.get(request_id)
+        return group is not None and any(
+            seq.request.status == RequestStatus.WAITING_FOR_GRAMMAR for seq in group.sequences)
+
+    def grammar_ready(self, request_id: str, grammar: Any) -> None:
+        """The request's grammar has compiled: each of its sequences gets a matcher and may be scheduled."""
+        for sequence in self._groups[request_id].sequences:
+            if sequence.request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                sequence.request.grammar = grammar.new_matcher()
+                self.scheduler.grammar_ready(sequence.request.req_id)
+
+    def fail_request(self, request_id: str, error: str) -> None:
+        """End a request with an error (its grammar did not compile): finish_reason "error", `error` reported."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return
+        group.error = error
+        self._end(group, RequestStatus.FINISHED_ERROR, Finish("error"))
+
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests (user request ids): their pages are freed now; the next step() reports them."""
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             group = self._groups.get(request_id)
-            if group is None:
-                continue
-            for sequence in group.sequences:
-                if sequence.finish_reason is None:
-                    self.scheduler.finish_request(sequence.request.req_id, RequestStatus.FINISHED_ABORTED)
-                    self._finish(sequence, Finish("abort"))
-            self._changed[request_id] = group
+            if group is not None:
+                self._end(group, RequestStatus.FINISHED_ABORTED, Finish("abort"))
+
+    def _end(self, group: _Group, status: RequestStatus, finish: Finish) -> None:
+        for sequence in group.sequences:
+            if sequence.finish_reason is None:
+                self.scheduler.finish_request(sequence.request.req_id, status)
+                self._finish(sequence, finish)
+        self._changed[group.request_id] = group
 
     def shutdown(self) -> None:
         """Stop the runner's background work (buckets still loading)."""
@@ -191,9 +186,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups) or self._in_flight is not None
 
+    def needs_step(self) -> bool:
+        """Whether `step()` has anything to do: a step in flight, outputs to report, or requests to schedule
+        (those waiting for their grammar alone are not)."""
+        return self._in_flight is not None or bool(self._changed) or self.scheduler.has_schedulable_requests()
+
     # ---- the step ----
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[EngineOutput]:
         scheduler_output = self.scheduler.schedule()
         handle = None if scheduler_output.is_empty else self.runner.execute(scheduler_output)
         if self._in_flight is not None:
@@ -227,14 +227,12 @@ class LLMEngine:
         group, sequence = self._sequences[request.req_id]
         if request.grammar is not None:
             request.grammar.accept_token(sampled.token_id)
-        with self.metrics._lock:
-            if request.first_token_time is None:
-                request.first_token_time = now
-                self.metrics.time_to_first_token.observe(now - request.arrival_time)
-                self.metrics.prompt_tokens_total += len(request.prompt_token_ids) - max(request.num_cached_tokens, 0)
-            else:
-                self.metrics.inter_token_latency.observe(now - (request.last_token_time or now))
-            self.metrics.generation_tokens_total += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+            computed_prompt = len(request.prompt_token_ids) - max(request.num_cached_tokens, 0)
+            self.metrics.first_token(now - request.arrival_time, computed_prompt)
+        else:
+            self.metrics.next_token(now - (request.last_token_time or now))
         request.last_token_time = now
         if sequence.logprobs is not None and sampled.logprobs is not None:
             sequence.logprobs.append(self._logprob_dict(sampled.logprobs, sampled.token_id))
@@ -247,11 +245,7 @@ class LLMEngine:
 
     def _finish(self, sequence: _Sequence, finish: Finish) -> None:
         sequence.finish_reason, sequence.stop_reason = finish.reason, finish.stop_reason
-        request = sequence.request
-        with self.metrics._lock:
-            self.metrics.request_success_total[finish.reason] = (
-                self.metrics.request_success_total.get(finish.reason, 0) + 1)
-            self.metrics.e2e_request_latency.observe(time.monotonic() - request.arrival_time)
+        self.metrics.request_finished(finish.reason, time.monotonic() - sequence.request.arrival_time)
 
     def _collect_prompt_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
         if not runner_output.prompt_logprobs:
@@ -271,35 +265,31 @@ class LLMEngine:
 
     # ---- outputs ----
 
-    def _make_output(self, group: _Group) -> RequestOutput | None:
-        if group.final_only and not group.finished:
-            return None
-        completions = []
-        for sequence in group.sequences:
-            completion = self._completion(sequence, group.delta)
-            if completion is not None:
-                completions.append(completion)
-        if group.delta and not completions:
-            return None
+    def _make_output(self, group: _Group) -> EngineOutput | None:
+        kind = group.output_kind
         finished = group.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind == RequestOutputKind.DELTA
+        sequences = [out for sequence in group.sequences if (out := self._sequence_output(sequence, delta))]
+        if delta and not sequences:
+            return None
         if finished:
             del self._groups[group.request_id]
             for sequence in group.sequences:
                 self._sequences.pop(sequence.request.req_id, None)
         prompt_logprobs = group.prompt_logprobs
-        if group.delta:
+        if delta:
             prompt_logprobs = None if group.sent_prompt_logprobs else prompt_logprobs
             group.sent_prompt_logprobs = True
         first = group.sequences[0].request
-        return RequestOutput(
-            request_id=group.request_id, prompt=group.prompt, prompt_token_ids=group.prompt_token_ids,
-            outputs=completions, finished=finished, prompt_logprobs=prompt_logprobs,
-            num_cached_tokens=max(first.num_cached_tokens, 0), metrics=self._request_metrics(group))
+        return EngineOutput(group.request_id, sequences, finished, max(first.num_cached_tokens, 0), prompt_logprobs,
+                            self._request_metrics(group) if finished else None, group.error)
 
-    def _completion(self, sequence: _Sequence, delta: bool) -> CompletionOutput | None:
+    def _sequence_output(self, sequence: _Sequence, delta: bool) -> SequenceOutput | None:
         """The sequence's output (delta: what is new, or None when there is nothing to send yet)."""
         if sequence.sent_final:
-            return None if delta else self._cumulative_completion(sequence)
+            return None if delta else self._cumulative(sequence)
         token_ids = sequence.detokenizer.token_ids
         finished = sequence.finish_reason is not None
         num_new_tokens = len(token_ids) - sequence.num_sent_tokens
@@ -310,17 +300,16 @@ class LLMEngine:
         sequence.num_sent_chars, sequence.num_sent_tokens = len(text), len(token_ids)
         sequence.sent_final = finished
         if not delta:
-            return self._cumulative_completion(sequence)
+            return self._cumulative(sequence)
         logprobs = None if sequence.logprobs is None else sequence.logprobs[start_tokens:]
-        return CompletionOutput(sequence.index, text[start_chars:], token_ids[start_tokens:],
-                                sequence.cumulative_logprob, logprobs, sequence.finish_reason, sequence.stop_reason)
+        return SequenceOutput(sequence.index, text[start_chars:], token_ids[start_tokens:],
+                              sequence.cumulative_logprob, logprobs, sequence.finish_reason, sequence.stop_reason)
 
     @staticmethod
-    def _cumulative_completion(sequence: _Sequence) -> CompletionOutput:
+    def _cumulative(sequence: _Sequence) -> SequenceOutput:
         logprobs = None if sequence.logprobs is None else list(sequence.logprobs)
-        return CompletionOutput(sequence.index, sequence.detokenizer.text_to_emit(),
-                                list(sequence.detokenizer.token_ids), sequence.cumulative_logprob, logprobs,
-                                sequence.finish_reason, sequence.stop_reason)
+        return SequenceOutput(sequence.index, sequence.detokenizer.text_to_emit(), list(sequence.detokenizer.token_ids),
+                              sequence.cumulative_logprob, logprobs, sequence.finish_reason, sequence.stop_reason)
 
     def _request_metrics(self, group: _Group) -> dict[str, float]:
         request = group.sequences[0].request
@@ -348,21 +337,18 @@ class LLMEngine:
     # ---- statistics ----
 
     def _update_gauges(self) -> None:
-        scheduler, metrics = self.scheduler, self.metrics
-        with metrics._lock:
-            metrics.num_requests_running = len(scheduler.running)
-            metrics.num_requests_waiting = len(scheduler.waiting)
-            metrics.kv_cache_usage = self.block_manager.usage
-            metrics.num_preemptions_total = scheduler.num_preemptions
-            metrics.prefix_cache_queries_total = self.block_manager.prefix_cache_queries
-            metrics.prefix_cache_hits_total = self.block_manager.prefix_cache_hits
+        scheduler, block_manager = self.scheduler, self.block_manager
+        self.metrics.set_gauges(
+            running=len(scheduler.running), waiting=len(scheduler.waiting), kv_cache_usage=block_manager.usage,
+            num_free_pages=block_manager.num_free_pages, preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=block_manager.prefix_cache_queries, prefix_cache_hits=block_manager.prefix_cache_hits)
         if self.log_stats:
             self._maybe_log_stats()
 
     def _maybe_log_stats(self) -> None:
         now = time.monotonic()
         last_time, last_prompt, last_generation = self._last_stats
-        if now - last_time < STATS_INTERVAL_S:
+        if now - last_time < LOG_STATS_INTERVAL_S:
             return
         m = self.metrics
         elapsed = now - last_time

@@ -1,7 +1,8 @@
 """Engine statistics with vLLM's meanings; `serve/` renders them as Prometheus text.
 
-The engine thread updates one `EngineMetrics`; readers take `snapshot()` copies. No
-prometheus-client: the counters and histograms are plain data.
+The engine's thread records into one `EngineMetrics` through its methods; readers on other threads
+take `snapshot()` copies (the engine process sends those to the HTTP process). No prometheus-client:
+the counters and histograms are plain data.
 """
 
 from __future__ import annotations
@@ -54,11 +55,37 @@ class EngineMetrics:
     num_preemptions_total: int = 0
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of which found there
+    num_free_pages: int = 0  # KV pages neither in use nor cached
     request_success_total: dict[str, int] = field(default_factory=dict)  # finish_reason -> count
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     inter_token_latency: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e_request_latency: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def first_token(self, time_to_first_token: float, computed_prompt_tokens: int) -> None:
+        """A request's first output token; its prompt tokens that were computed (prefix-cache hits are not)."""
+        with self._lock:
+            self.time_to_first_token.observe(time_to_first_token)
+            self.prompt_tokens_total += computed_prompt_tokens
+            self.generation_tokens_total += 1
+
+    def next_token(self, inter_token_latency: float) -> None:
+        with self._lock:
+            self.inter_token_latency.observe(inter_token_latency)
+            self.generation_tokens_total += 1
+
+    def request_finished(self, finish_reason: str, e2e_latency: float) -> None:
+        with self._lock:
+            self.request_success_total[finish_reason] = self.request_success_total.get(finish_reason, 0) + 1
+            self.e2e_request_latency.observe(e2e_latency)
+
+    def set_gauges(self, *, running: int, waiting: int, kv_cache_usage: float, num_free_pages: int, preemptions: int,
+                   prefix_cache_queries: int, prefix_cache_hits: int) -> None:
+        with self._lock:
+            self.num_requests_running, self.num_requests_waiting = running, waiting
+            self.kv_cache_usage, self.num_free_pages = kv_cache_usage, num_free_pages
+            self.num_preemptions_total = preemptions
+            self.prefix_cache_queries_total, self.prefix_cache_hits_total = prefix_cache_queries, prefix_cache_hits
 
     def snapshot(self) -> EngineMetrics:
         with self._lock:

@@ -1,7 +1,8 @@
 """Per-request output streams from an engine loop (any thread) to asyncio consumers.
 
-Used by both engine clients: `AsyncEngine` (engine loop on a thread) and `ProcessEngine` (engine
-loop in a child process, outputs handed over by a reader thread).
+`EngineClient` opens one `RequestStream` per request, keyed by the engine's id for it, and hands the
+caller a `GenerationStream` over it. Outputs arrive from the engine's thread (in-thread engine) or the
+reader thread of the engine process, one batch per step.
 
 A stream holds at most one pending output: when its consumer has not taken the last one yet, the
 next is merged into it (`merge_delta`), as vLLM's output collector does. A client that reads slower
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from jaxllm.outputs import RequestOutput, merge_delta
 
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended this request with an error (e.g. its grammar did not compile); the message says why."""
 
 
 def engine_dead_error(cause: BaseException) -> EngineDeadError:
@@ -29,7 +34,7 @@ def engine_dead_error(cause: BaseException) -> EngineDeadError:
     return error
 
 
-class OutputStream:
+class RequestStream:
     """One request's outputs on their way to its consumer; touched only on the consumer's event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -66,61 +71,47 @@ class OutputStream:
         return item
 
 
-def _deliver_all(items: list[tuple[OutputStream, RequestOutput]]) -> None:
+def _deliver_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
     for stream, output in items:
         stream.deliver(output)
 
 
 class OpenStreams:
-    """The streams of the requests in flight, by request id; thread-safe."""
+    """The streams of the requests in flight, by key; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._streams: dict[str, OutputStream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._dead: Callable[[], BaseException] | None = None
 
-    def open(self, request_id: str) -> OutputStream:
-        """A new stream on the running event loop; raises the engine's death or a duplicate id."""
-        stream = OutputStream(asyncio.get_running_loop())
+    def open(self, key: str) -> RequestStream:
+        """A new stream on the running event loop; raises the engine's death."""
+        stream = RequestStream(asyncio.get_running_loop())
         with self._lock:  # NOTE: checked under the lock `fail_all` takes, so no stream is orphaned
             if self._dead is not None:
                 raise self._dead()
-            if request_id in self._streams:
-                raise ValueError(f"Request id {request_id} is already running.")
-            self._streams[request_id] = stream
+            self._streams[key] = stream
         return stream
 
-    def get(self, request_id: str) -> OutputStream | None:
+    def close(self, key: str) -> RequestStream | None:
         with self._lock:
-            return self._streams.get(request_id)
-
-    def close(self, request_id: str) -> OutputStream | None:
-        with self._lock:
-            return self._streams.pop(request_id, None)
-
-    def reject(self, request_id: str, error: BaseException) -> None:
-        """The engine refused the request: its consumer gets the error from its first `__anext__`."""
-        stream = self.close(request_id)
-        if stream is not None:
-            stream.put(error)
+            return self._streams.pop(key, None)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._streams)
 
-    def deliver(self, outputs: list[RequestOutput]) -> None:
-        """One step's outputs to their streams, with one wake-up per event loop.
+    def deliver(self, outputs: list[tuple[str, RequestOutput]]) -> None:
+        """One step's outputs (by key) to their streams, with one wake-up per event loop.
 
         NOTE: each `call_soon_threadsafe` writes to the loop's self-pipe and takes its lock: one per
         output (hundreds per step when serving many streams) cost the engine thread and the event
         loop more than the handoff itself.
         """
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, RequestOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         with self._lock:
-            for output in outputs:
-                stream = self._streams.get(output.request_id)
-                if output.finished:
-                    self._streams.pop(output.request_id, None)
+            for key, output in outputs:
+                stream = self._streams.pop(key, None) if output.finished else self._streams.get(key)
                 if stream is not None:
                     batches.setdefault(stream.loop, []).append((stream, output))
         for loop, items in batches.items():
@@ -138,23 +129,48 @@ class OpenStreams:
             stream.put(make_error())
 
 
-async def consume(stream: OutputStream, abandon: Callable[[], None]) -> AsyncIterator[RequestOutput]:
-    """A stream's outputs until the finished one; `abandon()` when the consumer leaves before it.
+class GenerationStream:
+    """A request's DELTA outputs, for `async for`; the last has finished=True. A request the engine ended
+    with an error raises `RequestFailedError`, a dead engine `EngineDeadError`.
 
-    NOTE: a generator that re-yields these must close this one in its own `aclose()` (wrap it in
-    `contextlib.aclosing`): a plain `async for` leaves it to the event loop's finalizer, and the abort
-    (and the request id) would wait for it."""
-    finished = False
-    try:
-        while True:
-            item = await stream.next()
-            if isinstance(item, BaseException):
-                finished = True  # the engine already dropped it
-                raise item
-            finished = item.finished
-            yield item
-            if finished:
-                return
-    finally:
-        if not finished:  # the consumer went away (disconnect, cancellation): free its pages now
-            abandon()
+    `aclose()` before the end (a disconnect, an error elsewhere) abandons the request, which aborts it in
+    the engine and frees its KV pages; that holds even if it was never iterated. So does a cancellation
+    of the task waiting on it."""
+
+    def __init__(self, stream: RequestStream, abandon: Callable[[], None]) -> None:
+        self._stream = stream
+        self._abandon = abandon
+        self._done = False
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._stream.next()
+        except asyncio.CancelledError:  # the consumer's task was cancelled while it waited: it has gone
+            self._close()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True  # the engine already dropped it
+            raise item
+        if item.error is not None:
+            self._done = True
+            raise RequestFailedError(item.error)
+        self._done = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._abandon()
+
+    def __del__(self) -> None:
+        # NOTE: a safety net for a consumer that drops the stream unfinished without closing it (a plain
+        # `async for` left by an exception): its request must not run on, holding KV pages.
+        self._close()

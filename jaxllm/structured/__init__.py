@@ -3,10 +3,12 @@ that write packed allowed-token bitmasks, and the JSON schemas behind `tool_choi
 
 Data flow: the server turns `response_format` / `structured_outputs` (`structured_outputs_from_request`)
 or `tool_choice` (`tool_choice_constraint`) into a `StructuredOutputsParams` and calls
-`compile_grammar(spec, tokenizer, vocab_size)` (cached; a bad spec raises `ValueError`, which the server
-answers with a 400). The engine gives each constrained request `compiled.new_matcher()`
-(`make_grammar_compiler(tokenizer, vocab_size)` is that, as the `grammar_compiler` `LLMEngine` takes);
-for every step where such a request samples, once the previous step's tokens are accepted and while
+`compile_grammar(spec, tokenizer, vocab_size)` on a worker thread (a bad spec raises `ValueError`, which the
+server answers with a 400 before its response starts). The engine process compiles it again, on its own
+thread pool (`jaxllm.engine.core.GrammarCompiles`; `make_grammar_compiler(tokenizer, vocab_size)` is the
+`grammar_compiler` `LLMEngine` takes), and holds that request back in the scheduler until it is ready; each
+of its sequences then gets `compiled.new_matcher()`. For every step where such a request samples, once the
+previous step's tokens are accepted and while
 this step's forward runs on the device, it calls `matcher.fill_bitmask(row)` into the request's row of
 `SchedulerOutput.grammar_bitmask` (`Scheduler.grammar_bitmask`); the runner then masks the logits on
 device (the reference is `apply_bitmask_numpy`), and every sampled token goes back through

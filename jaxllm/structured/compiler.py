@@ -184,17 +184,17 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def make_grammar_compiler(tokenizer: Any, vocab_size: int) -> Callable[[SamplingParams], GrammarMatcher]:
-    """The engine's `grammar_compiler`: a request's SamplingParams -> a fresh matcher for it.
+def make_grammar_compiler(tokenizer: Any, vocab_size: int) -> Callable[[SamplingParams], CompiledGrammar]:
+    """The engine's `grammar_compiler`: a request's SamplingParams -> its compiled grammar (each of the
+    request's sequences takes `new_matcher()` of it).
 
     EOS is the request's `all_stop_token_ids` (the model's stop tokens, filled in by the engine), else the
-    tokenizer's. Compiles are cached, so a server that compiled the spec while validating pays nothing here.
-    """
+    tokenizer's. The engine core calls it on a worker thread, off its loop."""
 
-    def new_matcher(params: SamplingParams) -> GrammarMatcher:
+    def compile_for(params: SamplingParams) -> CompiledGrammar:
         if params.structured_outputs is None:
             raise ValueError("the request has no structured_outputs")
         eos = sorted(params.all_stop_token_ids) or None
-        return compile_grammar(params.structured_outputs, tokenizer, vocab_size, eos).new_matcher()
+        return compile_grammar(params.structured_outputs, tokenizer, vocab_size, eos)
 
-    return new_matcher
+    return compile_for

@@ -9,9 +9,11 @@ import pytest
 
 import jaxllm
 from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, ModelConfig, SchedulerConfig
-from jaxllm.engine.fake_runner import FakeModelRunner
+from jaxllm.engine.core import EngineInfo
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
+from tests.engine.fake_runner import FakeModelRunner
 
 STORIES = Path(jaxllm.__file__).parent / "data" / "stories260K"
 VOCAB_SIZE = 512
@@ -67,12 +69,29 @@ def make_engine(tokenizer) -> Iterator[MakeEngine]:
         assert all(count == 0 for count in engine.block_manager.ref_counts)
 
 
+def add(engine: LLMEngine, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+        prompt: str | None = None, cache_salt: str | None = None,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
+    """Validate and queue a request, as the engine's clients do. A grammar compiles here, at once (the
+    engine core compiles it off its loop and decides when it is ready; tests of that drive the core)."""
+    params = params.clone(output_kind=output_kind)
+    info = EngineInfo.describe(engine)
+    engine.add_request(info.new_request(request_id, prompt_token_ids, params, prompt=prompt, cache_salt=cache_salt))
+    if params.structured_outputs is not None:
+        engine.grammar_ready(request_id, engine.compile_grammar(params))
+
+
+def step(engine: LLMEngine) -> list[RequestOutput]:
+    """One step's outputs, as the caller's `RequestOutput`s (no prompt: the engine keeps none)."""
+    return [out.to_request_output(out.request_id, None, []) for out in engine.step()]
+
+
 def run_to_completion(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, RequestOutput]:
     """Step until idle; the last output of each request."""
     final: dict[str, RequestOutput] = {}
     for _ in range(max_steps):
         if not engine.has_unfinished_requests():
             return final
-        for output in engine.step():
+        for output in step(engine):
             final[output.request_id] = output
     raise AssertionError("the engine did not finish")

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from jaxllm.engine.async_engine import AsyncEngine, EngineDeadError
-from jaxllm.engine.fake_runner import FakeModelRunner, InjectedFailure
+from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.engine.streams import EngineDeadError, RequestFailedError
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput, merge_delta
-from jaxllm.sampling_params import SamplingParams
-from tests.engine.conftest import VOCAB_SIZE, new_llm_engine, run_to_completion
+from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
+from jaxllm.validation import ValidationError
+from tests.engine.conftest import VOCAB_SIZE, add, new_llm_engine, run_to_completion
+from tests.engine.fake_runner import FakeModelRunner, InjectedFailure
 from tests.engine.test_llm_engine import SENTENCES
 
 TIMEOUT_S = 10.0
@@ -50,14 +52,15 @@ def requests(tokenizer) -> list[tuple[str, list[int], SamplingParams]]:
 def test_concurrent_streams_concatenate_to_the_offline_outputs(make_engine, tokenizer):
     offline = make_engine()
     for request_id, prompt, params in requests(tokenizer):
-        offline.add_request(request_id, prompt, params)
+        add(offline, request_id, prompt, params)
     expected = {rid: out.outputs[0] for rid, out in run_to_completion(offline).items()}
 
     engine = make_engine(FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.001), async_scheduling=True,
                          max_num_batched_tokens=16)
     with started(engine) as async_engine:
-        assert (async_engine.max_model_len, async_engine.vocab_size) == (128, VOCAB_SIZE)
-        assert async_engine.tokenizer is tokenizer and async_engine.config is engine.config
+        info = async_engine.info
+        assert (info.max_model_len, info.vocab_size, info.eos_token_ids) == (128, VOCAB_SIZE, {2})
+        assert info.tokenizer is tokenizer and info.config is engine.config and info.limits is engine.limits
 
         async def main():
             results = await asyncio.gather(*(collect(async_engine, *r) for r in requests(tokenizer)))
@@ -71,7 +74,7 @@ def test_concurrent_streams_concatenate_to_the_offline_outputs(make_engine, toke
             assert "".join(d.outputs[0].text for d in deltas) == want.text
             assert [t for d in deltas for t in d.outputs[0].token_ids] == want.token_ids
             assert deltas[-1].outputs[0].finish_reason == want.finish_reason
-        assert async_engine.num_free_pages() == async_engine.num_pages
+        assert async_engine.num_free_pages() == info.limits.num_pages
         assert async_engine.metrics().generation_tokens_total == sum(len(w.token_ids) for w in expected.values())
 
 
@@ -79,7 +82,7 @@ def test_a_slow_consumer_gets_the_steps_it_missed_merged_into_one_output(make_en
     prompt = tokenizer.encode(SENTENCES[0])
     params = SamplingParams(max_tokens=40, ignore_eos=True, logprobs=2)
     offline = make_engine()
-    offline.add_request("r", prompt, params)
+    add(offline, "r", prompt, params)
     want = run_to_completion(offline)["r"].outputs[0]
 
     engine = make_engine(FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.001), max_model_len=256)
@@ -134,7 +137,7 @@ def test_consumer_going_away_aborts_and_frees_pages(make_engine, tokenizer, how)
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-            await wait_for(lambda: async_engine.num_free_pages() == async_engine.num_pages)
+            await wait_for(lambda: async_engine.num_free_pages() == async_engine.info.limits.num_pages)
             await async_engine.wait_idle()
             return received
 
@@ -162,25 +165,37 @@ def test_abort_ends_the_stream_with_abort(make_engine, tokenizer):
         assert len(outputs) < 50
 
 
-def test_validation_errors_come_from_the_first_anext(make_engine, tokenizer):
+def test_invalid_requests_raise_at_once_and_a_failed_grammar_fails_its_stream(make_engine, tokenizer):
     def broken_compiler(params):
         raise ValueError("unsupported regex: boom")
 
     engine = make_engine(grammar_compiler=broken_compiler)
     with started(engine) as async_engine:
         async def main():
-            stream = async_engine.generate([], SamplingParams(), "empty")  # creating it raises nothing
-            with pytest.raises(ValueError, match="prompt cannot be empty"):
-                await stream.__anext__()
-            with pytest.raises(ValueError, match="maximum context length"):
-                await async_engine.generate([5] * 100, SamplingParams(max_tokens=100), "long").__anext__()
-            from jaxllm.sampling_params import StructuredOutputsParams
+            with pytest.raises(ValidationError, match="prompt cannot be empty"):
+                async_engine.generate([], SamplingParams(), "empty")  # nothing is sent
+            with pytest.raises(ValidationError, match="maximum context length"):
+                async_engine.generate([5] * 100, SamplingParams(max_tokens=100), "long")
             spec = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"))
-            with pytest.raises(ValueError, match="boom"):  # raised on the engine thread, delivered to the stream
-                await async_engine.generate([5, 6], spec, "grammar").__anext__()
+            stream = async_engine.generate([5, 6], spec, "grammar")
+            with pytest.raises(RequestFailedError, match="boom"):  # compiled in the engine, delivered to the stream
+                await stream.__anext__()
+            await async_engine.wait_idle()
+            assert async_engine.num_free_pages() == async_engine.info.limits.num_pages
+
+        asyncio.run(main())
+
+
+def test_a_stream_closed_before_it_was_read_aborts_its_request(make_engine, tokenizer):
+    engine = make_engine(FakeModelRunner(VOCAB_SIZE, 4, delay_s=0.002), max_model_len=256)
+    with started(engine) as async_engine:
+        async def main():
+            stream = async_engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "unread")
+            await stream.aclose()
             await async_engine.wait_idle()
 
         asyncio.run(main())
+        assert async_engine.metrics().request_success_total == {"abort": 1}
 
 
 def test_idle_engine_thread_does_not_step(make_engine):
@@ -218,7 +233,7 @@ def test_runner_failure_fails_every_stream_and_kills_the_engine(tokenizer):
             assert all(isinstance(r.__cause__, InjectedFailure) for r in results)
             assert async_engine.is_dead and isinstance(async_engine.dead_error, InjectedFailure)
             with pytest.raises(EngineDeadError):
-                await async_engine.generate([5, 6], params, "late").__anext__()
+                async_engine.generate([5, 6], params, "late")
 
         asyncio.run(main())
 

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from jaxllm.engine.engine_process import ProcessEngine, pack_output, unpack_output
-from jaxllm.engine.fake_runner import FakeModelRunner
+from jaxllm.engine.engine_process import ProcessEngine
 from jaxllm.engine.streams import EngineDeadError
 from jaxllm.generation_config import GenerationDefaults
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.outputs import EngineOutput, Logprob, SequenceOutput
 from jaxllm.sampling_params import SamplingParams
-from tests.engine.conftest import EOS_ID, STORIES, VOCAB_SIZE, new_llm_engine, run_to_completion
+from jaxllm.validation import ValidationError
+from tests.engine.conftest import EOS_ID, STORIES, VOCAB_SIZE, add, new_llm_engine, run_to_completion
+from tests.engine.fake_runner import FakeModelRunner
 from tests.engine.test_async_engine import collect, requests
 
 BLOCK_SIZE = 4
@@ -46,12 +47,13 @@ def process_engine():
 def test_streams_match_the_offline_outputs_and_every_page_comes_back(process_engine, make_engine, tokenizer):
     offline = make_engine(max_model_len=256)
     for request_id, prompt, params in requests(tokenizer):
-        offline.add_request(request_id, prompt, params)
+        add(offline, request_id, prompt, params)
     expected = {rid: out.outputs[0] for rid, out in run_to_completion(offline).items()}
     engine = process_engine
-    assert (engine.max_model_len, engine.vocab_size, engine.eos_token_ids) == (256, VOCAB_SIZE, frozenset([EOS_ID]))
-    assert engine.tokenizer.encode("Once upon a time") == tokenizer.encode("Once upon a time")
-    assert engine.generation_defaults.sampling == {"temperature": 0.5} and engine.chat_template == "{{ x }}"
+    info = engine.info
+    assert (info.max_model_len, info.vocab_size, info.eos_token_ids) == (256, VOCAB_SIZE, frozenset([EOS_ID]))
+    assert info.tokenizer.encode("Once upon a time") == tokenizer.encode("Once upon a time")
+    assert info.default_sampling == {"temperature": 0.5} and info.chat_template == "{{ x }}"
 
     async def main():
         results = await asyncio.gather(*(collect(engine, *r) for r in requests(tokenizer)))
@@ -65,13 +67,13 @@ def test_streams_match_the_offline_outputs_and_every_page_comes_back(process_eng
         assert [t for d in deltas for t in d.outputs[0].token_ids] == want.token_ids
         assert deltas[-1].outputs[0].finish_reason == want.finish_reason
         assert all(d.prompt_token_ids == prompt for d in deltas)
-    assert engine.num_free_pages() == engine.num_pages
+    assert engine.num_free_pages() == engine.info.limits.num_pages
     metrics = engine.metrics()
     assert metrics.generation_tokens_total >= sum(len(w.token_ids) for w in expected.values())
     assert metrics.num_requests_running == 0 and sum(metrics.request_success_total.values()) >= len(expected)
 
 
-def test_leaving_a_stream_aborts_it_and_refusals_raise_from_the_first_anext(process_engine, tokenizer):
+def test_leaving_a_stream_aborts_it_and_refusals_raise_at_once(process_engine, tokenizer):
     engine = process_engine
 
     async def main():
@@ -82,10 +84,10 @@ def test_leaving_a_stream_aborts_it_and_refusals_raise_from_the_first_anext(proc
         assert len(engine._streams) == 0  # closed at once: the id can be used again right away
         again = engine.generate([5, 6], SamplingParams(max_tokens=2, ignore_eos=True), "leaver")
         assert len([o async for o in again]) >= 1
-        with pytest.raises(ValueError, match="prompt cannot be empty"):
-            await engine.generate([], SamplingParams(), "empty").__anext__()
-        with pytest.raises(ValueError, match="maximum context length"):
-            await engine.generate([5] * 200, SamplingParams(max_tokens=100), "long").__anext__()
+        with pytest.raises(ValidationError, match="prompt cannot be empty"):
+            engine.generate([], SamplingParams(), "empty")
+        with pytest.raises(ValidationError, match="maximum context length"):
+            engine.generate([5] * 200, SamplingParams(max_tokens=100), "long")
         aborted = []
         async for output in engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "to-abort"):
             aborted.append(output)
@@ -96,7 +98,7 @@ def test_leaving_a_stream_aborts_it_and_refusals_raise_from_the_first_anext(proc
     outputs, aborted = asyncio.run(main())
     assert not outputs[-1].finished
     assert aborted[-1].finished and aborted[-1].outputs[0].finish_reason == "abort"
-    assert engine.num_free_pages() == engine.num_pages
+    assert engine.num_free_pages() == engine.info.limits.num_pages
 
 
 def test_a_failing_engine_loop_fails_every_stream_and_new_requests(tokenizer):
@@ -110,7 +112,7 @@ def test_a_failing_engine_loop_fails_every_stream_and_new_requests(tokenizer):
             assert "InjectedFailure" in str(results[0].__cause__)
             assert engine.is_dead
             with pytest.raises(EngineDeadError):
-                await engine.generate([5, 6], params, "late").__anext__()
+                engine.generate([5, 6], params, "late")
 
         asyncio.run(main())
     finally:
@@ -137,12 +139,11 @@ def test_a_killed_engine_process_fails_its_streams():
 def test_a_command_that_cannot_cross_the_pipe_kills_the_engine_instead_of_stalling_it():
     engine = ProcessEngine(fake_engine_parts)
     try:
-        params = SamplingParams(max_tokens=4)
-        params.unpicklable = lambda: None  # as if a field could not be pickled
-
         async def main():
+            # as if a field could not be pickled
+            stream = engine.generate([5, 6], SamplingParams(max_tokens=4), "r", prompt=lambda: None)
             with pytest.raises(EngineDeadError):
-                await engine.generate([5, 6], params, "r").__anext__()
+                await stream.__anext__()
 
         asyncio.run(asyncio.wait_for(main(), 30))
         assert engine.is_dead and "could not send" in str(engine.dead_error)
@@ -155,13 +156,12 @@ def test_a_factory_that_raises_fails_the_constructor_with_its_traceback():
         ProcessEngine(functools.partial(fake_engine_parts, raise_in_factory=True))
 
 
-def test_outputs_cross_the_pipe_packed_without_their_prompt():
-    output = RequestOutput("r", "hi", [1, 2, 3], [CompletionOutput(0, "a", [5], -1.0, [{5: Logprob(-1.0, 1, "a")}],
-                                                                  "stop", "a")],
-                           finished=True, prompt_logprobs=[None, {2: Logprob(-0.5)}], num_cached_tokens=2,
-                           metrics={"e2e_latency": 1.0})
-    packed = pack_output(output)
-    assert [1, 2, 3] not in packed
-    assert unpack_output(packed, "r", [1, 2, 3], "hi") == output
-    output.finished = False  # a running request's metrics stay behind
-    assert unpack_output(pack_output(output), "r", [1, 2, 3], "hi").metrics == {}
+def test_outputs_cross_the_pipe_as_tuples_without_their_prompt():
+    output = EngineOutput("r#3", [SequenceOutput(0, "a", [5], -1.0, [{5: Logprob(-1.0, 1, "a")}], "stop", "a")],
+                          finished=True, prompt_logprobs=[None, {2: Logprob(-0.5)}], num_cached_tokens=2,
+                          metrics={"e2e_latency": 1.0})
+    assert isinstance(output, tuple) and all(isinstance(s, tuple) for s in output.sequences)
+    request = output.to_request_output("r", "hi", [1, 2, 3])
+    assert (request.request_id, request.prompt, request.prompt_token_ids) == ("r", "hi", [1, 2, 3])
+    assert request.outputs[0].text == "a" and request.outputs[0].stop_reason == "a"
+    assert request.metrics == {"e2e_latency": 1.0} and request.error is None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
 from jaxllm.engine import llm_engine
-from jaxllm.engine.fake_runner import FAKE_LOGPROB_STEP, FakeModelRunner, fake_next_token
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
-from tests.engine.conftest import EOS_ID, VOCAB_SIZE, run_to_completion
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+from jaxllm.validation import ValidationError
+from tests.engine.conftest import EOS_ID, VOCAB_SIZE, add, run_to_completion, step
+from tests.engine.fake_runner import FAKE_LOGPROB_STEP, FakeModelRunner, fake_next_token
 from tests.engine.test_scheduler import EvenTokensGrammar
 
 SENTENCES = [
@@ -43,7 +45,7 @@ def summarize(outputs: dict[str, RequestOutput]) -> dict[str, list[tuple]]:
 def run_workload(make_engine, tokenizer, **config) -> tuple[dict[str, list[tuple]], object]:
     engine = make_engine(**config)
     for request_id, prompt, params in workload(tokenizer):
-        engine.add_request(request_id, prompt, params)
+        add(engine, request_id, prompt, params)
     outputs = run_to_completion(engine)
     assert all(out.finished for out in outputs.values())
     return summarize(outputs), engine
@@ -79,7 +81,7 @@ def test_every_scheduling_mode_gives_the_reference_outputs(make_engine, tokenize
 def test_fake_runner_rule_by_hand(make_engine):
     assert fake_next_token([5, 6], 0, 512) == (7 * 6 + 2 + 11) % 512 == 55
     engine = make_engine()
-    engine.add_request("r", [5, 6], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    add(engine, "r", [5, 6], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     tokens = run_to_completion(engine)["r"].outputs[0].token_ids
     assert tokens == [55, fake_next_token([5, 6, 55], 0, VOCAB_SIZE)]
 
@@ -87,7 +89,7 @@ def test_fake_runner_rule_by_hand(make_engine):
 def test_n_children_have_distinct_seeds_and_share_the_prompt(make_engine, tokenizer):
     prompt = tokenizer.encode(SENTENCES[0])  # 16 tokens: 3 full blocks of 4 before the last token
     engine = make_engine()
-    engine.add_request("seeded", prompt, SamplingParams(n=3, seed=7, temperature=1.0, max_tokens=4))
+    add(engine, "seeded", prompt, SamplingParams(n=3, seed=7, temperature=1.0, max_tokens=4))
     out = run_to_completion(engine)["seeded"]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     seeds = {new.req_id: new.sampling_params.seed for step in engine.runner.history for new in step.new_requests}
@@ -98,8 +100,8 @@ def test_n_children_have_distinct_seeds_and_share_the_prompt(make_engine, tokeni
 
     def unseeded_seeds(model_seed: int) -> list[int]:
         engine = make_engine(seed=model_seed)
-        engine.add_request("r", prompt, SamplingParams(n=3, temperature=1.0, max_tokens=2))
-        engine.add_request("greedy", prompt, SamplingParams(n=2, temperature=0.0, max_tokens=3))
+        add(engine, "r", prompt, SamplingParams(n=3, temperature=1.0, max_tokens=2))
+        add(engine, "greedy", prompt, SamplingParams(n=2, temperature=0.0, max_tokens=3))
         outputs = run_to_completion(engine)
         greedy = outputs["greedy"].outputs
         assert greedy[0].token_ids == greedy[1].token_ids
@@ -116,17 +118,17 @@ def test_n_children_have_distinct_seeds_and_share_the_prompt(make_engine, tokeni
 def test_abort_frees_pages_at_once_and_reports_abort(make_engine, tokenizer, async_scheduling):
     engine = make_engine(async_scheduling=async_scheduling)
     prompt = tokenizer.encode(SENTENCES[1])
-    engine.add_request("keep", prompt, SamplingParams(max_tokens=20, ignore_eos=True))
-    engine.add_request("drop", tokenizer.encode(SENTENCES[2]),
+    add(engine, "keep", prompt, SamplingParams(max_tokens=20, ignore_eos=True))
+    add(engine, "drop", tokenizer.encode(SENTENCES[2]),
                        SamplingParams(n=2, temperature=1.0, max_tokens=20, ignore_eos=True))
     for _ in range(3):
-        engine.step()
+        step(engine)
     held = {page for r in engine.scheduler.running if r.req_id.endswith("_drop") for page in r.page_ids}
     assert len(held) >= 7  # the children share their prompt's full blocks, not the rest
     free_before = engine.block_manager.num_free_pages
     engine.abort_request("drop")
     assert engine.block_manager.num_free_pages == free_before + len(held)
-    outputs = {o.request_id: o for o in engine.step()}
+    outputs = {o.request_id: o for o in step(engine)}
     assert outputs["drop"].finished and [c.finish_reason for c in outputs["drop"].outputs] == ["abort", "abort"]
     assert {"0_drop", "1_drop"} <= engine.runner.history[-1].finished_req_ids
     final = run_to_completion(engine)
@@ -134,41 +136,50 @@ def test_abort_frees_pages_at_once_and_reports_abort(make_engine, tokenizer, asy
     assert engine.metrics.snapshot().request_success_total == {"abort": 2, "length": 1}
 
 
-def test_validation_errors_use_vllms_wording(make_engine):
+def test_validation_errors_use_vllms_wording_and_name_the_field(make_engine):
     engine = make_engine(max_model_len=128)
     params = SamplingParams(max_tokens=50)
-    with pytest.raises(ValueError) as e:
-        engine.add_request("r", [5] * 100, params)
+    with pytest.raises(ValidationError) as e:
+        add(engine, "r", [5] * 100, params)
     assert str(e.value) == (
         "This model's maximum context length is 128 tokens. However, you requested 50 output tokens and your "
         "prompt contains at least 100 input tokens, for a total of at least 150 tokens. Please reduce the length "
         "of the input prompt or the number of requested output tokens.")
-    with pytest.raises(ValueError, match="maximum context length is 128 tokens. However, your request has 128"):
-        engine.add_request("r", [5] * 128, SamplingParams(max_tokens=None))
-    with pytest.raises(ValueError, match="prompt cannot be empty"):
-        engine.add_request("r", [], params)
-    with pytest.raises(ValueError, match="Token id 512 is out of vocabulary"):
-        engine.add_request("r", [5, 512], params)
-    with pytest.raises(ValueError, match="stop_token_ids"):
-        engine.add_request("r", [5], SamplingParams(stop_token_ids=[9999]))
-    with pytest.raises(ValueError, match="structured_outputs"):
-        engine.add_request("r", [5], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")))
-    with pytest.raises(ValueError, match="Requested sample logprobs of 21, which is greater than max allowed: 20"):
-        engine.add_request("r", [5], SamplingParams(logprobs=21))
-    with pytest.raises(ValueError, match="Requested prompt logprobs of 50, which is greater than max allowed: 20"):
-        engine.add_request("r", [5], SamplingParams(prompt_logprobs=50))
+    assert e.value.param == "max_tokens"
+    cases = [
+        ([5] * 128, SamplingParams(max_tokens=None), "input_tokens",
+         "maximum context length is 128 tokens. However, your request has 128"),
+        ([5] * 130, SamplingParams(max_tokens=4), "input_tokens", "you requested 4 output tokens"),
+        ([], params, "prompt", "prompt cannot be empty"),
+        ([5, 512], params, "prompt", r"Token ids \[512\] are out of vocabulary \(size 512\)"),
+        ([5], SamplingParams(stop_token_ids=[9999]), "stop_token_ids", "out of vocabulary"),
+        ([5], SamplingParams(logit_bias={600: 1.0}), "logit_bias", "out of vocabulary"),
+        ([5], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")), "structured_outputs",
+         "no grammar backend"),
+        ([5], SamplingParams(logprobs=21), "logprobs",
+         "Requested sample logprobs of 21, which is greater than max allowed: 20"),
+        ([5], SamplingParams(prompt_logprobs=50), "prompt_logprobs",
+         "Requested prompt logprobs of 50, which is greater than max allowed: 20"),
+    ]
+    for prompt, case_params, param, message in cases:
+        with pytest.raises(ValidationError, match=message) as e:
+            add(engine, "r", prompt, case_params)
+        assert e.value.param == param
     small = make_engine(num_pages=4, block_size=4)
-    with pytest.raises(ValueError, match="needs 5 KV pages"):
-        small.add_request("r", [5] * 10, SamplingParams(max_tokens=8))
-    engine.add_request("r", [5], SamplingParams(max_tokens=1))
+    with pytest.raises(ValidationError, match="needs 5 KV pages"):
+        add(small, "r", [5] * 10, SamplingParams(max_tokens=8))
+    with pytest.raises(ValidationError, match="top_p must be in") as e:
+        SamplingParams(top_p=0.0)
+    assert e.value.param == "top_p"
+    add(engine, "r", [5], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="already running"):
-        engine.add_request("r", [5], SamplingParams(max_tokens=1))
+        add(engine, "r", [5], SamplingParams(max_tokens=1))
     run_to_completion(engine)
 
 
 def test_max_tokens_none_runs_to_the_context_length(make_engine):
     engine = make_engine(max_model_len=40)
-    engine.add_request("r", list(range(10, 40)), SamplingParams(max_tokens=None, ignore_eos=True))
+    add(engine, "r", list(range(10, 40)), SamplingParams(max_tokens=None, ignore_eos=True))
     out = run_to_completion(engine)["r"].outputs[0]
     assert len(out.token_ids) == 10 and out.finish_reason == "length"
 
@@ -176,7 +187,7 @@ def test_max_tokens_none_runs_to_the_context_length(make_engine):
 def test_logprobs_and_prompt_logprobs(make_engine, tokenizer):
     engine = make_engine(max_num_batched_tokens=5)  # the prompt arrives in chunks
     prompt = tokenizer.encode(SENTENCES[2])
-    engine.add_request("r", prompt, SamplingParams(logprobs=2, prompt_logprobs=1, max_tokens=6, ignore_eos=True))
+    add(engine, "r", prompt, SamplingParams(logprobs=2, prompt_logprobs=1, max_tokens=6, ignore_eos=True))
     out = run_to_completion(engine)["r"]
     completion = out.outputs[0]
     assert len(completion.logprobs) == len(completion.token_ids) == 6
@@ -190,7 +201,7 @@ def test_logprobs_and_prompt_logprobs(make_engine, tokenizer):
 
 def test_no_logprobs_unless_asked(make_engine):
     engine = make_engine()
-    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3))
+    add(engine, "r", [5, 6, 7], SamplingParams(max_tokens=3))
     out = run_to_completion(engine)["r"]
     assert out.outputs[0].logprobs is None and out.outputs[0].cumulative_logprob is None
     assert out.prompt_logprobs is None
@@ -201,14 +212,14 @@ def test_delta_outputs_concatenate_to_the_cumulative_ones(make_engine, tokenizer
     prompt = tokenizer.encode(SENTENCES[3])
     params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=10, logprobs=1, stop=["e"])
     cumulative = make_engine()
-    cumulative.add_request("r", prompt, params)
+    add(cumulative, "r", prompt, params)
     expected = run_to_completion(cumulative)["r"].outputs
 
     engine = make_engine(stream_interval=stream_interval)
-    engine.add_request("r", prompt, params, delta=True)
+    add(engine, "r", prompt, params, output_kind=RequestOutputKind.DELTA)
     text, tokens, logprobs, finish = ["", ""], [[], []], [[], []], [None, None]
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in step(engine):
             for c in out.outputs:
                 assert finish[c.index] is None, "nothing after the final delta"
                 assert len(c.token_ids) >= stream_interval or c.finish_reason is not None
@@ -224,9 +235,9 @@ def test_delta_outputs_concatenate_to_the_cumulative_ones(make_engine, tokenizer
 def test_metrics_and_cached_tokens(make_engine, tokenizer):
     engine = make_engine()
     prompt = tokenizer.encode(SENTENCES[0])  # 16 tokens: 3 full blocks of 4 before the last token
-    engine.add_request("a", prompt, SamplingParams(max_tokens=4, ignore_eos=True))
+    add(engine, "a", prompt, SamplingParams(max_tokens=4, ignore_eos=True))
     first = run_to_completion(engine)["a"]
-    engine.add_request("b", prompt, SamplingParams(max_tokens=3, ignore_eos=True))
+    add(engine, "b", prompt, SamplingParams(max_tokens=3, ignore_eos=True))
     second = run_to_completion(engine)["b"]
     assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 12)
     m = engine.metrics.snapshot()
@@ -243,8 +254,8 @@ def test_metrics_and_cached_tokens(make_engine, tokenizer):
 def test_eos_from_the_model_ends_a_request(make_engine):
     runner = FakeModelRunner(VOCAB_SIZE, 4, next_token_fn=lambda ctx, seed: EOS_ID if len(ctx) >= 6 else 40)
     engine = make_engine(runner)
-    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=10))
-    engine.add_request("ignore", [5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True))
+    add(engine, "r", [5, 6, 7], SamplingParams(max_tokens=10))
+    add(engine, "ignore", [5, 6, 7], SamplingParams(max_tokens=5, ignore_eos=True))
     outputs = run_to_completion(engine)
     assert outputs["r"].outputs[0].token_ids == [40, 40, 40, EOS_ID]
     assert (outputs["r"].outputs[0].finish_reason, outputs["r"].outputs[0].stop_reason) == ("stop", None)
@@ -256,11 +267,14 @@ def test_grammar_masks_follow_accepted_tokens_and_overlap_the_forward(make_engin
     grammars = []
     events: list[str] = []
 
-    def compile_grammar(params: SamplingParams) -> EvenTokensGrammar:
-        assert params.structured_outputs is not None and params.all_stop_token_ids == {EOS_ID}
+    def new_matcher() -> EvenTokensGrammar:
         grammars.append(EvenTokensGrammar())
         grammars[-1].calls = events
         return grammars[-1]
+
+    def compile_grammar(params: SamplingParams) -> SimpleNamespace:
+        assert params.structured_outputs is not None and params.all_stop_token_ids == {EOS_ID}
+        return SimpleNamespace(new_matcher=new_matcher)
 
     engine = make_engine(grammar_compiler=compile_grammar, async_scheduling=async_scheduling)
     execute = engine.runner.execute
@@ -271,8 +285,8 @@ def test_grammar_masks_follow_accepted_tokens_and_overlap_the_forward(make_engin
 
     engine.runner.execute = logged_execute
     spec = StructuredOutputsParams(regex="even")
-    engine.add_request("g", [5, 6, 7], SamplingParams(max_tokens=4, structured_outputs=spec, ignore_eos=True))
-    engine.add_request("free", [5, 6, 8], SamplingParams(max_tokens=4, ignore_eos=True))
+    add(engine, "g", [5, 6, 7], SamplingParams(max_tokens=4, structured_outputs=spec, ignore_eos=True))
+    add(engine, "free", [5, 6, 8], SamplingParams(max_tokens=4, ignore_eos=True))
     outputs = run_to_completion(engine)
     tokens = outputs["g"].outputs[0].token_ids
     assert len(tokens) == 4 and all(t % 2 == 0 for t in tokens)
@@ -289,9 +303,9 @@ def test_grammar_masks_follow_accepted_tokens_and_overlap_the_forward(make_engin
 
 
 def test_periodic_stats_line(make_engine, monkeypatch, caplog):
-    monkeypatch.setattr(llm_engine, "STATS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(llm_engine, "LOG_STATS_INTERVAL_S", 0.0)
     engine = make_engine(log_stats=True)
-    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=2))
+    add(engine, "r", [5, 6, 7], SamplingParams(max_tokens=2))
     with caplog.at_level(logging.INFO, logger="jaxllm.engine.llm_engine"):
         run_to_completion(engine)
     assert any("generation throughput" in r.message and "KV cache usage" in r.message and
@@ -301,11 +315,11 @@ def test_periodic_stats_line(make_engine, monkeypatch, caplog):
 def test_final_only_reports_once_when_finished(make_engine):
     engine = make_engine()
     params = SamplingParams(max_tokens=6, ignore_eos=True, seed=5)
-    engine.add_request("final", list(range(10, 20)), params, final_only=True)
-    engine.add_request("every", list(range(10, 20)), params)
+    add(engine, "final", list(range(10, 20)), params, output_kind=RequestOutputKind.FINAL_ONLY)
+    add(engine, "every", list(range(10, 20)), params)
     seen: dict[str, list] = {"final": [], "every": []}
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in step(engine):
             seen[out.request_id].append(out)
     assert len(seen["final"]) == 1 and seen["final"][0].finished
     assert len(seen["every"]) > 1

@@ -12,7 +12,7 @@ SCRIPT = BLOCK_JAX + """
 import asyncio
 from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
-from jaxllm.engine.fake_runner import FakeModelRunner
+from tests.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.sampling_params import SamplingParams
 

@@ -6,11 +6,11 @@ import numpy as np
 
 from jaxllm.config import EngineLimits
 from jaxllm.engine.block_manager import BlockManager
-from jaxllm.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.interfaces import SchedulerOutput
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import Scheduler
 from jaxllm.sampling_params import SamplingParams
+from tests.engine.fake_runner import FakeModelRunner
 
 VOCAB = 512
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, ModelConfig, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
-from jaxllm.engine.fake_runner import FakeModelRunner
+from tests.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.generation_config import GenerationDefaults
 from jaxllm.structured import make_grammar_compiler

@@ -18,7 +18,7 @@ import pytest
 
 from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, ModelConfig, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
-from jaxllm.engine.fake_runner import FakeModelRunner
+from tests.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.tokenizer import load_tokenizer
 from tests.fixtures import fixture_tokenizer

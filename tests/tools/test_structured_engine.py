@@ -10,10 +10,11 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
+from jaxllm.engine.core import CommandQueue, EngineCore, EngineInfo
 from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.structured import make_grammar_compiler, tool_choice_constraint
 from serve.tool_parsers import ConstrainedToolParser
-from tests.engine.conftest import VOCAB_SIZE, new_llm_engine, run_to_completion
+from tests.engine.conftest import VOCAB_SIZE, add, new_llm_engine, run_to_completion
 
 STORIES = "jaxllm/data/stories260K"
 
@@ -50,8 +51,8 @@ def test_constrained_requests_beside_free_ones(tokenizer, async_scheduling: bool
     prompt = tokenizer.encode("Once upon a time")
     for name, spec in specs.items():
         params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=150, structured_outputs=spec)
-        engine.add_request(name, prompt, params)
-    engine.add_request("free", prompt, SamplingParams(max_tokens=20, ignore_eos=True))
+        add(engine, name, prompt, params)
+    add(engine, "free", prompt, SamplingParams(max_tokens=20, ignore_eos=True))
     outputs = run_to_completion(engine)
 
     assert len(outputs["free"].outputs[0].token_ids) == 20  # an unconstrained neighbour is untouched
@@ -71,9 +72,17 @@ def test_constrained_requests_beside_free_ones(tokenizer, async_scheduling: bool
                 jsonschema.validate(json.loads(call["function"]["arguments"]), TOOLS[0]["function"]["parameters"])
 
 
-def test_a_bad_spec_is_refused_when_the_request_is_added(tokenizer) -> None:
+def test_a_spec_that_does_not_compile_ends_only_its_request_with_an_error(tokenizer) -> None:
     engine = new_llm_engine(tokenizer, grammar_compiler=make_grammar_compiler(tokenizer, VOCAB_SIZE))
-    params = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "array", "uniqueItems": True}))
-    with pytest.raises(ValueError, match="uniqueItems"):
-        engine.add_request("bad", [1, 5, 6], params)
+    info = EngineInfo.describe(engine)
+    bad = SamplingParams(n=2, structured_outputs=StructuredOutputsParams(json={"type": "array", "uniqueItems": True}))
+    commands = CommandQueue()
+    commands.put(info.new_request("bad", [1, 5, 6], bad),
+                 info.new_request("ok", [1, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True)))
+    outputs = {}
+    EngineCore(engine).run(commands, lambda step: outputs.update({o.request_id: o for o in step}), until_idle=True)
+    assert outputs["bad"].finished and "uniqueItems" in outputs["bad"].error
+    assert [s.finish_reason for s in outputs["bad"].sequences] == ["error", "error"]
+    assert outputs["ok"].error is None and outputs["ok"].sequences[0].finish_reason == "length"
     assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_pages

@@ -1,0 +1,130 @@
+"""Request validation, once, with one set of messages: sampling ranges, then the request against the model.
+
+    validate_sampling(params)                       when SamplingParams is built (its own ranges)
+    validate_request(prompt_token_ids, params, ...)  before a request reaches the engine: the prompt, the
+                                                     output budget against the context and the KV pool,
+                                                     token ids against the vocabulary, logprobs limits
+
+Both raise `ValidationError`, a ValueError that carries the offending request field as `param` (vLLM's
+`VLLMValidationError`); the server answers it with a 400 naming that field, the offline `LLM` raises it.
+The server calls `validate_request` before it answers, so a bad streamed request gets its 400 before any
+200; the engine trusts what it is given.
+
+Only the standard library here: the engine, the server and the offline API all import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxllm.config import EngineLimits
+    from jaxllm.sampling_params import SamplingParams
+
+# Logprobs per position at most (vLLM's default max_logprobs): the sampler computes this many.
+MAX_LOGPROBS = 20
+
+
+class ValidationError(ValueError):
+    """A request the engine cannot serve; `param` names the request field at fault (None: the request)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _check(ok: bool, params: SamplingParams, name: str, msg: str) -> None:
+    if not ok:
+        raise ValidationError(f"{name} {msg}, got {getattr(params, name)!r}.", name)
+
+
+def validate_sampling(p: SamplingParams) -> None:
+    """The ranges of each sampling field, as vLLM's SamplingParams checks them."""
+    _check(isinstance(p.n, int) and p.n >= 1, p, "n", "must be at least 1")
+    _check(-2.0 <= p.presence_penalty <= 2.0, p, "presence_penalty", "must be in [-2, 2]")
+    _check(-2.0 <= p.frequency_penalty <= 2.0, p, "frequency_penalty", "must be in [-2, 2]")
+    _check(0.0 < p.repetition_penalty <= 2.0, p, "repetition_penalty", "must be in (0, 2]")
+    _check(p.temperature >= 0.0, p, "temperature", "must be non-negative")
+    _check(0.0 < p.top_p <= 1.0, p, "top_p", "must be in (0, 1]")
+    _check(isinstance(p.top_k, int) and p.top_k >= 0, p, "top_k", "must be 0 or -1 (disable), or at least 1")
+    _check(0.0 <= p.min_p <= 1.0, p, "min_p", "must be in [0, 1]")
+    _check(p.max_tokens is None or (isinstance(p.max_tokens, int) and p.max_tokens >= 1), p, "max_tokens",
+           "must be at least 1")
+    _check(isinstance(p.min_tokens, int) and p.min_tokens >= 0, p, "min_tokens", "must be non-negative")
+    if p.max_tokens is not None:
+        _check(p.min_tokens <= p.max_tokens, p, "min_tokens", "must be less than or equal to max_tokens")
+    _check(p.logprobs is None or (isinstance(p.logprobs, int) and p.logprobs >= 0), p, "logprobs",
+           "must be non-negative")
+    _check(p.prompt_logprobs is None or (isinstance(p.prompt_logprobs, int) and p.prompt_logprobs >= 0), p,
+           "prompt_logprobs", "must be non-negative")
+    _check(p.seed is None or isinstance(p.seed, int), p, "seed", "must be an integer")
+    _check(all(isinstance(s, str) and s for s in p.stop), p, "stop", "must be non-empty strings")
+    _check(all(isinstance(t, int) for t in p.stop_token_ids), p, "stop_token_ids", "must be integers")
+    _check(p.allowed_token_ids is None or len(p.allowed_token_ids) > 0, p, "allowed_token_ids", "must not be empty")
+    if p.logit_bias:
+        _check(all(-100.0 <= b <= 100.0 for b in p.logit_bias.values()), p, "logit_bias",
+               "values must be in [-100, 100]")
+
+
+def out_of_vocab_error(token_ids: Sequence[int], vocab_size: int, param: str) -> ValidationError | None:
+    """The error for ids outside [0, vocab_size), or None when all are inside."""
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if not bad:
+        return None
+    return ValidationError(f"Token ids {bad[:5]} are out of vocabulary (size {vocab_size}).", param)
+
+
+def context_length_error(max_model_len: int, num_prompt: int, max_tokens: int | None,
+                         param: str = "max_tokens") -> ValidationError:
+    if max_tokens is None:
+        return ValidationError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{num_prompt} input tokens. Please reduce the length of the input messages.", "input_tokens")
+    return ValidationError(
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested {max_tokens} "
+        f"output tokens and your prompt contains at least {num_prompt} input tokens, for a total of at least "
+        f"{num_prompt + max_tokens} tokens. Please reduce the length of the input prompt or the number of "
+        "requested output tokens.", "input_tokens" if num_prompt >= max_model_len else param)
+
+
+def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams, limits: EngineLimits,
+                     vocab_size: int, *, structured_outputs: bool = True) -> int:
+    """Raise `ValidationError` for a request this engine cannot serve; return its output budget
+    (`params.max_tokens`, or the rest of the context when that is None).
+
+    `structured_outputs`: whether the engine has a grammar backend. Whether a grammar compiles is checked
+    apart (`jaxllm.structured.compile_grammar`): the engine compiles it off its loop."""
+    num_prompt = len(prompt_token_ids)
+    if num_prompt == 0:
+        raise ValidationError("The decoder prompt cannot be empty", "prompt")
+    if (error := out_of_vocab_error(prompt_token_ids, vocab_size, "prompt")) is not None:
+        raise error
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        if (error := out_of_vocab_error(getattr(params, name) or [], vocab_size, name)) is not None:
+            raise error
+    if (error := out_of_vocab_error(list(params.logit_bias or {}), vocab_size, "logit_bias")) is not None:
+        raise error
+    for kind, name in (("sample", "logprobs"), ("prompt", "prompt_logprobs")):
+        value = getattr(params, name)
+        if value is not None and value > MAX_LOGPROBS:
+            raise ValidationError(f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
+                                  f"{MAX_LOGPROBS}", name)
+    max_model_len = limits.max_model_len
+    max_tokens = params.max_tokens
+    if max_tokens is None:
+        if num_prompt >= max_model_len:
+            raise context_length_error(max_model_len, num_prompt, None)
+        max_tokens = max_model_len - num_prompt
+    elif num_prompt + max_tokens > max_model_len:
+        raise context_length_error(max_model_len, num_prompt, max_tokens)
+    pages_needed = -(-(num_prompt + max_tokens - 1) // limits.block_size)  # the last token's KV is never computed
+    if pages_needed > limits.num_pages:
+        raise ValidationError(
+            f"The request needs {pages_needed} KV pages of {limits.block_size} tokens ({num_prompt} prompt + "
+            f"{max_tokens} output tokens), more than the {limits.num_pages} pages of the KV cache.", "max_tokens")
+    if params.structured_outputs is not None and not structured_outputs:
+        raise ValidationError("structured_outputs is not supported by this engine (no grammar backend)",
+                              "structured_outputs")
+    return max_tokens
