@@ -88,8 +88,9 @@ for s in "$@"; do
         echo "startup $run: every bucket loaded after $(( ($(date +%s%N) - t0) / 1000000 )) ms"
         grep -a -E "Compiled|KV cache|Activation|Loaded" "$OUT/startup-$run.log" | tail -5
         kill %1 2>/dev/null; wait
-        # The warm run must not start while the driver still tears down the cold server's ~130 GB
-        # (on 2026-12-04 the warm run took 29 s to reach jax against 15 s cold).
+        # The warm run must not start while the driver still tears down the cold server's pool:
+        # a warm run started during that teardown reached jax's first line much later than the
+        # cold run (bench/RESULTS.md).
         for _ in $(seq 1 120); do
           [ -z "$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)" ] && break; sleep 0.5
         done

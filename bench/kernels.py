@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import workload
-from pallas_kernels.ragged_paged_attention import mosaic_gpu
 from pallas_kernels.ragged_paged_attention.common import AttentionParams
+from pallas_kernels.ragged_paged_attention.mosaic_gpu import LaunchPlan, ragged_paged_attention_mosaic
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
 
@@ -200,7 +200,7 @@ PARAMS = AttentionParams(sm_scale=1.0 / math.sqrt(D))
 
 
 def mosaic_fn(params=PARAMS, plan=None):
-    return jax.jit(lambda *b: mosaic_gpu._ragged_paged_attention(*b, params, plan=plan, interpret=None))
+    return jax.jit(lambda *b: ragged_paged_attention_mosaic(*b, params, plan=plan))
 
 
 def xla_fn(params=PARAMS):
@@ -231,10 +231,10 @@ def cudnn_prefill_fn():
     return jax.jit(run)
 
 
-def plans_for(shape: Shape) -> list[mosaic_gpu._Plan]:
+def plans_for(shape: Shape) -> list[LaunchPlan]:
     group = HQ // HKV
     tokens = max(8, 64 // group)
-    plan = mosaic_gpu._Plan
+    plan = LaunchPlan
     if shape.kind == "decode":
         plans = [plan(tokens, 4, 3), plan(tokens, 8, 2), plan(tokens, 8, 3), plan(tokens, 8, 2, max_ctas=264)]
         plans += [plan(tokens, 4, 3, kv_splits=splits) for splits in (2, 4)]

@@ -57,7 +57,7 @@ def _instrument(llm: LLM) -> dict:
 def _debug_steps(llm: LLM, out_dir: str | None) -> None:
     """Every step synchronous and logged with its bucket and attention plan before it runs; the
     arrays of the step in flight are saved (steps.npz), so a device fault points at one batch."""
-    from pallas_kernels.ragged_paged_attention import mosaic_gpu
+    from pallas_kernels.ragged_paged_attention.mosaic_gpu import default_plan
 
     runner = llm.engine.runner
     arch = runner.model.arch
@@ -65,9 +65,9 @@ def _debug_steps(llm: LLM, out_dir: str | None) -> None:
     step_no = 0
 
     def plan(num_tokens, num_slots, pages_per_seq):
-        return mosaic_gpu._plan(num_tokens=num_tokens, num_slots=num_slots, num_kv_heads=arch.num_kv_heads,
-                                max_kv_len=pages_per_seq * runner.page_size, group=arch.num_heads // arch.num_kv_heads,
-                                page_size=runner.page_size, head_dim=arch.head_dim)
+        return default_plan(num_tokens=num_tokens, num_slots=num_slots, num_kv_heads=arch.num_kv_heads,
+                            max_kv_len=pages_per_seq * runner.page_size, group=arch.num_heads // arch.num_kv_heads,
+                            page_size=runner.page_size, head_dim=arch.head_dim)
 
     def logged_build(sched, num_tokens, num_slots, pages_per_seq):
         arrays = build(sched, num_tokens, num_slots, pages_per_seq)

@@ -6,7 +6,7 @@ times its n tokens, head-major (row r = g * n + t), padded to 64 rows for wgmma.
 tiles with one token; a prefill chunk is cut into tiles; padded tokens get tiles with no keys
 (their output is zero). Decode, prefill and mixed batches all run through this one kernel.
 
-For decode-like batches the CTAs are persistent, one per SM: `_cta_bounds` cuts the items, in
+For decode-like batches the CTAs are persistent, one per SM: `cta_bounds` cuts the items, in
 order, into runs of about equal cost (KV blocks), and each CTA runs its run one item after the
 other through one K/V ring, so a short decode's start-up (page ids, first TMA, its Q load:
 loaded while the item before runs) and its output stores overlap other items' work, and one
@@ -23,10 +23,15 @@ Per CTA, 1 + `consumers` warpgroups:
     `out [T, Hq, D]` with power-of-two TMA stores (a tile may end anywhere).
 
 The wrapper turns (cu_q_lens, kv_lens, num_seqs) into a work list of tiles with cheap jnp ops
-(`_work_list`), so the signature matches the reference; request order does not matter. For a
-few long decodes (too few items to fill the SMs) `_plan` picks split-K: each tile's KV range
-is cut into several work rows that write fp32 partials (O and log-sum-exp), merged in jnp.
+(`work_list`), so the signature matches the reference; request order does not matter. For a
+few long decodes (too few items to fill the SMs) `default_plan` picks split-K: each tile's KV
+range is cut into several work rows that write fp32 partials (O and log-sum-exp), merged in jnp.
 The new tokens' K/V are written beforehand by `common.write_kv_pages` (a separate scatter).
+
+Public names: `ragged_paged_attention_mosaic` (the kernel call; `plan=` runs it with an explicit
+`LaunchPlan`), `default_plan` (the plan it picks for a batch shape), `mosaic_unsupported_reason`
+(whether a model fits the kernel), and the jnp prologue it runs before the kernel, `work_list`
+(columns `WorkColumn`) and `cta_bounds`, public so that tests and benchmarks can check them.
 
 Tested on CPU (tests/kernels): the Mosaic GPU simulator, and the CUDA lowering with jax 0.10.2
 and 0.11.2, which also checks the SMEM budget. bench/kernels.py checks and times it on a GPU.
@@ -35,6 +40,7 @@ and 0.11.2, which also checks the SMEM budget. bench/kernels.py checks and times
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from typing import NamedTuple
@@ -77,8 +83,13 @@ def mosaic_unsupported_reason(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Static shape of one kernel launch."""
+class LaunchPlan:
+    """The static shape of one kernel launch: tile size, KV blocking, warpgroups and CTAs.
+
+    `default_plan` picks one per batch shape; `ragged_paged_attention_mosaic(..., plan=...)` runs
+    the kernel with any other (bench/kernels.py tunes them, the tests pin the ones they check).
+    Every field is static: a plan is part of the compiled kernel.
+    """
 
     tokens_per_tile: int  # n: query tokens per tile (power of two, >= 8)
     pages_per_block: int  # pages per KV block (one pipeline step)
@@ -91,9 +102,9 @@ class _Plan:
     # Persistent CTAs; 0: one per SM (at head_dim 128 the SMEM ring leaves room for one; at 64 a
     # decode CTA's buffers add up to ~88 KiB and two would fit: not tried).
     max_ctas: int = 0
-    # False: one CTA per item, in order. Prefill: persistent runs measured 1.26x slower on 8 x 2048
-    # (806 against 640 us, with the slower search of c9c5aee); likely cause: the CTAs running at
-    # once span every request, where one CTA per item keeps them on one request's K/V in L2.
+    # False: one CTA per item, in order. Prefill plans use it: persistent prefill runs were slower
+    # (bench/RESULTS.md), likely because the CTAs running at once span every request, where one
+    # CTA per item keeps them on one request's K/V in L2.
     persistent: bool = True
 
     @property
@@ -114,9 +125,16 @@ def _num_sms() -> int:
         return 132
 
 
-def _plan(
+def default_plan(
     *, num_tokens: int, num_slots: int, num_kv_heads: int, max_kv_len: int, group: int, page_size: int, head_dim: int
-) -> _Plan:
+) -> LaunchPlan:
+    """The plan `ragged_paged_attention_mosaic` uses for a batch of this static shape.
+
+    num_tokens: T of q [T, Hq, D]; num_slots: S, the request slots; max_kv_len: the longest KV
+    length a slot can have (pages_per_seq * page_size); group: query heads per KV head.
+    Decode-like batches (T <= 2S) get persistent CTAs, and split-K when a few long requests
+    cannot fill the SMs; prefill batches get two ping-pong consumers and one CTA per item.
+    """
     # n: a power of two (stores are power-of-two boxes) of >= 8 tokens (Q boxes start on the
     # 8-row tiles of the Q buffer); G * n rows fill one 64-row wgmma tile where G allows.
     tokens = max(8, 1 << (_ROWS_PER_WGMMA // group).bit_length() - 1)
@@ -131,18 +149,17 @@ def _plan(
     if decode_like and num_slots * num_kv_heads < sms and max_kv_len >= 8 * block_kv:
         splits = min(8, -(-2 * sms // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
     if decode_like and splits == 1:
-        # 128-key blocks in 2 slots: on the H200 (2026-12-04, one CTA per item then) 256 decodes
-        # x 512 keys took 189 us against 201 with 64-key blocks in 3 slots, 128 x 2048 288
-        # against 295.
-        return _Plan(tokens, max(1, 128 // page_size), num_slots=2)
+        # 128-key blocks in 2 slots: fewer, larger pipeline steps; measured faster than 64-key
+        # blocks in 3 slots on the decode shapes (bench/RESULTS.md).
+        return LaunchPlan(tokens, max(1, 128 // page_size), num_slots=2)
     if decode_like:
-        return _Plan(tokens, pages_per_block, num_slots=3, kv_splits=splits)
+        return LaunchPlan(tokens, pages_per_block, num_slots=3, kv_splits=splits)
     # Prefill: two consumer warpgroups per CTA read each K/V block once for 2n tokens and take
     # turns on the tensor cores; 128-key blocks halve the per-block overhead (barriers, the
     # softmax's row reductions) against 64. Two slots of 128 x 128 K and V fill 128 of the
     # 227 KiB of SMEM.
     prefill_kv = 128
-    return _Plan(
+    return LaunchPlan(
         tokens_per_tile=tokens,
         pages_per_block=max(1, prefill_kv // page_size),
         num_slots=2 if head_dim == 128 else 3,
@@ -166,12 +183,24 @@ class _View(NamedTuple):
     split: jax.Array | int  # KV split index (split-K), 0 otherwise
 
 
-# Columns of the work list, one row per tile (or per KV split of a tile).
-_W_SEQ, _W_TOKEN, _W_COUNT, _W_POS, _W_KV_START, _W_KV_END, _W_MASK_FROM, _W_LOAD_FROM, _W_SPLIT = range(9)
-_W_COLS = 9
+class WorkColumn(enum.IntEnum):
+    """The columns of `work_list`'s rows, one row per tile (or per KV split of a tile)."""
+
+    SEQ = 0  # request slot
+    TOKEN = 1  # first token the tile owns
+    COUNT = 2  # tokens it owns (0: a row past the last tile)
+    POS = 3  # position of TOKEN in its request
+    KV_START = 4  # its KV blocks: [KV_START, KV_END), unmasked before MASK_FROM
+    KV_END = 5
+    MASK_FROM = 6
+    LOAD_FROM = 7  # first token of the query window it loads (a multiple of 8)
+    SPLIT = 8  # KV split index (split-K), 0 otherwise
 
 
-def _work_list(
+WORK_COLUMNS = len(WorkColumn)
+
+
+def work_list(
     cu_q_lens: jax.Array,  # [S + 1]
     kv_lens: jax.Array,  # [S]
     num_seqs: jax.Array,  # [1]
@@ -181,8 +210,10 @@ def _work_list(
     block_kv: int,
     sliding_window: int | None,
     kv_splits: int = 1,
-) -> jax.Array:  # [W * kv_splits, _W_COLS] i32
-    """Cut every request (and the padded tail of the token axis) into tiles of <= n tokens.
+) -> jax.Array:  # [W * kv_splits, WORK_COLUMNS] i32
+    """The kernel's work list: every request (and the padded tail of the token axis) cut into
+    tiles of <= n tokens, one row per tile, columns as `WorkColumn` (cheap jnp, run before the
+    kernel; XLA computes it once per step for all layers).
 
     A tile loads the query window [load_from, load_from + n), a multiple of 8 tokens in (the
     TMA box into the 8-row-tiled Q buffer must start on a tile row), and owns the tokens
@@ -249,9 +280,9 @@ def _work_list(
     return jnp.stack([c.astype(jnp.int32) for c in columns], axis=1)
 
 
-def _cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int, persistent: bool) -> jax.Array:
-    """[num_ctas + 1] i32: the items (work row, KV head), in order, cut into `num_ctas` runs of
-    about equal cost.
+def cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int, persistent: bool) -> jax.Array:
+    """[num_ctas + 1] i32: the items (work row, KV head) of `work_list`, in order, cut into
+    `num_ctas` runs of about equal cost, one per CTA.
 
     Item i is work row i // Hkv against KV head i % Hkv; CTA p runs items [bounds[p],
     bounds[p + 1]). An item costs its KV blocks plus one (its Q load and output stores), so a
@@ -259,11 +290,11 @@ def _cta_bounds(work: jax.Array, *, num_kv_heads: int, num_ctas: int, persistent
     several CTAs. Rows with no tokens (past the last tile) cost nothing and fall after
     bounds[-1]: no CTA visits them. Not `persistent`: one item per CTA.
     """
-    active = work[:, _W_COUNT] > 0
+    active = work[:, WorkColumn.COUNT] > 0
     if not persistent:  # one item per CTA, in order
         num_items = jnp.sum(active, dtype=jnp.int32) * num_kv_heads
         return jnp.minimum(jnp.arange(num_ctas + 1, dtype=jnp.int32), num_items)
-    cost = jnp.where(active, work[:, _W_KV_END] - work[:, _W_KV_START] + 1, 0)  # [W]
+    cost = jnp.where(active, work[:, WorkColumn.KV_END] - work[:, WorkColumn.KV_START] + 1, 0)  # [W]
     row_end = jnp.cumsum(cost * num_kv_heads)  # [W]: the cost of rows 0..w, every head
     heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
     item_start = (row_end - cost * num_kv_heads)[:, None] + heads[None, :] * cost[:, None]  # [W, Hkv]
@@ -308,7 +339,7 @@ def _build_kernel(
     pages_per_seq: int,
     num_ctas: int,
     dtype,
-    plan: _Plan,
+    plan: LaunchPlan,
     params: AttentionParams,
     simulate: bool,
     interpret,
@@ -355,8 +386,9 @@ def _build_kernel(
         """Consumer c's share of item i: work row i // Hkv (a tile, or one KV split of it) for
         KV head i % Hkv."""
         w, head = lax.div(i, num_kv_heads), lax.rem(i, num_kv_heads)
-        tile_token, tile_count, tile_pos = (work_ref[w, k] for k in (_W_TOKEN, _W_COUNT, _W_POS))
-        window = pl.multiple_of(work_ref[w, _W_LOAD_FROM] + c * n, 8)
+        columns = (WorkColumn.TOKEN, WorkColumn.COUNT, WorkColumn.POS)
+        tile_token, tile_count, tile_pos = (work_ref[w, k] for k in columns)
+        window = pl.multiple_of(work_ref[w, WorkColumn.LOAD_FROM] + c * n, 8)
         token = jnp.maximum(tile_token, window)
         return _View(
             head=head,
@@ -364,10 +396,10 @@ def _build_kernel(
             token=token,
             count=jnp.maximum(jnp.minimum(tile_token + tile_count, window + n) - token, 0),
             pos=tile_pos + (token - tile_token),
-            kv_start=work_ref[w, _W_KV_START],
-            kv_end=work_ref[w, _W_KV_END],
-            mask_from=work_ref[w, _W_MASK_FROM],
-            split=work_ref[w, _W_SPLIT] if splits > 1 else 0,
+            kv_start=work_ref[w, WorkColumn.KV_START],
+            kv_end=work_ref[w, WorkColumn.KV_END],
+            mask_from=work_ref[w, WorkColumn.MASK_FROM],
+            split=work_ref[w, WorkColumn.SPLIT] if splits > 1 else 0,
         )
 
     def consumer(c, first, last, work_ref, out_refs, q_ref, smem, bars):
@@ -544,7 +576,7 @@ def _build_kernel(
 
         def item(i, ring):
             w, head = lax.div(i, num_kv_heads), lax.rem(i, num_kv_heads)
-            seq, kv_start, kv_end = (work_ref[w, k] for k in (_W_SEQ, _W_KV_START, _W_KV_END))
+            seq, kv_start, kv_end = (work_ref[w, k] for k in (WorkColumn.SEQ, WorkColumn.KV_START, WorkColumn.KV_END))
 
             @pl.loop(0, kv_end - kv_start)
             def _fetch(b):
@@ -642,22 +674,17 @@ def ragged_paged_attention_mosaic(
     num_seqs: jax.Array,  # [1]
     params: AttentionParams,
     *,
+    plan: LaunchPlan | None = None,
     interpret=None,
 ) -> jax.Array:  # [T, Hq, D]
     """Ragged paged attention on Hopper; same contract as `ragged_paged_attention_reference`.
 
-    `interpret`: None/False compiles for the GPU; True or an `InterpretGPUParams` runs the
-    Mosaic GPU simulator on CPU (tests).
+    `plan`: the launch plan; None takes `default_plan` for these shapes (what the engine runs).
+    Any other plan computes the same result and may be faster or slower (bench/kernels.py
+    --tune); it must keep KV blocks a multiple of 64 tokens and fit the SMEM (checked when the
+    kernel lowers). `interpret`: None/False compiles for the GPU; True or an
+    `InterpretGPUParams` runs the Mosaic GPU simulator on CPU (tests).
     """
-    return _ragged_paged_attention(
-        q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, params, plan=None, interpret=interpret
-    )
-
-
-def _ragged_paged_attention(
-    q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, params: AttentionParams, *, plan: _Plan | None, interpret
-) -> jax.Array:
-    """`ragged_paged_attention_mosaic` with an explicit launch plan (bench/kernels.py tunes it)."""
     validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
@@ -672,7 +699,7 @@ def _ragged_paged_attention(
     if interpret is True:
         interpret = _simulator_params()
     group = num_q_heads // num_kv_heads
-    plan = plan or _plan(
+    plan = plan or default_plan(
         num_tokens=num_tokens,
         num_slots=kv_lens.shape[0],
         num_kv_heads=num_kv_heads,
@@ -688,7 +715,7 @@ def _ragged_paged_attention(
     padded_tokens = max(-(-num_tokens // 8) * 8, plan.tile_tokens)
     q_in = q if padded_tokens == num_tokens else jnp.pad(q, ((0, padded_tokens - num_tokens), (0, 0), (0, 0)))
     block_kv = plan.pages_per_block * page_size
-    work = _work_list(
+    work = work_list(
         cu_q_lens,
         kv_lens,
         num_seqs,
@@ -700,7 +727,7 @@ def _ragged_paged_attention(
     )
     num_items = work.shape[0] * num_kv_heads
     num_ctas = min(plan.max_ctas or _num_sms(), num_items) if plan.persistent else num_items
-    bounds = _cta_bounds(work, num_kv_heads=num_kv_heads, num_ctas=num_ctas, persistent=plan.persistent)
+    bounds = cta_bounds(work, num_kv_heads=num_kv_heads, num_ctas=num_ctas, persistent=plan.persistent)
     kernel = _build_kernel(
         num_tokens=padded_tokens,
         num_q_heads=num_q_heads,

@@ -12,12 +12,15 @@ trip counts:
   walks that request's pages once for all its tokens, only as far as its last query position.
 
 So the K/V gathered per step is about the sum of the contexts, not tokens x the bucket width.
+`XlaBlockSizes` holds C, Bd and Bq.
 
 NOTE: requests are correct in any order; decodes placed after a prefill are merely handled as
 one-token tiles.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +32,20 @@ from pallas_kernels.ragged_paged_attention.common import (
     validate_inputs,
 )
 
-_CHUNK_TOKENS = 256  # context positions per chunk, at most
-_DECODE_BLOCK = 128  # decode tokens per block, at most
-_TILE_TOKENS = 256  # query tokens per prefill tile, at most
+
+@dataclass(frozen=True)
+class XlaBlockSizes:
+    """The loops' block sizes (static; upper bounds, cut to powers of two that fit the batch).
+
+    The defaults are what the engine runs; tests pass small ones so that every loop runs many
+    iterations on a small batch. Any sizes give the same result."""
+
+    chunk_tokens: int = 256  # context positions per chunk (C)
+    decode_block: int = 128  # decode tokens per block (Bd)
+    tile_tokens: int = 256  # query tokens per prefill tile (Bq)
+
+
+DEFAULT_BLOCKS = XlaBlockSizes()
 
 
 def _pow2_at_most(n: int) -> int:
@@ -90,6 +104,8 @@ def ragged_paged_attention_xla(
     cu_q_lens: jax.Array,  # [S + 1]
     num_seqs: jax.Array,  # [1]
     params: AttentionParams,
+    *,
+    blocks: XlaBlockSizes = DEFAULT_BLOCKS,
 ) -> jax.Array:  # [T, Hq, D]
     validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs = map(
@@ -99,14 +115,14 @@ def ragged_paged_attention_xla(
     num_kv_heads, page_size = kv_pages.shape[1], kv_pages.shape[3]
     group = num_q_heads // num_kv_heads
     num_slots, pages_per_seq = page_indices.shape
-    chunk_pages = min(_pow2_at_most(max(_CHUNK_TOKENS // page_size, 1)), _pow2_at_most(pages_per_seq))
+    chunk_pages = min(_pow2_at_most(max(blocks.chunk_tokens // page_size, 1)), _pow2_at_most(pages_per_seq))
     pad = -pages_per_seq % chunk_pages
     if pad:  # whole chunks; padded pages lie past every kv_len
         page_indices = jnp.pad(page_indices, ((0, 0), (0, pad)))
     live = num_seqs[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [S]
     slot_of, position, kv_len, valid = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
-    out = jnp.zeros((num_tokens + _TILE_TOKENS, num_q_heads, head_dim), q.dtype)
+    out = jnp.zeros((num_tokens + blocks.tile_tokens, num_q_heads, head_dim), q.dtype)
 
     # ---- decode run: leading one-token requests, shortest context first ----------------------
     slots = jnp.arange(num_slots)
@@ -116,10 +132,10 @@ def ragged_paged_attention_xla(
     tokens = jnp.arange(num_tokens)
     in_run = tokens < decode_tokens
     order = jnp.argsort(jnp.where(in_run, kv_len, jnp.iinfo(jnp.int32).max)).astype(jnp.int32)  # [T]
-    block = min(_DECODE_BLOCK, _pow2_at_most(num_tokens))
+    block = min(blocks.decode_block, _pow2_at_most(num_tokens))
     order = jnp.pad(order, (0, block), constant_values=num_tokens)  # a whole last block; index T = padding
-    q_pad = jnp.concatenate([q, jnp.zeros((_TILE_TOKENS, num_q_heads, head_dim), q.dtype)])
-    slot_pad = jnp.pad(slot_of, (0, _TILE_TOKENS))
+    q_pad = jnp.concatenate([q, jnp.zeros((blocks.tile_tokens, num_q_heads, head_dim), q.dtype)])
+    slot_pad = jnp.pad(slot_of, (0, blocks.tile_tokens))
 
     def decode_block(i, out):
         idx = jax.lax.dynamic_slice_in_dim(order, i * block, block)  # [Bd] token ids
@@ -135,7 +151,7 @@ def ragged_paged_attention_xla(
     out = jax.lax.fori_loop(0, (decode_tokens + block - 1) // block, decode_block, out)
 
     # ---- tiles: up to Bq query tokens of one request each ------------------------------------
-    tile = min(_TILE_TOKENS, _pow2_at_most(num_tokens))
+    tile = min(blocks.tile_tokens, _pow2_at_most(num_tokens))
     tiles_per_slot = jnp.where((slots >= num_leading) & (slots < live), (q_lens + tile - 1) // tile, 0)
     cu_tiles = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles_per_slot).astype(jnp.int32)])
     rows = jnp.arange(tile)

@@ -7,6 +7,7 @@ import pytest
 
 from pallas_kernels.ragged_paged_attention import (
     AttentionParams,
+    XlaBlockSizes,
     ragged_paged_attention_reference,
     ragged_paged_attention_xla,
     write_kv_pages,
@@ -80,14 +81,10 @@ def test_write_kv_pages_writes_slots_and_drops_padding():
 
 
 @pytest.mark.parametrize("case", ["decodes_after_prefill", "many_blocks", "window"])
-def test_xla_loops_with_small_blocks(case, monkeypatch):
+def test_xla_loops_with_small_blocks(case):
     """Small decode blocks, tiles and context chunks, so every loop runs many iterations, tiles
     split requests and contexts span several chunks."""
-    from pallas_kernels.ragged_paged_attention import xla
-
-    monkeypatch.setattr(xla, "_DECODE_BLOCK", 4)
-    monkeypatch.setattr(xla, "_TILE_TOKENS", 8)
-    monkeypatch.setattr(xla, "_CHUNK_TOKENS", 16)  # one page per chunk
+    blocks = XlaBlockSizes(decode_block=4, tile_tokens=8, chunk_tokens=16)  # one page per chunk
     q_lens, kv_lens = {
         "decodes_after_prefill": ([1, 1, 19, 1, 1, 3], [9, 30, 40, 2, 64, 3]),
         "many_blocks": ([1] * 9 + [21], [5, 9, 13, 17, 21, 25, 29, 33, 37, 50]),
@@ -98,5 +95,5 @@ def test_xla_loops_with_small_blocks(case, monkeypatch):
     params = AttentionParams(sm_scale=0.25, sliding_window=20 if case == "window" else None,
                              soft_cap=4.0 if case == "window" else None)
     ref = np.asarray(ragged_paged_attention_reference(*args, params))
-    out = np.asarray(ragged_paged_attention_xla(*args, params))
+    out = np.asarray(ragged_paged_attention_xla(*args, params, blocks=blocks))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)

@@ -8,9 +8,9 @@ Fix it here, in one place: find the new home of the names in the jax source and 
 
 NOTE: jax 0.10.2's simulator (`thread_map._run_jaxpr`) re-traces, re-lowers and re-compiles
 the kernel body for every grid point and thread (a new `jax.jit` object per call, so no cache
-hits): 1-3 s each. `install_compile_cache()` memoises the compiled body per (jaxpr, argument
-shapes), which is what the upstream comment there says should already happen. It changes no
-simulated semantics.
+hits), which made each simulated kernel call take seconds. `install_compile_cache()` memoises
+the compiled body per (jaxpr, argument shapes), which is what the upstream comment there says
+should already happen. It changes no simulated semantics.
 """
 
 from __future__ import annotations

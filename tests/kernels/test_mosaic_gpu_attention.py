@@ -17,9 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention import mosaic_gpu
 from pallas_kernels.ragged_paged_attention.common import AttentionParams
-from pallas_kernels.ragged_paged_attention.mosaic_gpu import mosaic_unsupported_reason, ragged_paged_attention_mosaic
+from pallas_kernels.ragged_paged_attention.mosaic_gpu import (
+    WORK_COLUMNS,
+    LaunchPlan,
+    WorkColumn,
+    cta_bounds,
+    default_plan,
+    mosaic_unsupported_reason,
+    ragged_paged_attention_mosaic,
+    work_list,
+)
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from tests.kernels import mgpu_simulator
 
@@ -116,10 +124,7 @@ def check_simulated(simulator, case: Case, plan=None) -> None:
     batch = make_batch(case)
     ref = ragged_paged_attention_reference(*batch, case.params)
     simulator.reset()
-    if plan is None:  # the public entry point
-        out = ragged_paged_attention_mosaic(*batch, case.params, interpret=simulator.params())
-    else:
-        out = mosaic_gpu._ragged_paged_attention(*batch, case.params, plan=plan, interpret=simulator.params())
+    out = ragged_paged_attention_mosaic(*batch, case.params, plan=plan, interpret=simulator.params())
     out = jax.block_until_ready(out)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert bool(jnp.isfinite(out.astype(jnp.float32)).all()), "unwritten (NaN-poisoned) or non-finite outputs"
@@ -137,31 +142,30 @@ def test_simulated_kernel_matches_reference(simulator, name):
 def test_simulated_split_k_matches_reference(simulator):
     """Long decodes with few requests: each tile's KV range split into 3 work rows, merged in jnp."""
     case = Case(q_lens=(1, 1), kv_lens=(150, 200), num_q_heads=4, num_kv_heads=1, pages_per_seq=16)
-    check_simulated(simulator, case, mosaic_gpu._Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3))
+    check_simulated(simulator, case, LaunchPlan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3))
 
 
 # Persistent CTAs: with 2-3 CTAs every CTA runs several items (work row x KV head) one after
 # the other through one K/V ring, its next item's queries loading ahead.
-_Plan = mosaic_gpu._Plan
 # Consumer 0 of the second and third tiles owns no tokens (they start at token 40) yet must pass
 # their K/V blocks on and keep the ping-pong meetings.
 IDLE_FIRST_CONSUMER = Case(q_lens=(34, 6), kv_lens=(34, 60), num_q_heads=8, num_kv_heads=2, head_dim=128)
 FEW_CTA_CASES = {
-    "decode": (CASES["decode"], _Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, max_ctas=3)),
-    "decode_128_keys": (CASES["decode"], _Plan(tokens_per_tile=16, pages_per_block=8, num_slots=2, max_ctas=3)),
+    "decode": (CASES["decode"], LaunchPlan(tokens_per_tile=16, pages_per_block=4, num_slots=2, max_ctas=3)),
+    "decode_128_keys": (CASES["decode"], LaunchPlan(tokens_per_tile=16, pages_per_block=8, num_slots=2, max_ctas=3)),
     # A decode item leaves the second consumer without tokens.
     "mixed_pingpong": (
         CASES["mixed_padded"],
-        _Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, max_ctas=3),
+        LaunchPlan(tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, max_ctas=3),
     ),
     "idle_first_consumer": (
         IDLE_FIRST_CONSUMER,
-        _Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, max_ctas=2),
+        LaunchPlan(tokens_per_tile=16, pages_per_block=4, num_slots=2, consumers=2, pingpong=True, max_ctas=2),
     ),
     # Split-K rows of several tiles on one CTA reuse its O and LSE staging.
     "split_k": (
         Case(q_lens=(1, 1), kv_lens=(150, 200), num_q_heads=4, num_kv_heads=1, pages_per_seq=16),
-        _Plan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3, max_ctas=2),
+        LaunchPlan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3, max_ctas=2),
     ),
 }
 
@@ -182,17 +186,17 @@ def test_few_ctas_lower_for_cuda(name):
 
 def test_cta_bounds_balance_cost_and_skip_empty_rows():
     # Rows: a 2-block item, a 10-block item, a 0-block item with tokens (padding), 2 empty rows.
-    work = np.zeros((5, mosaic_gpu._W_COLS), np.int32)
-    work[:3, mosaic_gpu._W_COUNT] = (1, 1, 4)
-    work[:3, mosaic_gpu._W_KV_END] = (2, 10, 0)
-    bounds = np.asarray(mosaic_gpu._cta_bounds(jnp.asarray(work), num_kv_heads=2, num_ctas=4, persistent=True))
+    work = np.zeros((5, WORK_COLUMNS), np.int32)
+    work[:3, WorkColumn.COUNT] = (1, 1, 4)
+    work[:3, WorkColumn.KV_END] = (2, 10, 0)
+    bounds = np.asarray(cta_bounds(jnp.asarray(work), num_kv_heads=2, num_ctas=4, persistent=True))
     # Item costs (blocks + 1), two heads each: 3 3 11 11 1 1, then 0 0 0 0 (never visited).
     assert bounds[0] == 0 and bounds[-1] == 6
     assert (np.diff(bounds) >= 0).all()
     costs = np.array([3, 3, 11, 11, 1, 1])
     per_cta = [costs[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     assert sum(per_cta) == costs.sum() and max(per_cta) <= 13  # the two 11-block heads apart
-    one_each = mosaic_gpu._cta_bounds(jnp.asarray(work), num_kv_heads=2, num_ctas=10, persistent=False)
+    one_each = cta_bounds(jnp.asarray(work), num_kv_heads=2, num_ctas=10, persistent=False)
     assert np.asarray(one_each).tolist() == [0, 1, 2, 3, 4, 5, 6, 6, 6, 6, 6]
 
 
@@ -203,9 +207,9 @@ def test_work_list_and_cta_bounds_have_no_loops():
     _, _, kv_lens, _, cu_q_lens, num_seqs = batch
 
     def prologue(cu_q_lens, kv_lens, num_seqs):
-        work = mosaic_gpu._work_list(cu_q_lens, kv_lens, num_seqs, num_tokens=16, tokens_per_tile=16, block_kv=128,
-                                     sliding_window=None)
-        return work, mosaic_gpu._cta_bounds(work, num_kv_heads=2, num_ctas=132, persistent=True)
+        work = work_list(cu_q_lens, kv_lens, num_seqs, num_tokens=16, tokens_per_tile=16, block_kv=128,
+                         sliding_window=None)
+        return work, cta_bounds(work, num_kv_heads=2, num_ctas=132, persistent=True)
 
     hlo = jax.jit(prologue).lower(cu_q_lens, kv_lens, num_seqs).as_text()
     assert "while" not in hlo and "stablehlo.case" not in hlo
@@ -213,15 +217,15 @@ def test_work_list_and_cta_bounds_have_no_loops():
 
 def test_split_k_chosen_for_few_long_decodes():
     few = dict(num_kv_heads=8, max_kv_len=8192, group=4, page_size=16, head_dim=128)
-    assert mosaic_gpu._plan(num_tokens=4, num_slots=4, **few).kv_splits > 1
-    assert mosaic_gpu._plan(num_tokens=128, num_slots=128, **few).kv_splits == 1  # enough tiles already
-    assert mosaic_gpu._plan(num_tokens=2048, num_slots=4, **few).kv_splits == 1  # prefill
+    assert default_plan(num_tokens=4, num_slots=4, **few).kv_splits > 1
+    assert default_plan(num_tokens=128, num_slots=128, **few).kv_splits == 1  # enough tiles already
+    assert default_plan(num_tokens=2048, num_slots=4, **few).kv_splits == 1  # prefill
 
 
 def _lower_for_cuda(case: Case, plan=None) -> str:
     """The kernel's CUDA lowering text (default plan, or `plan`)."""
     batch = make_batch(case)
-    fn = jax.jit(lambda *args: mosaic_gpu._ragged_paged_attention(*args, case.params, plan=plan, interpret=None))
+    fn = jax.jit(lambda *args: ragged_paged_attention_mosaic(*args, case.params, plan=plan))
     return fn.trace(*batch).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -233,7 +237,7 @@ def test_kernel_lowers_for_cuda(name):
 def test_split_k_lowers_for_cuda():
     case = Case(q_lens=(1, 1), kv_lens=(4000, 9000), num_q_heads=32, num_kv_heads=8, head_dim=128, pages_per_seq=600)
     assert (
-        mosaic_gpu._plan(
+        default_plan(
             num_tokens=2, num_slots=2, num_kv_heads=8, max_kv_len=9600, group=4, page_size=16, head_dim=128
         ).kv_splits
         > 1
@@ -264,7 +268,7 @@ def test_work_list_covers_every_token_once():
     kv_lens = jnp.asarray([7, 18, 300, 41, 0], jnp.int32)
     num_tokens, n, block_kv = 72, 16, 64
     work = np.asarray(
-        mosaic_gpu._work_list(
+        work_list(
             cu_q_lens,
             kv_lens,
             jnp.asarray([4], jnp.int32),
@@ -281,15 +285,15 @@ def test_work_list_covers_every_token_once():
             assert load_from % 8 == 0 and load_from <= token and token + count <= load_from + n
             assert kv_start <= mask_from <= kv_end
     assert (owner == 1).all()
-    real = work[work[:, 2] > 0]
+    real = work[work[:, WorkColumn.COUNT] > 0]
     # The 41-token prefill of slot 3 (positions 0..40) needs KV blocks [0, 1) for every tile.
-    slot3 = real[(real[:, 1] >= 20) & (real[:, 1] < 61)]
-    assert slot3[:, 2].sum() == 41 and (slot3[:, 5] == 1).all()
+    slot3 = real[(real[:, WorkColumn.TOKEN] >= 20) & (real[:, WorkColumn.TOKEN] < 61)]
+    assert slot3[:, WorkColumn.COUNT].sum() == 41 and (slot3[:, WorkColumn.KV_END] == 1).all()
 
 
 @pytest.mark.parametrize("group", range(1, 9))
 def test_default_tile_shape(group):
-    plan = mosaic_gpu._plan(
+    plan = default_plan(
         num_tokens=64, num_slots=4, num_kv_heads=2, max_kv_len=512, group=group, page_size=16, head_dim=128
     )
     n = plan.tokens_per_tile
