@@ -29,16 +29,18 @@ import socket
 import sys
 import threading
 from collections.abc import Generator, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from jaxllm.config import DEFAULT_MODEL, EngineConfig, field_owners, option_fields
+from jaxllm.config import EngineConfig, field_owners, option_fields
+from jaxllm.engine.client import EngineClient
 from jaxllm.engine.engine_process import LOG_FORMAT
 from jaxllm.serving import build_async_engine, follow_process_zero
 from serve.args import API_KEY_ENV, ServerArgs
-from serve.engine_client import EngineClient, ServingContext
+
+if TYPE_CHECKING:
+    from serve.app import ServingContext
 
 logger = logging.getLogger("jaxllm.serve")
 
@@ -156,25 +158,14 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python -m jaxllm.serve")
     return engine_config, ServerArgs(**server_values)
 
 
-def make_context(engine: EngineClient, config: EngineConfig, args: ServerArgs, *,
-                 default_sampling: dict[str, Any], chat_template: str | None) -> ServingContext:
-    model = config.model
-    if default_sampling:
-        logger.info("Using default sampling params from the model's generation config: %s", default_sampling)
-    return ServingContext(
-        engine=engine,
-        args=args,
-        served_model_names=list(model.served_model_name) or [_default_served_name(model.model)],
-        model_root=model.model,
-        default_sampling=dict(default_sampling),
-        chat_template=chat_template,
-    )
+def make_context(engine: EngineClient, args: ServerArgs) -> ServingContext:
+    """The app's state (`serve.app`, loaded on demand: heavy)."""
+    from serve.app import ServingContext  # noqa: PLC0415
 
-
-def _default_served_name(model: str) -> str:
-    # NOTE: vLLM serves a model under the --model value as given; with no --model that is the bundled
-    # model's install path, which no client should have to send, so it is served by its folder name.
-    return Path(model).name if model == DEFAULT_MODEL else model
+    if engine.info.default_sampling:
+        logger.info("Using default sampling params from the model's generation config: %s",
+                    engine.info.default_sampling)
+    return ServingContext(engine=engine, args=args)
 
 
 class _Server(uvicorn.Server):
@@ -246,9 +237,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve"
     engine = build_async_engine(engine_config, log_stats=not server_args.disable_log_stats,
                                 in_process=server_args.disable_frontend_multiprocessing)
     http_stack.join()
-    ctx = make_context(engine, engine.config, server_args, default_sampling=engine.generation_defaults.sampling,
-                       chat_template=engine.chat_template)
-    return run_server(ctx)
+    return run_server(make_context(engine, server_args))
 
 
 if __name__ == "__main__":

@@ -90,9 +90,10 @@ def context_length_error(max_model_len: int, num_prompt: int, max_tokens: int | 
 
 
 def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams, limits: EngineLimits,
-                     vocab_size: int, *, structured_outputs: bool = True) -> int:
-    """Raise `ValidationError` for a request this engine cannot serve; return its output budget
-    (`params.max_tokens`, or the rest of the context when that is None).
+                     vocab_size: int, *, structured_outputs: bool = True, default_max_tokens: int | None = None) -> int:
+    """Raise `ValidationError` for a request this engine cannot serve; return its output budget:
+    `params.max_tokens`, or the rest of the context when that is None, capped by `default_max_tokens` (the
+    server's: the model's generation config, as vLLM's get_max_tokens), which the context check ignores.
 
     `structured_outputs`: whether the engine has a grammar backend. Whether a grammar compiles is checked
     apart (`jaxllm.structured.compile_grammar`): the engine compiles it off its loop."""
@@ -119,6 +120,8 @@ def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams, li
         max_tokens = max_model_len - num_prompt
     elif num_prompt + max_tokens > max_model_len:
         raise context_length_error(max_model_len, num_prompt, max_tokens)
+    if default_max_tokens is not None:
+        max_tokens = min(max_tokens, default_max_tokens)
     pages_needed = -(-(num_prompt + max_tokens - 1) // limits.block_size)  # the last token's KV is never computed
     if pages_needed > limits.num_pages:
         raise ValidationError(

@@ -1,11 +1,16 @@
-"""The Starlette app: routes, CORS, auth, body limit, error JSON, and the engine's lifespan."""
+"""The Starlette app: routes, CORS, auth, body limit, error JSON, and the engine's lifespan.
+
+Every handler reads one `ServingContext`: the engine client (whose `info` describes the model and its
+limits) and the server's flags.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import metadata
 from typing import Any
@@ -18,18 +23,32 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jaxllm import tokenizer as tokenization
+from jaxllm.engine.client import EngineClient
+from jaxllm.validation import out_of_vocab_error
+from serve.args import ServerArgs
 from serve.chat import create_chat_completion
 from serve.completions import create_completion
-from serve.engine_client import ServingContext
 from serve.errors import APIError
-from serve.handling import check_model, parse, read_json
+from serve.inputs import chat_prompt, check_model, parse, read_json
 from serve.metrics_text import CONTENT_TYPE, render_metrics
 from serve.middleware import BearerAuth, BodySizeLimit
-from serve.prompts import chat_prompt
 from serve.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from serve.streaming import until_disconnect
 
 logger = logging.getLogger("jaxllm.serve")
+
+
+@dataclass
+class ServingContext:
+    engine: EngineClient
+    args: ServerArgs
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def model_name(self) -> str:
+        """The name reported in responses: the first served name."""
+        return self.engine.info.served_model_names[0]
+
 
 Handler = Callable[[ServingContext, Request, Any], Awaitable[Response]]
 
@@ -53,18 +72,19 @@ def build_app(ctx: ServingContext) -> Starlette:
                 return await endpoint(request)
             except APIError:
                 raise
-            except Exception as exc:
+            except Exception:
                 logger.exception("Unhandled error in %s %s", request.method, request.url.path)
-                return APIError(f"Internal error: {exc!r}", HTTPStatus.INTERNAL_SERVER_ERROR).response()
+                return APIError("Internal error; see the server's log.", HTTPStatus.INTERNAL_SERVER_ERROR).response()
 
         return run
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [_model_card(ctx, name) for name in ctx.served_model_names]})
+        names = ctx.engine.info.served_model_names
+        return JSONResponse({"object": "list", "data": [_model_card(ctx, name) for name in names]})
 
     async def model(request: Request) -> Response:
         name = request.path_params["model"]
-        check_model(ctx, name)
+        check_model(ctx.engine.info.served_model_names, name)
         return JSONResponse(_model_card(ctx, name))
 
     async def health(request: Request) -> Response:
@@ -79,32 +99,32 @@ def build_app(ctx: ServingContext) -> Starlette:
 
     async def tokenize(request: Request) -> Response:
         body = await read_json(request)
-        tok = ctx.engine.tokenizer
+        info = ctx.engine.info
+        tok = info.tokenizer
         if isinstance(body, dict) and "messages" in body:
             chat = parse(TokenizeChatRequest, body)
-            check_model(ctx, chat.model)
+            check_model(info.served_model_names, chat.model)
             ids = chat_prompt(
-                tok, chat.messages, chat_template=ctx.chat_template, add_generation_prompt=chat.add_generation_prompt,
+                tok, chat.messages, chat_template=info.chat_template, add_generation_prompt=chat.add_generation_prompt,
                 continue_final_message=chat.continue_final_message, add_special_tokens=chat.add_special_tokens,
                 tools=chat.tools, chat_template_kwargs=chat.chat_template_kwargs,
             ).token_ids
             want_strs = chat.return_token_strs
         else:
             plain = parse(TokenizeCompletionRequest, body)
-            check_model(ctx, plain.model)
+            check_model(info.served_model_names, plain.model)
             ids = tokenization.encode_prompt(tok, plain.prompt, add_special_tokens=plain.add_special_tokens)
             want_strs = plain.return_token_strs
-        return JSONResponse({"count": len(ids), "max_model_len": ctx.engine.max_model_len, "tokens": ids,
+        return JSONResponse({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids,
                              "token_strs": tok.convert_ids_to_tokens(ids) if want_strs else None})
 
     async def detokenize(request: Request) -> Response:
+        info = ctx.engine.info
         req = parse(DetokenizeRequest, await read_json(request))
-        check_model(ctx, req.model)
-        bad = [t for t in req.tokens if not 0 <= t < ctx.engine.vocab_size]
-        if bad:
-            raise APIError(f"Token ids {bad[:5]} are out of vocabulary (size {ctx.engine.vocab_size}).",
-                           param="tokens")
-        return JSONResponse({"prompt": ctx.engine.tokenizer.decode(req.tokens)})
+        check_model(info.served_model_names, req.model)
+        if (error := out_of_vocab_error(req.tokens, info.vocab_size, "tokens")) is not None:
+            raise APIError(error.message, param=error.param)
+        return JSONResponse({"prompt": info.tokenizer.decode(req.tokens)})
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
@@ -112,11 +132,11 @@ def build_app(ctx: ServingContext) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await _maybe_await(ctx.engine.start())
+        ctx.engine.start()
         try:
             yield
         finally:
-            await _maybe_await(ctx.engine.shutdown())
+            ctx.engine.shutdown()
 
     endpoints: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [
         ("/v1/models", models, "GET"),
@@ -147,8 +167,8 @@ def build_app(ctx: ServingContext) -> Starlette:
 def _model_card(ctx: ServingContext, name: str) -> dict[str, Any]:
     created = int(ctx.started_at)
     return {
-        "id": name, "object": "model", "created": created, "owned_by": "jaxllm", "root": ctx.model_root,
-        "parent": None, "max_model_len": ctx.engine.max_model_len,
+        "id": name, "object": "model", "created": created, "owned_by": "jaxllm",
+        "root": ctx.engine.info.config.model.model, "parent": None, "max_model_len": ctx.engine.info.max_model_len,
         "permission": [{
             "id": f"modelperm-{name}", "object": "model_permission", "created": created,
             "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
@@ -163,9 +183,3 @@ def _version() -> str:
         return metadata.version("jaxllm")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-async def _maybe_await(value: Any) -> None:
-    if inspect.isawaitable(value):
-        await value
-

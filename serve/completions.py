@@ -1,35 +1,38 @@
-"""POST /v1/completions, shaped as vLLM's (`cmpl-…` ids, `text_completion` objects, SSE chunks)."""
+"""POST /v1/completions, shaped as vLLM's (`cmpl-…` ids, `text_completion` objects, SSE chunks).
+
+    request -> prompts + sampling params (serve.inputs) -> generation (one engine request per prompt)
+            -> chunks (streamed) or the whole reply (serve.streaming) -> response
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jaxllm.outputs import Logprob, RequestOutput
-from serve.engine_client import ServingContext
 from serve.errors import APIError
-from serve.handling import (
+from serve.inputs import (
+    EnginePrompt,
     base_request_id,
+    build_sampling_params,
+    check_compiles,
     check_model,
-    collect,
-    continuous_usage,
-    finish_sse,
+    completion_prompts,
     parse,
-    start_generation,
-    usage,
+    reject_unsupported,
+    requested_structured_outputs,
 )
 from serve.logprobs import TokenNamer, completion_logprobs
-from serve.prompts import EnginePrompt, completion_prompts, resolve_max_tokens
 from serve.protocol import CompletionRequest
-from serve.sampling import build_sampling_params, reject_unsupported
-from serve.streaming import SSEResponse, sse
-from serve.structured import check_compiles, requested_structured_outputs
+from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse, usage
+
+if TYPE_CHECKING:
+    from serve.app import ServingContext
 
 
 @dataclass
@@ -46,18 +49,23 @@ class _Choice:
     started: bool = False
 
 
-class _Completion:
-    """The state of one completions request across its prompts and samples."""
+class _Reply:
+    """The completion reply being built, across its prompts and samples."""
 
-    def __init__(self, ctx: ServingContext, request: CompletionRequest, prompts: list[EnginePrompt], rid: str) -> None:
-        self.ctx, self.request, self.prompts, self.id = ctx, request, prompts, rid
+    def __init__(self, request: CompletionRequest, prompts: list[EnginePrompt], rid: str, model_name: str,
+                 tokenizer: Any) -> None:
+        self.request, self.prompts, self.id, self.model_name = request, prompts, rid, model_name
+        self.tokenizer = tokenizer
         self.created = int(time.time())
         self.n = 1 if request.n is None else request.n
         self.choices = [_Choice(i // self.n) for i in range(len(prompts) * self.n)]
         self.cached_tokens = [0] * len(prompts)
         self.prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(prompts)
-        self.name = TokenNamer(ctx.engine.tokenizer, bool(request.return_tokens_as_token_ids))
-        self.start = time.perf_counter()
+        self.name = TokenNamer(tokenizer, bool(request.return_tokens_as_token_ids))
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
 
     def update(self, prompt_index: int, res: RequestOutput) -> list[tuple[int, str, list[int], list[Any]]]:
         """Fold one delta output in; returns (choice index, delta text, delta ids, delta logprobs) per sample."""
@@ -66,8 +74,6 @@ class _Completion:
             self.prompt_logprobs[prompt_index] = res.prompt_logprobs
         deltas = []
         for out in res.outputs:
-            if out.finish_reason == "error":
-                raise APIError("The engine failed while generating this request.", HTTPStatus.INTERNAL_SERVER_ERROR)
             index = prompt_index * self.n + out.index
             choice = self.choices[index]
             positions = list(out.logprobs) if out.logprobs is not None else [None] * len(out.token_ids)
@@ -84,7 +90,7 @@ class _Completion:
         if not self.request.echo:
             return "", [], []
         prompt = self.prompts[choice.prompt_index]
-        text = prompt.text if prompt.text is not None else self.ctx.engine.tokenizer.decode(prompt.token_ids)
+        text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
         logprobs = self.prompt_logprobs[choice.prompt_index] or [None] * len(prompt.token_ids)
         return text, prompt.token_ids, list(logprobs)
 
@@ -97,83 +103,86 @@ class _Completion:
 
     def usage(self) -> dict[str, Any]:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
-        return usage(prompt_tokens, sum(len(c.token_ids) for c in self.choices), sum(self.cached_tokens))
+        return usage(prompt_tokens, self.num_output_tokens, sum(self.cached_tokens))
 
     def chunk(self, choices: list[dict[str, Any]], with_usage: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
-                                "model": self.ctx.model_name, "choices": choices}
+                                "model": self.model_name, "choices": choices}
         if with_usage:
             body["usage"] = self.usage()
         return body
 
-    def log(self, status: str) -> None:
-        self.ctx.log_request(self.id, sum(len(p.token_ids) for p in self.prompts),
-                             sum(len(c.token_ids) for c in self.choices), self.start, status)
+    async def chunks(self, outputs: AsyncIterator[tuple[int, RequestOutput]], log: RequestLog
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """The streamed reply: a chunk per delta (each choice's first led by the echoed prompt), then the usage
+        chunk when asked. Closes `outputs` however it ends."""
+        options = self.request.stream_options
+        continuous = bool(options and options.include_usage and options.continuous_usage_stats)
+        try:
+            async for prompt_index, res in outputs:
+                for index, text, ids, positions in self.update(prompt_index, res):
+                    choice = self.choices[index]
+                    if not choice.started:
+                        choice.started = True
+                        echo_text, echo_ids, echo_logprobs = self.echo_prefix(choice)
+                        text, ids, positions = echo_text + text, echo_ids + ids, echo_logprobs + positions
+                    if not text and not ids and choice.finish_reason is None:
+                        continue
+                    done = choice.finish_reason is not None
+                    yield self.chunk([{
+                        "index": index, "text": text, "logprobs": self.logprobs_json(choice, ids, positions),
+                        "finish_reason": choice.finish_reason if done else None,
+                        "stop_reason": choice.stop_reason if done else None,
+                    }], with_usage=continuous)
+                log.output_tokens = self.num_output_tokens
+            if options and options.include_usage:
+                yield self.chunk([], with_usage=True)
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]
+
+    def response(self) -> dict[str, Any]:
+        choices = []
+        for index, choice in enumerate(self.choices):
+            echo_text, echo_ids, echo_logprobs = self.echo_prefix(choice)
+            logprobs = self.logprobs_json(choice, echo_ids + choice.token_ids, echo_logprobs + choice.logprobs)
+            choices.append({"index": index, "text": echo_text + choice.text, "logprobs": logprobs,
+                            "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
+        body = self.chunk(choices)
+        body.update(system_fingerprint=None, service_tier=None, usage=self.usage())
+        return body
 
 
 async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Response:
+    info = ctx.engine.info
     request = parse(CompletionRequest, body)
-    check_model(ctx, request.model)
+    check_model(info.served_model_names, request.model)
     reject_unsupported(request)
     if request.suffix is not None:
         raise APIError("suffix is not currently supported.", param="suffix")
-    engine = ctx.engine
-    prompts = completion_prompts(engine.tokenizer, request.prompt, add_special_tokens=request.add_special_tokens,
-                                 vocab_size=engine.vocab_size)
+    prompts = completion_prompts(info.tokenizer, request.prompt, add_special_tokens=request.add_special_tokens)
     prompt_logprobs = request.prompt_logprobs
     if prompt_logprobs is None and request.echo and request.logprobs is not None:
         prompt_logprobs = request.logprobs
-    structured, param = requested_structured_outputs(request)
+    structured, structured_param = requested_structured_outputs(request)
     if structured is not None:
-        await check_compiles(engine, structured, param)
-    params = [
-        build_sampling_params(
-            request,
-            max_tokens=resolve_max_tokens(engine.max_model_len, len(p.token_ids), request.max_tokens, "max_tokens",
-                                          ctx.default_sampling.get("max_tokens")),
-            logprobs=request.logprobs,
-            prompt_logprobs=prompt_logprobs,
-            model_defaults=ctx.default_sampling,
-            vocab_size=engine.vocab_size,
-            structured_outputs=structured,
-        )
-        for p in prompts
-    ]
-    state = _Completion(ctx, request, prompts, f"cmpl-{base_request_id(raw, request.request_id)}")
-    outputs = await start_generation(ctx, prompts, params, [f"{state.id}-{i}" for i in range(len(prompts))],
-                                     request.cache_salt)
+        await check_compiles(info, structured, structured_param)
+    params = build_sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs,
+                                   prompt_logprobs=prompt_logprobs, model_defaults=info.default_sampling,
+                                   vocab_size=info.vocab_size, structured_outputs=structured)
+    error_params = {"structured_outputs": structured_param}
+    if request.prompt_logprobs is None and prompt_logprobs is not None:
+        error_params["prompt_logprobs"] = "logprobs"  # echo's prompt logprobs are the request's `logprobs`
+    reply = _Reply(request, prompts, f"cmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
+                   info.tokenizer)
+    log = RequestLog(ctx.args.enable_log_requests, reply.id, sum(len(p.token_ids) for p in prompts))
+    outputs = await start_generation(ctx.engine, prompts, [params] * len(prompts),
+                                     [f"{reply.id}-{i}" for i in range(len(prompts))], cache_salt=request.cache_salt,
+                                     default_max_tokens=info.default_sampling.get("max_tokens"),
+                                     error_params=error_params)
     if request.stream:
-        return SSEResponse(finish_sse(state, outputs, _chunks(state, outputs)))
-    await collect(state, outputs, state.update)
-    return JSONResponse(_final_response(state))
-
-
-def _final_response(state: _Completion) -> dict[str, Any]:
-    choices = []
-    for index, choice in enumerate(state.choices):
-        echo_text, echo_ids, echo_logprobs = state.echo_prefix(choice)
-        logprobs = state.logprobs_json(choice, echo_ids + choice.token_ids, echo_logprobs + choice.logprobs)
-        choices.append({"index": index, "text": echo_text + choice.text, "logprobs": logprobs,
-                        "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
-    body = state.chunk(choices)
-    body.update(system_fingerprint=None, service_tier=None, usage=state.usage())
-    return body
-
-
-async def _chunks(state: _Completion, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-    continuous = continuous_usage(state.request)
-    async for prompt_index, res in outputs:
-        for index, text, ids, positions in state.update(prompt_index, res):
-            choice = state.choices[index]
-            if not choice.started:
-                choice.started = True
-                echo_text, echo_ids, echo_logprobs = state.echo_prefix(choice)
-                text, ids, positions = echo_text + text, echo_ids + ids, echo_logprobs + positions
-            if not text and not ids and choice.finish_reason is None:
-                continue
-            done = choice.finish_reason is not None
-            yield sse(state.chunk([{
-                "index": index, "text": text, "logprobs": state.logprobs_json(choice, ids, positions),
-                "finish_reason": choice.finish_reason if done else None,
-                "stop_reason": choice.stop_reason if done else None,
-            }], with_usage=continuous))
+        return SSEResponse(to_sse(reply.chunks(outputs, log), log, ctx.engine, error_params))
+    for prompt_index, res in await collect(outputs, log, ctx.engine, error_params):
+        reply.update(prompt_index, res)
+    log.output_tokens = reply.num_output_tokens
+    log.done("finished")
+    return JSONResponse(reply.response())

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.engine.streams import EngineDeadError, RequestFailedError
+from jaxllm.validation import ValidationError as RequestValidationError
 from serve.protocol import FieldError
+
+logger = logging.getLogger("jaxllm.serve")
 
 # vLLM's `type` per status; others fall back to the status phrase without spaces + "Error".
 _ERROR_TYPES = {
@@ -23,8 +26,6 @@ _ERROR_TYPES = {
     HTTPStatus.NOT_IMPLEMENTED: "NotImplementedError",
     HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
 }
-
-_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 class APIError(Exception):
@@ -48,7 +49,7 @@ class APIError(Exception):
         return f"data: {json.dumps(self.body(), ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def from_validation_error(err: ValidationError) -> APIError:
+def from_pydantic_error(err: ValidationError) -> APIError:
     """A 400 naming the first offending field (its top-level name is `param`)."""
     errors = err.errors(include_url=False)
     for e in errors:
@@ -66,13 +67,24 @@ def from_validation_error(err: ValidationError) -> APIError:
     return APIError(message, param=first_field)
 
 
-def from_sampling_error(err: ValueError) -> APIError:
-    """`SamplingParams(...)` raises ValueError("<field> must ..."): a 400 with that field as `param`."""
-    message = str(err)
-    words = message.split(maxsplit=1)
-    param = words[0] if words and words[0] in _SAMPLING_FIELDS else None
-    return APIError(message, param=param)
-
-
 def not_supported(feature: str, param: str) -> APIError:
     return APIError(f"{feature} is not supported yet by jaxllm.", param=param)
+
+
+def generation_error(exc: BaseException, *, engine_dead: bool, params: dict[str, str] | None = None) -> APIError:
+    """What a client sees of an exception from submitting or running a generation.
+
+    A request the engine cannot serve is a 400 naming its field (`params` renames the engine's names to this
+    endpoint's, e.g. max_tokens -> max_completion_tokens), and so is one the engine ended with an error (a
+    grammar that did not compile). A dead engine, or anything else, is a 500 whose message carries no
+    exception text (the log has it)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return APIError(exc.message, param=(params or {}).get(exc.param or "", exc.param))
+    if isinstance(exc, RequestFailedError):
+        return APIError(str(exc))
+    if engine_dead or isinstance(exc, EngineDeadError):
+        return APIError("The engine died; the server is shutting down.", HTTPStatus.INTERNAL_SERVER_ERROR)
+    logger.error("Generation failed", exc_info=exc)
+    return APIError("Internal error while generating; see the server's log.", HTTPStatus.INTERNAL_SERVER_ERROR)

@@ -59,14 +59,14 @@ class OutputParsers:
             return ParsedOutput(reasoning, extracted.content, extracted.tool_calls)
         return ParsedOutput(reasoning, content)
 
-    def stream(self) -> OutputStream:
-        return OutputStream(
+    def stream(self) -> ChoiceParser:
+        return ChoiceParser(
             self.reasoning.stream() if self.reasoning is not None else None,
             self.tools.stream(self.request) if self.tools is not None else None,
         )
 
 
-class OutputStream:
+class ChoiceParser:
     """One choice's streaming state: reasoning first, then its content through the tool-call stream."""
 
     def __init__(self, reasoning: ReasoningStream | None, tools: ToolCallStream | None) -> None:

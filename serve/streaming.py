@@ -1,6 +1,11 @@
-"""Engine outputs -> HTTP: merging several requests' outputs, SSE, and aborting on client disconnect.
+"""Generation -> HTTP: submitting a request's prompts, merging their outputs, SSE events, the request log
+line, and aborting on client disconnect.
 
-Every path that stops consuming an engine generator closes it (`aclose`), which aborts the request in
+    start_generation(engine, prompts, params, ...)  -> (prompt index, RequestOutput) as they come
+    to_sse(chunks, log, engine)                     -> "data: {...}" events, an error event, "data: [DONE]"
+    collect(outputs, log, engine)                   -> every output, for a non-streamed response
+
+Every path that stops consuming the engine's outputs closes them (`aclose`), which aborts the request in
 the engine and frees its KV pages: a finished response, an error, a cancelled task, a disconnect.
 """
 
@@ -9,14 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from jaxllm.engine.client import EngineClient
 from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+from serve.errors import generation_error
+from serve.inputs import EnginePrompt
+
+request_logger = logging.getLogger("jaxllm.serve.requests")
 
 _DONE = object()
 
@@ -115,3 +129,79 @@ async def until_disconnect(request: Request, work: Awaitable[Response]) -> Respo
             await task
         return Response(status_code=499)  # nobody reads it: the client is gone
     return task.result()
+
+
+async def start_generation(engine: EngineClient, prompts: list[EnginePrompt], params: list[SamplingParams],
+                           request_ids: list[str], *, cache_salt: str | None, default_max_tokens: int | None,
+                           error_params: dict[str, str] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Submit every prompt (each validated as it is submitted: a 400 before the response starts, and the
+    prompts already submitted are withdrawn), then their outputs merged, as (prompt index, output)."""
+    streams = []
+    try:
+        for prompt, sp, request_id in zip(prompts, params, request_ids, strict=True):
+            streams.append(engine.generate(prompt.token_ids, sp, request_id, prompt=prompt.text, cache_salt=cache_salt,
+                                           default_max_tokens=default_max_tokens))
+    except Exception as e:
+        for stream in streams:
+            await stream.aclose()
+        raise generation_error(e, engine_dead=engine.is_dead, params=error_params) from e
+    return merge_outputs(streams)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+@dataclass
+class RequestLog:
+    """One request's line of --enable-log-requests (never headers, so never the API key)."""
+
+    enabled: bool
+    request_id: str
+    prompt_tokens: int
+    output_tokens: int = 0
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.start = self.start or time.perf_counter()
+
+    def done(self, status: str) -> None:
+        if self.enabled:
+            request_logger.info("request %s: prompt_tokens=%d output_tokens=%d latency=%.3fs status=%s",
+                                self.request_id, self.prompt_tokens, self.output_tokens,
+                                time.perf_counter() - self.start, status)
+
+
+async def to_sse(chunks: AsyncIterator[dict[str, Any]], log: RequestLog, engine: EngineClient,
+                 error_params: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """A stream's events: each chunk, an error as an SSE error event, then [DONE]; the log line at the end.
+    Closing it closes `chunks` (which closes the engine's outputs, aborting an unfinished request)."""
+    status = "aborted"
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+        status = "finished"
+    except Exception as e:
+        status = "error"
+        yield generation_error(e, engine_dead=engine.is_dead, params=error_params).sse_event()
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        log.done(status)
+    yield SSE_DONE
+
+
+async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]], log: RequestLog, engine: EngineClient,
+                  error_params: dict[str, str] | None = None) -> list[tuple[int, RequestOutput]]:
+    """Every output of a non-streamed request, in order; an error as the API error (the request aborted)."""
+    try:
+        return [item async for item in outputs]
+    except Exception as e:
+        log.done("error")
+        raise generation_error(e, engine_dead=engine.is_dead, params=error_params) from e
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]

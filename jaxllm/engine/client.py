@@ -71,8 +71,10 @@ class EngineClient:
         return self._dead_error
 
     def generate(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str, *,
-                 prompt: str | None = None, cache_salt: str | None = None) -> GenerationStream:
+                 prompt: str | None = None, cache_salt: str | None = None,
+                 default_max_tokens: int | None = None) -> GenerationStream:
         """Submit a request now; its DELTA outputs come through the returned stream (see `GenerationStream`).
+        `default_max_tokens` caps its output budget (`jaxllm.validation.validate_request`).
 
         Raises `jaxllm.validation.ValidationError` for a request the engine cannot serve (nothing is sent),
         and `EngineDeadError` once the engine has died."""
@@ -80,7 +82,8 @@ class EngineClient:
             raise engine_dead_error(self._dead_error)
         engine_id = f"{request_id}#{next(self._next_id)}"
         params = sampling_params.clone(output_kind=RequestOutputKind.DELTA)
-        command = self.info.new_request(engine_id, prompt_token_ids, params, prompt=prompt, cache_salt=cache_salt)
+        command = self.info.new_request(engine_id, prompt_token_ids, params, prompt=prompt, cache_salt=cache_salt,
+                                        default_max_tokens=default_max_tokens)
         stream = self._streams.open(engine_id)
         with self._ids_lock:
             self._submitted[engine_id] = _Submitted(request_id, command.prompt_token_ids, prompt)

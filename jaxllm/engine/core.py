@@ -185,10 +185,12 @@ class EngineInfo:
         return self.config.model.served_names
 
     def new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    prompt: str | None = None, cache_salt: str | None = None) -> AddRequest:
+                    prompt: str | None = None, cache_salt: str | None = None,
+                    default_max_tokens: int | None = None) -> AddRequest:
         """The command for a request, validated (`jaxllm.validation.ValidationError` if it cannot be served)."""
         max_tokens = validate_request(prompt_token_ids, params, self.limits, self.vocab_size,
-                                      structured_outputs=self.structured_outputs)
+                                      structured_outputs=self.structured_outputs,
+                                      default_max_tokens=default_max_tokens)
         return AddRequest(request_id, list(prompt_token_ids), params, max_tokens, prompt, cache_salt)
 
 

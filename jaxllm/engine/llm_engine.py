@@ -106,6 +106,7 @@ class LLMEngine:
         self._changed: dict[str, _Group] = {}  # groups with something to report, in order
         self._token_text_cache: dict[int, str] = {}
         self._last_stats = (time.monotonic(), 0, 0)  # (time, prompt tokens, generation tokens)
+        self._update_gauges()
 
     # ---- requests in ----
 

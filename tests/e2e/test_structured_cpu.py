@@ -23,8 +23,8 @@ import transformers
 from jaxllm import LLM, SamplingParams
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.sampling_params import StructuredOutputsParams
+from serve.app import ServingContext
 from serve.args import ServerArgs
-from serve.engine_client import ServingContext
 from tests.e2e.conftest import COMMON, assert_pool_free
 from tests.fixtures import fixture_tokenizer
 from tests.models.hf_tiny import COMMON as TINY
@@ -75,7 +75,7 @@ def qwen(tmp_path_factory: pytest.TempPathFactory) -> LLM:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(fixture_tokenizer("qwen2.5") / name, model_dir / name)
     return LLM(str(model_dir), load_format="dummy", max_model_len=1024, max_num_batched_tokens=64,
-               token_buckets=[16, 64], **COMMON)
+               token_buckets=[16, 64], served_model_name=[NAME], **COMMON)
 
 
 # ---- offline: these run before the server takes the engine over (the `server` fixture, below) ----
@@ -120,7 +120,7 @@ def test_offline_chat_renders_tools_and_fed_back_calls(qwen: LLM) -> None:
 @pytest.fixture(scope="module")
 def server(qwen: LLM) -> Iterator[LiveServer]:
     args = ServerArgs(enable_auto_tool_choice=True, tool_call_parser="hermes")
-    ctx = ServingContext(engine=AsyncEngine(qwen.engine), args=args, served_model_names=[NAME], model_root=NAME)
+    ctx = ServingContext(engine=AsyncEngine(qwen.engine), args=args)
     with LiveServer(ctx) as live:
         yield live
 

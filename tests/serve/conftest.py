@@ -15,15 +15,13 @@ import pytest
 import uvicorn
 
 from jaxllm.tokenizer import load_tokenizer
-from serve.app import build_app
+from serve.app import ServingContext, build_app
 from serve.args import ServerArgs
-from serve.engine_client import ServingContext
-from tests.serve.fake_engine import STORIES, STORY, new_engine, pool_is_free, story_engine_parts
+from tests.serve.fake_engine import MODEL_NAMES, STORIES, STORY, new_engine, pool_is_free, story_engine_parts
 
-__all__ = ["STORIES", "STORY", "new_engine", "pool_is_free", "story_engine_parts"]
+__all__ = ["MODEL_NAMES", "STORIES", "STORY", "new_engine", "pool_is_free", "story_engine_parts"]
 
 API_KEY = "sk-test-1234"
-MODEL_NAMES = ["stories", "stories-alias"]
 
 
 class LiveServer:
@@ -57,7 +55,7 @@ class LiveServer:
 
 def make_context(engine: Any, **server_args: Any) -> ServingContext:
     args = dataclasses.replace(ServerArgs(), **server_args)
-    return ServingContext(engine=engine, args=args, served_model_names=list(MODEL_NAMES), model_root=str(STORIES))
+    return ServingContext(engine=engine, args=args)
 
 
 @pytest.fixture(scope="session")

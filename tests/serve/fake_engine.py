@@ -8,14 +8,16 @@ from typing import Any
 
 from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, ModelConfig, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
-from tests.engine.fake_runner import FakeModelRunner
+from jaxllm.engine.client import EngineClient
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.generation_config import GenerationDefaults
 from jaxllm.structured import make_grammar_compiler
 from jaxllm.tokenizer import load_tokenizer
+from tests.engine.fake_runner import FakeModelRunner
 
 STORIES = Path(__file__).resolve().parents[2] / "jaxllm" / "data" / "stories260K"
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine."
+MODEL_NAMES = ["stories", "stories-alias"]
 
 
 def new_engine(tokenizer: Any, script: list[int], **kwargs: Any) -> AsyncEngine:
@@ -37,7 +39,7 @@ def new_llm_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 51
                    block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
                    fail_at_step: int | None = None) -> LLMEngine:
     config = EngineConfig(
-        model=ModelConfig(model=str(STORIES)),
+        model=ModelConfig(model=str(STORIES), served_model_name=list(MODEL_NAMES)),
         cache=CacheConfig(block_size=block_size),
         scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096, async_scheduling=False),
     )
@@ -49,5 +51,5 @@ def new_llm_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 51
     return engine
 
 
-def pool_is_free(engine: AsyncEngine) -> bool:
-    return engine.num_free_pages() == engine.num_pages and engine.metrics().num_requests_running == 0
+def pool_is_free(engine: EngineClient) -> bool:
+    return engine.num_free_pages() == engine.info.limits.num_pages and engine.metrics().num_requests_running == 0

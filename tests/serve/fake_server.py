@@ -11,7 +11,6 @@ import os
 import sys
 
 from jaxllm.engine.engine_process import ProcessEngine
-from jaxllm.generation_config import load_generation_defaults
 from jaxllm.serve import make_context, parse_args, run_server
 from jaxllm.tokenizer import load_tokenizer
 from tests.serve.fake_engine import STORIES, STORY, new_engine, story_engine_parts
@@ -27,8 +26,7 @@ def main() -> int:
         engine = new_engine(tokenizer, tokenizer.encode(" " + STORY, add_special_tokens=False), **options)
     else:  # as `python -m jaxllm.serve` runs it: the engine loop in a child process
         engine = ProcessEngine(functools.partial(story_engine_parts, **options))
-    defaults = load_generation_defaults(STORIES)
-    return run_server(make_context(engine, config, args, default_sampling=defaults.sampling, chat_template=None))
+    return run_server(make_context(engine, args))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 
 from jaxllm import cli
 from jaxllm.config import DEFAULT_MODEL, option_fields
-from jaxllm.serve import build_parser, make_context, parse_args
+from jaxllm.serve import build_parser, parse_args
 from serve.args import API_KEY_ENV, ServerArgs
 
 
@@ -86,8 +86,7 @@ def test_tool_and_reasoning_flags() -> None:
 
 def test_served_model_name_defaults_to_the_model_as_given_or_the_bundled_models_name() -> None:
     def served(argv: list[str]) -> list[str]:
-        config, args = parse_args(argv)
-        return make_context(None, config, args, default_sampling={}, chat_template=None).served_model_names
+        return parse_args(argv)[0].model.served_names
 
     assert parse_args([])[0].model.model == DEFAULT_MODEL
     assert served([]) == ["stories260K"]

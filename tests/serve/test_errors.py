@@ -51,7 +51,7 @@ def test_unknown_fields_are_ignored_with_a_log_line(http: httpx.Client, caplog: 
 
 
 def test_context_overflow_has_vllms_wording(http: httpx.Client, live: LiveServer) -> None:
-    max_len = live.ctx.engine.max_model_len
+    max_len = live.ctx.engine.info.max_model_len
     long_prompt = [100 + i % 300 for i in range(max_len + 5)]
     error = error_of(http.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4}), 400)
     assert error["message"].startswith(
@@ -164,7 +164,7 @@ def test_errors_never_take_the_server_down(http: httpx.Client, live: LiveServer)
 def test_tokenize_and_detokenize(http: httpx.Client, stories_tokenizer: Any, live: LiveServer) -> None:
     out = http.post("/tokenize", json={"prompt": "Once upon a time", "return_token_strs": True}).json()
     assert out["tokens"] == stories_tokenizer.encode("Once upon a time") and out["count"] == len(out["tokens"])
-    assert out["max_model_len"] == live.ctx.engine.max_model_len and out["token_strs"][0] == "<s>"
+    assert out["max_model_len"] == live.ctx.engine.info.max_model_len and out["token_strs"][0] == "<s>"
     chat = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Once upon a time"}]}).json()
     assert chat["tokens"] == out["tokens"]  # the template writes BOS; no second one is added
     assert http.post("/detokenize", json={"tokens": out["tokens"][1:]}).json() == {"prompt": "Once upon a time"}

@@ -31,7 +31,7 @@ def story_continuation(tokenizer: Any, prompt_ids: list[int], script: list[int],
 def test_models_lists_every_served_name_with_max_model_len(client: openai.OpenAI, live: LiveServer) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == MODEL_NAMES
-    assert all(m.model_extra["max_model_len"] == live.ctx.engine.max_model_len for m in models.data)
+    assert all(m.model_extra["max_model_len"] == live.ctx.engine.info.max_model_len for m in models.data)
     assert client.models.retrieve(MODEL_NAMES[1]).id == MODEL_NAMES[1]
 
 
@@ -102,7 +102,7 @@ def test_chat_default_max_tokens_is_the_rest_of_the_context(client: openai.OpenA
     out = client.chat.completions.create(
         model=MODEL_NAMES[0], messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
     assert out.choices[0].finish_reason == "length"
-    assert out.usage.total_tokens == live.ctx.engine.max_model_len
+    assert out.usage.total_tokens == live.ctx.engine.info.max_model_len
 
 
 def test_chat_logprobs_n_and_extra_body(client: openai.OpenAI) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
+from serve.inputs import build_sampling_params
 from serve.protocol import CompletionRequest
-from serve.sampling import build_sampling_params
 from tests.serve.conftest import LiveServer, pool_is_free, wait_until
 from tests.serve.test_errors import CHAT, MESSAGES, error_of
 

@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-import serve.structured
+import serve.inputs
 from tests.serve.conftest import API_KEY, MODEL_NAMES, LiveServer
 
 MESSAGES = [{"role": "user", "content": "Once upon a time"}]
@@ -66,7 +66,7 @@ def test_requests_without_a_constraint_compile_nothing(client: openai.OpenAI, mo
     def refuse(*args: Any) -> None:
         raise ValueError("compile_grammar was called")  # a 400 from the server
 
-    monkeypatch.setattr(serve.structured, "compile_grammar", refuse)
+    monkeypatch.setattr(serve.inputs, "compile_grammar", refuse)
     tools = [TOOLS[0]]
     for extra in ({}, {"response_format": {"type": "text"}}, {"tools": tools, "tool_choice": "none"}):
         out = client.chat.completions.create(model=MODEL_NAMES[0], messages=MESSAGES, max_tokens=4, **extra)

@@ -18,9 +18,9 @@ import pytest
 
 from jaxllm.config import CacheConfig, EngineConfig, EngineLimits, ModelConfig, SchedulerConfig
 from jaxllm.engine.async_engine import AsyncEngine
-from tests.engine.fake_runner import FakeModelRunner
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.tokenizer import load_tokenizer
+from tests.engine.fake_runner import FakeModelRunner
 from tests.fixtures import fixture_tokenizer
 from tests.serve.conftest import API_KEY, MODEL_NAMES, LiveServer, make_context, pool_is_free, wait_until
 
@@ -56,7 +56,7 @@ def parrot_engine(tokenizer: Any) -> AsyncEngine:
         written = len(context) - (header + 3)
         return said[written] if written < len(said) else im_end
 
-    config = EngineConfig(model=ModelConfig(model=str(fixture_tokenizer("qwen2.5"))),
+    config = EngineConfig(model=ModelConfig(model=str(fixture_tokenizer("qwen2.5")), served_model_name=MODEL_NAMES),
                           cache=CacheConfig(block_size=16),
                           scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=2048,
                                                     async_scheduling=False))
