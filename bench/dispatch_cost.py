@@ -4,10 +4,11 @@
 
 Times, per call, on the host: the step's metadata `device_put` (a dozen arrays, and one packed
 int32 array), the compiled forward's dispatch with fresh input buffers every call, with the same
-buffers every call, and through the runner's `StableInputs` (with and without a fresh
+buffers every call, and through `StableInputs` as the runner puts them (with and without a fresh
 previous-tokens buffer, as the sampler leaves one every step), and the sampler's dispatch; then
-the device time of a step. With XLA command buffers (CUDA graphs), a dispatch whose inputs moved must update
-the recorded graphs: the fresh-against-same difference is that cost.
+the device time of a step. The programs are the runner's own (`runner.compiler`). With XLA
+command buffers (CUDA graphs), a dispatch whose inputs moved must update the recorded graphs: the
+fresh-against-same difference is that cost.
 """
 
 from __future__ import annotations
@@ -21,22 +22,25 @@ import numpy as np
 
 from bench.common import add_engine_args, add_model_args, llm_kwargs, write_json
 from jaxllm import LLM
-from jaxllm.models.batch import ForwardBatch
 from jaxllm.runner.sampler import SamplerFlags, SamplingBatch
+from jaxllm.runner.step_inputs import ForwardInputs, StableInputs
 
 
-def _host_arrays(runner, num_tokens: int) -> tuple[np.ndarray, ...]:
+def _host_arrays(runner, num_tokens: int) -> ForwardInputs:
     """A decode step of `num_tokens` requests at position 100 (the padding of a real step)."""
-    num_slots = min(num_tokens, runner.max_num_seqs)
-    pages = runner.page_buckets[0]
-    positions = np.full(num_tokens, 100, np.int32)
-    slot_mapping = np.full(num_tokens, runner.input_batch.null_slot, np.int32)  # writes dropped
-    cu_q_lens = np.arange(num_slots + 1, dtype=np.int32)
-    kv_lens = np.full(num_slots, 101, np.int32)
-    page_indices = np.tile(np.arange(pages, dtype=np.int32), (num_slots, 1))
-    return (np.zeros(num_tokens, np.int32), positions, slot_mapping, cu_q_lens, kv_lens, page_indices,
-            np.array([num_slots], np.int32), np.arange(num_slots, dtype=np.int32),
-            np.full(num_tokens, -1, np.int32))
+    num_slots = runner.buckets.slots(num_tokens)
+    pages = runner.buckets.pages[0]
+    return ForwardInputs(
+        input_ids=np.zeros(num_tokens, np.int32),
+        positions=np.full(num_tokens, 100, np.int32),
+        slot_mapping=np.full(num_tokens, runner.input_batch.null_slot, np.int32),  # writes dropped
+        cu_q_lens=np.arange(num_slots + 1, dtype=np.int32),
+        kv_lens=np.full(num_slots, 101, np.int32),
+        page_indices=np.tile(np.arange(pages, dtype=np.int32), (num_slots, 1)),
+        num_seqs=np.array([num_slots], np.int32),
+        logits_indices=np.arange(num_slots, dtype=np.int32),
+        placeholder_rows=np.full(num_tokens, -1, np.int32),
+    )
 
 
 def _per_call_ms(fn, iterations: int) -> float:
@@ -47,39 +51,40 @@ def _per_call_ms(fn, iterations: int) -> float:
 
 
 def measure(runner, num_tokens: int, iterations: int) -> dict:
-    rep = runner._replicated
+    rep = runner.compiler.sharding
     host = _host_arrays(runner, num_tokens)
-    num_slots = min(num_tokens, runner.max_num_seqs)
+    num_slots = runner.buckets.slots(num_tokens)
     sampling = SamplingBatch(np.ones(num_slots, np.float32), np.arange(num_slots, dtype=np.uint32),
                              np.full(num_slots, 101, np.int32))
-    forward = runner._compiled_forward(num_tokens, runner.page_buckets[0])
-    sampler = runner._sampler(num_slots, SamplerFlags(all_greedy=False))
+    forward = runner.compiler.forward(num_tokens, runner.buckets.pages[0])
+    sampler = runner.compiler.sampler(num_slots, SamplerFlags(all_greedy=False))
+    stable = StableInputs(rep)
+    zeros = np.zeros(runner.buckets.max_num_seqs, np.int32)
     out: dict = {"num_tokens": num_tokens}
 
     out["device_put_ms"] = _per_call_ms(lambda: jax.device_put((host, sampling), rep), iterations)
     packed = np.concatenate([np.ravel(a) for a in host])
     out["device_put_packed_ms"] = _per_call_ms(lambda: jax.device_put(packed, rep), iterations)
 
-    state = {"logits": None}
+    state = {"logits": None, "prev_tokens": jax.device_put(zeros, rep)}
 
-    def call(dev):
-        batch = ForwardBatch(*dev[:8])
-        runner.kv_pages, state["logits"] = forward(runner.model.leaves, runner.kv_pages, batch, dev[8],
-                                                   runner._prev_tokens)
+    def call(dev: ForwardInputs):
+        runner.kv_pages, state["logits"] = forward(runner.model.leaves, runner.kv_pages, dev.batch(),
+                                                   dev.placeholder_rows, state["prev_tokens"])
 
     def timed_calls(inputs: str, fresh_prev_tokens: bool = False) -> float:
         """Host ms per forward dispatch; inputs: "fresh" (a device_put per call), "same" (one
-        set for every call) or "stable" (the runner's StableInputs, its put timed apart)."""
+        set for every call) or "stable" (through StableInputs, as the runner puts them; the put timed apart)."""
         same = jax.device_put(host, rep)
         total = put = 0.0
         for i in range(iterations):
             t = time.perf_counter()
             dev = {"fresh": lambda: jax.device_put(host, rep), "same": lambda: same,
-                   "stable": lambda: runner._inputs.put(host)[0]}[inputs]()
+                   "stable": lambda: stable.put(host)[0]}[inputs]()
             put += time.perf_counter() - t
             if fresh_prev_tokens:
-                runner._prev_tokens = jax.device_put(np.zeros(runner.max_num_seqs, np.int32), rep)
-            jax.block_until_ready((dev, runner._prev_tokens))
+                state["prev_tokens"] = jax.device_put(zeros, rep)
+            jax.block_until_ready((dev, state["prev_tokens"]))
             t = time.perf_counter()
             call(dev)
             total += time.perf_counter() - t
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     llm = LLM(**llm_kwargs(args))
     runner = llm.engine.runner
-    result = {"rows": [measure(runner, t, args.iterations) for t in runner.token_buckets]}
+    result = {"rows": [measure(runner, t, args.iterations) for t in runner.buckets.tokens]}
     print(json.dumps(result, indent=1))
     write_json(result, args.output_json)
     return result

@@ -1,20 +1,31 @@
-"""Assembling an engine: load the model, resolve the limits, compile, and wire the engine around it.
+"""Assembling an engine: load the model, measure, resolve the limits, compile, and wire the engine around it.
 
 The one place that builds an `LLMEngine` with a real runner, for the offline API (`jaxllm.llm`) and
-for the server's engine (`jaxllm.serving`, in the engine process or on a thread).
+for the server's engine (`jaxllm.serving`, in the engine process or on a thread):
+
+    load the model -> measure the device -> resolve the limits (`jaxllm.runner.limits`, pure)
+    -> the runner, its buckets compiled (`jaxllm.runner.compilation`) -> LLMEngine(config, limits, runner)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from jaxllm.config import EngineConfig
+from jaxllm.config import EngineConfig, EngineLimits
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.generation_config import GenerationDefaults, load_generation_defaults
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.tokenizer import load_tokenizer, resolve_chat_template
+
+if TYPE_CHECKING:
+    from jaxllm.runner.attention import Attention
+    from jaxllm.runner.compilation import Buckets
+    from jaxllm.runner.limits import DeviceFacts, SchedulerLimits
+    from jaxllm.runner.model_loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -27,28 +38,65 @@ class EngineParts:
 
 
 def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool = False) -> EngineParts:
-    """Load the model, compile it, size the KV pool and wire the engine around it."""
+    """Load the model, resolve the limits, compile the buckets and wire the engine around them."""
     # The only jax imports on this path:
     from jaxllm import distributed  # noqa: PLC0415
     from jaxllm.models.loader import resolve_model_dir  # noqa: PLC0415
+    from jaxllm.runner import kv_cache  # noqa: PLC0415
+    from jaxllm.runner.attention import select_attention  # noqa: PLC0415
+    from jaxllm.runner.compilation import Buckets, setup_compilation_cache  # noqa: PLC0415
+    from jaxllm.runner.limits import scheduler_limits  # noqa: PLC0415
+    from jaxllm.runner.model_loading import load_model  # noqa: PLC0415
     from jaxllm.runner.model_runner import ModelRunner  # noqa: PLC0415
 
     distributed.initialize(config.parallel)  # before any device is touched
     model_dir = resolve_model_dir(config.model.model, config.model.revision)
     defaults = load_generation_defaults(model_dir, config.model.generation_config, config.model.revision)
-    runner = ModelRunner(config, served=served, default_sampling=_default_sampling(defaults))
+    setup_compilation_cache(config.compilation_cache_dir)
+    model = load_model(config.model, config.parallel)
+    device = kv_cache.measure_device(model.mesh)
+    sched = scheduler_limits(config, device, model.arch.max_position_embeddings, served=served)
+    page_size = config.cache.block_size
+    attention = select_attention(config.model.attention_backend, model.arch, model.dtype, page_size, model.mesh,
+                                 model.rules)
+    buckets = Buckets.plan(sched, page_size, attention.name)
+    limits = _with_kv_pool(config, sched, device, model, attention, buckets)
+    runner = ModelRunner(model, attention, buckets, limits, seed=config.model.seed, served=served,
+                         default_sampling=_default_sampling(defaults))
     tokenizer = load_tokenizer(config.model.tokenizer or model_dir, config.model.revision)
-    eos = set(defaults.eos_token_ids) | set(runner.model.arch.eos_token_ids)
+    eos = set(defaults.eos_token_ids) | set(model.arch.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
+    vocab_size = model.arch.vocab_size
     engine = LLMEngine(
-        config, runner.limits, runner, tokenizer, runner.vocab_size, sorted(eos),
-        log_stats=log_stats, grammar_compiler=_grammar_compiler(tokenizer, runner.vocab_size),
+        config, limits, runner, tokenizer, vocab_size, sorted(eos),
+        log_stats=log_stats, grammar_compiler=_grammar_compiler(tokenizer, vocab_size),
     )
     parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template))
     freeze_startup_heap()
-    runner.load_in_background()  # served: the buckets the warmup left
+    runner.compiler.load_in_background()  # served: the buckets the warm-up left
     return parts
+
+
+def _with_kv_pool(config: EngineConfig, sched: SchedulerLimits, device: DeviceFacts, model: LoadedModel,
+                  attention: Attention, buckets: Buckets) -> EngineLimits:
+    """The limits with the KV pool the device's memory leaves after the weights, the largest
+    bucket's activation peak and the buffers of every bucket's inputs."""
+    from jaxllm.runner import kv_cache  # noqa: PLC0415
+    from jaxllm.runner.compilation import activation_bytes  # noqa: PLC0415
+    from jaxllm.runner.limits import kv_pool, resolve_limits  # noqa: PLC0415
+
+    activation = 0
+    if device.memory_limit is not None:  # else (CPU) a fixed budget
+        activation = activation_bytes(model, attention, buckets, config.compilation_cache_dir)
+    page_size = config.cache.block_size
+    page_bytes = kv_cache.bytes_per_page(model.arch, page_size, model.dtype, model.mesh.devices.size, model.rules)
+    # The memory in use measured again, after the activation compile, where the pool will be allocated.
+    pool = kv_pool(config.cache, kv_cache.measure_device(model.mesh), activation + buckets.input_bytes(), page_bytes)
+    pool = dataclasses.replace(pool, num_pages=kv_cache.same_on_every_process(pool.num_pages))
+    limits = resolve_limits(sched, page_size, pool)
+    kv_cache.log_pool(limits.num_pages, page_size, limits.max_model_len, page_bytes)
+    return limits
 
 
 def _default_sampling(defaults: GenerationDefaults) -> SamplingParams | None:
@@ -64,11 +112,9 @@ def freeze_startup_heap() -> None:
     """Move everything alive after start-up (model tree, tokenizer tables, compiled executables) out
     of the garbage collector's reach.
 
-    NOTE: a full collection otherwise walks that heap again and again while requests run: over 150
-    host steps of 1024 requests (bench/host_overhead.py on the CPU machine) 3 of them took 770 ms
-    (up to 268 ms each), every one a stall of the device; with the heap frozen before the requests
-    came, 5 took 111 ms and the host step went from 26.7 to 20.3 ms. (vLLM tunes its engine's
-    collector for the same reason.)"""
+    NOTE: a full collection otherwise walks that heap again and again while requests run, each a
+    stall of the device of up to hundreds of ms (bench/host_overhead.py shows it); vLLM tunes its
+    engine's collector for the same reason."""
     gc.collect()
     gc.freeze()
 

@@ -6,6 +6,7 @@ error that says why).
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 from jax.sharding import Mesh, PartitionSpec
 
@@ -15,6 +16,11 @@ from jaxllm.models.sharding import ShardingRules
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, ragged_paged_attention_xla
 
 logger = logging.getLogger(__name__)
+
+
+class Attention(NamedTuple):
+    fn: AttentionFn
+    name: str  # "pallas", "xla" or "reference"
 
 
 def _pallas_unsupported_reason(platform: str, arch: ModelArch, dtype, page_size: int, tp: int) -> str | None:
@@ -56,17 +62,17 @@ def _shard_over_heads(kernel: AttentionFn, mesh: Mesh, rules: ShardingRules) -> 
 
 def select_attention(
     backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, rules: ShardingRules
-) -> tuple[AttentionFn, str]:
-    """Returns (attention function, name of the implementation).
+) -> Attention:
+    """The attention function and the name of its implementation.
 
     NOTE: the function is wrapped in its own `jax.jit` (params static), so all layers share one
-    traced and lowered attention instead of one copy per layer: for the Mosaic kernel this cut the
-    lowered module ~3.4x and its lowering time ~4.5x at 4 layers (each copy embeds the kernel).
+    traced and lowered attention instead of one copy per layer: each layer's copy would embed the
+    Mosaic kernel again, and the lowered module and its lowering time would grow with the layers.
     """
     fn, name = _select(backend, arch, dtype, page_size, mesh, rules)
     import jax
 
-    return jax.jit(fn, static_argnums=(6,)), name
+    return Attention(jax.jit(fn, static_argnums=(6,)), name)
 
 
 def _select(backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, rules: ShardingRules):

@@ -2,12 +2,11 @@
 
 NOTE: XLA:GPU replays each compiled step as CUDA graphs (command buffers). A graph records the
 addresses of its kernels' operands, so a step whose inputs sit in new buffers must update the
-recorded graphs before it launches. On an H200 (8B model, `bench/dispatch_cost.py`) that update
-made the forward's dispatch cost 4.5-6.8 ms of host time against 1.6-2.4 ms with its inputs in the
-buffers of the step before, as much as the device's whole step at small batches. So the inputs go
-over as one int32 array (one transfer: ~0.1 ms, against 0.7-1.0 ms for a dozen small arrays),
-and a small jit copies its pieces into the previous step's buffers of the same shapes, donated:
-they come back at the same addresses, and the forward's graphs replay as recorded.
+recorded graphs before it launches, and that update costs the host as much as the device's whole
+step at small batches (`bench/dispatch_cost.py` measures it). So the inputs go over as one int32
+array (one transfer costs several times less than a dozen small ones), and a small jit copies its
+pieces into the previous step's buffers of the same shapes, donated: they come back at the same
+addresses, and the forward's graphs replay as recorded.
 
 A buffer handed to a step is donated by the next put of the same shapes; that is safe because
 every step's work is enqueued in order on the device, and the runner keeps no reference to it.
@@ -16,13 +15,60 @@ The last buffers of every shape stay allocated: the runner counts them in its me
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import Sharding
 
+from jaxllm.models.batch import ForwardBatch
+
 Buffers = tuple[jax.Array, ...]
+Array = np.ndarray | jax.Array
+D = TypeVar("D")
+
+
+class ForwardInputs(NamedTuple):
+    """The forward's inputs of one step, numpy on the host and jax arrays once put: T tokens, S
+    request slots, P pages per slot, R rows whose logits are wanted (S; T for prompt logprobs)."""
+
+    input_ids: Array  # [T] i32; padded tokens are 0
+    positions: Array  # [T] i32 absolute position of each token in its request
+    slot_mapping: Array  # [T] i32 where its K/V goes; padding: out of range (dropped)
+    cu_q_lens: Array  # [S + 1] i32 request s owns tokens cu_q_lens[s]:cu_q_lens[s+1]
+    kv_lens: Array  # [S] i32 KV length of each request after this step
+    page_indices: Array  # [S, P] i32 each request's pages, in order
+    num_seqs: Array  # [1] i32 live request slots
+    logits_indices: Array  # [R] i32 tokens whose logits are wanted
+    placeholder_rows: Array  # [T] i32; -1 = the input id is real, else its row in the previous step's tokens
+
+    @classmethod
+    def zeros(cls, num_tokens: int, num_slots: int, pages_per_seq: int) -> ForwardInputs:
+        """Zeros shaped as a bucket's inputs (warm-up, abstract arguments, the memory budget)."""
+        tokens, slots = np.zeros(num_tokens, np.int32), np.zeros(num_slots, np.int32)
+        return cls(tokens, tokens, tokens, np.zeros(num_slots + 1, np.int32), slots,
+                   np.zeros((num_slots, pages_per_seq), np.int32), np.zeros(1, np.int32), slots, tokens)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self)
+
+    def batch(self) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids, positions=self.positions, slot_mapping=self.slot_mapping,
+            cu_q_lens=self.cu_q_lens, kv_lens=self.kv_lens, page_indices=self.page_indices,
+            num_seqs=self.num_seqs, logits_indices=self.logits_indices,
+        )
+
+
+def split_tables(batch: D) -> tuple[D, dict[str, np.ndarray]]:
+    """(a dataclass of numpy arrays with its per-row columns only, {field: [S, X] table}).
+
+    NOTE: the sampler's tables stay out of the stable buffers: they feed only the sampler, whose
+    dispatch is cheap, and one kept per bucket would hold gigabytes (token histories at long
+    max_model_len)."""
+    tables = {f.name: v for f in dataclasses.fields(batch) if (v := getattr(batch, f.name)) is not None and v.ndim > 1}
+    return dataclasses.replace(batch, **dict.fromkeys(tables)), tables
 
 
 def _unpack(previous: tuple[Buffers, ...], packed: jax.Array) -> tuple[Buffers, ...]:

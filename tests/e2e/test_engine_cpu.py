@@ -161,8 +161,8 @@ def test_a_top_k_beyond_the_vocabulary_is_no_limit(llm):
 def test_decode_steps_feed_the_forward_from_the_same_buffers(llm):
     """Consecutive steps of one bucket hand the compiled forward its inputs at the same device
     addresses (what lets XLA's CUDA graphs replay without an update on a GPU)."""
-    runner = llm.engine.runner
-    compiled_forward = runner._compiled_forward
+    compiler = llm.engine.runner.compiler
+    compiled_forward = compiler.forward
     seen = []
 
     def recording(num_tokens, pages_per_seq):
@@ -174,11 +174,11 @@ def test_decode_steps_feed_the_forward_from_the_same_buffers(llm):
 
         return run
 
-    runner._compiled_forward = recording
+    compiler.forward = recording
     try:
         out = llm.generate({"prompt_token_ids": [1, 403, 407]}, _greedy(6), use_tqdm=False)
     finally:
-        runner._compiled_forward = compiled_forward
+        del compiler.forward
     assert len(out[0].outputs[0].token_ids) == 6
     assert len(seen) == 6 and len({(t, p) for t, p, _ in seen}) == 1  # one bucket throughout
     assert all(pointers == seen[0][2] for _, _, pointers in seen)

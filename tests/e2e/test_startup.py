@@ -5,14 +5,16 @@ activation estimate is kept beside the compilation cache."""
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future
 
 import numpy as np
 
 from jaxllm import SamplingParams
 from jaxllm.build import build_engine
 from jaxllm.config import DEFAULT_MODEL, EngineConfig
+from jaxllm.engine.core import EngineInfo
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.runner.compilation import activation_bytes
+from jaxllm.sampling_params import RequestOutputKind
 from tests.e2e.conftest import COMMON, backend_compiles
 
 # The `llm` fixture's engine options, so the two engines compile the same buckets.
@@ -20,22 +22,26 @@ OPTIONS = dict(max_num_seqs=64, max_num_batched_tokens=128, token_buckets=[16, 6
 
 
 def _generate(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    info = EngineInfo.describe(engine)
+    params = params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), prompt, params, final_only=True)
+        engine.add_request(info.new_request(str(i), prompt, params))
     done: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
+                done[out.request_id] = list(out.sequences[0].token_ids)
     return [done[str(i)] for i in range(len(prompts))]
 
 
 def test_served_engine_serves_while_buckets_load(llm):
     engine = build_engine(EngineConfig.from_kwargs(model=DEFAULT_MODEL, **OPTIONS, **COMMON), served=True).engine
     runner = engine.runner
-    smallest = [key for key in runner._compiled if key[0] == "forward" and key[1] == 16]
-    assert smallest and not any(isinstance(runner._compiled[key], Future) for key in smallest)
-    assert {key[1:] for key in runner._compiled if key[0] == "forward"} == set(runner._bucket_keys)
+    compiler = runner.compiler
+    smallest = {("forward", 16, pages) for pages in runner.buckets.pages}
+    assert smallest <= compiler.ready() and not smallest & compiler.loading()
+    forward = {key[1:] for key in compiler.ready() | compiler.loading() if key[0] == "forward"}
+    assert forward == set(runner.buckets.keys)
 
     rng = np.random.default_rng(3)
     prompts = [[1, *rng.integers(3, 512, int(n)).tolist()] for n in rng.integers(1, 120, 24)]
@@ -45,8 +51,8 @@ def test_served_engine_serves_while_buckets_load(llm):
                                                              use_tqdm=False)]
     assert served == offline
 
-    runner.wait_warm()
-    assert not any(isinstance(fn, Future) for fn in runner._compiled.values())
+    compiler.wait_warm()
+    assert not compiler.loading()
     with backend_compiles() as compiles:
         _generate(engine, prompts, greedy)
     assert compiles == []
@@ -56,11 +62,11 @@ def test_served_engine_serves_while_buckets_load(llm):
 
 def test_activation_estimate_is_kept_beside_the_compilation_cache(llm, tmp_path):
     runner = llm.engine.runner
-    first = runner._activation_bytes(str(tmp_path))
+    first = activation_bytes(runner.model, runner.attention, runner.buckets, str(tmp_path))
     (kept,) = tmp_path.glob("jaxllm-activation-*.json")
     assert first > 0 and json.loads(kept.read_text()) == {"temp_size_in_bytes": first}
     kept.write_text(json.dumps({"temp_size_in_bytes": 12345}))  # proves the second call reads it
     with backend_compiles() as compiles:
-        assert runner._activation_bytes(str(tmp_path)) == 12345
+        assert activation_bytes(runner.model, runner.attention, runner.buckets, str(tmp_path)) == 12345
     assert compiles == []
-    assert runner._activation_bytes(None) == first  # no cache: compiled again
+    assert activation_bytes(runner.model, runner.attention, runner.buckets, None) == first  # no cache: compiled again

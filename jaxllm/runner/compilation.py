@@ -1,0 +1,410 @@
+"""The step's programs compiled ahead: buckets, the persistent cache, warm-up and background loading.
+
+Every step is padded to a bucket: T tokens (`EngineLimits.token_buckets`), S = min(T,
+max_num_seqs) request slots and P pages per slot (`Buckets`). At start-up every bucket's forward
+and input unpacking, and the common sampler variants, are compiled or loaded from the persistent
+compilation cache, smallest bucket first; a compile after that is logged as a bug (a bucket or
+variant the warm-up missed).
+
+    activation_bytes(model, attention, buckets)   the largest bucket's activation peak (KV budget)
+    BucketCompiler.warm_up(background)            every bucket now, or only the smallest now
+    BucketCompiler.load_in_background()           ... and the rest on loader threads, smallest first
+    BucketCompiler.forward(T, P), .sampler(S, f)  what a step runs; a program still loading is waited for
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jaxllm.models.llama import kv_pages_shape
+from jaxllm.models.sharding import kv_pages_sharding
+from jaxllm.runner.attention import Attention
+from jaxllm.runner.input_batch import SamplerNeeds
+from jaxllm.runner.limits import GiB, SchedulerLimits
+from jaxllm.runner.model_loading import LoadedModel
+from jaxllm.runner.sampler import SamplerFlags, SamplingBatch, sample
+from jaxllm.runner.step_inputs import ForwardInputs, StableInputs, split_tables
+from jaxllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Widest page table (pages per request) sent whole every step with the Mosaic kernel: 8192 tokens
+# at 16-token pages; longer contexts keep two widths.
+_ONE_PAGE_WIDTH_UP_TO = 512
+
+# Sampler variants compiled at warmup: greedy and temperature-only batches, each also with grammar
+# bitmasks (structured outputs), and the variant of the default sampling params; rarer options
+# (top-k/p, penalties, biases, logprobs) compile on use.
+_WARM_SAMPLERS = tuple(
+    SamplerFlags(all_greedy=greedy, bitmask=bitmask) for greedy in (True, False) for bitmask in (False, True)
+)
+
+
+def setup_compilation_cache(path: str | None) -> None:
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def page_buckets(max_pages: int, count: int = 2, ratio: int = 4) -> list[int]:
+    """A few pages-per-request widths: max_pages, max_pages / 4, ... (at least 4 pages).
+
+    NOTE: the longest request of a busy batch usually needs the widest bucket anyway, so narrow
+    ones only pay off for small batches (latency); two keep the compile count down."""
+    out = [max_pages]
+    while len(out) < count and out[-1] // ratio >= 4:
+        out.append(out[-1] // ratio)
+    return sorted(out)
+
+
+def warm_sampler_flags(default_sampling: SamplingParams | None) -> list[SamplerFlags]:
+    """_WARM_SAMPLERS and the variants of batches of requests that keep some of the default
+    sampling params: its penalties and biases with greedy batches, and with sampled ones with
+    and without its top-k/p; each with and without bitmasks.
+
+    NOTE: a model's generation config often makes top-p the default (Llama-3 instruct: temperature
+    0.6, top_p 0.9); compiled on use, that variant would stall the first request of every batch
+    size for a compile. The server fills each unset field from the defaults, so a request with
+    temperature=0 or top_p=1 keeps the rest (a repetition penalty, say)."""
+    out = list(_WARM_SAMPLERS)
+    if default_sampling is None:
+        return out
+    needs = SamplerNeeds.of(default_sampling)
+    kinds = [(True, False), (False, False), (False, needs.top_k_top_p)]  # (all greedy, top-k/p)
+    for greedy, top in kinds:
+        for bitmask in (False, True):
+            flags = SamplerFlags(all_greedy=greedy, top_k_top_p=top, penalties=needs.penalties,
+                                 sparse_bias=needs.bias, bitmask=bitmask)
+            if flags not in out:
+                out.append(flags)
+    return out
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """The padded step shapes compiled ahead."""
+
+    tokens: tuple[int, ...]  # T, ascending (EngineLimits.token_buckets)
+    pages: tuple[int, ...]  # P, ascending; the widest holds a max_model_len request
+    max_num_seqs: int  # S = min(T, max_num_seqs)
+    page_size: int  # tokens per KV page
+
+    @classmethod
+    def plan(cls, sched: SchedulerLimits, page_size: int, attention_name: str) -> Buckets:
+        max_pages = -(-sched.max_model_len // page_size)
+        # NOTE: the Mosaic kernel reads only the pages a request's kv_len covers, whatever the
+        # table's width, so one width halves the buckets to compile (and the start-up); the wide
+        # table costs only its host->device copy, [S, max_pages] i32 per step, kept small here.
+        one_width = attention_name == "pallas" and max_pages <= _ONE_PAGE_WIDTH_UP_TO
+        pages = [max_pages] if one_width else page_buckets(max_pages)
+        return cls(tuple(sched.token_buckets), tuple(pages), sched.max_num_seqs, page_size)
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        """Every (T, P), smallest T first."""
+        return [(t, p) for t in self.tokens for p in self.pages]
+
+    def slots(self, num_tokens: int) -> int:
+        return min(num_tokens, self.max_num_seqs)
+
+    def pick(self, num_tokens: int, pages_per_seq: int) -> tuple[int, int]:
+        """(T, P) of the smallest bucket that holds a step of `num_tokens` whose longest request has `pages_per_seq`."""
+        return next(t for t in self.tokens if t >= num_tokens), next(p for p in self.pages if p >= pages_per_seq)
+
+    def input_bytes(self) -> int:
+        """Device bytes of every bucket's forward inputs: their buffers stay allocated (`StableInputs`)."""
+        return sum(ForwardInputs.zeros(t, self.slots(t), p).nbytes() for t, p in self.keys)
+
+
+def _abstract_args(model: LoadedModel, buckets: Buckets, num_tokens: int, pages_per_seq: int, num_pages: int):
+    """The forward's arguments for one bucket on a pool of `num_pages`, as shapes and shardings."""
+    rep = NamedSharding(model.mesh, PartitionSpec())
+    inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                          ForwardInputs.zeros(num_tokens, buckets.slots(num_tokens), pages_per_seq))
+    leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in model.leaves]
+    kv = jax.ShapeDtypeStruct(kv_pages_shape(model.arch, num_pages, buckets.page_size), model.dtype,
+                              sharding=kv_pages_sharding(model.mesh, model.rules))
+    prev_tokens = jax.ShapeDtypeStruct((buckets.max_num_seqs,), jnp.int32, sharding=rep)
+    return leaves, [kv] * model.arch.num_layers, inputs.batch(), inputs.placeholder_rows, prev_tokens
+
+
+def activation_bytes(model: LoadedModel, attention: Attention, buckets: Buckets, cache_dir: str | None) -> int:
+    """Temp memory of the largest bucket's forward, compiled against a small stand-in pool.
+
+    NOTE: with a compilation cache the figure is kept beside it, keyed by the traced program
+    (every shape, the kernel's body and its compiler params), the weights' shardings, jax's
+    version and the device: a warm start then skips lowering that bucket and loading it from
+    the cache only to read one number."""
+    forward = jax.jit(model.forward_fn(attention.fn), donate_argnums=(1,))
+    args = _abstract_args(model, buckets, buckets.tokens[-1], buckets.pages[-1], num_pages=buckets.pages[-1] + 1)
+    traced = forward.trace(*args)
+    path = None
+    if cache_dir:
+        device = model.mesh.devices.flat[0]
+        specs = [str(getattr(leaf.sharding, "spec", None)) for leaf in args[0]]
+        key = "\n".join([str(traced.jaxpr), jax.__version__, jaxlib.__version__, device.device_kind,
+                         device.client.platform_version, str(model.mesh.shape), *specs,
+                         os.environ.get("XLA_FLAGS", "")])
+        path = Path(cache_dir) / f"jaxllm-activation-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            temp = int(json.loads(path.read_text())["temp_size_in_bytes"])
+            logger.info("Activation peak of the largest bucket: %.2f GiB (from %s)", temp / GiB, path)
+            return temp
+    analysis = traced.lower().compile().memory_analysis()
+    temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+    logger.info("Activation peak of the largest bucket: %.2f GiB", temp / GiB)
+    if path is not None:
+        with contextlib.suppress(OSError):
+            scratch = path.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_text(json.dumps({"temp_size_in_bytes": temp}))
+            scratch.replace(path)
+    return temp
+
+
+Job = tuple[int, tuple, Callable[[], Any]]  # (token bucket, program key, what compiles it)
+
+
+class BucketCompiler:
+    """The step's compiled programs, by key: ("forward", T, P), ("inputs", T, P) (the input
+    unpacking, compiled into `step_inputs`' shared jit), ("sample", S, flags) and
+    ("forward-all-logits", T, P)."""
+
+    def __init__(self, model: LoadedModel, attention: Attention, buckets: Buckets, *, num_pages: int,
+                 max_model_len: int, warm_samplers: list[SamplerFlags]):
+        self.buckets = buckets
+        self.sharding = NamedSharding(model.mesh, PartitionSpec())  # every step input is replicated
+        self._model, self._attention_name, self._num_pages = model, attention.name, num_pages
+        self._max_model_len, self._vocab_size = max_model_len, model.arch.vocab_size
+        self._warm_samplers = warm_samplers
+        self._platform = model.mesh.local_devices[0].platform
+        self._forward = jax.jit(model.forward_fn(attention.fn), donate_argnums=(1,))
+        self._programs: dict[tuple, Any] = {}  # key -> program, or the Future of one loading
+        self._warm = False
+        self._loader: ThreadPoolExecutor | None = None
+        self._deferred: list[Job] = []  # warm-up jobs left to the loader
+
+    # ----- what a step runs ----------------------------------------------------------------
+
+    def forward(self, num_tokens: int, pages_per_seq: int) -> Callable:
+        """(leaves, kv_pages, batch, placeholder_rows, prev_tokens) -> (kv_pages, logits [S, V]) of a bucket."""
+        key = ("forward", num_tokens, pages_per_seq)
+        fn = self._ready(key)
+        if fn is None:
+            self._warn_compile(key)
+            fn = self._programs[key] = self._compile_forward(num_tokens, pages_per_seq)
+        return fn
+
+    def forward_all_logits(self, num_tokens: int, pages_per_seq: int) -> Callable:
+        """The forward of a step that wants every token's logits (prompt logprobs, rare): the plain
+        jit, compiled on first use of each shape."""
+        key = ("forward-all-logits", num_tokens, pages_per_seq)
+        if key not in self._programs:
+            self._warn_compile(key)
+            self._programs[key] = self._forward
+        return self._forward
+
+    def sampler(self, num_slots: int, flags: SamplerFlags) -> Callable:
+        """(logits [S, V], SamplingBatch) -> (tokens [max_num_seqs] i32, logprobs or None). The
+        common variants are compiled at warm-up; rarer ones compile on first use."""
+        key = ("sample", num_slots, flags)
+        fn = self._ready(key)
+        if fn is None:
+            self._warn_compile(key)
+            fn = self._programs[key] = self._build_sampler(num_slots, flags)
+        return fn
+
+    def ready(self) -> set[tuple]:
+        """The keys of the programs compiled or loaded."""
+        return {key for key, fn in self._programs.items() if not isinstance(fn, Future)}
+
+    def loading(self) -> set[tuple]:
+        """The keys of the programs still loading in the background (or queued to)."""
+        return {key for key, fn in self._programs.items() if isinstance(fn, Future)}
+
+    def _ready(self, key: tuple) -> Any:
+        """What `_programs` holds for `key`, once ready (a bucket loading in the background is
+        waited for, with its input unpacking); None if it was never compiled."""
+        fn = self._programs.get(key)
+        if isinstance(fn, Future) and fn.cancelled():  # shut down before it loaded
+            return None
+        if isinstance(fn, Future):
+            fn = self._programs[key] = fn.result()
+            if key[0] == "forward":
+                self._ready(("inputs", *key[1:]))
+        return fn
+
+    def _warn_compile(self, key: tuple) -> None:
+        if self._warm:
+            logger.warning("Compiling after warmup: %s (a bucket or variant missing from warmup)", key)
+
+    # ----- warm-up -------------------------------------------------------------------------
+
+    def warm_up(self, background: bool) -> None:
+        """Compile (or load from the compilation cache) every bucket's forward, the common sampler
+        variants and the input unpacking of both, smallest token bucket first.
+
+        background: only the smallest token bucket's; `load_in_background` loads the others on a
+        thread pool, and a step that needs one still loading waits for it (`_ready`).
+
+        NOTE: otherwise the first served request waits for every bucket, loaded one after the
+        other (tracing and lowering hold the GIL)."""
+        start = time.perf_counter()
+        jobs = self._warmup_jobs()
+        first = [job for job in jobs if job[0] == jobs[0][0]]  # the smallest token bucket's
+        # GPU compiles autotune on the device: a few at a time, or they slow each other down.
+        workers = max(1, min(len(jobs), os.cpu_count() or 1, 4 if self._platform == "gpu" else 2))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-compile")
+        pending = {key: pool.submit(fn) for _, key, fn in (first if background else jobs)}
+        for key, future in tqdm(pending.items(), desc="Compiling buckets", unit="job", leave=False, disable=background):
+            self._programs[key] = future.result()
+        self._warm = True
+        self._deferred = jobs[len(first):] if background else []
+        if not self._deferred:
+            pool.shutdown()
+            self._log_compiled(start)
+            return
+        self._loader = pool
+        logger.info("Compiled the %d-token bucket in %.1f s; %d more jobs will load in the background",
+                    jobs[0][0], time.perf_counter() - start, len(self._deferred))
+
+    def load_in_background(self) -> None:
+        """Start loading what a background warm-up left (none offline).
+
+        NOTE: called once the engine is built: the loaders hold the GIL for most of their time, and
+        would slow the rest of the start-up (the tokenizer's load, say) severalfold."""
+        if self._loader is None or not self._deferred:
+            return
+        start, futures = time.perf_counter(), []
+        for _, key, fn in self._deferred:
+            self._programs[key] = future = self._loader.submit(fn)
+            future.add_done_callback(partial(self._loaded, key))
+            futures.append(future)
+        self._deferred = []
+        threading.Thread(target=lambda: (wait(futures), self._log_compiled(start)), daemon=True).start()
+
+    def wait_warm(self) -> None:
+        """Wait until every program loading in the background is ready (tests, benchmarks)."""
+        for key in list(self._programs):
+            self._ready(key)
+
+    def shutdown(self) -> None:
+        """Cancel the buckets still queued to load (those loading finish): the process's exit
+        would otherwise wait for all of them."""
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def _warmup_jobs(self) -> list[Job]:
+        """Every forward bucket, each sampler variant compiled at warm-up and each bucket's input
+        unpacking, in token-bucket order."""
+        jobs, samplers = [], set()
+        for num_tokens, pages_per_seq in self.buckets.keys:
+            jobs.append((num_tokens, ("forward", num_tokens, pages_per_seq),
+                         partial(self._compile_forward, num_tokens, pages_per_seq)))
+            jobs.append((num_tokens, ("inputs", num_tokens, pages_per_seq),
+                         partial(self._warm_inputs, num_tokens, pages_per_seq)))
+            num_slots = self.buckets.slots(num_tokens)
+            for flags in self._warm_samplers:
+                if (num_slots, flags) not in samplers:
+                    samplers.add((num_slots, flags))
+                    jobs.append((num_tokens, ("sample", num_slots, flags),
+                                 partial(self._build_sampler, num_slots, flags, True)))
+        return sorted(jobs, key=lambda job: job[0])
+
+    def _loaded(self, key: tuple, future: Future) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            logger.error("Loading %s in the background failed: %r", key, future.exception())
+            return
+        self._programs[key] = future.result()
+
+    def _log_compiled(self, start: float) -> None:
+        logger.info(
+            "Compiled %d forward buckets (tokens %s x pages/request %s) in %.1f s; attention: %s",
+            len(self.buckets.keys), list(self.buckets.tokens), list(self.buckets.pages),
+            time.perf_counter() - start, self._attention_name,
+        )
+
+    # ----- compiling -----------------------------------------------------------------------
+
+    def _compile_forward(self, num_tokens: int, pages_per_seq: int):
+        start = time.perf_counter()
+        args = _abstract_args(self._model, self.buckets, num_tokens, pages_per_seq, self._num_pages)
+        compiled = self._forward.lower(*args).compile()
+        logger.debug("compiled bucket (%d tokens, %d pages) in %.1f s", num_tokens, pages_per_seq,
+                     time.perf_counter() - start)
+        return compiled
+
+    def _build_sampler(self, num_slots: int, flags: SamplerFlags, aot: bool = False):
+        max_seqs = self.buckets.max_num_seqs
+
+        def run(logits, batch):
+            tokens, logprobs = sample(logits, batch, flags)
+            padded = jnp.zeros(max_seqs, jnp.int32).at[: tokens.shape[0]].set(tokens)
+            return padded, logprobs
+
+        fn = jax.jit(run)
+        if not aot:
+            return fn
+        rep = self.sharding
+        logits = jax.ShapeDtypeStruct((num_slots, self._vocab_size), jnp.float32, sharding=rep)
+        batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                             self._placeholder_sampling(num_slots, flags))
+        return fn.lower(logits, batch).compile()
+
+    def _warm_inputs(self, num_tokens: int, pages_per_seq: int) -> None:
+        """Compile the input unpacking of a bucket's warm steps as the runner ships them: the
+        forward's inputs with the sampling columns of a warm sampler, or alone and then the columns
+        of a step with grammar bitmasks.
+
+        NOTE: through buffers of its own, which it then drops: a loader thread must not donate the
+        buffers of a step the engine thread is preparing. The compiled unpacking is shared."""
+        scratch = StableInputs(self.sharding)
+        num_slots = self.buckets.slots(num_tokens)
+        inputs = ForwardInputs.zeros(num_tokens, num_slots, pages_per_seq)
+        scratch.put(inputs)
+        for flags in self._warm_samplers:
+            columns, _ = split_tables(self._placeholder_sampling(num_slots, flags))
+            if flags.bitmask:
+                scratch.put(columns)
+            else:
+                scratch.put(inputs, columns)
+
+    def _placeholder_sampling(self, num_slots: int, flags: SamplerFlags) -> SamplingBatch:
+        """Zeros shaped as `sampling_arrays` sends them for these flags (bias tables at their
+        narrowest width)."""
+        row = lambda dtype=np.int32: np.zeros(num_slots, dtype)  # noqa: E731
+        table = lambda width, dtype=np.int32: np.zeros((num_slots, width), dtype)  # noqa: E731
+        batch = SamplingBatch(row(np.float32), row(np.uint32), row())
+        if flags.top_k_top_p:
+            batch.top_k, batch.top_p, batch.min_p = row(), row(np.float32), row(np.float32)
+        if flags.penalties:
+            batch.presence_penalty, batch.frequency_penalty, batch.repetition_penalty = (row(np.float32),) * 3
+            batch.output_tokens = batch.prompt_tokens = table(self._max_model_len)
+        if flags.sparse_bias:
+            batch.bias_ids, batch.bias_values, batch.allowed_only = table(16), table(16, np.float32), row(np.bool_)
+        if flags.bitmask:
+            batch.bitmask = table(-(-self._vocab_size // 32))
+        return batch
