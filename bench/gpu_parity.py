@@ -6,15 +6,25 @@ greedy paths part early on random weights (near-ties), so every position of jaxl
 compared with transformers run over those same tokens (teacher forcing): each side's token in the other's
 top-5 at all 8 x 128 positions, or a near-tie within the engines' measured bf16 noise (compare_forced).
 
-    PYTHONPATH=. python3 bench/gpu_parity.py --attention-backend pallas --output-json $OUT/parity.json
+    python3 -m bench.gpu_parity --attention-backend pallas --output-json $OUT/parity.json
     # CPU smoke run of the script itself: --small --attention-backend xla --device cpu
+
+One GPU holds both engines, one at a time: transformers' model is on the GPU for its greedy run,
+then waits in host memory (torch's CUDA cache emptied) while jaxllm runs, then comes back for
+the teacher-forced pass. jax allocates on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set)
+and jaxllm's KV pool is sized by --kv-cache-memory-bytes, not by a share of the device, so jax
+keeps only what it used (weights, pool, activations: a few GB) when torch needs the GPU again.
+Sized for an 80 GB H100 as for a 141 GB H200.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -96,11 +106,25 @@ def hf_teacher_forced(model, prompts: list[list[int]], ours: list[dict]) -> list
     return out
 
 
-def jaxllm_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int, backend: str) -> list[dict]:
+def to_host(model) -> None:
+    """Move transformers' model to host memory and hand torch's cached GPU blocks back to the
+    driver, so that jax can have the GPU."""
+    import torch
+
+    model.to("cpu")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def jaxllm_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int, backend: str,
+                  kv_cache_memory_bytes: int | None) -> list[dict]:
+    """jaxllm's greedy tokens and top-5 logprobs; its engine is gone (its device buffers freed)
+    when this returns."""
     from jaxllm import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=4096, attention_backend=backend,
-              gpu_memory_utilization=0.5, max_num_seqs=16, max_num_batched_tokens=1024)
+              kv_cache_memory_bytes=kv_cache_memory_bytes, max_num_seqs=16, max_num_batched_tokens=1024)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=TOP_K, ignore_eos=True)
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     out = []
@@ -109,6 +133,8 @@ def jaxllm_greedy(model_dir: Path, prompts: list[list[int]], max_tokens: int, ba
         top = [sorted(((t, lp.logprob) for t, lp in entry.items() if lp.rank <= TOP_K), key=lambda x: -x[1])[:TOP_K]
                for entry in completion.logprobs]
         out.append({"tokens": list(completion.token_ids), "top": top})
+    del llm, results
+    gc.collect()
     return out
 
 
@@ -176,8 +202,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--small", action="store_true", help="a 2-layer model (to check the script on a CPU)")
     p.add_argument("--device", default="cuda", help="torch device for transformers")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="jaxllm's KV pool (default: 2 GiB with --device cuda, the engine's CPU default otherwise)")
     p.add_argument("--output-json")
     args = p.parse_args(argv)
+    # Run as a script (python bench/gpu_parity.py), bench/ comes first on sys.path, and its
+    # kernels.py would shadow the `kernels` package that transformers probes for at import.
+    here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [entry for entry in sys.path if str(Path(entry or ".").resolve()) != here]
+    # Before jax starts its GPU backend (nothing has imported jax yet): allocate on demand rather
+    # than reserve most of the device, which transformers' model needs again after jaxllm's run.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    kv_bytes = args.kv_cache_memory_bytes
+    if kv_bytes is None and args.device.startswith("cuda"):
+        kv_bytes = 2 << 30  # 65k tokens of the 1B shape (32 KiB each): 16 sequences of 4096
     shape = SMALL if args.small else LLAMA_1B
     model_dir = make_checkpoint(shape, Path(tempfile.mkdtemp(prefix="jaxllm-parity-")), seed=0)
     rng = np.random.default_rng(0)
@@ -186,12 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
     lengths += [int(x) for x in rng.integers(8, 1200, max(0, args.num_prompts - len(lengths)))]
     prompts = [rng.integers(1000, 120000, n).tolist() for n in lengths]
     t0 = time.perf_counter()
-    model = load_hf(model_dir, args.device)  # before jax takes its share of the GPU
+    model = load_hf(model_dir, args.device)
     theirs = hf_greedy(model, prompts, args.max_tokens)
     hf_s = time.perf_counter() - t0
+    to_host(model)
     t0 = time.perf_counter()
-    ours = jaxllm_greedy(model_dir, prompts, args.max_tokens, args.attention_backend)
+    ours = jaxllm_greedy(model_dir, prompts, args.max_tokens, args.attention_backend, kv_bytes)
     ours_s = time.perf_counter() - t0
+    model.to(args.device)
     forced = hf_teacher_forced(model, prompts, ours)
     result = {"model": "random Llama-3.2-1B shape" if not args.small else "small random Llama",
               "attention_backend": args.attention_backend, "prompt_lengths": lengths,

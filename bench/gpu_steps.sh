@@ -5,7 +5,9 @@
 # (bench.throughput, sharegpt_like 1000), profile (the same under cProfile), structured (bench.structured_cost), latency
 # (bench.latency), serve (server + bench.serve at inf rate, then 8 req/s), hf (bench.hf_compare),
 # parity (bench/gpu_parity.py: a random 1B Llama against transformers, bf16), trace (bench/step_trace.py),
-# startup (launch to the first served token, cold then warm from the compilation cache).
+# startup (launch to the first served token, cold then warm from the compilation cache),
+# loadtime (bench/kernels.py --load-time: a compiled decode step's load in a new process, with and
+# without XLA's compiled-thunk serialization).
 # Env: MODEL (bench/configs/llama-3.1-8b), N (1000), T_<step> (seconds), EXTRA (more engine flags),
 # COMMON (the engine flags in place of the 8B defaults).
 set -u
@@ -41,6 +43,7 @@ NOISE='cuda_event.cc|cuda_executor.cc|cuda_host_allocator|cuda_device_allocator|
 for s in "$@"; do
   case $s in
     kernels) step kernels "${T_kernels:-240}" python3 bench/kernels.py ${KERNEL_ARGS:-} ;;
+    loadtime) step loadtime "${T_loadtime:-300}" python3 bench/kernels.py --load-time ;;
     grid) step grid "${T_grid:-200}" python3 bench/kernels.py --only "decode 128 x 2048" --grid --budget-s "${B_grid:-150}" ;;
     offline-*) step "$s" "${T_offline:-300}" python3 -m bench.throughput --model "$MODEL" $COMMON \
         --attention-backend "${s#offline-}" --num-prompts "$N" --output-json "$OUT/$s.json" ${OFFLINE_ARGS:-} ;;
@@ -50,7 +53,7 @@ for s in "$@"; do
         --batch 64 ;;
     latency) step latency "${T_latency:-200}" python3 -m bench.latency --model "$MODEL" $COMMON \
         --output-json "$OUT/latency.json" ;;
-    parity) step parity "${T_parity:-240}" python3 bench/gpu_parity.py --attention-backend "${PARITY_BACKEND:-pallas}" \
+    parity) step parity "${T_parity:-240}" python3 -m bench.gpu_parity --attention-backend "${PARITY_BACKEND:-pallas}" \
         --output-json "$OUT/parity.json" ;;
     trace) step trace "${T_trace:-200}" python3 bench/step_trace.py --model "$MODEL" $COMMON \
         --batches 1 256 --sharegpt "$N" \
