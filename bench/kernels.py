@@ -3,6 +3,7 @@
     python bench/kernels.py            # the table: Llama-3-8B heads (32 q / 8 kv, d=128), bf16, page 16
     python bench/kernels.py --grid     # plus the correctness grid (GQA 1/4/8 x d 64/128 x page 16/32/64)
     python bench/kernels.py --tune     # plus every launch plan of the kernel on a few shapes (logged)
+    python bench/kernels.py --load-time  # only: how long a compiled step takes to load in a new process
 
 In one run it measures the device's copy bandwidth and dense bf16 matmul rate, then times the
 Mosaic GPU kernel, the XLA path, jax's Triton `paged_attention` (decode) and cuDNN through
@@ -18,8 +19,11 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -483,6 +487,84 @@ def tune_shape(shape: Shape, deadline: float) -> dict:
     return times
 
 
+# ----------------------------------------------------------------------------------------------
+# Loading a compiled step (server start-up from the compilation cache)
+
+# XLA option sets to compare. aot_compiled_thunks: XLA serializes the executable with its thunks,
+# each custom call's serializable state included (the Mosaic kernel's compiled object file in jax
+# 0.11.2), where the default serialization keeps the optimized HLO and emits the thunks again at
+# load, instantiating every custom call again: for Mosaic GPU, its whole compile (MLIR passes,
+# LLVM, ptxas), as the in-process kernel cache of a new process is empty.
+LOAD_OPTIONS: dict[str, dict] = {
+    "default": {},
+    "aot_compiled_thunks": {"xla_gpu_experimental_aot_compiled_thunks": True},
+}
+
+
+def load_time(impls: list[str]) -> list[dict]:
+    """Compile one decode step's attention (16 tokens, 16 slots, 256 pages each: the 8B server's
+    first bucket), serialize it as jax's persistent compilation cache does, then load and run it
+    in a fresh process (`--load-from`), per implementation and XLA option set. A load that costs
+    about what the compile did compiles again."""
+    from jax.experimental.serialize_executable import serialize
+
+    batch = build_batch([1] * 16, [4096] * 16)
+    rows = []
+    for impl in impls:
+        for name, options in LOAD_OPTIONS.items():
+            row: dict = {"impl": impl, "options": name}
+            try:
+                fn = mosaic_fn() if impl == "mosaic" else xla_fn()
+                t0 = time.perf_counter()
+                lowered = fn.lower(*batch)
+                row["lower_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                compiled = lowered.compile(compiler_options=options or None)
+                row["compile_s"] = time.perf_counter() - t0
+                expected = np.asarray(jax.block_until_ready(compiled(*batch)).astype(jnp.float32))
+                payload, in_tree, out_tree = serialize(compiled)
+                row["serialized_bytes"] = len(payload)
+                with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as f:
+                    pickle.dump({"payload": payload, "in_tree": in_tree, "out_tree": out_tree,
+                                 "batch": [np.asarray(x) for x in batch], "expected": expected}, f)
+                child = subprocess.run([sys.executable, os.path.abspath(__file__), "--load-from", f.name],
+                                       capture_output=True, text=True, timeout=600)
+                os.unlink(f.name)
+                lines = [ln for ln in child.stdout.splitlines() if ln.startswith("{")]
+                if child.returncode or not lines:
+                    row["error"] = (child.stderr or child.stdout)[-600:]
+                else:
+                    row.update(json.loads(lines[-1]))
+            except Exception as e:  # noqa: BLE001 - e.g. an option this XLA does not know
+                row["error"] = repr(e)[:400]
+            log(json.dumps(row))
+            rows.append(row)
+    return rows
+
+
+def load_from(path: str) -> int:
+    """The child of `load_time`: deserialize, run twice, compare; one JSON line on stdout."""
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    jax.devices()  # the backend's start-up is not the executable's load
+    t0 = time.perf_counter()
+    executable = deserialize_and_load(data["payload"], data["in_tree"], data["out_tree"])
+    load_s = time.perf_counter() - t0
+    batch = [jnp.asarray(x) for x in data["batch"]]
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(executable(*batch))
+    first_call_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(executable(*batch))
+    second_call_s = time.perf_counter() - t0
+    err = relative_error(out, jnp.asarray(data["expected"]))
+    print(json.dumps({"load_s": load_s, "first_call_s": first_call_s, "second_call_s": second_call_s,
+                      "rel_err_vs_parent": err}), flush=True)
+    return 0
+
+
 def main() -> int:
     global PAGE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -493,8 +575,20 @@ def main() -> int:
     parser.add_argument("--fuzz-pages", type=int, default=56390, help="KV pool pages for the fuzz cases")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop the grid and tuning after this many seconds")
     parser.add_argument("--page-size", type=int, default=PAGE, help="tokens per KV page in the table's shapes")
+    parser.add_argument("--load-time", action="store_true",
+                        help="only time loading a compiled decode step in a new process (Mosaic and XLA path)")
+    parser.add_argument("--load-impls", default="mosaic,xla", help="implementations for --load-time")
+    parser.add_argument("--load-from", help=argparse.SUPPRESS)  # --load-time's child process
     args = parser.parse_args()
     PAGE = args.page_size
+    if args.load_from:
+        return load_from(args.load_from)
+    if args.load_time:
+        log(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+        rows = load_time(args.load_impls.split(","))
+        with open(os.path.join(os.environ.get("OUT", "."), "kernels_load_time.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        return 1 if any("error" in r for r in rows) else 0
     start = time.time()
     deadline = start + args.budget_s
     out_dir = os.environ.get("OUT", ".")
