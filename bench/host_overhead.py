@@ -26,8 +26,9 @@ from jaxllm.config import EngineConfig, EngineLimits
 from jaxllm.engine.core import EngineInfo
 from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.runner.compilation import page_buckets
 from jaxllm.runner.input_batch import InputBatch, sampler_flags, sampling_arrays
-from jaxllm.runner.model_runner import page_buckets, token_buckets
+from jaxllm.runner.limits import token_buckets
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.tokenizer import load_tokenizer
 

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true", help="cProfile the run; print the top functions")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("jaxllm.runner.model_runner").setLevel(logging.DEBUG)
+    logging.getLogger("jaxllm.runner").setLevel(logging.DEBUG)
 
     t0 = time.perf_counter()
     llm = LLM(**llm_kwargs(args))

@@ -179,7 +179,7 @@ class EngineLimits:
     @classmethod
     def given(cls, config: EngineConfig, *, max_model_len: int, num_pages: int) -> EngineLimits:
         """The limits of a config that sets every scheduler value itself (tests, host-only benchmarks);
-        the runner resolves the open ones against the device instead."""
+        `jaxllm.runner.limits` resolves the open ones against the device instead."""
         sched = config.scheduler
         if sched.max_num_seqs is None or sched.max_num_batched_tokens is None:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be set")
@@ -215,17 +215,3 @@ def option_fields() -> list[tuple[str | None, dataclasses.Field]]:
         out.extend((group, f) for f in dataclasses.fields(klass))
     out.extend((None, f) for f in dataclasses.fields(EngineConfig) if f.name not in GROUPS)
     return out
-
-
-
-def scheduler_defaults(platform: str, device_memory_bytes: int | None, served: bool) -> tuple[int, int]:
-    """vLLM's defaults for (max_num_seqs, max_num_batched_tokens) on this device.
-
-    GPUs with >= 70 GiB: 1024 sequences and 16384 tokens offline / 8192 served; smaller GPUs
-    256 / 2048; CPU: small values that keep compiles few and tests fast.
-    """
-    if platform == "cpu":
-        return 16, 256
-    if device_memory_bytes is not None and device_memory_bytes >= 70 * 2**30:
-        return 1024, (8192 if served else 16384)
-    return 256, 2048

@@ -2,7 +2,7 @@
 
 NOTE: light to import (nothing of transformers, torch or jax): `python -m jaxllm.serve` starts the
 engine process first and loads its own HTTP stack while the child imports and builds the engine
-(on the CPU machine each side takes ~4-5 s to import, mostly transformers pulling in torch).
+(each side spends seconds importing, mostly transformers pulling in torch; bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from serve.output_parsing import ChoiceParser, OutputParsers, ParsedOutput, Reas
 from serve.protocol import ChatCompletionRequest
 from serve.reasoning_parsers import get_reasoning_parser
 from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse, usage
-from serve.tool_choice import ToolHandling, resolve_tools
+from serve.tool_choice import NO_TOOLS, ToolHandling, resolve_tools
 
 if TYPE_CHECKING:
     from serve.app import ServingContext
@@ -59,16 +59,16 @@ class _Reply:
     """The chat reply being built: its choices as the engine's outputs accumulate, its chunks and body."""
 
     def __init__(self, request: ChatCompletionRequest, prompt: EnginePrompt, rid: str, model_name: str,
-                 tokenizer: Any, tools: ToolHandling, parsers: OutputParsers) -> None:
+                 tokenizer: Any, tools: ToolHandling, parsers: OutputParsers | None) -> None:
+        """`parsers`: what reads reasoning and tool calls out of the text (None: it is all content)."""
         self.request, self.prompt, self.id, self.model_name = request, prompt, rid, model_name
         self.tools, self.parsers = tools, parsers
         self.created = int(time.time())
         self.choices = [_Choice() for _ in range(1 if request.n is None else request.n)]
-        if request.stream and parsers.active:
+        if request.stream and parsers is not None:
             for choice in self.choices:
                 choice.stream = parsers.stream()
         self.cached_tokens = 0
-        self.name = TokenNamer(tokenizer, bool(request.return_tokens_as_token_ids))
         last = request.messages[-1]
         # vLLM: the reply's role is the assistant's, or the last message's when no generation prompt is added.
         self.role = "assistant" if request.add_generation_prompt else last["role"]
@@ -77,6 +77,7 @@ class _Reply:
             p.get("text", "") for p in content or [] if isinstance(p, dict))
         ) if request.echo and last["role"] == self.role else ""
         self.num_top = (request.top_logprobs or 0) if request.logprobs else None
+        self.name = None if self.num_top is None else TokenNamer(tokenizer, bool(request.return_tokens_as_token_ids))
 
     @property
     def num_output_tokens(self) -> int:
@@ -108,7 +109,9 @@ class _Reply:
         return delta
 
     def logprobs_json(self, ids: list[int], positions: list[Any]) -> dict[str, Any] | None:
-        return None if self.num_top is None else chat_logprobs(ids, positions, self.num_top, self.name)
+        if self.num_top is None or self.name is None:
+            return None
+        return chat_logprobs(ids, positions, self.num_top, self.name)
 
     def usage(self) -> dict[str, Any]:
         return usage(len(self.prompt.token_ids), self.num_output_tokens, self.cached_tokens)
@@ -167,7 +170,7 @@ class _Reply:
     def response(self) -> dict[str, Any]:
         choices = []
         for index, choice in enumerate(self.choices):
-            parsed = self.parsers.parse(choice.text)
+            parsed = self.parsers.parse(choice.text) if self.parsers is not None else ParsedOutput(None, choice.text)
             choices.append({
                 "index": index,
                 "message": self._message(parsed),
@@ -196,7 +199,8 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     request = parse(ChatCompletionRequest, body)
     check_model(info.served_model_names, request.model)
     reject_unsupported(request)
-    tools = resolve_tools(request, ctx.args)
+    wants_tools = request.tools is not None or request.tool_choice is not None
+    tools = resolve_tools(request, ctx.args) if wants_tools else NO_TOOLS
     if request.chat_template is not None:
         # vLLM refuses per-request templates unless --trust-request-chat-template; jaxllm has no such flag.
         raise APIError("Chat template is passed with request, but --trust-request-chat-template is not set. "
@@ -226,8 +230,8 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     error_params = {"logprobs": "top_logprobs", "structured_outputs": structured_param}
     if request.max_completion_tokens is not None:
         error_params["max_tokens"] = "max_completion_tokens"
-    parsers = OutputParsers(_reasoning_parser(ctx, request, constrained=structured is not None), tools.parser,
-                            request)
+    reasoning = _reasoning_parser(ctx, request, constrained=structured is not None)
+    parsers = OutputParsers(reasoning, tools.parser, request) if reasoning or tools.parser else None
     reply = _Reply(request, prompt, f"chatcmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
                    info.tokenizer, tools, parsers)
     log = RequestLog(ctx.args.enable_log_requests, reply.id, len(prompt.token_ids))

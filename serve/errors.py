@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from jaxllm.engine.streams import EngineDeadError, RequestFailedError
+from jaxllm.engine.client import EngineDeadError, RequestFailedError
 from jaxllm.validation import ValidationError as RequestValidationError
 from serve.protocol import FieldError
 

@@ -37,10 +37,6 @@ class OutputParsers:
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolParser | None, request: Any) -> None:
         self.reasoning, self.tools, self.request = reasoning, tools, request
 
-    @property
-    def active(self) -> bool:
-        return self.reasoning is not None or self.tools is not None
-
     def parse(self, text: str) -> ParsedOutput:
         reasoning, content = None, text
         if self.reasoning is not None:

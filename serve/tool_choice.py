@@ -38,6 +38,10 @@ class ToolHandling:
         return engine_reason
 
 
+# A request that names no tools and no tool choice.
+NO_TOOLS = ToolHandling(None, "none", None, None, False)
+
+
 def resolve_tools(request: ChatCompletionRequest, args: ServerArgs) -> ToolHandling:
     tools = request.tools
     if tools == []:

@@ -17,7 +17,7 @@ def test_engine_and_serve_import_without_jax():
     result = _run(
         "import jaxllm, jaxllm.engine, serve, jaxllm.config, jaxllm.sampling_params, jaxllm.outputs\n"
         "import jaxllm.engine.interfaces, jaxllm.engine.metrics, jaxllm.model_arch, jaxllm.serve, jaxllm.cli\n"
-        "import jaxllm.serving\n"
+        "import jaxllm.serving, jaxllm.validation, jaxllm.runner.limits\n"
         "from jaxllm import SamplingParams, RequestOutput\n"
         "import pkgutil, importlib\n"
         "for pkg in (jaxllm.engine, serve):\n"

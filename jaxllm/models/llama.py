@@ -66,10 +66,10 @@ class QKVProjection(nnx.Module):
     """q, k and v in one matmul: weight [Hkv, G + 2, D, H], for each KV head its G query heads
     (query head h belongs to KV head h // G, as in HF's GQA), then its k row and its v row.
 
-    NOTE: with separate q/k/v weights an H200 trace of the 8B model showed a `wrapped_concatenate`
-    of 0.82 ms in every step (of 5.7 ms for one request), most likely XLA's dot merger joining the
-    three dots that share x by concatenating their weights (48 MB a layer) on every step. Fused at
-    load time nothing is copied. Sharded by KV head, so each shard holds whole groups."""
+    NOTE: with separate q/k/v weights a GPU trace showed a `wrapped_concatenate` in every step (a
+    sizeable share of a single request's step; bench/RESULTS.md), most likely XLA's dot merger joining
+    the three dots that share x by concatenating their weights on every step. Fused at load time
+    nothing is copied. Sharded by KV head, so each shard holds whole groups."""
 
     def __init__(self, arch: ModelArch, dtype):
         h, d, kv = arch.hidden_size, arch.head_dim, arch.num_kv_heads
@@ -260,9 +260,9 @@ def _run_decoder_layer(graphdef, state, x, kv_pages, batch: ForwardBatch, inv_fr
 
 # NOTE: one jit shared by every layer: the layers have equal graphdefs (a sliding window differs
 # only where the model's windows do) and equal shapes, so a bucket traces and lowers one layer and
-# calls it num_layers times; XLA inlines the calls, so the compiled step is the same as unrolled.
-# On the CPU machine the 8B config's trace fell ~2.5x and its lowered module ~3.7x (XLA path).
-# Tracing and lowering hold the GIL, so they bound how fast buckets load, also from the cache.
+# calls it num_layers times; XLA inlines the calls, so the compiled step is the same as unrolled,
+# and tracing and lowering a bucket, which hold the GIL and bound how fast buckets load (also from
+# the cache), shrink by about the number of layers.
 _decoder_layer = jax.jit(_run_decoder_layer, static_argnums=(0, 6))
 
 

@@ -1,7 +1,7 @@
 """The engine's limits, resolved from the config and what was measured, by pure functions.
 
     build_engine: load the model -> measure the device (DeviceFacts)
-        -> scheduler_limits(config, device, context length)           budgets (config.scheduler_defaults),
+        -> scheduler_limits(config, device, context length)           budgets (scheduler_defaults),
                                                                        token buckets, async scheduling
         -> the largest bucket's activation peak, the KV page's bytes  (measured by the runner side)
         -> kv_pool(cache config, device, reserved bytes, page bytes)  pages from the memory left
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from jaxllm.config import CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig, EngineLimits, scheduler_defaults
+from jaxllm.config import CPU_KV_CACHE_BYTES, CacheConfig, EngineConfig, EngineLimits
 
 GiB = 1 << 30
 
@@ -135,3 +135,16 @@ def resolve_limits(sched: SchedulerLimits, block_size: int, pool: KVPool) -> Eng
         max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
         token_buckets=sched.token_buckets, async_scheduling=sched.async_scheduling,
     )
+
+
+def scheduler_defaults(platform: str, device_memory_bytes: int | None, served: bool) -> tuple[int, int]:
+    """vLLM's defaults for (max_num_seqs, max_num_batched_tokens) on this device.
+
+    GPUs with >= 70 GiB: 1024 sequences and 16384 tokens offline / 8192 served; smaller GPUs
+    256 / 2048; CPU: small values that keep compiles few and tests fast.
+    """
+    if platform == "cpu":
+        return 16, 256
+    if device_memory_bytes is not None and device_memory_bytes >= 70 * 2**30:
+        return 1024, (8192 if served else 16384)
+    return 256, 2048

@@ -26,16 +26,12 @@ from jaxllm.config import EngineLimits
 from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from jaxllm.runner import kv_cache
 from jaxllm.runner.attention import Attention
-from jaxllm.runner.compilation import BucketCompiler, Buckets, page_buckets, warm_sampler_flags
+from jaxllm.runner.compilation import BucketCompiler, Buckets, warm_sampler_flags
 from jaxllm.runner.input_batch import InputBatch, StepArrays, sampler_flags, sampling_arrays
-from jaxllm.runner.limits import token_buckets
 from jaxllm.runner.model_loading import LoadedModel
 from jaxllm.runner.sampler import SamplerFlags, SamplingBatch
 from jaxllm.runner.step_inputs import ForwardInputs, StableInputs, split_tables
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
-
-# page_buckets and token_buckets: bench/host_overhead.py mirrors the runner's bucket choice with them.
-__all__ = ["ModelRunner", "StepHandle", "page_buckets", "token_buckets"]
 
 
 @dataclass

@@ -18,11 +18,10 @@ NOTE: the grammar engine is llguidance (PyPI `llguidance`), chosen over xgrammar
 - wheels: one `cp39-abi3` wheel per platform with no Python dependencies (manylinux_2_31 x86_64 serves both
   Python 3.11 here and 3.12 on the GPU image); xgrammar's wheel requires torch, triton, transformers,
   pydantic and apache-tvm-ffi, heavy to carry to an offline machine; outlines-core is light too, but
-- speed: llguidance computes each mask on the fly from an Earley parser over a token trie (with the 152k
-  Qwen vocabulary on the H100 machine's CPU: ~30 us per token inside JSON strings, ~140 us where the
-  structure is open; see matcher.py), with no ahead-of-time index: compiling a schema takes ~3 ms and a
-  request's matcher is a ~5 us copy. outlines-core builds a full regex index per schema up front, seconds
-  for large vocabularies and schemas;
+- speed: llguidance computes each mask on the fly from an Earley parser over a token trie, with no
+  ahead-of-time index: a schema compiles in milliseconds and a request's matcher is a copy (bench/RESULTS.md
+  has the figures). outlines-core builds a full regex index per schema up front, seconds for large
+  vocabularies and schemas;
 - coverage: llguidance handles JSON schema (anyOf/oneOf/allOf, $ref/$defs incl. recursion, enum/const,
   string/number/array/object bounds, formats, patterns), regular expressions, and Lark and GBNF context-free
   grammars (vLLM's `grammar` field); outlines-core has no context-free grammars. It names what it does not

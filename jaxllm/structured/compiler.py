@@ -43,7 +43,7 @@ class CompiledGrammar:
     _tokenizer: llguidance.LLTokenizer
 
     def new_matcher(self) -> GrammarMatcher:
-        """A fresh matcher in the grammar's start state (a ~30 us copy, not a recompile)."""
+        """A fresh matcher in the grammar's start state (a copy, not a recompile)."""
         return GrammarMatcher(self._prototype.deep_copy(), self.vocab_size, self._tokenizer.vocab_size,
                               self.eos_token_ids)
 

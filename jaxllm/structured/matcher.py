@@ -4,11 +4,8 @@
     ok = matcher.accept_token(tok)   # after sampling: advance (False: the token breaks the grammar)
     matcher.is_terminated()          # only EOS may follow (grammar complete, EOS taken, or an error)
 
-Both release the GIL inside llguidance. Measured host cost with the Qwen2.5 vocabulary (151936) and a JSON
-schema, on the H100 machine's CPU: fill_bitmask 30 us/token inside strings and ~140 us/token where the JSON
-structure is open (keys, separators, indentation); accept_token 2-4 us. NOTE: llguidance's own thread pool
-(`LLExecutor`) filled a batch of 32 masks slower than a plain loop there (6.4 vs 5.0 ms), so there is no
-batch API.
+Both release the GIL inside llguidance; their host cost per token is in bench/RESULTS.md. NOTE: llguidance's
+own thread pool (`LLExecutor`) filled a batch of masks slower than a plain loop, so there is no batch API.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The llguidance view of a Hugging Face tokenizer (token bytes, EOS ids, vocabulary size), built once.
 
-Building it walks the whole vocabulary (~1.5 s for Qwen's 152k tokens), so it is cached per tokenizer
+Building it walks the whole vocabulary (over a second for Qwen's 152k tokens), so it is cached per tokenizer
 object (weakly: a dropped tokenizer takes its entries with it), vocabulary size and EOS ids.
 """
 

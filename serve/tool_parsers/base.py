@@ -117,7 +117,7 @@ class ToolCallStream:
         if text:
             self._content.append(text)
 
-    def _start_call(self, name: str, call_id: str | None = None) -> int | None:
+    def start_call(self, name: str, call_id: str | None = None) -> int | None:
         """Send a call's id and name; returns its index, or None when parallel calls are off and one was sent."""
         if self.tool_calls and not self._parallel:
             return None
@@ -127,7 +127,7 @@ class ToolCallStream:
         self._deltas.append({"index": index, "id": call_id, "type": "function", "function": {"name": name}})
         return index
 
-    def _emit_arguments(self, index: int | None, fragment: str) -> None:
+    def emit_arguments(self, index: int | None, fragment: str) -> None:
         if index is None or not fragment:
             return
         self.tool_calls[index]["function"]["arguments"] += fragment
@@ -184,7 +184,7 @@ class CallObjectReader:
             if not isinstance(name, str):
                 return
             self.committed = True
-            self._index = self._stream._start_call(name)
+            self._index = self._stream.start_call(name)
         if span is not None:
-            self._stream._emit_arguments(self._index, output[span[0] + self._sent : span[1]])
+            self._stream.emit_arguments(self._index, output[span[0] + self._sent : span[1]])
             self._sent = span[1] - span[0]

@@ -68,10 +68,10 @@ class NamedToolCallStream(ToolCallStream):
         if self._index is None:
             if not text.strip():
                 return
-            self._index = self._start_call(self._function_name)
+            self._index = self.start_call(self._function_name)
         before = len(self._writer.output)
         self._writer.feed(text)
-        self._emit_arguments(self._index, self._writer.output[before:])
+        self.emit_arguments(self._index, self._writer.output[before:])
 
 
 class RequiredToolCallStream(ToolCallStream):

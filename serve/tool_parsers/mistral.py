@@ -159,14 +159,14 @@ class MistralToolCallStream(ToolCallStream):
             if not self._name or rest[0] != "{":
                 return self._fail()
             self._state, self._args = _ARGUMENTS, CanonicalJsonWriter()
-            self._args_index = self._start_call(self._name)
+            self._args_index = self.start_call(self._name)
             return True
         if self._state == _ARGUMENTS:
             assert self._args is not None
             before = len(self._args.output)
             consumed = self._args.feed(self._buffer)
             self._take_raw(consumed)
-            self._emit_arguments(self._args_index, self._args.output[before:])
+            self.emit_arguments(self._args_index, self._args.output[before:])
             if self._args.error is not None:
                 return self._fail()
             if self._args.done:

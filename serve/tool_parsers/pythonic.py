@@ -160,8 +160,8 @@ class PythonicToolCallStream(ToolCallStream):
         except (SyntaxError, ValueError, TypeError, _NotACall):
             self._give_up()
             return
-        index = self._start_call(name)
-        self._emit_arguments(index, arguments)
+        index = self.start_call(name)
+        self.emit_arguments(index, arguments)
         self._after_call = True
 
     def _give_up(self) -> None:

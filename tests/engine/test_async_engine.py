@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from jaxllm.engine.async_engine import AsyncEngine
+from jaxllm.engine.client import EngineDeadError, RequestFailedError
 from jaxllm.engine.llm_engine import LLMEngine
-from jaxllm.engine.streams import EngineDeadError, RequestFailedError
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput, merge_delta
 from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.validation import ValidationError

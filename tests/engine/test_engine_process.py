@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from jaxllm.engine.client import EngineDeadError
 from jaxllm.engine.engine_process import ProcessEngine
-from jaxllm.engine.streams import EngineDeadError
 from jaxllm.generation_config import GenerationDefaults
 from jaxllm.outputs import EngineOutput, Logprob, SequenceOutput
 from jaxllm.sampling_params import SamplingParams
