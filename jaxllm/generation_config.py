@@ -11,17 +11,20 @@ update_from_generation_config`): the tokenizer's EOS ends a request with `stop_r
 every other id of this list is added to `stop_token_ids` (unless `ignore_eos`), so it ends the
 request with `stop_reason=<id>`. stories260K, for instance, lists `[2, 1]`: it ends a story with BOS.
 
-No jax here: only transformers' `GenerationConfig` / `AutoConfig`, read offline.
+No jax here: only transformers' `GenerationConfig` and the model's config.json, read offline.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, GenerationConfig
+# NOTE: from its module, not the package: `transformers.AutoConfig` and the package's GenerationConfig
+# import torch (through the rope utilities), which no part of jaxllm needs.
+from transformers.generation.configuration_utils import GenerationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +90,35 @@ def read_generation_config(model: str | Path, revision: str | None = None) -> di
     try:
         config = GenerationConfig.from_pretrained(str(model), revision=revision, local_files_only=True)
     except OSError:
-        try:
-            model_config = AutoConfig.from_pretrained(str(model), revision=revision, local_files_only=True)
-        except (OSError, ValueError):  # no config.json either (transformers 5 raises ValueError for a bare dir)
+        token_ids = _config_token_ids(model, revision)
+        if token_ids is None:  # no config.json either
             return {}
-        config = GenerationConfig.from_model_config(model_config)
+        config = GenerationConfig(**token_ids)
     return config.to_diff_dict()
+
+
+# The config.json keys transformers' `GenerationConfig.from_model_config` takes over (the token ids).
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _config_token_ids(model: str | Path, revision: str | None) -> dict[str, Any] | None:
+    """The token ids of the model's config.json (a multimodal model's `text_config` fills in what the top
+    level lacks), or None without a config.json."""
+    path = Path(model).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download  # noqa: PLC0415
+
+            path = Path(hf_hub_download(str(model), "config.json", revision=revision, local_files_only=True))
+        except Exception:  # the hub raises several types for "not in cache"
+            return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    ids = {key: config.get(key, text.get(key)) for key in _TOKEN_ID_KEYS}
+    return {key: value for key, value in ids.items() if value is not None}
 
 
 def sampling_overrides(config: dict[str, Any]) -> dict[str, Any]:

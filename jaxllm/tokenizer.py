@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import jinja2
 import jinja2.nodes
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import transformers
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 ContentFormat = Literal["string", "openai"]
 
@@ -30,10 +31,17 @@ def load_tokenizer(path_or_id: str | Path, revision: str | None = None) -> PreTr
     """The fast (Rust `tokenizers`) tokenizer of a model directory, or of a model id in the local HF cache.
 
     Never touches the network (`local_files_only=True`) and never runs remote code.
+
+    NOTE: the class tokenizer_config.json names is loaded directly when transformers has it: AutoTokenizer
+    imports the model configurations, and through them torch, which the engine and the HTTP process
+    otherwise never need (seconds of each one's start-up).
     """
+    directory = _local_directory(path_or_id, revision)
+    tokenizer_class = _named_tokenizer_class(directory) if directory is not None else None
+    loader = tokenizer_class or transformers.AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(path_or_id), revision=revision, local_files_only=True, trust_remote_code=False
+        tokenizer = loader.from_pretrained(
+            str(directory or path_or_id), revision=revision, local_files_only=True, trust_remote_code=False
         )
     except OSError as e:
         raise ValueError(
@@ -43,6 +51,37 @@ def load_tokenizer(path_or_id: str | Path, revision: str | None = None) -> PreTr
     if not tokenizer.is_fast:
         raise ValueError(f"{str(path_or_id)!r} has no fast tokenizer (tokenizer.json); jaxllm needs one")
     return tokenizer
+
+
+def _local_directory(path_or_id: str | Path, revision: str | None) -> Path | None:
+    """The directory of a model path, or of a model id's snapshot in the local HF cache; None if neither."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+        return Path(snapshot_download(str(path_or_id), revision=revision, local_files_only=True))
+    except Exception:  # the hub raises several types for "not in cache"; AutoTokenizer reports it
+        return None
+
+
+def _named_tokenizer_class(directory: Path) -> type[PreTrainedTokenizerBase] | None:
+    """The tokenizer class tokenizer_config.json names (or its name without "Fast"), if transformers has it."""
+    try:
+        name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(name, str):
+        return None
+    for candidate in dict.fromkeys((name, name.removesuffix("Fast"))):
+        try:
+            found = getattr(transformers, candidate)
+        except (AttributeError, ImportError):
+            continue
+        if isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase):
+            return found
+    return None
 
 
 def resolve_chat_template(value: str | Path | None) -> str | None:

@@ -47,3 +47,23 @@ def test_server_entry_point_imports_no_transformers():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_loading_a_tokenizer_and_generation_defaults_imports_no_torch():
+    """The engine process and the HTTP process need transformers' tokenizers and generation config only;
+    torch (pulled in by AutoTokenizer and AutoConfig) costs each of them seconds of start-up."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys\n"
+         "from jaxllm.config import DEFAULT_MODEL\n"
+         "from jaxllm.generation_config import load_generation_defaults\n"
+         "from jaxllm.tokenizer import load_tokenizer\n"
+         "from tests.fixtures import fixture_tokenizer\n"
+         "assert load_generation_defaults(DEFAULT_MODEL).eos_token_ids == [2, 1]\n"
+         "for path in (DEFAULT_MODEL, fixture_tokenizer('qwen2.5')):\n"
+         "    assert load_tokenizer(path).is_fast\n"
+         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+         "print('ok')\n"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
