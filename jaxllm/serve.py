@@ -6,8 +6,8 @@ Engine flags are generated from `jaxllm.config.EngineConfig` (one per field, `--
 docs), server flags from `serve.args.ServerArgs`; common vLLM flags that mean nothing here are accepted
 with a warning, so vLLM command lines keep working. The engine is built by
 `jaxllm.serving.build_async_engine`, in a child process (`jaxllm.engine.engine_process`) unless
---disable-frontend-multiprocessing. The HTTP stack (`serve.app`) loads on a thread while that
-process imports and builds the engine: each side spends seconds importing transformers.
+--disable-frontend-multiprocessing. The HTTP stack (`serve.app`) loads while that process imports
+and builds the engine.
 
 Shutdown: SIGTERM/SIGINT stop accepting connections, in-flight requests get `--shutdown-timeout`
 seconds to finish, the rest are cancelled (which aborts them in the engine), and the process exits 0.
@@ -232,11 +232,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jaxllm.serve"
         follow_process_zero(engine_config)
         return 0
 
-    http_stack = threading.Thread(target=importlib.import_module, args=("serve.app",), daemon=True)
-    http_stack.start()
+    # NOTE: the HTTP stack is imported while the engine process builds the engine, on this thread: two
+    # threads importing transformers at once can meet its lazy module half-initialized.
     engine = build_async_engine(engine_config, log_stats=not server_args.disable_log_stats,
-                                in_process=server_args.disable_frontend_multiprocessing)
-    http_stack.join()
+                                in_process=server_args.disable_frontend_multiprocessing,
+                                while_building=lambda: importlib.import_module("serve.app"))
     return run_server(make_context(engine, server_args))
 
 

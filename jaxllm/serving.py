@@ -1,14 +1,14 @@
 """The server's engine: its loop in a child process, or on a thread of the HTTP process.
 
 NOTE: light to import (nothing of transformers, torch or jax): `python -m jaxllm.serve` starts the
-engine process first and loads its own HTTP stack while the child imports and builds the engine
-(each side spends seconds importing, mostly transformers pulling in torch; bench/RESULTS.md).
+engine process first and loads its own HTTP stack while the child imports and builds the engine.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from jaxllm.config import EngineConfig
@@ -30,11 +30,14 @@ def build_served_engine(config: EngineConfig, log_stats: bool = False) -> Engine
     return build_engine(config, served=True, log_stats=log_stats)
 
 
-def build_async_engine(config: EngineConfig, *, log_stats: bool = True, in_process: bool = False) -> EngineClient:
+def build_async_engine(config: EngineConfig, *, log_stats: bool = True, in_process: bool = False,
+                       while_building: Callable[[], object] = lambda: None) -> EngineClient:
     """The server's engine: its loop in a child process (`ProcessEngine`), or on a thread of this
-    one with `in_process` and on every multi-process run, whose process 0 publishes its loop's iterations."""
+    one with `in_process` and on every multi-process run, whose process 0 publishes its loop's iterations.
+    `while_building` runs here while the engine process builds (first, when the engine builds here)."""
     if not in_process and config.parallel.num_processes == 1:
-        return ProcessEngine(functools.partial(build_served_engine, config, log_stats))
+        return ProcessEngine(functools.partial(build_served_engine, config, log_stats), while_building)
+    while_building()
     parts = build_served_engine(config, log_stats)
     publish = None
     if config.parallel.num_processes > 1:

@@ -38,9 +38,12 @@ def load_tokenizer(path_or_id: str | Path, revision: str | None = None) -> PreTr
     """
     directory = _local_directory(path_or_id, revision)
     tokenizer_class = _named_tokenizer_class(directory) if directory is not None else None
-    loader = tokenizer_class or transformers.AutoTokenizer
+    if tokenizer_class is None:
+        from transformers.models.auto.tokenization_auto import AutoTokenizer  # noqa: PLC0415
+
+        tokenizer_class = AutoTokenizer
     try:
-        tokenizer = loader.from_pretrained(
+        tokenizer = tokenizer_class.from_pretrained(
             str(directory or path_or_id), revision=revision, local_files_only=True, trust_remote_code=False
         )
     except OSError as e:

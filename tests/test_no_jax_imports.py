@@ -9,12 +9,20 @@ import sys
 from tests.jax_blocker import BLOCK_JAX
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_JAX + code], capture_output=True, text=True, timeout=120)
+def _run(code: str, *, block_jax: bool = True) -> subprocess.CompletedProcess:
+    prelude = BLOCK_JAX if block_jax else ""
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120)
+
+
+def _assert_runs(code: str, *, block_jax: bool = True) -> None:
+    """`code` (which prints "ok" last) runs to its end in a fresh interpreter."""
+    result = _run(code, block_jax=block_jax)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
 
 
 def test_engine_and_serve_import_without_jax():
-    result = _run(
+    _assert_runs(
         "import jaxllm, jaxllm.engine, serve, jaxllm.config, jaxllm.sampling_params, jaxllm.outputs\n"
         "import jaxllm.engine.interfaces, jaxllm.engine.metrics, jaxllm.model_arch, jaxllm.serve, jaxllm.cli\n"
         "import jaxllm.serving, jaxllm.validation, jaxllm.runner.limits\n"
@@ -26,8 +34,6 @@ def test_engine_and_serve_import_without_jax():
         "assert not any(m == 'jax' or m.startswith('jax.') for m in sys.modules), 'jax was imported'\n"
         "print('ok')\n"
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("ok")
 
 
 def test_the_blocker_really_blocks():
@@ -38,32 +44,24 @@ def test_the_blocker_really_blocks():
 def test_server_entry_point_imports_no_transformers():
     """`python -m jaxllm.serve` starts the engine process before it loads the HTTP stack: its own
     import (and the engine process's re-import of it as __main__) stays light."""
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys, jaxllm.serve, jaxllm.serving\n"
-         "heavy = [m for m in ('transformers', 'torch', 'jax', 'serve.app') if m in sys.modules]\n"
-         "assert not heavy, heavy\n"
-         "print('ok')\n"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("ok")
+    _assert_runs(
+        "import sys, jaxllm.serve, jaxllm.serving\n"
+        "heavy = [m for m in ('transformers', 'torch', 'jax', 'serve.app') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n", block_jax=False)
 
 
 def test_loading_a_tokenizer_and_generation_defaults_imports_no_torch():
     """The engine process and the HTTP process need transformers' tokenizers and generation config only;
     torch (pulled in by AutoTokenizer and AutoConfig) costs each of them seconds of start-up."""
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys\n"
-         "from jaxllm.config import DEFAULT_MODEL\n"
-         "from jaxllm.generation_config import load_generation_defaults\n"
-         "from jaxllm.tokenizer import load_tokenizer\n"
-         "from tests.fixtures import fixture_tokenizer\n"
-         "assert load_generation_defaults(DEFAULT_MODEL).eos_token_ids == [2, 1]\n"
-         "for path in (DEFAULT_MODEL, fixture_tokenizer('qwen2.5')):\n"
-         "    assert load_tokenizer(path).is_fast\n"
-         "assert 'torch' not in sys.modules, 'torch was imported'\n"
-         "print('ok')\n"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith("ok")
+    _assert_runs(
+        "import sys\n"
+        "from jaxllm.config import DEFAULT_MODEL\n"
+        "from jaxllm.generation_config import load_generation_defaults\n"
+        "from jaxllm.tokenizer import load_tokenizer\n"
+        "from tests.fixtures import fixture_tokenizer\n"
+        "assert load_generation_defaults(DEFAULT_MODEL).eos_token_ids == [2, 1]\n"
+        "for path in (DEFAULT_MODEL, fixture_tokenizer('qwen2.5')):\n"
+        "    assert load_tokenizer(path).is_fast\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n", block_jax=False)

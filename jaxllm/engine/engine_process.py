@@ -134,7 +134,8 @@ def _stats_sink(engine: LLMEngine, commands: _CountingQueue, conn: Connection) -
 
 
 class ProcessEngine(EngineClient):
-    def __init__(self, factory: EngineFactory) -> None:
+    def __init__(self, factory: EngineFactory, while_building: Callable[[], object] = lambda: None) -> None:
+        """Spawn the engine process and wait until it has built the engine; `while_building` runs meanwhile."""
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(target=run_engine_process, name="jaxllm-engine", daemon=True,
@@ -142,6 +143,7 @@ class ProcessEngine(EngineClient):
         self._process.start()
         child_conn.close()
         try:
+            while_building()
             message = self._conn.recv()
             if message[0] != "ready":
                 raise RuntimeError(f"the engine could not be built:\n{message[1]}")

@@ -23,7 +23,8 @@ class Attention(NamedTuple):
     name: str  # "pallas", "xla" or "reference"
 
 
-def _pallas_unsupported_reason(platform: str, arch: ModelArch, dtype, page_size: int, tp: int) -> str | None:
+def pallas_unsupported_reason(platform: str, arch: ModelArch, dtype, page_size: int, tp: int) -> str | None:
+    """Why the Mosaic GPU kernel cannot serve this model here (None: it can)."""
     if platform != "gpu":
         return f"the Pallas kernel targets NVIDIA Hopper GPUs, not {platform}"
     try:
@@ -39,7 +40,7 @@ def _pallas_unsupported_reason(platform: str, arch: ModelArch, dtype, page_size:
     )
 
 
-def _shard_over_heads(kernel: AttentionFn, mesh: Mesh, rules: ShardingRules) -> AttentionFn:
+def shard_over_heads(kernel: AttentionFn, mesh: Mesh, rules: ShardingRules) -> AttentionFn:
     """Run a per-device kernel under shard_map: q by query heads, KV pages by KV heads."""
     import jax
 
@@ -82,7 +83,7 @@ def _select(backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, ru
         return ragged_paged_attention_reference, "reference"
     if backend == "xla":
         return ragged_paged_attention_xla, "xla"
-    reason = _pallas_unsupported_reason(platform, arch, dtype, page_size, tp)
+    reason = pallas_unsupported_reason(platform, arch, dtype, page_size, tp)
     if backend == "pallas":
         if reason is not None:
             raise ValueError(f"--attention-backend pallas cannot run this model: {reason}")
@@ -97,5 +98,5 @@ def _select(backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, ru
     logger.info("Attention: Pallas Mosaic GPU kernel")
     kernel = ragged_paged_attention_mosaic
     if tp > 1:
-        kernel = _shard_over_heads(kernel, mesh, rules)
+        kernel = shard_over_heads(kernel, mesh, rules)
     return kernel, "pallas"

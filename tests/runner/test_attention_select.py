@@ -22,7 +22,7 @@ ARCH = ModelArch(
 
 def test_kernel_fits_bf16_and_fp16_llama_shapes_on_a_gpu() -> None:
     for dtype in (jnp.bfloat16, jnp.float16):
-        assert attention._pallas_unsupported_reason("gpu", ARCH, dtype, 16, 1) is None
+        assert attention.pallas_unsupported_reason("gpu", ARCH, dtype, 16, 1) is None
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,7 @@ def test_kernel_fits_bf16_and_fp16_llama_shapes_on_a_gpu() -> None:
     ],
 )
 def test_reasons_the_kernel_cannot_serve_a_model(arch, dtype, page, words) -> None:
-    reason = attention._pallas_unsupported_reason("gpu", arch, dtype, page, 1)
+    reason = attention.pallas_unsupported_reason("gpu", arch, dtype, page, 1)
     assert reason is not None and words in reason
 
 
@@ -65,7 +65,7 @@ def test_kernel_sharded_over_kv_heads_lowers_for_cuda() -> None:
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices")
     case = Case(q_lens=(1, 40), kv_lens=(300, 200), num_q_heads=8, num_kv_heads=4, head_dim=128, pages_per_seq=19)
-    sharded = attention._shard_over_heads(ragged_paged_attention_mosaic, make_mesh(2), ShardingRules())
+    sharded = attention.shard_over_heads(ragged_paged_attention_mosaic, make_mesh(2), ShardingRules())
     fn = jax.jit(lambda *batch: sharded(*batch, case.params))
     text = fn.trace(*make_batch(case)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "num_partitions = 2" in text
