@@ -37,7 +37,8 @@ def story_engine_parts(**kwargs: Any) -> SimpleNamespace:
 
 def new_llm_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, num_pages: int = 512,
                    block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
-                   fail_at_step: int | None = None) -> LLMEngine:
+                   fail_at_step: int | None = None, grammar_compiler: Any = None) -> LLMEngine:
+    """`grammar_compiler`: the engine's (default: the real one over `tokenizer`)."""
     config = EngineConfig(
         model=ModelConfig(model=str(STORIES), served_model_name=list(MODEL_NAMES)),
         cache=CacheConfig(block_size=block_size),
@@ -47,7 +48,7 @@ def new_llm_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 51
                              % len(script)], delay_s=delay_s, fail_at_step=fail_at_step)
     limits = EngineLimits.given(config, max_model_len=max_model_len, num_pages=num_pages)
     engine = LLMEngine(config, limits, runner, tokenizer, len(tokenizer), eos_token_ids, log_stats=False,
-                       grammar_compiler=make_grammar_compiler(tokenizer, len(tokenizer)))
+                       grammar_compiler=grammar_compiler or make_grammar_compiler(tokenizer, len(tokenizer)))
     return engine
 
 

@@ -7,12 +7,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
 
 import serve.inputs
-from tests.serve.conftest import API_KEY, MODEL_NAMES, LiveServer
+from tests.serve.conftest import (
+    API_KEY,
+    MODEL_NAMES,
+    LiveServer,
+    make_context,
+    new_engine,
+    pool_is_free,
+    sse_events,
+    wait_until,
+)
 
 MESSAGES = [{"role": "user", "content": "Once upon a time"}]
 MOOD = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}, "hops": {"enum": [1, 2]}},
@@ -95,3 +105,26 @@ def test_forced_tool_calls(client: openai.OpenAI, stream: bool) -> None:
     named = call(tool_choice={"type": "function", "function": {"name": "rest"}})
     assert named.finish_reason == "stop" and [c.function.name for c in named.message.tool_calls] == ["rest"]
     assert json.loads(named.message.tool_calls[0].function.arguments)["where"] in ("bed", "sofa")
+
+
+def test_a_grammar_the_engine_cannot_compile_is_a_400_or_an_sse_error_event(stories_tokenizer: Any,
+                                                                            story_script: list[int]) -> None:
+    """The server's own compile passes, the engine's (in its pool, off its loop) fails: a whole reply is a 400
+    and a stream that has started ends with an error event and [DONE]; the server keeps serving."""
+    def refuse(params: Any) -> Any:
+        raise ValueError("the engine's grammar backend refused it")
+
+    engine = new_engine(stories_tokenizer, story_script, grammar_compiler=refuse)
+    body = {"model": MODEL_NAMES[0], "messages": MESSAGES, "max_tokens": 8, "response_format": {"type": "json_object"}}
+    with LiveServer(make_context(engine)) as live, httpx.Client(base_url=live.url, timeout=30) as http:
+        whole = http.post("/v1/chat/completions", json=body)
+        assert whole.status_code == 400 and "refused it" in whole.json()["error"]["message"]
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            events = sse_events(streamed.iter_lines())
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "refused it" in events[-2]["error"]["message"] and events[-2]["error"]["code"] == 400
+        assert events[-1] == "[DONE]"
+        ok = http.post("/v1/chat/completions", json={**body, "response_format": None})
+        assert ok.status_code == 200, ok.text
+        wait_until(lambda: pool_is_free(engine))
