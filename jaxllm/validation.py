@@ -76,8 +76,7 @@ def out_of_vocab_error(token_ids: Sequence[int], vocab_size: int, param: str) ->
     return ValidationError(f"Token ids {bad[:5]} are out of vocabulary (size {vocab_size}).", param)
 
 
-def context_length_error(max_model_len: int, num_prompt: int, max_tokens: int | None,
-                         param: str = "max_tokens") -> ValidationError:
+def context_length_error(max_model_len: int, num_prompt: int, max_tokens: int | None) -> ValidationError:
     if max_tokens is None:
         return ValidationError(
             f"This model's maximum context length is {max_model_len} tokens. However, your request has "
@@ -86,7 +85,7 @@ def context_length_error(max_model_len: int, num_prompt: int, max_tokens: int | 
         f"This model's maximum context length is {max_model_len} tokens. However, you requested {max_tokens} "
         f"output tokens and your prompt contains at least {num_prompt} input tokens, for a total of at least "
         f"{num_prompt + max_tokens} tokens. Please reduce the length of the input prompt or the number of "
-        "requested output tokens.", "input_tokens" if num_prompt >= max_model_len else param)
+        "requested output tokens.", "input_tokens" if num_prompt >= max_model_len else "max_tokens")
 
 
 def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams, limits: EngineLimits,
@@ -122,6 +121,9 @@ def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams, li
         raise context_length_error(max_model_len, num_prompt, max_tokens)
     if default_max_tokens is not None:
         max_tokens = min(max_tokens, default_max_tokens)
+    if params.min_tokens > max_tokens:
+        raise ValidationError(f"min_tokens must be less than or equal to max_tokens ({max_tokens}), got "
+                              f"{params.min_tokens}.", "min_tokens")
     pages_needed = -(-(num_prompt + max_tokens - 1) // limits.block_size)  # the last token's KV is never computed
     if pages_needed > limits.num_pages:
         raise ValidationError(

@@ -125,18 +125,25 @@ class _Reply:
 
     async def chunks(self, outputs: AsyncIterator[tuple[int, RequestOutput]], log: RequestLog
                      ) -> AsyncIterator[dict[str, Any]]:
-        """The streamed reply: the role first, for every choice, as vLLM (and OpenAI) do; then the echoed
-        prefix, if any; a chunk per delta; the usage chunk when asked. Closes `outputs` however it ends."""
+        """The streamed reply: once the engine's first output is in, the role for every choice, as vLLM (and
+        OpenAI) do, then the echoed prefix, if any; a chunk per delta; the usage chunk when asked. Closes
+        `outputs` however it ends.
+
+        NOTE: the role waits for the first output, as vLLM's does: benchmark clients time the first token at
+        the first chunk, and an error before it comes as the stream's first event."""
         options = self.request.stream_options
         continuous = bool(options and options.include_usage and options.continuous_usage_stats)
         try:
-            for index in range(len(self.choices)):
-                yield self.chunk([{"index": index, "delta": {"role": self.role, "content": ""}, "logprobs": None,
-                                   "finish_reason": None}], continuous)
-                if self.echo:
-                    yield self.chunk([{"index": index, "delta": {"content": self.echo}, "logprobs": None,
-                                       "finish_reason": None}], continuous)
+            first = True
             async for _, res in outputs:
+                if first:
+                    first = False
+                    for index in range(len(self.choices)):
+                        yield self.chunk([{"index": index, "delta": {"role": self.role, "content": ""},
+                                           "logprobs": None, "finish_reason": None}], continuous)
+                        if self.echo:
+                            yield self.chunk([{"index": index, "delta": {"content": self.echo}, "logprobs": None,
+                                               "finish_reason": None}], continuous)
                 for index, text, ids, positions in self.update(res):
                     if (body := self._choice_chunk(index, text, ids, positions)) is not None:
                         yield self.chunk([body], continuous)
@@ -235,9 +242,8 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     reply = _Reply(request, prompt, f"chatcmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
                    info.tokenizer, tools, parsers)
     log = RequestLog(ctx.args.enable_log_requests, reply.id, len(prompt.token_ids))
-    outputs = await start_generation(ctx.engine, [prompt], [params], [reply.id], cache_salt=request.cache_salt,
-                                     default_max_tokens=info.default_sampling.get("max_tokens"),
-                                     error_params=error_params)
+    outputs = start_generation(ctx.engine, [prompt], [params], [reply.id], cache_salt=request.cache_salt,
+                               default_max_tokens=info.default_sampling.get("max_tokens"), error_params=error_params)
     if request.stream:
         return SSEResponse(to_sse(reply.chunks(outputs, log), log, ctx.engine, error_params))
     for _, res in await collect(outputs, log, ctx.engine, error_params):

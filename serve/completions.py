@@ -175,10 +175,9 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
     reply = _Reply(request, prompts, f"cmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
                    info.tokenizer)
     log = RequestLog(ctx.args.enable_log_requests, reply.id, sum(len(p.token_ids) for p in prompts))
-    outputs = await start_generation(ctx.engine, prompts, [params] * len(prompts),
-                                     [f"{reply.id}-{i}" for i in range(len(prompts))], cache_salt=request.cache_salt,
-                                     default_max_tokens=info.default_sampling.get("max_tokens"),
-                                     error_params=error_params)
+    outputs = start_generation(ctx.engine, prompts, [params] * len(prompts),
+                               [f"{reply.id}-{i}" for i in range(len(prompts))], cache_salt=request.cache_salt,
+                               default_max_tokens=info.default_sampling.get("max_tokens"), error_params=error_params)
     if request.stream:
         return SSEResponse(to_sse(reply.chunks(outputs, log), log, ctx.engine, error_params))
     for prompt_index, res in await collect(outputs, log, ctx.engine, error_params):

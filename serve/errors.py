@@ -82,8 +82,8 @@ def generation_error(exc: BaseException, *, engine_dead: bool, params: dict[str,
         return exc
     if isinstance(exc, RequestValidationError):
         return APIError(exc.message, param=(params or {}).get(exc.param or "", exc.param))
-    if isinstance(exc, RequestFailedError):
-        return APIError(str(exc))
+    if isinstance(exc, RequestFailedError):  # the engine's grammar compile failed
+        return APIError(str(exc), param=(params or {}).get("structured_outputs"))
     if engine_dead or isinstance(exc, EngineDeadError):
         return APIError("The engine died; the server is shutting down.", HTTPStatus.INTERNAL_SERVER_ERROR)
     logger.error("Generation failed", exc_info=exc)

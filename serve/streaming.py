@@ -131,21 +131,19 @@ async def until_disconnect(request: Request, work: Awaitable[Response]) -> Respo
     return task.result()
 
 
-async def start_generation(engine: EngineClient, prompts: list[EnginePrompt], params: list[SamplingParams],
-                           request_ids: list[str], *, cache_salt: str | None, default_max_tokens: int | None,
-                           error_params: dict[str, str] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Submit every prompt (each validated as it is submitted: a 400 before the response starts, and the
-    prompts already submitted are withdrawn), then their outputs merged, as (prompt index, output)."""
-    streams = []
+def start_generation(engine: EngineClient, prompts: list[EnginePrompt], params: list[SamplingParams],
+                     request_ids: list[str], *, cache_salt: str | None, default_max_tokens: int | None,
+                     error_params: dict[str, str] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Validate every prompt (a 400 before the response starts, and nothing sent), submit them, and merge their
+    outputs, as (prompt index, output)."""
     try:
-        for prompt, sp, request_id in zip(prompts, params, request_ids, strict=True):
-            streams.append(engine.generate(prompt.token_ids, sp, request_id, prompt=prompt.text, cache_salt=cache_salt,
-                                           default_max_tokens=default_max_tokens))
+        commands = [engine.prepare(prompt.token_ids, sp, request_id, prompt=prompt.text, cache_salt=cache_salt,
+                                   default_max_tokens=default_max_tokens)
+                    for prompt, sp, request_id in zip(prompts, params, request_ids, strict=True)]
     except Exception as e:
-        for stream in streams:
-            await stream.aclose()
         raise generation_error(e, engine_dead=engine.is_dead, params=error_params) from e
-    return merge_outputs(streams)
+    return merge_outputs([engine.submit(command, request_id) for command, request_id in zip(commands, request_ids,
+                                                                                           strict=True)])
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -29,7 +29,6 @@ class AsyncEngine(EngineClient):
     def __init__(self, engine: LLMEngine, publish: Publish | None = None, *,
                  default_sampling: dict[str, Any] | None = None, chat_template: str | None = None) -> None:
         super().__init__(EngineInfo.describe(engine, default_sampling, chat_template))
-        self._engine = engine
         self._core = EngineCore(engine, publish=publish)
         self._commands = CommandQueue()
         self._thread: threading.Thread | None = None
@@ -47,13 +46,13 @@ class AsyncEngine(EngineClient):
         self._close_streams()
 
     def metrics(self) -> EngineMetrics:
-        return self._engine.metrics.snapshot()
+        return self._core.engine.metrics.snapshot()
 
     def _send(self, *commands: EngineCommand) -> None:
         self._commands.put(*commands)
 
     def _idle(self) -> bool:
-        return not self._commands.has_pending() and not self._engine.has_unfinished_requests()
+        return not self._commands.has_pending() and not self._core.engine.has_unfinished_requests()
 
     def _run(self) -> None:
         try:

@@ -20,12 +20,13 @@ may share one id, as vLLM allows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jaxllm.engine.core import Abort, EngineCommand, EngineInfo
+from jaxllm.engine.core import Abort, AddRequest, EngineCommand, EngineInfo
 from jaxllm.engine.metrics import EngineMetrics
 from jaxllm.outputs import EngineOutput, RequestOutput, merge_delta
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -184,8 +185,13 @@ class GenerationStream:
 
     def __del__(self) -> None:
         # NOTE: a safety net for a consumer that drops the stream unfinished without closing it (a plain
-        # `async for` left by an exception): its request must not run on, holding KV pages.
-        self._close()
+        # `async for` left by an exception): its request must not run on, holding KV pages. The abandon
+        # runs on the consumer's event loop, never here: a garbage collection can run this on any thread,
+        # inside a section that holds one of the locks the abandon takes.
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to abort for
+                self._stream.loop.call_soon_threadsafe(self._abandon)
 
 
 @dataclass(slots=True)
@@ -241,15 +247,27 @@ class EngineClient:
 
         Raises `jaxllm.validation.ValidationError` for a request the engine cannot serve (nothing is sent),
         and `EngineDeadError` once the engine has died."""
+        command = self.prepare(prompt_token_ids, sampling_params, request_id, prompt=prompt, cache_salt=cache_salt,
+                               default_max_tokens=default_max_tokens)
+        return self.submit(command, request_id)
+
+    def prepare(self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str, *,
+                prompt: str | None = None, cache_salt: str | None = None,
+                default_max_tokens: int | None = None) -> AddRequest:
+        """`generate`'s validation alone (nothing is sent): a request of several prompts checks them all first."""
         if self._dead_error is not None:
             raise engine_dead_error(self._dead_error)
         engine_id = f"{request_id}#{next(self._next_id)}"
         params = sampling_params.clone(output_kind=RequestOutputKind.DELTA)
-        command = self.info.new_request(engine_id, prompt_token_ids, params, prompt=prompt, cache_salt=cache_salt,
-                                        default_max_tokens=default_max_tokens)
+        return self.info.new_request(engine_id, prompt_token_ids, params, prompt=prompt, cache_salt=cache_salt,
+                                     default_max_tokens=default_max_tokens)
+
+    def submit(self, command: AddRequest, request_id: str) -> GenerationStream:
+        """Send a prepared request; its outputs come back under `request_id` (the caller's)."""
+        engine_id = command.request_id
         stream = self._streams.open(engine_id)
         with self._ids_lock:
-            self._submitted[engine_id] = _Submitted(request_id, command.prompt_token_ids, prompt)
+            self._submitted[engine_id] = _Submitted(request_id, command.prompt_token_ids, command.prompt)
             self._engine_ids[request_id] = engine_id
         self._send(command)
 

@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from jaxllm.engine.async_engine import AsyncEngine
 from tests.serve.conftest import API_KEY, LiveServer, make_context, new_engine, pool_is_free, wait_until
+from tests.serve.fake_engine import new_llm_engine
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -63,6 +65,21 @@ def test_context_overflow_has_vllms_wording(http: httpx.Client, live: LiveServer
     assert error["param"] == "max_completion_tokens"
     error = error_of(http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": max_len + 1}), 400)
     assert error["param"] == "max_tokens"
+
+
+def test_min_tokens_beyond_the_resolved_budget_is_400(http: httpx.Client, live: LiveServer) -> None:
+    # No max_tokens: the budget is the rest of the context, known only against the prompt.
+    too_many = 10 * live.ctx.engine.info.max_model_len
+    error = error_of(http.post(CHAT, json={"messages": MESSAGES, "min_tokens": too_many}), 400)
+    assert error["param"] == "min_tokens" and "min_tokens must be less than or equal to max_tokens" in error["message"]
+
+
+def test_a_bad_prompt_among_several_sends_none_of_them(http: httpx.Client, live: LiveServer) -> None:
+    before = dict(live.ctx.engine.metrics().request_success_total)
+    error = error_of(http.post("/v1/completions", json={"prompt": [[5, 6, 7], [5, 99999]], "max_tokens": 4}), 400)
+    assert error["param"] == "prompt"
+    wait_until(lambda: pool_is_free(live.ctx.engine))
+    assert live.ctx.engine.metrics().request_success_total == before  # nothing was run, nor aborted
 
 
 def test_unknown_model_is_404(http: httpx.Client) -> None:
@@ -174,10 +191,10 @@ def test_tokenize_and_detokenize(http: httpx.Client, stories_tokenizer: Any, liv
 
 def test_engine_death_gives_500_to_in_flight_requests_and_503_health(stories_tokenizer: Any,
                                                                      story_script: list[int]) -> None:
-    engine = new_engine(stories_tokenizer, story_script, delay_s=0.02)
+    llm_engine = new_llm_engine(stories_tokenizer, story_script, delay_s=0.02)
+    runner, engine = llm_engine.runner, AsyncEngine(llm_engine)
     with LiveServer(make_context(engine)) as live, httpx.Client(base_url=live.url, timeout=30) as http:
         assert http.get("/health").status_code == 200
-        runner = engine._engine.runner
         with http.stream("POST", CHAT, json={"messages": MESSAGES, "max_tokens": 400, "stream": True}) as stream:
             lines = stream.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))  # the role chunk: it is running
