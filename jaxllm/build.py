@@ -74,7 +74,6 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     )
     parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template))
     freeze_startup_heap()
-    runner.compiler.load_in_background()  # served: the buckets the warm-up left
     return parts
 
 

@@ -295,6 +295,7 @@ class EngineCore:
         """Apply commands and step until a `Shutdown` (or, `until_idle`, until nothing is left to do).
         Returns the number of steps run. An exception ends the loop: the engine is dead."""
         self._grammars.on_done = source.wake
+        self.engine.start_background_work()
         steps, failed = 0, True
         try:
             while True:

@@ -110,6 +110,11 @@ class ModelRunnerProtocol(Protocol):
         """
         ...
 
+    def start_background_work(self) -> None:
+        """Begin the work left for later (a served engine's buckets still to load); the engine's loop calls it
+        as it starts, once the engine has been described to its clients."""
+        ...
+
     def shutdown(self) -> None:
         """Stop any background work (buckets still loading). Steps may still run afterwards."""
         ...

@@ -180,6 +180,10 @@ class LLMEngine:
                 self._finish(sequence, finish)
         self._changed[group.request_id] = group
 
+    def start_background_work(self) -> None:
+        """Start the runner's background work (a served engine's buckets still to load)."""
+        self.runner.start_background_work()
+
     def shutdown(self) -> None:
         """Stop the runner's background work (buckets still loading)."""
         self.runner.shutdown()

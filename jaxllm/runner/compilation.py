@@ -291,8 +291,9 @@ class BucketCompiler:
     def load_in_background(self) -> None:
         """Start loading what a background warm-up left (none offline).
 
-        NOTE: called once the engine is built: the loaders hold the GIL for most of their time, and
-        would slow the rest of the start-up (the tokenizer's load, say) severalfold."""
+        NOTE: called as the engine's loop starts, after the engine is built and described to its clients:
+        the loaders hold the GIL for most of their time, and would slow the rest of the start-up (the
+        tokenizer's load, pickling the engine's description to the HTTP process) severalfold."""
         if self._loader is None or not self._deferred:
             return
         start, futures = time.perf_counter(), []

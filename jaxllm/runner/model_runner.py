@@ -89,7 +89,7 @@ class ModelRunner:
         self.input_batch = InputBatch(limits.block_size, limits.num_pages, seed, max_pages, limits.max_num_seqs)
         self._prev_tokens = jax.device_put(np.zeros(limits.max_num_seqs, np.int32), self.compiler.sharding)
         # NOTE: served, a single process starts serving once its smallest bucket is ready and loads
-        # the rest behind it (`compiler.load_in_background`, once the engine is built); offline runs
+        # the rest behind it (`start_background_work`, as the engine's loop starts); offline runs
         # and multi-process runs wait for every bucket.
         self.compiler.warm_up(background=served and jax.process_count() == 1)
 
@@ -205,6 +205,9 @@ class ModelRunner:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
+
+    def start_background_work(self) -> None:
+        self.compiler.load_in_background()
 
     def shutdown(self) -> None:
         self.compiler.shutdown()

@@ -40,6 +40,8 @@ def test_served_engine_serves_while_buckets_load(llm):
     compiler = runner.compiler
     smallest = {("forward", 16, pages) for pages in runner.buckets.pages}
     assert smallest <= compiler.ready() and not smallest & compiler.loading()
+    assert not compiler.loading()  # nothing loads before the engine's loop starts
+    engine.start_background_work()  # as the loop does
     forward = {key[1:] for key in compiler.ready() | compiler.loading() if key[0] == "forward"}
     assert forward == set(runner.buckets.keys)
 

@@ -84,6 +84,9 @@ class FakeModelRunner:
     requests: dict[str, _RequestState] = field(default_factory=dict, init=False)
     kv: dict[tuple[int, int], int] = field(default_factory=dict, init=False)  # (page, slot) -> token id there
 
+    def start_background_work(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass
 
