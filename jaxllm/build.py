@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jaxllm.config import EngineConfig, EngineLimits
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.generation_config import GenerationDefaults, load_generation_defaults
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.model_arch import load_arch
+from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.tokenizer import load_tokenizer, resolve_chat_template
 
 if TYPE_CHECKING:
@@ -52,6 +54,17 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     distributed.initialize(config.parallel)  # before any device is touched
     model_dir = resolve_model_dir(config.model.model, config.model.revision)
     defaults = load_generation_defaults(model_dir, config.model.generation_config, config.model.revision)
+    tokenizer = load_tokenizer(config.model.tokenizer or model_dir, config.model.revision)
+    arch = load_arch(model_dir)
+    eos = set(defaults.eos_token_ids) | set(arch.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    grammar_compiler = _grammar_compiler(tokenizer, arch.vocab_size)
+    # NOTE: the first grammar compile for a tokenizer builds the grammar backend's view of its vocabulary,
+    # about a second of GIL with a 150k vocabulary: done here, beside the model's loading and compiling
+    # (much of it GIL-free), it never stalls the engine's loop under a running batch.
+    warm_grammars = threading.Thread(target=_warm_up, args=(grammar_compiler, eos), daemon=True)
+    warm_grammars.start()
     setup_compilation_cache(config.compilation_cache_dir)
     model = load_model(config.model, config.parallel)
     device = kv_cache.measure_device(model.mesh)
@@ -63,16 +76,10 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     limits = _with_kv_pool(config, sched, device, model, attention, buckets)
     runner = ModelRunner(model, attention, buckets, limits, seed=config.model.seed, served=served,
                          default_sampling=_default_sampling(defaults))
-    tokenizer = load_tokenizer(config.model.tokenizer or model_dir, config.model.revision)
-    eos = set(defaults.eos_token_ids) | set(model.arch.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    vocab_size = model.arch.vocab_size
-    engine = LLMEngine(
-        config, limits, runner, tokenizer, vocab_size, sorted(eos),
-        log_stats=log_stats, grammar_compiler=_grammar_compiler(tokenizer, vocab_size),
-    )
+    engine = LLMEngine(config, limits, runner, tokenizer, arch.vocab_size, sorted(eos), log_stats=log_stats,
+                       grammar_compiler=grammar_compiler)
     parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template))
+    warm_grammars.join()
     freeze_startup_heap()
     return parts
 
@@ -116,6 +123,17 @@ def freeze_startup_heap() -> None:
     engine's collector for the same reason."""
     gc.collect()
     gc.freeze()
+
+
+def _warm_up(grammar_compiler: Any, eos_token_ids: set[int]) -> None:
+    """Compile one small grammar with the engine's stop ids (as `LLMEngine.compile_grammar` will)."""
+    if grammar_compiler is None:
+        return
+    try:
+        grammar_compiler(SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True),
+                                        all_stop_token_ids=set(eos_token_ids)))
+    except Exception:  # the first request with a grammar will say what is wrong
+        logger.exception("The grammar backend's warm-up failed")
 
 
 def _grammar_compiler(tokenizer, vocab_size: int):

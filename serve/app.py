@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,9 +30,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jaxllm import tokenizer as tokenization
 from jaxllm.engine.client import EngineClient
-from jaxllm.engine.core import EngineInfo
-from jaxllm.sampling_params import StructuredOutputsParams
-from jaxllm.structured import compile_grammar
 from jaxllm.validation import out_of_vocab_error
 from serve.args import ServerArgs
 from serve.chat import create_chat_completion
@@ -142,8 +138,6 @@ def build_app(ctx: ServingContext) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ctx.engine.start()
-        if ctx.engine.info.structured_outputs:
-            threading.Thread(target=_warm_up_grammars, args=(ctx.engine.info,), daemon=True).start()
         try:
             yield
         finally:
@@ -187,17 +181,6 @@ def _model_card(ctx: ServingContext, name: str) -> dict[str, Any]:
             "group": None, "is_blocking": False,
         }],
     }
-
-
-def _warm_up_grammars(info: EngineInfo) -> None:
-    """Compile one grammar for this tokenizer as the server starts.
-
-    NOTE: the first compile builds the grammar backend's view of the vocabulary, which holds the GIL for
-    about a second with a 150k vocabulary: at start-up, not while the first constrained request's
-    neighbours stream."""
-    with contextlib.suppress(ValueError):
-        compile_grammar(StructuredOutputsParams(json_object=True), info.tokenizer, info.vocab_size,
-                        sorted(info.eos_token_ids))
 
 
 def _version() -> str:

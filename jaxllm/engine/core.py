@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from jaxllm.config import EngineConfig, EngineLimits
 from jaxllm.outputs import EngineOutput
-from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
+from jaxllm.sampling_params import SamplingParams
 from jaxllm.validation import validate_request
 
 if TYPE_CHECKING:
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 GRAMMAR_WORKERS = 2
-# The grammar compiled at start-up, to build the grammar backend's view of the tokenizer before any request.
-_WARM_UP = SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True))
 
 
 # ---- commands ----
@@ -216,15 +214,6 @@ class GrammarCompiles:
         future = self._futures[request_id] = self._executor().submit(compile_fn)
         future.add_done_callback(lambda _: self.on_done())
 
-    def warm_up(self, compile_fn: Callable[[], Any]) -> None:
-        """Run a compile nobody waits for (its failure is only logged).
-
-        NOTE: the first compile for a tokenizer builds llguidance's view of its vocabulary, which holds the
-        GIL for about a second with a 150k vocabulary (bench/RESULTS.md): done at start-up, it never
-        stalls the loop under a running batch."""
-        future = self._executor().submit(compile_fn)
-        future.add_done_callback(lambda f: f.exception() and logger.debug("grammar warm-up: %r", f.exception()))
-
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="jaxllm-grammar")
@@ -283,8 +272,6 @@ class EngineCore:
         self._publish = publish
         self._wait_for_grammars = wait_for_grammars
         self._grammars = GrammarCompiles()
-        if engine.grammar_compiler is not None:
-            self._grammars.warm_up(lambda: engine.compile_grammar(_WARM_UP))
 
     def close(self) -> None:
         """Stop the grammar compiles and the runner's background work."""
