@@ -27,7 +27,6 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -226,15 +225,11 @@ class GrammarCompiles:
 
     def ended(self) -> list[GrammarReady]:
         """A decision for each compile that has ended (the leader's), oldest first."""
-        out = []
-        for request_id, future in self._futures.items():
-            if future.done():
-                out.append(GrammarReady(request_id, _compile_error(future.exception())))
-        return out
+        return [self.wait(request_id) for request_id, future in self._futures.items() if future.done()]
 
-    def wait(self, request_id: str) -> None:
-        """Until the request's compile has ended."""
-        wait_futures([self._futures[request_id]])
+    def wait(self, request_id: str) -> GrammarReady:
+        """The decision on the request's compile, once it has ended."""
+        return GrammarReady(request_id, _compile_error(self._futures[request_id].exception()))
 
     def take(self, request_id: str) -> Any:
         """The compiled grammar (waits for it: a follower's compile may still run); raises its error."""
@@ -328,9 +323,7 @@ class EngineCore:
                 params = command.params
                 self._grammars.submit(command.request_id, lambda: engine.compile_grammar(params))
                 if self._wait_for_grammars:
-                    self._grammars.wait(command.request_id)
-                    for ready in self._grammars.ended():
-                        self._apply(ready)
+                    self._apply(self._grammars.wait(command.request_id))
         elif isinstance(command, Abort):
             engine.abort_request(command.request_ids)
             for request_id in command.request_ids:

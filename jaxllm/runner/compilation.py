@@ -209,8 +209,8 @@ class BucketCompiler:
 
     def forward(self, num_tokens: int, pages_per_seq: int) -> Callable:
         """(leaves, kv_pages, batch, placeholder_rows, prev_tokens) -> (kv_pages, logits [S, V]) of a bucket."""
-        return self._get_or_compile(("forward", num_tokens, pages_per_seq),
-                                    partial(self._compile_forward, num_tokens, pages_per_seq))
+        return self._get_or_compile(("forward", num_tokens, pages_per_seq), self._compile_forward,
+                                    num_tokens, pages_per_seq)
 
     def forward_all_logits(self, num_tokens: int, pages_per_seq: int) -> Callable:
         """The forward of a step that wants every token's logits (prompt logprobs, rare): the plain
@@ -224,14 +224,15 @@ class BucketCompiler:
     def sampler(self, num_slots: int, flags: SamplerFlags) -> Callable:
         """(logits [S, V], SamplingBatch) -> (tokens [max_num_seqs] i32, logprobs or None). The
         common variants are compiled at warm-up; rarer ones compile on first use."""
-        return self._get_or_compile(("sample", num_slots, flags), partial(self._build_sampler, num_slots, flags))
+        return self._get_or_compile(("sample", num_slots, flags), self._build_sampler, num_slots, flags)
 
-    def _get_or_compile(self, key: tuple, build: Callable[[], Any]) -> Any:
-        """The program `_programs` holds for `key` once ready; compiled now (a warm-up gap, logged) if it never was."""
+    def _get_or_compile(self, key: tuple, build: Callable[..., Any], *args: Any) -> Any:
+        """The program `_programs` holds for `key` once ready; `build(*args)` now (a warm-up gap, logged) if it
+        never was."""
         fn = self._ready(key)
         if fn is None:
             self._warn_compile(key)
-            fn = self._programs[key] = build()
+            fn = self._programs[key] = build(*args)
         return fn
 
     def ready(self) -> set[tuple]:
