@@ -43,7 +43,7 @@ class ModelConfig:
     dtype: str = option(
         "auto",
         "Weight and activation dtype; auto takes the checkpoint's (float32 becomes bfloat16 on GPU).",
-        choices=("auto", "bfloat16", "float16", "float32"),
+        choices=("auto", "bfloat16", "float16", "float32", "half", "float"),
     )
     max_model_len: int | None = option(None, "Context length (prompt + output); defaults to the model's.")
     load_format: str = option(
@@ -51,6 +51,9 @@ class ModelConfig:
         choices=("auto", "safetensors", "dummy"),
     )
     seed: int = option(0, "Seed for dummy weights and for requests that give no seed.")
+    max_logprobs: int = option(
+        20, "Most logprobs (and prompt_logprobs) a request may ask for; -1 allows the whole vocabulary."
+    )
     served_model_name: list[str] = option([], "Name(s) the API answers to; the first is reported.")
     chat_template: str | None = option(None, "Chat template file or inline Jinja text, overriding the model's.")
     generation_config: str = option(
@@ -131,11 +134,27 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StructuredOutputsConfig:
+    """vLLM's --structured-outputs-config (set whole as JSON or field by field as
+    --structured-outputs-config.backend=...). llguidance is the one grammar backend here."""
+
+    backend: str = option(
+        "auto", "Grammar backend; every choice runs on llguidance (vLLM's guidance backend).",
+        choices=("auto", "guidance", "xgrammar", "outlines", "lm-format-enforcer"),
+    )
+    disable_any_whitespace: bool = option(False, "JSON output is compact: no whitespace between JSON tokens.")
+    disable_additional_properties: bool = option(
+        False, "JSON schemas that leave additionalProperties unset allow no properties beyond those declared."
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
     compilation_cache_dir: str | None = option(
         os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "xla"),
         "Persistent XLA compilation cache (empty string turns it off).",
@@ -159,6 +178,9 @@ class EngineConfig:
             else:
                 per_group[owner][key] = value
         built = {name: GROUPS[name](**values) for name, values in per_group.items()}
+        for name, klass in NESTED.items():
+            if isinstance(top.get(name), dict):
+                top[name] = klass(**top[name])
         return cls(**built, **top)
 
 
@@ -196,6 +218,10 @@ GROUPS: dict[str, type] = {
 }
 
 
+# EngineConfig's fields that are whole dataclasses, set as one value (vLLM's --x-config JSON / dotted forms).
+NESTED: dict[str, type] = {"structured_outputs_config": StructuredOutputsConfig}
+
+
 def field_owners() -> dict[str, str | None]:
     """Flat option name -> the group that owns it (None for EngineConfig's own fields)."""
     owners: dict[str, str | None] = {}
@@ -213,5 +239,5 @@ def option_fields() -> list[tuple[str | None, dataclasses.Field]]:
     out: list[tuple[str | None, dataclasses.Field]] = []
     for group, klass in GROUPS.items():
         out.extend((group, f) for f in dataclasses.fields(klass))
-    out.extend((None, f) for f in dataclasses.fields(EngineConfig) if f.name not in GROUPS)
+    out.extend((None, f) for f in dataclasses.fields(EngineConfig) if f.name not in GROUPS and f.name not in NESTED)
     return out

@@ -56,7 +56,6 @@ IGNORED_VLLM_FLAGS: list[tuple[str, bool]] = [
     ("--disable-custom-all-reduce", False),
     ("--disable-log-requests", False),
     ("--disable-uvicorn-access-log", False),
-    ("--enable-prompt-tokens-details", False),
     ("--use-v2-block-manager", False),
     ("--swap-space", True),
     ("--distributed-executor-backend", True),

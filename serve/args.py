@@ -52,6 +52,22 @@ class ServerArgs:
         None, "How tool calls are read out of the model's text (the format its chat template teaches).",
         choices=tuple(TOOL_PARSERS),
     )
+    uds: str | None = option(None, "Unix domain socket path to listen on; --host and --port are then unused.")
+    ssl_keyfile: str | None = option(None, "TLS: the private key file (PEM).")
+    ssl_certfile: str | None = option(None, "TLS: the certificate file (PEM); turns on HTTPS.")
+    ssl_ca_certs: str | None = option(None, "TLS: CA certificates for verifying clients.")
+    ssl_cert_reqs: int = option(0, "TLS: whether a client certificate is required (the ssl module's CERT_* value).")
+    enable_request_id_headers: bool = option(False, "Add an X-Request-Id header to every response.")
+    enable_server_load_tracking: bool = option(False, "Count in-flight requests and serve the count on /load.")
+    enable_tokenizer_info_endpoint: bool = option(
+        False, "Serve /tokenizer_info (it shows the chat template and tokenizer settings)."
+    )
+    enable_prompt_tokens_details: bool = option(False, "Add usage.prompt_tokens_details (cached prompt tokens).")
+    enable_per_request_metrics: bool = option(False, "Add a per-request `metrics` object (timings) to responses.")
+    enable_force_include_usage: bool = option(False, "Send usage on every response, streamed ones included.")
+    return_tokens_as_token_ids: bool = option(
+        False, "Write logprobs tokens as 'token_id:{id}' (tokens that are not valid UTF-8 stay identifiable)."
+    )
     reasoning_parser: str | None = option(
         None, "Split the model's <think>...</think> out of the content into message.reasoning (and "
         "reasoning_content).", choices=tuple(REASONING_PARSERS),
