@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -172,6 +173,17 @@ def reject_unsupported(request: SamplingFields) -> None:
         raise APIError("Priority scheduling is not enabled in jaxllm; leave `priority` at 0.", param="priority")
 
 
+def _not_integers(keys: Iterable[str]) -> list[str]:
+    """The keys `int()` cannot read (vLLM's message names them all)."""
+    bad = []
+    for key in keys:
+        try:
+            int(key)
+        except ValueError:
+            bad.append(key)
+    return bad
+
+
 def build_sampling_params(
     request: SamplingFields,
     *,
@@ -198,7 +210,8 @@ def build_sampling_params(
     try:
         logit_bias = {int(k): v for k, v in request.logit_bias.items()} if request.logit_bias else None
     except ValueError as e:
-        raise APIError("logit_bias keys must be token ids (integers as strings).", param="logit_bias") from e
+        raise APIError("logit_bias contains key(s) that cannot be converted to integer token IDs: "
+                       f"{_not_integers(request.logit_bias or {})!r}", param="logit_bias") from e
     try:
         return SamplingParams(
             n=1 if request.n is None else request.n,
