@@ -323,6 +323,10 @@ class LLMEngine:
             out["time_to_first_token"] = request.first_token_time - request.arrival_time
         if request.finished_time is not None:
             out["e2e_latency"] = request.finished_time - request.arrival_time
+        if request.first_scheduled_time is not None:
+            out["queue_time"] = request.first_scheduled_time - request.arrival_time
+        if request.first_token_time is not None and request.last_token_time is not None:
+            out["decode_time"] = request.last_token_time - request.first_token_time
         return out
 
     def _logprob_dict(self, entry: TokenLogprobs, token_id: int) -> dict[int, Logprob]:
