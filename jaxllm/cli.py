@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from jaxllm import __version__
+
 USAGE = """usage: jaxllm serve [MODEL] [flags]
+       jaxllm --version
 
 Start the OpenAI-compatible server (the bundled stories260K model when MODEL is left out).
 Run `jaxllm serve --help` for every flag."""
@@ -16,6 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
+    if args[0] in ("-v", "--version"):
+        print(__version__)
+        return 0
     if args[0] != "serve":
         print(f"jaxllm: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -147,6 +147,14 @@ class StructuredOutputsConfig:
         False, "JSON schemas that leave additionalProperties unset allow no properties beyond those declared."
     )
 
+    def __post_init__(self) -> None:
+        # NOTE: vLLM 0.34.0 refuses these combinations (its backends that lack the options), so a command
+        # line that starts vLLM means the same here.
+        if self.disable_any_whitespace and self.backend not in ("xgrammar", "guidance"):
+            raise ValueError("disable_any_whitespace is only supported for xgrammar and guidance backends.")
+        if self.disable_additional_properties and self.backend != "guidance":
+            raise ValueError("disable_additional_properties is only supported for the guidance backend.")
+
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
@@ -180,7 +188,7 @@ class EngineConfig:
         built = {name: GROUPS[name](**values) for name, values in per_group.items()}
         for name, klass in NESTED.items():
             if isinstance(top.get(name), dict):
-                top[name] = klass(**top[name])
+                top[name] = nested_config(klass, top[name])
         return cls(**built, **top)
 
 
@@ -220,6 +228,28 @@ GROUPS: dict[str, type] = {
 
 # EngineConfig's fields that are whole dataclasses, set as one value (vLLM's --x-config JSON / dotted forms).
 NESTED: dict[str, type] = {"structured_outputs_config": StructuredOutputsConfig}
+
+
+def nested_config(klass: type, values: dict[str, Any]) -> Any:
+    """One of NESTED's dataclasses from a JSON object (`--x-config '{...}'`, its dotted keys, `LLM(x_config=
+    {...})`). Unknown keys, values of the wrong type and values outside the choices are ValueErrors naming
+    them; a bool also reads from the strings true / false."""
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})")
+    typed: dict[str, Any] = {}
+    for key, value in values.items():
+        f = fields[key]
+        if f.type == "bool" and isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        expected = {"bool": bool, "str": str, "int": int, "float": int | float}[str(f.type)]
+        if not isinstance(value, expected) or (f.type != "bool" and isinstance(value, bool)):
+            raise ValueError(f"{key} must be a {f.type}, got {value!r}")
+        if value not in f.metadata.get("choices", (value,)):
+            raise ValueError(f"{key} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        typed[key] = value
+    return klass(**typed)
 
 
 def field_owners() -> dict[str, str | None]:

@@ -12,15 +12,16 @@ from jaxllm.config import option
 from serve.reasoning_parsers import REASONING_PARSERS
 from serve.tool_parsers import TOOL_PARSERS
 
-API_KEY_ENV = "JAXLLM_API_KEY"
+# Read, in this order, when --api-key is not given (every key found is accepted).
+API_KEY_ENVS = ("JAXLLM_API_KEY", "VLLM_API_KEY")
 
 
 @dataclass(frozen=True, slots=True)
 class ServerArgs:
     host: str | None = option(None, "Host name or address to listen on (default: all interfaces).")
     port: int = option(8000, "Port to listen on.")
-    api_key: str | None = option(
-        None, f"Require this bearer token on /v1/* (also read from ${API_KEY_ENV})."
+    api_key: list[str] = option(
+        [], "Require one of these bearer tokens on /v1/* (else read from $JAXLLM_API_KEY and $VLLM_API_KEY)."
     )
     allowed_origins: list[str] = option(["*"], "CORS: origins allowed to call the API from a browser.")
     allowed_methods: list[str] = option(["*"], "CORS: HTTP methods allowed from a browser.")
@@ -57,6 +58,7 @@ class ServerArgs:
     ssl_certfile: str | None = option(None, "TLS: the certificate file (PEM); turns on HTTPS.")
     ssl_ca_certs: str | None = option(None, "TLS: CA certificates for verifying clients.")
     ssl_cert_reqs: int = option(0, "TLS: whether a client certificate is required (the ssl module's CERT_* value).")
+    ssl_ciphers: str | None = option(None, "TLS: cipher suites for TLS 1.2 and below (default: uvicorn's).")
     enable_request_id_headers: bool = option(False, "Add an X-Request-Id header to every response.")
     enable_server_load_tracking: bool = option(False, "Count in-flight requests and serve the count on /load.")
     enable_tokenizer_info_endpoint: bool = option(
@@ -72,3 +74,8 @@ class ServerArgs:
         None, "Split the model's <think>...</think> out of the content into message.reasoning (and "
         "reasoning_content).", choices=tuple(REASONING_PARSERS),
     )
+
+    def __post_init__(self) -> None:
+        # NOTE: a lone string would be read as one key per character.
+        if isinstance(self.api_key, str):
+            raise TypeError("api_key is a list of keys")

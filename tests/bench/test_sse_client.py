@@ -81,7 +81,7 @@ def test_a_cut_response_is_an_error():
 def test_bench_serve_against_the_app():
     tokenizer = load_tokenizer(STORIES)
     engine = new_engine(tokenizer, tokenizer.encode(" " + STORY, add_special_tokens=False))
-    with LiveServer(make_context(engine, api_key=API_KEY)) as server:
+    with LiveServer(make_context(engine, api_key=[API_KEY])) as server:
         args = argparse.Namespace(dataset="fixed", num_prompts=6, input_len=16, output_len=9, vocab_size=512,
                                   base_url=server.url, model=None, api_key=API_KEY, request_rate=float("inf"),
                                   max_concurrency=2)

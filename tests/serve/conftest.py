@@ -79,7 +79,7 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> None:
 def live(stories_tokenizer: Any, story_script: list[int]) -> Iterator[LiveServer]:
     """The main server: stand-in engine over stories260K's tokenizer, an API key, two model names."""
     engine = new_engine(stories_tokenizer, story_script)
-    ctx = make_context(engine, api_key=API_KEY, max_request_body_bytes=64 * 1024)
+    ctx = make_context(engine, api_key=[API_KEY], max_request_body_bytes=64 * 1024)
     with LiveServer(ctx) as server:
         yield server
 

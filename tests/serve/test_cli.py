@@ -12,7 +12,7 @@ import pytest
 from jaxllm import cli
 from jaxllm.config import DEFAULT_MODEL, option_fields
 from jaxllm.serve import build_parser, parse_args
-from serve.args import API_KEY_ENV, ServerArgs
+from serve.args import ServerArgs
 
 
 def test_every_option_has_a_flag_with_its_doc(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,7 +35,7 @@ def test_vllm_spellings_parse_into_the_config() -> None:
     assert config.model.served_model_name == ["llama", "llama-alias"] and config.cache.block_size == 32
     assert config.cache.gpu_memory_utilization == 0.8 and config.scheduler.max_num_seqs == 64
     assert config.model.dtype == "bfloat16" and config.model.seed == 7
-    assert (args.port, args.api_key, args.metrics_names, args.enable_log_requests) == (9000, "k", "vllm", True)
+    assert (args.port, args.api_key, args.metrics_names, args.enable_log_requests) == (9000, ["k"], "vllm", True)
     assert args.allowed_origins == ["http://a", "http://b"]
 
 
@@ -43,14 +43,19 @@ def test_defaults_match_vllm() -> None:
     config, args = parse_args([])
     assert args.port == 8000 and args.allowed_origins == ["*"] and args.allowed_headers == ["*"]
     assert config.cache.enable_prefix_caching and config.cache.block_size == 16
-    assert not args.enable_log_requests and args.api_key is None
+    assert not args.enable_log_requests and args.api_key == []
 
 
-def test_positional_model_and_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(API_KEY_ENV, "from-env")
+def test_positional_model_and_api_keys_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JAXLLM_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "vllm-env")  # vLLM: `args.api_key or [envs.VLLM_API_KEY]`
     config, args = parse_args(["some/model"])
-    assert config.model.model == "some/model" and args.api_key == "from-env"
-    assert parse_args(["--api-key", "flag"])[1].api_key == "flag"
+    assert config.model.model == "some/model" and args.api_key == ["vllm-env"]
+    monkeypatch.setenv("JAXLLM_API_KEY", "jaxllm-env")
+    assert parse_args([])[1].api_key == ["jaxllm-env", "vllm-env"]
+    assert parse_args(["--api-key", "k1", "k2"])[1].api_key == ["k1", "k2"]  # vLLM's api_key: list[str]
+    with pytest.raises(TypeError, match="list of keys"):
+        ServerArgs(api_key="k1")  # type: ignore[arg-type]
 
 
 def test_multi_process_flags(capsys: pytest.CaptureFixture[str]) -> None:

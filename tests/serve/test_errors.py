@@ -208,7 +208,7 @@ def test_engine_death_gives_500_to_in_flight_requests_and_503_health(stories_tok
 
 
 def test_root_path_behind_a_path_stripping_proxy(stories_tokenizer: Any, story_script: list[int]) -> None:
-    ctx = make_context(new_engine(stories_tokenizer, story_script), api_key=API_KEY)
+    ctx = make_context(new_engine(stories_tokenizer, story_script), api_key=[API_KEY])
     with LiveServer(ctx, root_path="/llm") as live, httpx.Client(base_url=live.url) as http:
         assert http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
         error_of(http.get("/v1/models"), 401)  # auth still guards /v1 below the root path

@@ -16,7 +16,7 @@ SECRET = "sk-very-secret-key"
 
 def test_one_line_per_request_without_the_key(stories_tokenizer: Any, story_script: list[int],
                                               caplog: pytest.LogCaptureFixture) -> None:
-    ctx = make_context(new_engine(stories_tokenizer, story_script), api_key=SECRET, enable_log_requests=True)
+    ctx = make_context(new_engine(stories_tokenizer, story_script), api_key=[SECRET], enable_log_requests=True)
     auth = {"Authorization": f"Bearer {SECRET}", "X-Request-Id": "abc123"}
     with LiveServer(ctx) as live, caplog.at_level(logging.INFO):
         chat = httpx.post(live.url + "/v1/chat/completions", headers=auth, timeout=30,
