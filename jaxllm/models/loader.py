@@ -174,9 +174,10 @@ def _random_normal(shape, dtype, sharding):
 
 
 def resolve_dtype(name: str, arch: ModelArch, platform: str):
-    """--dtype -> a jnp dtype. auto: the checkpoint's, with float32 served as bfloat16 on GPUs."""
+    """--dtype -> a jnp dtype. auto: the checkpoint's, with float32 served as bfloat16 on GPUs; half and float
+    are float16 and float32, as in vLLM (numpy's "float" is float64)."""
     if name != "auto":
-        return jnp.dtype(name)
+        return jnp.dtype({"half": "float16", "float": "float32"}.get(name, name))
     ckpt = arch.torch_dtype.replace("torch.", "")
     if ckpt in ("bfloat16", "float16"):
         return jnp.dtype(ckpt)
