@@ -1,16 +1,15 @@
-"""The Starlette app: routes, CORS, auth, body limit, error JSON, and the engine's lifespan.
+"""The Starlette app: routes, middleware, error JSON, and the engine's lifespan.
 
 Every handler reads one `ServingContext`: the engine client (whose `info` describes the model and its
-limits) and the server's flags. Auth and the body limit are pure-ASGI middleware; CORS (starlette's)
-wraps both, so a browser's preflight OPTIONS is answered before auth and error responses carry the
-CORS headers the browser needs to read them.
+limits) and the server's flags. The middleware (`serve.middleware`, `serve.load`) wraps the routes, outermost
+first: the root path, X-Request-Id, CORS (starlette's: a browser's preflight OPTIONS is answered before auth,
+and error responses carry the CORS headers the browser needs to read them), the body limit, auth, and the
+in-flight count. Every error, 404 and 405 included, is vLLM's error JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,25 +19,29 @@ from importlib import metadata
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jaxllm import tokenizer as tokenization
 from jaxllm.engine.client import EngineClient
 from jaxllm.validation import out_of_vocab_error
 from serve.args import ServerArgs
+from serve.batch_chat import create_batch_chat_completion
 from serve.chat import create_chat_completion
 from serve.completions import create_completion
 from serve.errors import APIError
 from serve.inputs import chat_prompt, check_model, parse, read_json
+from serve.invocations import create_invocation
+from serve.load import LOAD_REPORT_FORMAT_HEADER, ServerLoad, load_report_header
 from serve.metrics_text import CONTENT_TYPE, render_metrics
+from serve.middleware import BearerAuth, BodySizeLimit, RequestIdHeaders, RootPath
 from serve.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from serve.streaming import until_disconnect
+from serve.tokenizer_info import tokenizer_info
 
 logger = logging.getLogger("jaxllm.serve")
 
@@ -48,6 +51,7 @@ class ServingContext:
     engine: EngineClient
     args: ServerArgs
     started_at: float = field(default_factory=time.time)
+    load: ServerLoad = field(default_factory=ServerLoad)  # counted with --enable-server-load-tracking
 
     @property
     def model_name(self) -> str:
@@ -61,11 +65,18 @@ Handler = Callable[[ServingContext, Request, Any], Awaitable[Response]]
 def build_app(ctx: ServingContext) -> Starlette:
     """The ASGI app over one engine. Starts the engine in the lifespan and shuts it down after."""
 
-    def generation(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def generation(handler: Handler, *, load_report: bool = False) -> Callable[[Request], Awaitable[Response]]:
+        """`load_report`: a whole (not streamed) reply carries the ORCA load header when the request asks."""
+
         async def endpoint(request: Request) -> Response:
             body = await read_json(request)
             # NOTE: the body is read before watching for a disconnect, which shares the same receive channel.
-            return await until_disconnect(request, handler(ctx, request, body))
+            response = await until_disconnect(request, handler(ctx, request, body))
+            report_format = request.headers.get(LOAD_REPORT_FORMAT_HEADER)
+            if (load_report and report_format and response.status_code == HTTPStatus.OK
+                    and not isinstance(response, StreamingResponse)):
+                response.headers.update(load_report_header(report_format, ctx.engine.metrics()))
+            return response
 
         return endpoint
 
@@ -97,6 +108,12 @@ def build_app(ctx: ServingContext) -> Starlette:
 
     async def version(request: Request) -> Response:
         return JSONResponse({"version": _version()})
+
+    async def load(request: Request) -> Response:
+        return JSONResponse({"server_load": ctx.load.in_flight})
+
+    async def show_tokenizer_info(request: Request) -> Response:
+        return JSONResponse(tokenizer_info(ctx.engine.info.tokenizer, ctx.engine.info.chat_template))
 
     async def metrics(request: Request) -> Response:
         text = render_metrics(ctx.engine.metrics(), ctx.model_name, prefix=ctx.args.metrics_names)
@@ -135,6 +152,13 @@ def build_app(ctx: ServingContext) -> Starlette:
         assert isinstance(exc, APIError)
         return exc.response()
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """The router's 404 and 405, as vLLM's: the status phrase as `type` (405 keeps its Allow header)."""
+        assert isinstance(exc, HTTPException)
+        response = APIError(exc.detail, exc.status_code, type=HTTPStatus(exc.status_code).phrase).response()
+        response.headers.update(exc.headers or {})
+        return response
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ctx.engine.start()
@@ -143,28 +167,41 @@ def build_app(ctx: ServingContext) -> Starlette:
         finally:
             ctx.engine.shutdown()
 
-    endpoints: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [
-        ("/v1/models", models, "GET"),
-        ("/v1/models/{model:path}", model, "GET"),
-        ("/v1/completions", generation(create_completion), "POST"),
-        ("/v1/chat/completions", generation(create_chat_completion), "POST"),
-        ("/tokenize", tokenize, "POST"),
-        ("/detokenize", detokenize, "POST"),
-        ("/health", health, "GET"),
-        ("/version", version, "GET"),
-        ("/metrics", metrics, "GET"),
-    ]
-    routes = [Route(path, guarded(endpoint), methods=[method]) for path, endpoint, method in endpoints]
     args = ctx.args
-    middleware = [
+    endpoints: list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]] = [
+        ("/v1/models", models, ["GET"]),
+        ("/v1/models/{model:path}", model, ["GET"]),
+        ("/v1/completions", generation(create_completion, load_report=True), ["POST"]),
+        ("/v1/chat/completions", generation(create_chat_completion, load_report=True), ["POST"]),
+        ("/v1/chat/completions/batch", generation(create_batch_chat_completion), ["POST"]),
+        ("/invocations", generation(create_invocation, load_report=True), ["POST"]),
+        ("/tokenize", tokenize, ["POST"]),
+        ("/detokenize", detokenize, ["POST"]),
+        ("/health", health, ["GET"]),
+        ("/ping", health, ["GET", "POST"]),  # SageMaker's health check
+        ("/version", version, ["GET"]),
+        ("/metrics", metrics, ["GET"]),
+        ("/load", load, ["GET"]),
+    ]
+    if args.enable_tokenizer_info_endpoint:
+        endpoints.append(("/tokenizer_info", show_tokenizer_info, ["GET"]))
+    routes = [Route(path, guarded(endpoint), methods=methods) for path, endpoint, methods in endpoints]
+    middleware = []
+    if args.root_path:
+        middleware.append(Middleware(RootPath, root_path=args.root_path))
+    if args.enable_request_id_headers:
+        middleware.append(Middleware(RequestIdHeaders))
+    middleware += [
         Middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                    allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
         Middleware(BodySizeLimit, max_bytes=args.max_request_body_bytes),
     ]
     if args.api_key:
-        middleware.append(Middleware(BearerAuth, api_key=args.api_key))
+        middleware.append(Middleware(BearerAuth, api_keys=args.api_key))
+    if args.enable_server_load_tracking:
+        middleware.append(Middleware(ctx.load.middleware))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={APIError: api_error})
+                    exception_handlers={APIError: api_error, HTTPException: http_error})
     app.state.serving = ctx
     return app
 
@@ -188,66 +225,3 @@ def _version() -> str:
         return metadata.version("jaxllm")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-class BearerAuth:
-    """401 unless `Authorization: Bearer <key>` on paths under /v1 (vLLM: /health, /metrics stay open)."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        # NOTE: compare fixed-length digests so the comparison time says nothing about the key's length.
-        self.expected = hashlib.sha256(f"Bearer {api_key}".encode()).digest()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not _relative_path(scope).startswith("/v1"):
-            await self.app(scope, receive, send)
-            return
-        given = Headers(scope=scope).get("authorization", "")
-        if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), self.expected):
-            response = APIError("Unauthorized: missing or wrong API key.", HTTPStatus.UNAUTHORIZED).response()
-            response.headers["WWW-Authenticate"] = "Bearer"
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-class BodySizeLimit:
-    """413 for a body over `max_bytes`, by Content-Length up front or while it streams in."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = Headers(scope=scope).get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._too_large().response()(scope, receive, send)
-            return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-    def _too_large(self) -> APIError:
-        return APIError(
-            f"Request body is larger than the limit of {self.max_bytes} bytes (--max-request-body-bytes).",
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
-
-
-def _relative_path(scope: Scope) -> str:
-    """The path below root_path (uvicorn puts root_path into `path` as well)."""
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path

@@ -27,7 +27,7 @@ API_KEY = "sk-test-1234"
 class LiveServer:
     """The app served by uvicorn on a loopback port, in a background thread."""
 
-    def __init__(self, ctx: ServingContext, root_path: str = "") -> None:
+    def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -35,7 +35,7 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(build_app(ctx), log_level="warning", access_log=False, log_config=None,
-                                timeout_graceful_shutdown=1, root_path=root_path)
+                                timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

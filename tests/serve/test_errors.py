@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from jaxllm.engine.async_engine import AsyncEngine
-from tests.serve.conftest import API_KEY, LiveServer, make_context, new_engine, pool_is_free, wait_until
+from tests.serve.conftest import API_KEY, LiveServer, make_context, pool_is_free, wait_until
 from tests.serve.fake_engine import new_llm_engine
 
 CHAT = "/v1/chat/completions"
@@ -205,11 +205,3 @@ def test_engine_death_gives_500_to_in_flight_requests_and_503_health(stories_tok
         assert "engine" in error["message"]
         assert http.get("/health").status_code == 503
         assert http.get("/v1/models").status_code == 200  # the rest of the server still answers
-
-
-def test_root_path_behind_a_path_stripping_proxy(stories_tokenizer: Any, story_script: list[int]) -> None:
-    ctx = make_context(new_engine(stories_tokenizer, story_script), api_key=[API_KEY])
-    with LiveServer(ctx, root_path="/llm") as live, httpx.Client(base_url=live.url) as http:
-        assert http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
-        error_of(http.get("/v1/models"), 401)  # auth still guards /v1 below the root path
-        assert http.get("/health").status_code == 200
