@@ -57,6 +57,7 @@ def test_invocations_routes_by_the_body_shape(http: httpx.Client, live: LiveServ
     assert error_of(http.post("/invocations", json={"messages": "Hi"}), 400)["param"] == "messages"
     with httpx.Client(base_url=live.url) as anon:
         error_of(anon.post("/invocations", json={"prompt": "Once"}), 401)
+        assert anon.get("/ping").status_code == 200 and anon.post("/ping").status_code == 200
 
 
 def test_batch_chat_one_choice_per_conversation(http: httpx.Client) -> None:
