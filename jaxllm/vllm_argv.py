@@ -19,6 +19,8 @@ from typing import Any
 
 # The part of a flag's name before any '.' or '=' (the config keys after a '.' keep their underscores).
 _FLAG_NAME = re.compile(r"^--[^.=]*")
+# A dotted flag: --x-config.key, or vLLM's short spellings (-cc.key); never a negative number (-1.5).
+_DOTTED = re.compile(r"^--?[A-Za-z][^.=]*\.")
 
 
 def normalize(argv: Sequence[str]) -> list[str]:
@@ -84,7 +86,7 @@ def _dotted_to_json(args: list[str]) -> list[str]:
     while i < len(args):
         arg = args[i]
         name = arg.split("=", 1)[0]
-        if not (arg.startswith("--") and "." in name):
+        if not _DOTTED.match(name):
             out.append(arg)
             i += 1
             continue
