@@ -30,16 +30,20 @@ from serve.inputs import (
     parse,
     reject_unsupported,
     requested_structured_outputs,
+    truncate_prompt,
 )
-from serve.logprobs import TokenNamer, chat_logprobs
+from serve.logprobs import TokenNamer, chat_logprobs, prompt_logprobs_json, top_count
 from serve.output_parsing import ChoiceParser, OutputParsers, ParsedOutput, ReasoningParser
 from serve.protocol import ChatCompletionRequest
 from serve.reasoning_parsers import get_reasoning_parser
-from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse, usage
+from serve.request_metrics import per_request_metrics
+from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse
 from serve.tool_choice import NO_TOOLS, ToolHandling, resolve_tools
+from serve.usage import final_usage_chunk, stream_usage, usage
 
 if TYPE_CHECKING:
     from serve.app import ServingContext
+    from serve.args import ServerArgs
 
 
 @dataclass
@@ -59,16 +63,18 @@ class _Reply:
     """The chat reply being built: its choices as the engine's outputs accumulate, its chunks and body."""
 
     def __init__(self, request: ChatCompletionRequest, prompt: EnginePrompt, rid: str, model_name: str,
-                 tokenizer: Any, tools: ToolHandling, parsers: OutputParsers | None) -> None:
+                 tokenizer: Any, tools: ToolHandling, parsers: OutputParsers | None, args: ServerArgs) -> None:
         """`parsers`: what reads reasoning and tool calls out of the text (None: it is all content)."""
         self.request, self.prompt, self.id, self.model_name = request, prompt, rid, model_name
-        self.tools, self.parsers = tools, parsers
+        self.tools, self.parsers, self.args, self.tokenizer = tools, parsers, args, tokenizer
         self.created = int(time.time())
         self.choices = [_Choice() for _ in range(1 if request.n is None else request.n)]
         if request.stream and parsers is not None:
             for choice in self.choices:
                 choice.stream = parsers.stream()
         self.cached_tokens = 0
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+        self.timings: dict[str, float] = {}
         last = request.messages[-1]
         # vLLM: the reply's role is the assistant's, or the last message's when no generation prompt is added.
         self.role = "assistant" if request.add_generation_prompt else last["role"]
@@ -76,8 +82,11 @@ class _Reply:
         self.echo = (content if isinstance(content, str) else "".join(
             p.get("text", "") for p in content or [] if isinstance(p, dict))
         ) if request.echo and last["role"] == self.role else ""
-        self.num_top = (request.top_logprobs or 0) if request.logprobs else None
-        self.name = None if self.num_top is None else TokenNamer(tokenizer, bool(request.return_tokens_as_token_ids))
+        self.num_top = top_count(request.top_logprobs, token_ids_listed=bool(request.logprob_token_ids))
+        as_ids = request.return_tokens_as_token_ids
+        self.name = TokenNamer(tokenizer, args.return_tokens_as_token_ids if as_ids is None else as_ids
+                               ) if request.logprobs else None
+        self.token_ids_wanted = bool(request.return_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -85,6 +94,9 @@ class _Reply:
 
     def update(self, res: RequestOutput) -> list[tuple[int, str, list[int], list[Any]]]:
         self.cached_tokens = res.num_cached_tokens
+        if res.prompt_logprobs is not None:
+            self.prompt_logprobs = res.prompt_logprobs
+        self.timings = res.metrics or self.timings
         deltas = []
         for out in res.outputs:
             choice = self.choices[out.index]
@@ -109,18 +121,41 @@ class _Reply:
         return delta
 
     def logprobs_json(self, ids: list[int], positions: list[Any]) -> dict[str, Any] | None:
-        if self.num_top is None or self.name is None:
+        if self.name is None:
             return None
         return chat_logprobs(ids, positions, self.num_top, self.name)
 
-    def usage(self) -> dict[str, Any]:
-        return usage(len(self.prompt.token_ids), self.num_output_tokens, self.cached_tokens)
+    def reasoning_tokens(self, choices: list[_Choice]) -> int | None:
+        """None without --reasoning-parser (vLLM's null `completion_tokens_details`); 0 for a request the
+        parser does not read (a constrained one)."""
+        if self.args.reasoning_parser is None:
+            return None
+        reasoning = self.parsers.reasoning if self.parsers is not None else None
+        if reasoning is None:
+            return 0
+        return sum(reasoning.count_reasoning_tokens(c.token_ids, self.tokenizer) for c in choices if c.token_ids)
 
-    def chunk(self, choices: list[dict[str, Any]], with_usage: bool) -> dict[str, Any]:
+    def usage(self, choices: list[_Choice] | None = None, *, with_details: bool = True) -> dict[str, Any]:
+        """The usage of `choices` (all of them: the request's); `with_details`: prompt_tokens_details, where
+        the flag allows it."""
+        choices = self.choices if choices is None else choices
+        details = with_details and self.args.enable_prompt_tokens_details
+        return usage(len(self.prompt.token_ids), sum(len(c.token_ids) for c in choices),
+                     cached_tokens=self.cached_tokens if details else None,
+                     reasoning_tokens=self.reasoning_tokens(choices))
+
+    def metrics(self) -> dict[str, Any] | None:
+        """vLLM's per-request `metrics`: with --enable-per-request-metrics, for a single sequence (n=1)."""
+        if not self.args.enable_per_request_metrics or len(self.choices) != 1:
+            return None
+        return per_request_metrics(self.timings, self.num_output_tokens)
+
+    def chunk(self, choices: list[dict[str, Any]], usage_stats: dict[str, Any] | None = None,
+              **fields: Any) -> dict[str, Any]:
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                "model": self.model_name, "choices": choices}
-        if with_usage:
-            body["usage"] = self.usage()
+                                "model": self.model_name, "choices": choices, **fields}
+        if usage_stats is not None:
+            body["usage"] = usage_stats
         return body
 
     async def chunks(self, outputs: AsyncIterator[tuple[int, RequestOutput]], log: RequestLog
@@ -131,25 +166,30 @@ class _Reply:
 
         NOTE: the role waits for the first output, as vLLM's does: benchmark clients time the first token at
         the first chunk, and an error before it comes as the stream's first event."""
-        options = self.request.stream_options
-        continuous = bool(options and options.include_usage and options.continuous_usage_stats)
+        sends = stream_usage(self.request.stream_options, force=self.args.enable_force_include_usage)
         try:
             first = True
             async for _, res in outputs:
                 if first:
                     first = False
+                    prompt_ids = self.prompt.token_ids if self.token_ids_wanted else None
                     for index in range(len(self.choices)):
                         yield self.chunk([{"index": index, "delta": {"role": self.role, "content": ""},
-                                           "logprobs": None, "finish_reason": None}], continuous)
+                                           "logprobs": None, "finish_reason": None}],
+                                         self.usage([]) if sends.continuous else None, prompt_token_ids=prompt_ids)
                         if self.echo:
                             yield self.chunk([{"index": index, "delta": {"content": self.echo}, "logprobs": None,
-                                               "finish_reason": None}], continuous)
+                                               "finish_reason": None}],
+                                             self.usage([], with_details=False) if sends.continuous else None)
                 for index, text, ids, positions in self.update(res):
                     if (body := self._choice_chunk(index, text, ids, positions)) is not None:
-                        yield self.chunk([body], continuous)
+                        running = self.usage([self.choices[index]], with_details=False) if sends.continuous else None
+                        yield self.chunk([body], running)
                 log.output_tokens = self.num_output_tokens
-            if options and options.include_usage:
-                yield self.chunk([], with_usage=True)
+            if sends.final:
+                head = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model_name}
+                yield final_usage_chunk(head, self.usage(), self.metrics())
         finally:
             await outputs.aclose()  # type: ignore[attr-defined]
 
@@ -172,6 +212,7 @@ class _Reply:
                                 if done else None}
         if done:
             body["stop_reason"] = choice.stop_reason
+        body["token_ids"] = ids if self.token_ids_wanted else None
         return body
 
     def response(self) -> dict[str, Any]:
@@ -184,10 +225,13 @@ class _Reply:
                 "logprobs": self.logprobs_json(choice.token_ids, choice.logprobs),
                 "finish_reason": self.tools.finish_reason(bool(parsed.tool_calls), choice.finish_reason),
                 "stop_reason": choice.stop_reason,
+                "token_ids": choice.token_ids if self.token_ids_wanted else None,
             })
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
                 "choices": choices, "service_tier": None, "system_fingerprint": None, "usage": self.usage(),
-                "prompt_logprobs": None}
+                "prompt_logprobs": prompt_logprobs_json(self.prompt_logprobs),
+                "prompt_token_ids": self.prompt.token_ids if self.token_ids_wanted else None,
+                "metrics": self.metrics()}
 
     def _message(self, parsed: ParsedOutput) -> dict[str, Any]:
         content = parsed.content
@@ -220,14 +264,18 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
         add_generation_prompt=request.add_generation_prompt, continue_final_message=request.continue_final_message,
         add_special_tokens=request.add_special_tokens, tools=tools.tools, chat_template_kwargs=template_kwargs,
     )
+    prompt = truncate_prompt(prompt, request, info.tokenizer, info.max_model_len)
     structured, structured_param = requested_structured_outputs(request, tools.constraint)
     if structured is not None:
         await check_compiles(info, structured, structured_param)
+    prompt_logprobs = request.prompt_logprobs
+    if prompt_logprobs is None and request.echo:
+        prompt_logprobs = request.top_logprobs  # vLLM's: echo shows the prompt's logprobs at top_logprobs
     params = build_sampling_params(
         request,
         max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
-        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
-        prompt_logprobs=request.prompt_logprobs,
+        logprobs=(request.top_logprobs or 0) if request.logprobs and not request.logprob_token_ids else None,
+        prompt_logprobs=prompt_logprobs,
         model_defaults=info.default_sampling,
         vocab_size=info.vocab_size,
         structured_outputs=structured,
@@ -237,10 +285,12 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     error_params = {"logprobs": "top_logprobs", "structured_outputs": structured_param}
     if request.max_completion_tokens is not None:
         error_params["max_tokens"] = "max_completion_tokens"
+    if request.prompt_logprobs is None and prompt_logprobs is not None:
+        error_params["prompt_logprobs"] = "top_logprobs"
     reasoning = _reasoning_parser(ctx, request, constrained=structured is not None)
     parsers = OutputParsers(reasoning, tools.parser, request) if reasoning or tools.parser else None
     reply = _Reply(request, prompt, f"chatcmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
-                   info.tokenizer, tools, parsers)
+                   info.tokenizer, tools, parsers, ctx.args)
     log = RequestLog(ctx.args.enable_log_requests, reply.id, len(prompt.token_ids))
     outputs = start_generation(ctx.engine, [prompt], [params], [reply.id], cache_salt=request.cache_salt,
                                default_max_tokens=info.default_sampling.get("max_tokens"), error_params=error_params)

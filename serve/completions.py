@@ -26,13 +26,17 @@ from serve.inputs import (
     parse,
     reject_unsupported,
     requested_structured_outputs,
+    truncate_prompt,
 )
-from serve.logprobs import TokenNamer, completion_logprobs
+from serve.logprobs import TokenNamer, completion_logprobs, prompt_logprobs_json, top_count
 from serve.protocol import CompletionRequest
-from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse, usage
+from serve.request_metrics import per_request_metrics
+from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse
+from serve.usage import final_usage_chunk, stream_usage, usage
 
 if TYPE_CHECKING:
     from serve.app import ServingContext
+    from serve.args import ServerArgs
 
 
 @dataclass
@@ -53,15 +57,19 @@ class _Reply:
     """The completion reply being built, across its prompts and samples."""
 
     def __init__(self, request: CompletionRequest, prompts: list[EnginePrompt], rid: str, model_name: str,
-                 tokenizer: Any) -> None:
+                 tokenizer: Any, args: ServerArgs) -> None:
         self.request, self.prompts, self.id, self.model_name = request, prompts, rid, model_name
-        self.tokenizer = tokenizer
+        self.tokenizer, self.args = tokenizer, args
         self.created = int(time.time())
         self.n = 1 if request.n is None else request.n
         self.choices = [_Choice(i // self.n) for i in range(len(prompts) * self.n)]
         self.cached_tokens = [0] * len(prompts)
         self.prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(prompts)
-        self.name = TokenNamer(tokenizer, bool(request.return_tokens_as_token_ids))
+        self.timings: dict[str, float] = {}
+        as_ids = request.return_tokens_as_token_ids
+        self.name = TokenNamer(tokenizer, args.return_tokens_as_token_ids if as_ids is None else as_ids)
+        self.num_top = top_count(request.logprobs, token_ids_listed=bool(request.logprob_token_ids))
+        self.token_ids_wanted = bool(request.return_token_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -72,6 +80,7 @@ class _Reply:
         self.cached_tokens[prompt_index] = res.num_cached_tokens
         if res.prompt_logprobs is not None:
             self.prompt_logprobs[prompt_index] = res.prompt_logprobs
+        self.timings = res.metrics or self.timings
         deltas = []
         for out in res.outputs:
             index = prompt_index * self.n + out.index
@@ -86,57 +95,77 @@ class _Reply:
         return deltas
 
     def echo_prefix(self, choice: _Choice) -> tuple[str, list[int], list[dict[int, Logprob] | None]]:
-        """Prompt text, ids and logprobs shown before the output when `echo` is on."""
+        """Prompt text, ids and logprobs shown before the output when `echo` is on (vLLM's: no text when the
+        request asks for token ids)."""
         if not self.request.echo:
             return "", [], []
         prompt = self.prompts[choice.prompt_index]
-        text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+        if self.token_ids_wanted:
+            text = ""
+        else:
+            text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
         logprobs = self.prompt_logprobs[choice.prompt_index] or [None] * len(prompt.token_ids)
         return text, prompt.token_ids, list(logprobs)
 
     def logprobs_json(self, choice: _Choice, ids: list[int], positions: list[Any]) -> dict[str, Any] | None:
         if self.request.logprobs is None:
             return None
-        out, choice.text_offset = completion_logprobs(ids, positions, self.request.logprobs, self.name,
-                                                      choice.text_offset)
+        out, choice.text_offset = completion_logprobs(ids, positions, self.num_top, self.name, choice.text_offset)
         return out
 
     def usage(self) -> dict[str, Any]:
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
-        return usage(prompt_tokens, self.num_output_tokens, sum(self.cached_tokens))
+        cached = sum(self.cached_tokens) if self.args.enable_prompt_tokens_details else None
+        return usage(prompt_tokens, self.num_output_tokens, cached_tokens=cached)
 
-    def chunk(self, choices: list[dict[str, Any]], with_usage: bool = False) -> dict[str, Any]:
-        body: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
-                                "model": self.model_name, "choices": choices}
-        if with_usage:
-            body["usage"] = self.usage()
-        return body
+    def choice_usage(self, choice: _Choice) -> dict[str, Any]:
+        """A streamed chunk's running usage (vLLM's continuous usage stats): its prompt, its choice's tokens."""
+        prompt_tokens = len(self.prompts[choice.prompt_index].token_ids)
+        completion_tokens = len(choice.token_ids)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def metrics(self) -> dict[str, Any] | None:
+        """vLLM's per-request `metrics`: with --enable-per-request-metrics, for a single sequence (one prompt,
+        n=1)."""
+        if not self.args.enable_per_request_metrics or len(self.choices) != 1:
+            return None
+        return per_request_metrics(self.timings, self.num_output_tokens)
+
+    def head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name}
 
     async def chunks(self, outputs: AsyncIterator[tuple[int, RequestOutput]], log: RequestLog
                      ) -> AsyncIterator[dict[str, Any]]:
         """The streamed reply: a chunk per delta (each choice's first led by the echoed prompt), then the usage
         chunk when asked. Closes `outputs` however it ends."""
-        options = self.request.stream_options
-        continuous = bool(options and options.include_usage and options.continuous_usage_stats)
+        sends = stream_usage(self.request.stream_options, force=self.args.enable_force_include_usage)
         try:
             async for prompt_index, res in outputs:
                 for index, text, ids, positions in self.update(prompt_index, res):
                     choice = self.choices[index]
+                    output_ids, prompt_ids = ids, None
                     if not choice.started:
                         choice.started = True
                         echo_text, echo_ids, echo_logprobs = self.echo_prefix(choice)
                         text, ids, positions = echo_text + text, echo_ids + ids, echo_logprobs + positions
+                        prompt_ids = self.prompts[prompt_index].token_ids if self.token_ids_wanted else None
                     if not text and not ids and choice.finish_reason is None:
                         continue
                     done = choice.finish_reason is not None
-                    yield self.chunk([{
+                    chunk = {**self.head(), "choices": [{
                         "index": index, "text": text, "logprobs": self.logprobs_json(choice, ids, positions),
                         "finish_reason": choice.finish_reason if done else None,
                         "stop_reason": choice.stop_reason if done else None,
-                    }], with_usage=continuous)
+                        "prompt_token_ids": prompt_ids,
+                        "token_ids": output_ids if self.token_ids_wanted else None,
+                    }]}
+                    if sends.continuous:
+                        chunk["usage"] = self.choice_usage(choice)
+                    yield chunk
                 log.output_tokens = self.num_output_tokens
-            if options and options.include_usage:
-                yield self.chunk([], with_usage=True)
+            if sends.final:
+                yield final_usage_chunk(self.head(), self.usage(), self.metrics())
         finally:
             await outputs.aclose()  # type: ignore[attr-defined]
 
@@ -145,11 +174,16 @@ class _Reply:
         for index, choice in enumerate(self.choices):
             echo_text, echo_ids, echo_logprobs = self.echo_prefix(choice)
             logprobs = self.logprobs_json(choice, echo_ids + choice.token_ids, echo_logprobs + choice.logprobs)
-            choices.append({"index": index, "text": echo_text + choice.text, "logprobs": logprobs,
-                            "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
-        body = self.chunk(choices)
-        body.update(system_fingerprint=None, service_tier=None, usage=self.usage())
-        return body
+            prompt = self.prompts[choice.prompt_index]
+            choices.append({
+                "index": index, "text": echo_text + choice.text, "logprobs": logprobs,
+                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
+                "token_ids": choice.token_ids if self.token_ids_wanted else None,
+                "prompt_logprobs": prompt_logprobs_json(self.prompt_logprobs[choice.prompt_index]),
+                "prompt_token_ids": prompt.token_ids if self.token_ids_wanted else None,
+            })
+        return {**self.head(), "choices": choices, "service_tier": None, "system_fingerprint": None,
+                "usage": self.usage(), "metrics": self.metrics()}
 
 
 async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Response:
@@ -159,21 +193,23 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
     reject_unsupported(request)
     if request.suffix is not None:
         raise APIError("suffix is not currently supported.", param="suffix")
-    prompts = completion_prompts(info.tokenizer, request.prompt, add_special_tokens=request.add_special_tokens)
+    prompts = [truncate_prompt(prompt, request, info.tokenizer, info.max_model_len) for prompt in
+               completion_prompts(info.tokenizer, request.prompt, add_special_tokens=request.add_special_tokens)]
     prompt_logprobs = request.prompt_logprobs
     if prompt_logprobs is None and request.echo and request.logprobs is not None:
         prompt_logprobs = request.logprobs
     structured, structured_param = requested_structured_outputs(request)
     if structured is not None:
         await check_compiles(info, structured, structured_param)
-    params = build_sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs,
+    logprobs = None if request.logprob_token_ids else request.logprobs
+    params = build_sampling_params(request, max_tokens=request.max_tokens, logprobs=logprobs,
                                    prompt_logprobs=prompt_logprobs, model_defaults=info.default_sampling,
                                    vocab_size=info.vocab_size, structured_outputs=structured)
     error_params = {"structured_outputs": structured_param}
     if request.prompt_logprobs is None and prompt_logprobs is not None:
         error_params["prompt_logprobs"] = "logprobs"  # echo's prompt logprobs are the request's `logprobs`
     reply = _Reply(request, prompts, f"cmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
-                   info.tokenizer)
+                   info.tokenizer, ctx.args)
     log = RequestLog(ctx.args.enable_log_requests, reply.id, sum(len(p.token_ids) for p in prompts))
     outputs = start_generation(ctx.engine, prompts, [params] * len(prompts),
                                [f"{reply.id}-{i}" for i in range(len(prompts))], cache_salt=request.cache_salt,

@@ -163,6 +163,25 @@ def chat_prompt(
     return EnginePrompt(tokenization.encode_prompt(tokenizer, text, add_special_tokens=add_special_tokens), text)
 
 
+def truncate_prompt(prompt: EnginePrompt, request: SamplingFields, tokenizer: Any, max_model_len: int) -> EnginePrompt:
+    """vLLM's `truncate_prompt_tokens`: keep that many prompt tokens (-1: max_model_len - 1, which holds a token
+    of context back for the output), the last ones with `truncation_side` "left", the first with "right"
+    (unset: the tokenizer's side). The prompt's text is dropped: a cut prompt reads back from its ids."""
+    keep = request.truncate_prompt_tokens
+    if keep is None:
+        return prompt
+    if keep > max_model_len:
+        raise APIError(f"truncate_prompt_tokens={keep} cannot be greater than max_model_len = {max_model_len}. "
+                       "Please request a smaller truncation size.", param="truncate_prompt_tokens")
+    if keep == -1:
+        keep = max_model_len - 1
+    ids = prompt.token_ids
+    if keep >= len(ids):
+        return prompt
+    side = request.truncation_side or getattr(tokenizer, "truncation_side", "right")
+    return EnginePrompt(ids[len(ids) - keep:] if side == "left" else ids[:keep], None)
+
+
 # ---- sampling params ----
 
 

@@ -2,7 +2,9 @@
 
 Completions: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` (parallel lists).
 Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}`.
-The engine gives one `{token_id: Logprob}` dict per output position: the top-k plus the sampled token.
+Prompt logprobs (vLLM's `prompt_logprobs` key): `[null, {"<id>": {"logprob", "rank", "decoded_token"}}, ...]`.
+The engine gives one `{token_id: Logprob}` dict per output position: the sampled token, then the top-k (the
+whole vocabulary for -1) or the request's `logprob_token_ids`.
 """
 
 from __future__ import annotations
@@ -34,15 +36,24 @@ def _value(logprob: Logprob | None) -> float | None:
     return None if logprob is None else max(logprob.logprob, _MIN_LOGPROB)
 
 
-def _top(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+def _top(position: dict[int, Logprob], k: int | None) -> list[tuple[int, Logprob]]:
+    """The k best-ranked entries; None: all of them, in the engine's order (-1, or `logprob_token_ids`)."""
+    if k is None:
+        return list(position.items())
     ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
     return ranked[:k]
+
+
+def top_count(requested: int | None, *, token_ids_listed: bool) -> int | None:
+    """How many top entries a position shows: the request's count, or None (all) for -1 or when the request
+    listed the token ids to score (vLLM's `logprob_token_ids`)."""
+    return None if token_ids_listed or requested == -1 else requested or 0
 
 
 def completion_logprobs(
     token_ids: list[int],
     positions: list[dict[int, Logprob] | None],
-    num_top: int,
+    num_top: int | None,
     name: TokenNamer,
     text_offset: int,
 ) -> tuple[dict[str, Any], int]:
@@ -66,7 +77,7 @@ def completion_logprobs(
 
 
 def chat_logprobs(
-    token_ids: list[int], positions: list[dict[int, Logprob] | None], num_top: int, name: TokenNamer
+    token_ids: list[int], positions: list[dict[int, Logprob] | None], num_top: int | None, name: TokenNamer
 ) -> dict[str, Any]:
     content = []
     for token_id, position in zip(token_ids, positions, strict=False):
@@ -83,3 +94,13 @@ def chat_logprobs(
             "top_logprobs": top,
         })
     return {"content": content}
+
+
+def prompt_logprobs_json(positions: list[dict[int, Logprob] | None] | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), token id -> its Logprob's fields."""
+    if positions is None:
+        return None
+    return [None if position is None else {
+        str(token_id): {"logprob": _value(lp), "rank": lp.rank, "decoded_token": lp.decoded_token}
+        for token_id, lp in position.items()
+    } for position in positions]

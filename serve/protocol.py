@@ -44,7 +44,7 @@ class OpenAIRequest(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool | None = True
+    include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
 
 
@@ -77,19 +77,38 @@ class SamplingFields(OpenAIRequest):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = None
+    logprob_token_ids: list[int] | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, lt=_INT64)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
     # vLLM's extra request params.
     request_id: str | None = None
     cache_salt: Annotated[str, Field(min_length=1)] | None = None
     priority: int = 0
     return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
     structured_outputs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
-        if self.stream_options is not None and not self.stream:
+        # vLLM's: an empty `stream_options: {}` is no option, so it needs no stream.
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
             raise FieldError("Stream options can only be defined when `stream=True`.", "stream_options")
         return self
+
+    @model_validator(mode="after")
+    def _check_prompt_logprobs(self) -> SamplingFields:
+        if self.prompt_logprobs is not None:
+            if self.stream and (self.prompt_logprobs > 0 or self.prompt_logprobs == -1):
+                raise FieldError("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+            _check_logprobs_count(self.prompt_logprobs, "prompt_logprobs")
+        return self
+
+
+def _check_logprobs_count(value: int | None, name: str) -> None:
+    """vLLM's rule for a logprobs count: -1 (the whole vocabulary, where --max-logprobs allows it) or more."""
+    if value is not None and value < -1:
+        raise FieldError(f"`{name}` must be a positive value or -1.", name)
 
 
 class CompletionRequest(SamplingFields):
@@ -105,11 +124,18 @@ class CompletionRequest(SamplingFields):
     def _null_max_tokens_is_default(cls, value: Any) -> Any:
         return 16 if value is None else value  # vLLM: an explicit null means the default
 
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> CompletionRequest:
+        if self.logprob_token_ids and self.logprobs is None:
+            raise FieldError("when using `logprob_token_ids`, `logprobs` must be set.", "logprob_token_ids")
+        _check_logprobs_count(self.logprobs, "logprobs")
+        return self
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[dict[str, Any]]
     logprobs: bool | None = False
-    top_logprobs: int | None = 0
+    top_logprobs: int | None = 0  # null: 0, as vLLM reads it
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
@@ -149,6 +175,15 @@ class ChatCompletionRequest(SamplingFields):
             if content is not None and not isinstance(content, str | list):
                 raise ValueError(f"message {i}: `content` must be a string, a list of parts, or null")
         return messages
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        if self.logprob_token_ids and not self.logprobs:
+            raise FieldError("when using `logprob_token_ids`, `logprobs` must be set to true.", "logprob_token_ids")
+        _check_logprobs_count(self.top_logprobs, "top_logprobs")
+        if self.top_logprobs is not None and (self.top_logprobs == -1 or self.top_logprobs > 0) and not self.logprobs:
+            raise FieldError("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+        return self
 
     @model_validator(mode="after")
     def _check_generation_prompt(self) -> ChatCompletionRequest:

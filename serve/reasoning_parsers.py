@@ -49,6 +49,19 @@ class DeepSeekR1ReasoningParser:
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self.thinking_enabled, implicit_tool_call_end=False)
 
+    def count_reasoning_tokens(self, token_ids: list[int], tokenizer: Any) -> int:
+        """The output's reasoning tokens (vLLM's `usage.completion_tokens_details.reasoning_tokens`): those
+        before `</think>`, after a leading `<think>` (the tags not counted), all of them for a thought cut off,
+        none with thinking off. Where the tags are not single tokens, the reasoning text's tokens."""
+        if not self.thinking_enabled:
+            return 0
+        start, end = _single_token_id(tokenizer, THINK_START), _single_token_id(tokenizer, THINK_END)
+        if end is None:
+            reasoning, _ = self.extract_reasoning(tokenizer.decode(token_ids))
+            return len(tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
+        ids = token_ids[1:] if token_ids[:1] == [start] else token_ids
+        return ids.index(end) if end in ids else len(ids)
+
 
 class Qwen3ReasoningParser(DeepSeekR1ReasoningParser):
     def __init__(self, chat_template_kwargs: dict[str, Any] | None = None) -> None:
@@ -71,6 +84,11 @@ class Qwen3ReasoningParser(DeepSeekR1ReasoningParser):
 
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self.thinking_enabled, implicit_tool_call_end=True)
+
+
+def _single_token_id(tokenizer: Any, text: str) -> int | None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
 
 
 class ReasoningStream:

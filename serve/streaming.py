@@ -146,15 +146,6 @@ def start_generation(engine: EngineClient, prompts: list[EnginePrompt], params: 
                                                                                            strict=True)])
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "completion_tokens": completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
 @dataclass
 class RequestLog:
     """One request's line of --enable-log-requests (never headers, so never the API key)."""
