@@ -6,7 +6,7 @@
   with a message naming the flag. A value in `harmless` asks for what jaxllm does anyway and is accepted;
 - WARNED: a tuning knob of vLLM's own internals: accepted with one warning line.
 
-`jaxllm.serve.build_parser` generates the refused and warned flags from this table.
+`jaxllm.command_line.build_parser` generates the refused and warned flags from this table.
 """
 
 from __future__ import annotations

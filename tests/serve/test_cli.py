@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from jaxllm import cli
+from jaxllm.command_line import build_parser, parse_args
 from jaxllm.config import DEFAULT_MODEL, option_fields
-from jaxllm.serve import build_parser, parse_args
 from serve.args import ServerArgs
 
 

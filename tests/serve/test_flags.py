@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from jaxllm import __version__, cli
+from jaxllm.command_line import build_parser, parse_args
 from jaxllm.models.loader import resolve_dtype
-from jaxllm.serve import build_parser, parse_args
 from jaxllm.vllm_flags import VLLM_FLAGS, Arity, Group, VllmFlag, by_group
 
 REPO = Path(__file__).resolve().parents[2]
