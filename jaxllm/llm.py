@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from jaxllm.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from jaxllm.build import build_engine
 from jaxllm.config import EngineConfig
 from jaxllm.engine.core import Abort, CommandQueue, EngineCore, EngineInfo
@@ -93,6 +94,30 @@ class LLM:
         finally:
             bar.close()
         return [finished[r.request_id] for r in requests]
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """vLLM's beam search (`jaxllm.beam_search`): per prompt, the `beam_width` best sequences, best first. As in
+        vLLM, a sequence's `tokens` and `text` begin with the prompt's. Each step runs every live beam as a
+        request for one token; beams share their prompt's (and parent's) KV pages through the prefix cache."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        searches = [BeamSearch(self._tokenize(prompt)[1], params, self.info.eos_token_ids, self.info.max_model_len)
+                    for prompt in prompts]
+        step_params = params.step_params()
+        while running := [search for search in searches if not search.done]:
+            beams = [beam for search in running for beam in search.live]
+            outputs = self.generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params, use_tqdm=False)
+            next_token_logprobs = iter(out.outputs[0].logprobs[0] for out in outputs)
+            for search in running:
+                search.advance([next(next_token_logprobs) for _ in search.live])
+        results = []
+        for search in searches:
+            best = search.best()
+            for beam in best:
+                beam.text = self.info.tokenizer.decode(beam.tokens, skip_special_tokens=params.skip_special_tokens)
+            results.append(BeamSearchOutput(best))
+        return results
 
     def chat(
         self,

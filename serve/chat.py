@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jaxllm.outputs import Logprob, RequestOutput
+from serve.beam_search import check_beam_search, start_beam_search
 from serve.errors import APIError
 from serve.inputs import (
     EnginePrompt,
@@ -266,6 +267,8 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     )
     prompt = truncate_prompt(prompt, request, info.tokenizer, info.max_model_len)
     structured, structured_param = requested_structured_outputs(request, tools.constraint)
+    if request.use_beam_search:
+        check_beam_search(request, constrained=structured is not None)
     if structured is not None:
         await check_compiles(info, structured, structured_param)
     prompt_logprobs = request.prompt_logprobs
@@ -292,8 +295,13 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     reply = _Reply(request, prompt, f"chatcmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
                    info.tokenizer, tools, parsers, ctx.args)
     log = RequestLog(ctx.args.enable_log_requests, reply.id, len(prompt.token_ids))
-    outputs = start_generation(ctx.engine, [prompt], [params], [reply.id], cache_salt=request.cache_salt,
-                               default_max_tokens=info.default_sampling.get("max_tokens"), error_params=error_params)
+    if request.use_beam_search:
+        outputs = start_beam_search(ctx.engine, [prompt], request, [reply.id], max_tokens=params.max_tokens,
+                                    error_params=error_params)
+    else:
+        outputs = start_generation(ctx.engine, [prompt], [params], [reply.id], cache_salt=request.cache_salt,
+                                   default_max_tokens=info.default_sampling.get("max_tokens"),
+                                   error_params=error_params)
     if request.stream:
         return SSEResponse(to_sse(reply.chunks(outputs, log), log, ctx.engine, error_params))
     for _, res in await collect(outputs, log, ctx.engine, error_params):

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jaxllm.outputs import Logprob, RequestOutput
+from serve.beam_search import check_completion_beam_search, start_beam_search
 from serve.errors import APIError
 from serve.inputs import (
     EnginePrompt,
@@ -199,6 +200,8 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
     if prompt_logprobs is None and request.echo and request.logprobs is not None:
         prompt_logprobs = request.logprobs
     structured, structured_param = requested_structured_outputs(request)
+    if request.use_beam_search:
+        check_completion_beam_search(request, constrained=structured is not None)
     if structured is not None:
         await check_compiles(info, structured, structured_param)
     logprobs = None if request.logprob_token_ids else request.logprobs
@@ -211,9 +214,15 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
     reply = _Reply(request, prompts, f"cmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
                    info.tokenizer, ctx.args)
     log = RequestLog(ctx.args.enable_log_requests, reply.id, sum(len(p.token_ids) for p in prompts))
-    outputs = start_generation(ctx.engine, prompts, [params] * len(prompts),
-                               [f"{reply.id}-{i}" for i in range(len(prompts))], cache_salt=request.cache_salt,
-                               default_max_tokens=info.default_sampling.get("max_tokens"), error_params=error_params)
+    request_ids = [f"{reply.id}-{i}" for i in range(len(prompts))]
+    if request.use_beam_search:
+        outputs = start_beam_search(ctx.engine, prompts, request, request_ids, max_tokens=request.max_tokens,
+                                    error_params=error_params)
+    else:
+        outputs = start_generation(ctx.engine, prompts, [params] * len(prompts), request_ids,
+                                   cache_salt=request.cache_salt,
+                                   default_max_tokens=info.default_sampling.get("max_tokens"),
+                                   error_params=error_params)
     if request.stream:
         return SSEResponse(to_sse(reply.chunks(outputs, log), log, ctx.engine, error_params))
     for prompt_index, res in await collect(outputs, log, ctx.engine, error_params):

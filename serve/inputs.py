@@ -27,7 +27,7 @@ from jaxllm import tokenizer as tokenization
 from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.structured import ToolChoiceConstraint, compile_grammar, structured_outputs_from_request
 from jaxllm.validation import ValidationError
-from serve.errors import APIError, from_pydantic_error, not_supported
+from serve.errors import APIError, from_pydantic_error
 from serve.protocol import SamplingFields
 
 if TYPE_CHECKING:
@@ -186,8 +186,6 @@ def truncate_prompt(prompt: EnginePrompt, request: SamplingFields, tokenizer: An
 
 
 def reject_unsupported(request: SamplingFields) -> None:
-    if request.use_beam_search:
-        raise not_supported("Beam search", "use_beam_search")
     if request.priority != 0:
         raise APIError("Priority scheduling is not enabled in jaxllm; leave `priority` at 0.", param="priority")
 

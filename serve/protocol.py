@@ -65,6 +65,7 @@ class SamplingFields(OpenAIRequest):
     user: str | None = None
     # vLLM's extra sampling params.
     use_beam_search: bool = False
+    length_penalty: float = 1.0
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None

@@ -134,7 +134,6 @@ def test_body_over_the_limit_is_413(http: httpx.Client, live: LiveServer) -> Non
         {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, "messages"),
     (CHAT, {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options"),
     (CHAT, {"messages": MESSAGES, "continue_final_message": True}, "continue_final_message"),
-    (CHAT, {"messages": MESSAGES, "use_beam_search": True}, "use_beam_search"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages"),
     (CHAT, {"messages": MESSAGES, "chat_template": "{{ 1 }}"}, "chat_template"),
