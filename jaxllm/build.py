@@ -74,7 +74,8 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
                                  model.rules)
     buckets = Buckets.plan(sched, page_size, attention.name)
     limits = _with_kv_pool(config, sched, device, model, attention, buckets)
-    runner = ModelRunner(model, attention, buckets, limits, seed=config.model.seed, served=served,
+    runner = ModelRunner(model, attention, buckets, limits, max_logprobs=config.model.max_logprobs,
+                         seed=config.model.seed, served=served,
                          default_sampling=_default_sampling(defaults))
     engine = LLMEngine(config, limits, runner, tokenizer, arch.vocab_size, sorted(eos), log_stats=log_stats,
                        grammar_compiler=grammar_compiler)

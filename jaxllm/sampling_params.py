@@ -7,9 +7,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from jaxllm.validation import MAX_LOGPROBS, validate_sampling
+from jaxllm.validation import validate_sampling
 
-__all__ = ["MAX_LOGPROBS", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
+__all__ = ["RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
 
 _GREEDY_EPS = 1e-5
 
@@ -61,8 +61,10 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16
     min_tokens: int = 0
-    logprobs: int | None = None  # top-k logprobs per output token (plus the sampled one)
-    prompt_logprobs: int | None = None
+    logprobs: int | None = None  # top-k logprobs per output token (plus the sampled one); -1: the whole vocabulary
+    prompt_logprobs: int | None = None  # as logprobs, per prompt token
+    # The logprobs of these token ids at each output position (plus the sampled one), instead of the top-k.
+    logprob_token_ids: list[int] | None = None
     detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -87,7 +89,16 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.logprob_token_ids is not None:
+            self.logprob_token_ids = list(self.logprob_token_ids)
         validate_sampling(self)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Logprobs per output position (vLLM's): `logprobs`, else the count of `logprob_token_ids`; None: none."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return len(self.logprob_token_ids) if self.logprob_token_ids else None
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,7 @@
     validate_request(prompt_token_ids, params, ...)  before a request reaches the engine: the prompt, the
                                                      output budget against the context and the KV pool,
                                                      token ids against the vocabulary, logprobs limits
+                                                     (`validate_logprobs`: --max-logprobs)
 
 Both raise `ValidationError`, a ValueError that carries the offending request field as `param` (vLLM's
 `VLLMValidationError`); the server answers it with a 400 naming that field, the offline `LLM` raises it.
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
     from jaxllm.config import EngineLimits
     from jaxllm.sampling_params import SamplingParams
 
-# Logprobs per position at most (vLLM's default max_logprobs): the sampler computes this many.
-MAX_LOGPROBS = 20
+# Token ids a request may ask the logprobs of (`SamplingParams.logprob_token_ids`), as vLLM's MAX_LOGPROB_TOKEN_IDS.
+MAX_LOGPROB_TOKEN_IDS = 128
 
 
 class ValidationError(ValueError):
@@ -55,10 +56,12 @@ def validate_sampling(p: SamplingParams) -> None:
     _check(isinstance(p.min_tokens, int) and p.min_tokens >= 0, p, "min_tokens", "must be non-negative")
     if p.max_tokens is not None:
         _check(p.min_tokens <= p.max_tokens, p, "min_tokens", "must be less than or equal to max_tokens")
-    _check(p.logprobs is None or (isinstance(p.logprobs, int) and p.logprobs >= 0), p, "logprobs",
-           "must be non-negative")
-    _check(p.prompt_logprobs is None or (isinstance(p.prompt_logprobs, int) and p.prompt_logprobs >= 0), p,
-           "prompt_logprobs", "must be non-negative")
+    _check(p.logprobs is None or (isinstance(p.logprobs, int) and p.logprobs >= -1), p, "logprobs",
+           "must be non-negative or -1")
+    _check(p.prompt_logprobs is None or (isinstance(p.prompt_logprobs, int) and p.prompt_logprobs >= -1), p,
+           "prompt_logprobs", "must be non-negative or -1")
+    _check(p.logprob_token_ids is None or all(isinstance(t, int) for t in p.logprob_token_ids), p,
+           "logprob_token_ids", "must be integers")
     _check(p.seed is None or isinstance(p.seed, int), p, "seed", "must be an integer")
     _check(all(isinstance(s, str) and s for s in p.stop), p, "stop", "must be non-empty strings")
     _check(all(isinstance(t, int) for t in p.stop_token_ids), p, "stop_token_ids", "must be integers")
@@ -88,11 +91,46 @@ def context_length_error(max_model_len: int, num_prompt: int, max_tokens: int | 
         "requested output tokens.", "input_tokens" if num_prompt >= max_model_len else "max_tokens")
 
 
+def validate_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: int) -> None:
+    """vLLM 0.34's logprobs rules: `logprobs` and `prompt_logprobs` (-1: the whole vocabulary) at most
+    `max_logprobs` (-1: no limit); `logprob_token_ids` at most MAX_LOGPROB_TOKEN_IDS ids of the vocabulary,
+    as many as `logprobs` when both are set."""
+    limit = vocab_size if max_logprobs == -1 else max_logprobs
+    _check_logprobs_limit(params.logprobs, "sample", "logprobs", limit, vocab_size)
+    if params.logprob_token_ids is not None:
+        _validate_logprob_token_ids(params.logprob_token_ids, params.logprobs, vocab_size)
+    _check_logprobs_limit(params.prompt_logprobs, "prompt", "prompt_logprobs", limit, vocab_size)
+
+
+def _check_logprobs_limit(value: int | None, kind: str, name: str, limit: int, vocab_size: int) -> None:
+    wanted = vocab_size if value == -1 else value
+    if wanted and wanted > limit:
+        raise ValidationError(f"Requested {kind} logprobs of {wanted}, which is greater than max allowed: {limit}. "
+                              f"Set max_logprobs (--max-logprobs) to at least {wanted}.", name)
+
+
+def _validate_logprob_token_ids(token_ids: list[int], logprobs: int | None, vocab_size: int) -> None:
+    count = len(token_ids)
+    if count > MAX_LOGPROB_TOKEN_IDS:
+        raise ValidationError(f"Requested logprob_token_ids of length {count}, which is greater than max allowed: "
+                              f"{MAX_LOGPROB_TOKEN_IDS}", "logprob_token_ids")
+    if invalid := [t for t in token_ids if not 0 <= t < vocab_size]:
+        raise ValidationError(f"token_id(s) {invalid} in logprob_token_ids contain out-of-vocab token ids. "
+                              f"Vocabulary size: {vocab_size}", "logprob_token_ids")
+    if logprobs is not None and logprobs != count:
+        raise ValidationError(f"When both logprobs and logprob_token_ids are set, logprobs must equal "
+                              f"len(logprob_token_ids). Got logprobs={logprobs}, len(logprob_token_ids)={count}.",
+                              "logprob_token_ids")
+
+
 def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams, limits: EngineLimits,
-                     vocab_size: int, *, structured_outputs: bool = True, default_max_tokens: int | None = None) -> int:
+                     vocab_size: int, *, max_logprobs: int, structured_outputs: bool = True,
+                     default_max_tokens: int | None = None) -> int:
     """Raise `ValidationError` for a request this engine cannot serve; return its output budget:
     `params.max_tokens`, or the rest of the context when that is None, capped by `default_max_tokens` (the
     server's: the model's generation config, as vLLM's get_max_tokens), which the context check ignores.
+
+    `max_logprobs`: the engine's limit on logprobs per position (--max-logprobs; -1: the whole vocabulary).
 
     `structured_outputs`: whether the engine has a grammar backend. Whether a grammar compiles is checked
     apart (`jaxllm.structured.compile_grammar`): the engine compiles it off its loop."""
@@ -106,11 +144,7 @@ def validate_request(prompt_token_ids: Sequence[int], params: SamplingParams, li
             raise error
     if (error := out_of_vocab_error(list(params.logit_bias or {}), vocab_size, "logit_bias")) is not None:
         raise error
-    for kind, name in (("sample", "logprobs"), ("prompt", "prompt_logprobs")):
-        value = getattr(params, name)
-        if value is not None and value > MAX_LOGPROBS:
-            raise ValidationError(f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
-                                  f"{MAX_LOGPROBS}", name)
+    validate_logprobs(params, max_logprobs, vocab_size)
     max_model_len = limits.max_model_len
     max_tokens = params.max_tokens
     if max_tokens is None:

@@ -188,6 +188,7 @@ class EngineInfo:
                     default_max_tokens: int | None = None) -> AddRequest:
         """The command for a request, validated (`jaxllm.validation.ValidationError` if it cannot be served)."""
         max_tokens = validate_request(prompt_token_ids, params, self.limits, self.vocab_size,
+                                      max_logprobs=self.config.model.max_logprobs,
                                       structured_outputs=self.structured_outputs,
                                       default_max_tokens=default_max_tokens)
         return AddRequest(request_id, list(prompt_token_ids), params, max_tokens, prompt, cache_salt)

@@ -52,7 +52,7 @@ class _Sequence:
     request: Request
     index: int
     detokenizer: OutputDetokenizer
-    logprobs: list[dict[int, Logprob]] | None  # None unless sampling_params.logprobs
+    logprobs: list[dict[int, Logprob]] | None  # None unless sampling_params.num_logprobs
     cumulative_logprob: float | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -127,7 +127,7 @@ class LLMEngine:
             request = Request(child_id, prompt_token_ids, child, command.max_tokens, cache_salt=command.cache_salt)
             if params.structured_outputs is not None:
                 request.status = RequestStatus.WAITING_FOR_GRAMMAR
-            wants_logprobs = child.logprobs is not None
+            wants_logprobs = child.num_logprobs is not None
             sequence = _Sequence(request, index,
                                  OutputDetokenizer(self.tokenizer, prompt_token_ids, child, command.max_tokens,
                                                    self.max_model_len, defer_text=final_only),

@@ -44,6 +44,7 @@ from jaxllm.runner.model_loading import LoadedModel
 from jaxllm.runner.sampler import SamplerFlags, SamplingBatch, sample
 from jaxllm.runner.step_inputs import ForwardInputs, StableInputs, split_tables
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.validation import MAX_LOGPROB_TOKEN_IDS
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,17 @@ logger = logging.getLogger(__name__)
 _ONE_PAGE_WIDTH_UP_TO = 512
 
 # Sampler variants compiled at warmup: greedy and temperature-only batches, each also with grammar
-# bitmasks (structured outputs), and the variant of the default sampling params; rarer options
-# (top-k/p, penalties, biases, logprobs) compile on use.
+# bitmasks (structured outputs), the variants of the default sampling params and of the documented
+# examples; rarer options (other top-k/p and penalty mixes, biases, logprobs) compile on use.
 _WARM_SAMPLERS = tuple(
     SamplerFlags(all_greedy=greedy, bitmask=bitmask) for greedy in (True, False) for bitmask in (False, True)
+)
+
+# The sampling fields of README's examples (the openai client's `extra_body`, `LLM.generate`'s
+# SamplingParams): a newcomer's first requests, which should not wait for a compile.
+DOCUMENTED_SAMPLING: tuple[dict[str, Any], ...] = (
+    {"top_k": 20, "repetition_penalty": 1.05},
+    {"temperature": 0.8, "top_p": 0.95},
 )
 
 
@@ -82,21 +90,33 @@ def page_buckets(max_pages: int, count: int = 2, ratio: int = 4) -> list[int]:
 def warm_sampler_flags(default_sampling: SamplingParams | None) -> list[SamplerFlags]:
     """_WARM_SAMPLERS and the variants of batches of requests that keep some of the default
     sampling params: its penalties and biases with greedy batches, and with sampled ones with
-    and without its top-k/p; each with and without bitmasks.
+    and without its top-k/p; each with and without bitmasks. Then the variant of each of
+    DOCUMENTED_SAMPLING, alone (offline) and over the defaults (served), without bitmasks.
 
     NOTE: a model's generation config often makes top-p the default (Llama-3 instruct: temperature
     0.6, top_p 0.9); compiled on use, that variant would stall the first request of every batch
     size for a compile. The server fills each unset field from the defaults, so a request with
     temperature=0 or top_p=1 keeps the rest (a repetition penalty, say)."""
     out = list(_WARM_SAMPLERS)
-    if default_sampling is None:
-        return out
-    needs = SamplerNeeds.of(default_sampling)
-    kinds = [(True, False), (False, False), (False, needs.top_k_top_p)]  # (all greedy, top-k/p)
-    for greedy, top in kinds:
-        for bitmask in (False, True):
-            flags = SamplerFlags(all_greedy=greedy, top_k_top_p=top, penalties=needs.penalties,
-                                 sparse_bias=needs.bias, bitmask=bitmask)
+    if default_sampling is not None:
+        needs = SamplerNeeds.of(default_sampling)
+        kinds = [(True, False), (False, False), (False, needs.top_k_top_p)]  # (all greedy, top-k/p)
+        for greedy, top in kinds:
+            for bitmask in (False, True):
+                flags = SamplerFlags(all_greedy=greedy, top_k_top_p=top, penalties=needs.penalties,
+                                     sparse_bias=needs.bias, bitmask=bitmask)
+                if flags not in out:
+                    out.append(flags)
+    return out + [flags for flags in _documented_sampler_flags(default_sampling) if flags not in out]
+
+
+def _documented_sampler_flags(default_sampling: SamplingParams | None) -> list[SamplerFlags]:
+    out: list[SamplerFlags] = []
+    for fields in DOCUMENTED_SAMPLING:
+        for params in (SamplingParams(**fields), (default_sampling or SamplingParams()).clone(**fields)):
+            needs = SamplerNeeds.of(params)
+            flags = SamplerFlags(all_greedy=needs.greedy, top_k_top_p=needs.top_k_top_p, penalties=needs.penalties,
+                                 sparse_bias=needs.bias)
             if flags not in out:
                 out.append(flags)
     return out
@@ -408,4 +428,6 @@ class BucketCompiler:
             batch.bias_ids, batch.bias_values, batch.allowed_only = table(16), table(16, np.float32), row(np.bool_)
         if flags.bitmask:
             batch.bitmask = table(-(-self._vocab_size // 32))
+        if flags.logprob_token_ids:
+            batch.logprob_token_ids = table(MAX_LOGPROB_TOKEN_IDS)
         return batch

@@ -16,8 +16,9 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxllm.engine.interfaces import CachedRequestData, NewRequestData, SchedulerOutput
-from jaxllm.runner.sampler import SamplerFlags, SamplingBatch
+from jaxllm.runner.sampler import LogprobWidths, SamplerFlags, SamplingBatch
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.validation import MAX_LOGPROB_TOKEN_IDS
 
 
 @dataclass
@@ -219,6 +220,8 @@ class SamplerNeeds(NamedTuple):
     penalties: bool
     bias: bool  # logit_bias or allowed_token_ids
     logprobs: bool
+    top_logprobs: int | None  # top-logprobs count (-1: the whole vocabulary); None: none (or logprob_token_ids)
+    logprob_token_ids: bool
     min_tokens: bool
 
     @classmethod
@@ -228,21 +231,26 @@ class SamplerNeeds(NamedTuple):
             top_k_top_p=not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0),
             penalties=p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0,
             bias=bool(p.logit_bias) or p.allowed_token_ids is not None,
-            logprobs=p.logprobs is not None,
+            logprobs=p.num_logprobs is not None,
+            top_logprobs=None if p.logprob_token_ids else p.logprobs,
+            logprob_token_ids=bool(p.logprob_token_ids),
             min_tokens=p.min_tokens > 0,
         )
 
 
-def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool) -> SamplerFlags:
-    """The sampler variant a step needs: the OR (all, for greedy) over its requests.
+def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool, logprob_widths: LogprobWidths) -> SamplerFlags:
+    """The sampler variant a step needs: the OR (all, for greedy) over its requests, the top-logprobs
+    width that holds every request's.
 
     NOTE: per step and per request on the hot path, so each request's fixed needs are computed once
     (`CachedRequestState.needs`); only min_tokens changes as outputs arrive.
     """
     if not states:
         return SamplerFlags(bitmask=bitmask_rows)
-    greedy, top, penalties, bias, logprobs, min_tokens = zip(*(s.needs for s in states), strict=True)
+    greedy, top, penalties, bias, logprobs, top_logprobs, token_ids, min_tokens = zip(*(s.needs for s in states),
+                                                                                      strict=True)
     below_min = any(min_tokens) and any(s.num_outputs < s.sampling_params.min_tokens for s in states)
+    width = logprob_widths.fitting([k for k in top_logprobs if k is not None]) if any(logprobs) else 0
     return SamplerFlags(
         all_greedy=all(greedy),
         top_k_top_p=any(top),
@@ -250,6 +258,8 @@ def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool) -> Sampl
         sparse_bias=any(bias) or below_min,
         bitmask=bitmask_rows,
         logprobs=any(logprobs),
+        top_logprobs=width,
+        logprob_token_ids=any(token_ids),
     )
 
 
@@ -293,6 +303,11 @@ def sampling_arrays(arrays: StepArrays, states: list[CachedRequestState], num_sl
             if req_id in grammar_bitmask:
                 mask[i] = grammar_bitmask[req_id]
         batch.bitmask = mask
+    if flags.logprob_token_ids:
+        ids = np.full((num_slots, MAX_LOGPROB_TOKEN_IDS), -1, np.int32)
+        for i, p in enumerate(params):
+            ids[i, : len(p.logprob_token_ids or ())] = p.logprob_token_ids or ()
+        batch.logprob_token_ids = ids
     return batch
 
 

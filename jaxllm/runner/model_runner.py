@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -29,9 +30,9 @@ from jaxllm.runner.attention import Attention
 from jaxllm.runner.compilation import BucketCompiler, Buckets, warm_sampler_flags
 from jaxllm.runner.input_batch import InputBatch, StepArrays, sampler_flags, sampling_arrays
 from jaxllm.runner.model_loading import LoadedModel
-from jaxllm.runner.sampler import SamplerFlags, SamplingBatch
+from jaxllm.runner.sampler import LogprobOutputs, LogprobWidths, SamplerFlags, SamplingBatch, logprob_outputs
 from jaxllm.runner.step_inputs import ForwardInputs, StableInputs, split_tables
-from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxllm.sampling_params import SamplingParams
 
 
 @dataclass
@@ -40,8 +41,8 @@ class _Step:
 
     arrays: StepArrays
     tokens: jax.Array | None  # [max_num_seqs] i32, rows beyond S are padding; None until sampled
-    logprobs: tuple | None
-    prompt_logprobs: tuple | None
+    logprobs: LogprobOutputs | None  # [S] rows
+    prompt_logprobs: LogprobOutputs | None  # [T] rows: token p's describe token p + 1
     # Set while the sampling waits for grammar bitmasks (StepHandle.sample).
     pending: _PendingSample | None = None
 
@@ -70,15 +71,18 @@ class StepHandle:
 
 class ModelRunner:
     def __init__(self, model: LoadedModel, attention: Attention, buckets: Buckets, limits: EngineLimits, *,
-                 seed: int = 0, served: bool = False, default_sampling: SamplingParams | None = None):
-        """default_sampling: what a request gets when it sets nothing (the model's generation
-        config), whose sampler variant is then compiled at warm-up too."""
+                 max_logprobs: int, seed: int = 0, served: bool = False,
+                 default_sampling: SamplingParams | None = None):
+        """max_logprobs: the most logprobs a request may ask for (-1: the whole vocabulary), which sets the
+        top-logprobs widths compiled. default_sampling: what a request gets when it sets nothing (the
+        model's generation config), whose sampler variant is then compiled at warm-up too."""
         self.model = model
         self.attention, self.attention_name = attention, attention.name
         self.buckets = buckets
         self.page_size = limits.block_size
         self.max_model_len = limits.max_model_len
         self.vocab_size = model.arch.vocab_size
+        self.logprob_widths = LogprobWidths.of(max_logprobs, self.vocab_size)
         self.compiler = BucketCompiler(model, attention, buckets, num_pages=limits.num_pages,
                                        max_model_len=limits.max_model_len,
                                        warm_samplers=warm_sampler_flags(default_sampling))
@@ -108,7 +112,7 @@ class ModelRunner:
         arrays = self.input_batch.build(sched, num_tokens, num_slots, pages_per_seq)
         states = [self.input_batch.requests[r] for r in arrays.req_ids]
         want_prompt_logprobs = bool(arrays.prompt_logprob_rows)
-        flags = sampler_flags(states, bitmask_rows=bool(sched.structured_req_ids))
+        flags = sampler_flags(states, bitmask_rows=bool(sched.structured_req_ids), logprob_widths=self.logprob_widths)
         sampling = sampling_arrays(arrays, states, num_slots, flags, {}, self.vocab_size, self.max_model_len)
 
         logits_indices = arrays.logits_indices
@@ -126,7 +130,9 @@ class ModelRunner:
         if want_prompt_logprobs:
             targets = np.zeros(num_tokens, np.int32)
             targets[:-1] = arrays.input_ids[1:]
-            prompt_lp = _prompt_logprobs(logits, jnp.asarray(targets))
+            width = self.logprob_widths.fitting([self.input_batch.requests[r].sampling_params.prompt_logprobs
+                                                 for r in arrays.prompt_logprob_rows])
+            prompt_lp = _prompt_logprobs(logits, jnp.asarray(targets), width)
             jax.tree.map(lambda a: a.copy_to_host_async(), prompt_lp)
             logits = logits[jnp.asarray(arrays.logits_indices)]  # [S, V]: the rows that sample
         self.input_batch.advance(sched, arrays)
@@ -177,28 +183,22 @@ class ModelRunner:
         self.input_batch.receive(req_ids, rows, tokens)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if step.logprobs is not None:
-            top_ids, top_vals, sampled_lp, rank = (np.asarray(x) for x in step.logprobs)
+            sampled = _HostLogprobs(step.logprobs)
             for j, i in enumerate(rows):
                 state = self.input_batch.requests.get(arrays.req_ids[i])
-                k = state.sampling_params.logprobs if state is not None else None
-                if k is None:
-                    continue
-                k = min(k, MAX_LOGPROBS)
-                logprobs[j] = TokenLogprobs(
-                    top_ids[i, :k].tolist(), top_vals[i, :k].tolist(), float(sampled_lp[i]), int(rank[i])
-                )
+                params = state.sampling_params if state is not None else None
+                if params is not None and params.logprob_token_ids:
+                    logprobs[j] = sampled.of_token_ids(i, params.logprob_token_ids)
+                elif params is not None and params.logprobs is not None:
+                    logprobs[j] = sampled.top(i, params.logprobs)
         prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
         if step.prompt_logprobs is not None:
-            top_ids, top_vals, target_lp, rank = (np.asarray(x) for x in step.prompt_logprobs)
+            prompt = _HostLogprobs(step.prompt_logprobs)
             for req_id, (lo, hi) in arrays.prompt_logprob_rows.items():
                 state = self.input_batch.requests.get(req_id)
-                if state is None:
-                    continue
-                k = min(state.sampling_params.prompt_logprobs, MAX_LOGPROBS)
-                prompt_logprobs[req_id] = [
-                    TokenLogprobs(top_ids[t, :k].tolist(), top_vals[t, :k].tolist(), float(target_lp[t]), int(rank[t]))
-                    for t in range(lo, hi)
-                ]
+                if state is not None:
+                    prompt_logprobs[req_id] = [prompt.top(t, state.sampling_params.prompt_logprobs)
+                                               for t in range(lo, hi)]
         return ModelRunnerOutput(
             req_ids=req_ids,
             sampled_token_ids=[int(tokens[i]) for i in rows],
@@ -221,12 +221,28 @@ def _forward_inputs(arrays: StepArrays, logits_indices: np.ndarray) -> ForwardIn
     )
 
 
-@jax.jit
-def _prompt_logprobs(logits, targets):
-    """logits [T, V] f32, targets [T] (token p + 1 for position p) -> top-k and the target's logprob/rank."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_values, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
-    target = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-    rank = jnp.sum(logprobs > target[:, None], axis=-1) + 1
-    return top_ids.astype(jnp.int32), top_values, target, rank.astype(jnp.int32)
+@partial(jax.jit, static_argnames=("width",))
+def _prompt_logprobs(logits: jax.Array, targets: jax.Array, width: int) -> LogprobOutputs:
+    """logits [T, V] f32, targets [T] (token p + 1 for position p) -> the targets' logprobs and ranks, and the
+    top `width`."""
+    return logprob_outputs(logits, targets, width)
 
+
+class _HostLogprobs:
+    """A step's `LogprobOutputs` on the host, read row by row into `TokenLogprobs`."""
+
+    def __init__(self, device: LogprobOutputs):
+        self.chosen, self.rank, self.top_ids, self.top_values = (
+            np.asarray(x) for x in (device.chosen, device.rank, device.top_ids, device.top_values))
+        self.token_id_values = None if device.token_id_values is None else np.asarray(device.token_id_values)
+
+    def top(self, i: int, count: int) -> TokenLogprobs:
+        """Row i with its top `count` (-1: the whole width, the vocabulary's with a full-vocabulary request)."""
+        k = self.top_ids.shape[1] if count == -1 else min(count, self.top_ids.shape[1])
+        return TokenLogprobs(self.top_ids[i, :k].tolist(), self.top_values[i, :k].tolist(), float(self.chosen[i]),
+                             int(self.rank[i]))
+
+    def of_token_ids(self, i: int, token_ids: list[int]) -> TokenLogprobs:
+        """Row i with the logprobs of the request's `logprob_token_ids`, in their order."""
+        values = self.token_id_values[i, : len(token_ids)].tolist()
+        return TokenLogprobs(list(token_ids), values, float(self.chosen[i]), int(self.rank[i]))

@@ -11,11 +11,13 @@ position_r), so a seeded request gives the same tokens alone or inside any batch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxllm.sampling_params import MAX_LOGPROBS
+# OpenAI's cap on top_logprobs: the width of the top-logprobs table most requests fit.
+OPENAI_MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,31 @@ class SamplerFlags:
     penalties: bool = False  # some row has presence / frequency / repetition penalties
     sparse_bias: bool = False  # logit_bias, allowed_token_ids, min_tokens or bad stop suppression
     bitmask: bool = False  # structured outputs: packed allowed-token masks
-    logprobs: bool = False  # some row asked for logprobs
+    logprobs: bool = False  # some row asked for logprobs: the sampled token's logprob and rank
+    top_logprobs: int = 0  # width of the top-logprobs table (a `LogprobWidths` width; 0 = none)
+    logprob_token_ids: bool = False  # some row asked for the logprobs of given token ids
+
+
+class LogprobWidths(NamedTuple):
+    """The top-logprobs widths an engine compiles: `narrow` for the usual request, `wide` for those that ask
+    for more, up to the engine's --max-logprobs (the whole vocabulary with -1).
+
+    NOTE: two static widths, so a request within OpenAI's cap never pays for a wider top-k, let alone a
+    sort of the whole vocabulary; with vLLM's default limit (20) they are one."""
+
+    narrow: int
+    wide: int
+
+    @classmethod
+    def of(cls, max_logprobs: int, vocab_size: int) -> LogprobWidths:
+        wide = vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size)
+        return cls(min(OPENAI_MAX_TOP_LOGPROBS, wide), wide)
+
+    def fitting(self, counts: list[int]) -> int:
+        """The width that holds every one of these top-logprobs counts (-1: the whole vocabulary); 0 for none."""
+        if not counts:
+            return 0
+        return self.narrow if all(0 <= k <= self.narrow for k in counts) else self.wide
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +77,19 @@ class SamplingBatch:
     bias_values: jax.Array | None = None  # [S, K] f32 added to those logits (-inf bans)
     allowed_only: jax.Array | None = None  # [S] bool: only tokens in bias_ids are allowed
     bitmask: jax.Array | None = None  # [S, ceil(V/32)] i32 packed allowed tokens; all ones = free
+    logprob_token_ids: jax.Array | None = None  # [S, MAX_LOGPROB_TOKEN_IDS] i32 ids to give logprobs of; -1 = none
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LogprobOutputs:
+    """Logprobs of the raw model distribution at each of N positions (sampled rows, or prompt tokens)."""
+
+    chosen: jax.Array  # [N] f32 the chosen token's logprob (the sampled one, or the next prompt token)
+    rank: jax.Array  # [N] i32 its rank; 1 = most likely
+    top_ids: jax.Array  # [N, W] i32 the W most likely ids, most likely first
+    top_values: jax.Array  # [N, W] f32 their logprobs
+    token_id_values: jax.Array | None = None  # [N, MAX_LOGPROB_TOKEN_IDS] f32 logprobs of logprob_token_ids
 
 
 def _apply_penalties(logits: jax.Array, b: SamplingBatch) -> jax.Array:
@@ -109,17 +148,26 @@ def _apply_top_k_top_p_min_p(logits: jax.Array, b: SamplingBatch) -> jax.Array:
     return jnp.where((logits >= threshold) & (logits >= min_p_floor), logits, -jnp.inf)
 
 
-def _logprob_outputs(raw_logits: jax.Array, tokens: jax.Array):
-    """Top-MAX_LOGPROBS ids/logprobs of the raw model distribution, plus the sampled token's."""
-    logprobs = jax.nn.log_softmax(raw_logits, axis=-1)
-    top_values, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
-    sampled = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    rank = jnp.sum(logprobs > sampled[:, None], axis=-1) + 1
-    return top_ids.astype(jnp.int32), top_values, sampled, rank.astype(jnp.int32)
+def logprob_outputs(raw_logits: jax.Array, chosen: jax.Array, width: int,
+                    token_ids: jax.Array | None = None) -> LogprobOutputs:
+    """raw_logits [N, V] f32, chosen [N] i32, token_ids [N, K] i32 or None (-1 = none) -> the chosen token's
+    logprob and rank, the top `width` ids and logprobs (width: static), and the logprobs of token_ids."""
+    logprobs = jax.nn.log_softmax(raw_logits, axis=-1)  # [N, V]
+    chosen_logprob = jnp.take_along_axis(logprobs, chosen[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(logprobs > chosen_logprob[:, None], axis=-1) + 1
+    num_rows = logprobs.shape[0]
+    top_values, top_ids = jnp.zeros((num_rows, 0), jnp.float32), jnp.zeros((num_rows, 0), jnp.int32)
+    if width:
+        top_values, top_ids = jax.lax.top_k(logprobs, width)
+    token_id_values = None
+    if token_ids is not None:  # padding (-1) reads id 0, which the host never reads back
+        token_id_values = jnp.take_along_axis(logprobs, jnp.maximum(token_ids, 0), axis=-1)
+    return LogprobOutputs(chosen_logprob, rank.astype(jnp.int32), top_ids.astype(jnp.int32), top_values,
+                          token_id_values)
 
 
 def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags):
-    """logits [S, V] f32 -> (tokens [S] i32, logprob outputs or None)."""
+    """logits [S, V] f32 -> (tokens [S] i32, LogprobOutputs or None)."""
     raw = logits
     if flags.penalties:
         logits = _apply_penalties(logits, batch)
@@ -143,5 +191,6 @@ def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags):
         noise = jax.vmap(gumbel)(batch.seeds, batch.positions)  # [S, V]
         sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
         tokens = jnp.where(batch.temperature > 0, sampled, greedy_tokens)
-    logprob_out = _logprob_outputs(raw, tokens) if flags.logprobs else None
-    return tokens, logprob_out
+    if not flags.logprobs:
+        return tokens, None
+    return tokens, logprob_outputs(raw, tokens, flags.top_logprobs, batch.logprob_token_ids)

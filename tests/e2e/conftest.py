@@ -22,9 +22,10 @@ def llm():
 
 @pytest.fixture(scope="session")
 def small_llm():
-    """Tiny budget (chunked prefill) and a tiny pool (preemption), synchronous scheduling."""
+    """Tiny budget (chunked prefill) and a tiny pool (preemption), synchronous scheduling; --max-logprobs -1
+    (whole-vocabulary logprobs)."""
     return LLM(DEFAULT_MODEL, max_num_seqs=16, max_num_batched_tokens=16, token_buckets=[16],
-               num_gpu_blocks_override=40, async_scheduling=False, **COMMON)
+               num_gpu_blocks_override=40, async_scheduling=False, max_logprobs=-1, **COMMON)
 
 
 def assert_pool_free(llm: LLM) -> None:

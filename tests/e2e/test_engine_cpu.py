@@ -191,11 +191,13 @@ def _buffer_pointers(tree) -> list[int]:
 
 def test_default_top_p_from_the_generation_config_needs_no_compile_after_warmup(tmp_path):
     """A generation config that makes top-p every request's default (as Llama-3 instruct's does)
-    gets that sampler variant compiled at warmup, not on the first request of each batch size."""
+    gets that sampler variant compiled at warmup, not on the first request of each batch size; so do
+    README's sampling examples."""
     import json
 
     from jaxllm import LLM
     from jaxllm.config import DEFAULT_MODEL
+    from jaxllm.runner.compilation import DOCUMENTED_SAMPLING
     from tests.e2e.conftest import COMMON
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
@@ -205,6 +207,9 @@ def test_default_top_p_from_the_generation_config_needs_no_compile_after_warmup(
     with backend_compiles() as compiles:
         outs = llm.generate(["Once upon a time", "The cat"], use_tqdm=False)  # the defaults
         outs += llm.generate(["Once upon a time"], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+        for fields in DOCUMENTED_SAMPLING:  # README's examples, as given and over the defaults (served)
+            for params in (SamplingParams(**fields), llm.default_sampling_params().clone(**fields)):
+                outs += llm.generate(["Once upon a time"], params.clone(max_tokens=4), use_tqdm=False)
     assert compiles == []
     assert all(o.outputs[0].token_ids for o in outs)
     assert_pool_free(llm)

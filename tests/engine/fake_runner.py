@@ -35,9 +35,21 @@ def fake_next_token(context: list[int], seed: int, vocab_size: int) -> int:
 
 
 def fake_top_logprobs(token_id: int, k: int, vocab_size: int) -> TokenLogprobs:
-    """token_id is the most likely; the next k - 1 ids follow it, each less likely by FAKE_LOGPROB_STEP."""
+    """token_id is the most likely; the next k - 1 ids follow it, each less likely by FAKE_LOGPROB_STEP
+    (k = -1: the whole vocabulary)."""
+    k = vocab_size if k == -1 else k
     ids = [(token_id + r) % vocab_size for r in range(k)]
     return TokenLogprobs(ids, [FAKE_LOGPROB_STEP * (r + 1) for r in range(k)], FAKE_LOGPROB_STEP, 1)
+
+
+def fake_logprobs(token_id: int, params: SamplingParams, vocab_size: int) -> TokenLogprobs | None:
+    """What the runner gives a sampled token: None unless asked; the logprobs of `logprob_token_ids` (the
+    fake rule's, as fake_top_logprobs ranks them), else the top `logprobs`."""
+    if not params.logprob_token_ids:
+        return None if params.logprobs is None else fake_top_logprobs(token_id, params.logprobs, vocab_size)
+    ids = params.logprob_token_ids
+    ranks = [(t - token_id) % vocab_size + 1 for t in ids]
+    return TokenLogprobs(list(ids), [FAKE_LOGPROB_STEP * r for r in ranks], FAKE_LOGPROB_STEP, 1)
 
 
 @dataclass
@@ -136,8 +148,7 @@ class FakeModelRunner:
                 state.token_ids[end] = token_id
                 output.req_ids.append(req_id)
                 output.sampled_token_ids.append(token_id)
-                k = state.params.logprobs
-                output.logprobs.append(None if k is None else fake_top_logprobs(token_id, k, self.vocab_size))
+                output.logprobs.append(fake_logprobs(token_id, state.params, self.vocab_size))
             return output
 
         if scheduler_output.structured_req_ids:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxllm.runner.sampler import MAX_LOGPROBS, SamplerFlags, SamplingBatch, sample
+from jaxllm.runner.sampler import LogprobWidths, SamplerFlags, SamplingBatch, sample
 
 V = 50
 S = 4
@@ -150,12 +150,57 @@ def test_bitmask(logits):
     assert tokens[1] == logits[1].argmax()
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
 def test_logprobs_are_raw_and_rank_the_sampled_token(logits):
-    tokens, (top_ids, top_vals, sampled, rank) = sample(
-        logits, _batch(temperature=np.zeros(S, np.float32)), SamplerFlags(logprobs=True)
-    )
-    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    np.testing.assert_allclose(np.asarray(top_vals), -np.sort(-lp, -1)[:, :MAX_LOGPROBS], atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(top_ids)[:, 0], logits.argmax(-1))
-    np.testing.assert_allclose(np.asarray(sampled), lp.max(-1), atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(rank), 1)
+    greedy = _batch(temperature=np.zeros(S, np.float32))
+    _, out = sample(logits, greedy, SamplerFlags(logprobs=True, top_logprobs=20))
+    lp = _log_softmax(logits)
+    np.testing.assert_allclose(np.asarray(out.top_values), -np.sort(-lp, -1)[:, :20], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.top_ids)[:, 0], logits.argmax(-1))
+    np.testing.assert_allclose(np.asarray(out.chosen), lp.max(-1), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.rank), 1)
+    assert out.token_id_values is None
+
+
+def test_the_whole_vocabulary_width_is_log_softmax_of_the_logits(logits):
+    """--max-logprobs -1 compiles a width of the whole vocabulary: every id, most likely first."""
+    width = LogprobWidths.of(-1, V).fitting([-1])
+    assert width == V
+    greedy = _batch(temperature=np.zeros(S, np.float32))
+    _, out = sample(logits, greedy, SamplerFlags(logprobs=True, top_logprobs=width))
+    lp = _log_softmax(logits)
+    ids, values = np.asarray(out.top_ids), np.asarray(out.top_values)
+    np.testing.assert_array_equal(np.sort(ids, -1), np.tile(np.arange(V), (S, 1)))
+    np.testing.assert_allclose(values, np.take_along_axis(lp, ids, -1), atol=1e-5)
+    assert (np.diff(values, axis=-1) <= 0).all()
+
+
+def test_logprob_token_ids_read_those_ids_at_each_row(logits):
+    wanted = np.full((S, 128), -1, np.int32)
+    wanted[0, :3] = [7, 0, 49]
+    wanted[2, :1] = [13]
+    tokens, out = sample(logits, _batch(temperature=np.zeros(S, np.float32), logprob_token_ids=wanted),
+                         SamplerFlags(logprobs=True, logprob_token_ids=True))
+    lp = _log_softmax(logits)
+    values = np.asarray(out.token_id_values)
+    np.testing.assert_allclose(values[0, :3], lp[0, [7, 0, 49]], atol=1e-5)
+    np.testing.assert_allclose(values[2, 0], lp[2, 13], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.chosen), lp[np.arange(S), np.asarray(tokens)], atol=1e-5)
+    assert out.top_ids.shape == (S, 0)
+
+
+@pytest.mark.parametrize(("max_logprobs", "counts", "width"), [
+    (20, [0, 5, 20], 20),  # vLLM's default: one width
+    (30, [3], 20),  # within OpenAI's cap: the narrow width
+    (30, [3, 21], 30),
+    (-1, [20], 20),
+    (-1, [5, -1], V),  # the whole vocabulary
+    (5, [5], 5),
+    (1000, [200], V),  # a limit above the vocabulary
+    (20, [], 0),  # only logprob_token_ids rows: no top-k
+])
+def test_a_step_compiles_the_narrowest_width_that_holds_its_requests(max_logprobs, counts, width):
+    assert LogprobWidths.of(max_logprobs, V).fitting(counts) == width
