@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "jaxllm.llm",
     "SamplingParams": "jaxllm.sampling_params",
+    "BeamSearchParams": "jaxllm.beam_search",
     "StructuredOutputsParams": "jaxllm.sampling_params",
     "RequestOutput": "jaxllm.outputs",
     "CompletionOutput": "jaxllm.outputs",

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxllm import SamplingParams
-from jaxllm.beam_search import BeamSearchParams
+from jaxllm import BeamSearchParams, SamplingParams
 from tests.e2e.conftest import assert_pool_free
 
 WIDTH = 3
