@@ -39,6 +39,10 @@ def build_parser(prog: str = "python -m jaxllm.serve") -> argparse.ArgumentParse
     parser = argparse.ArgumentParser(
         prog=prog, usage="%(prog)s [MODEL] [flags]",
         description="jaxllm's OpenAI-compatible server (vLLM's flags, endpoints and JSON).",
+        epilog=f"Every other flag of vLLM 0.34.0's `vllm serve` parses too: {len(by_group(Group.WARNED))} are "
+               f"accepted with a one-line warning, {len(by_group(Group.REFUSED))} stop the server with a message "
+               "naming them (they would silently change results or security). docs/vllm-flags.md lists each "
+               "with the reason.",
     )
     parser.add_argument("model_tag", nargs="?", default=None, help="Model directory or id (same as --model).")
     parser.add_argument("-v", "--version", action="version", version=__version__)
@@ -63,10 +67,8 @@ def build_parser(prog: str = "python -m jaxllm.serve") -> argparse.ArgumentParse
     server = parser.add_argument_group("server options")
     for f in dataclasses.fields(ServerArgs):
         _add_field(server, f, [])
-    refused = parser.add_argument_group("vLLM flags refused (jaxllm does not start: see docs/vllm-flags.md)")
-    warned = parser.add_argument_group("vLLM flags accepted with a warning (no effect in jaxllm)")
     for row in (*by_group(Group.REFUSED), *by_group(Group.WARNED)):
-        _add_vllm_flag(refused if row.group is Group.REFUSED else warned, row)
+        _add_vllm_flag(parser, row)
     return parser
 
 
@@ -84,8 +86,9 @@ class _MergeJSONObject(argparse.Action):
         setattr(namespace, self.dest, {**getattr(namespace, self.dest), **value})
 
 
-def _add_vllm_flag(group: argparse._ArgumentGroup, row: VllmFlag) -> None:
-    kwargs: dict[str, Any] = {"dest": row.dest, "default": None, "help": row.why.replace("%", "%%")}
+def _add_vllm_flag(parser: argparse.ArgumentParser, row: VllmFlag) -> None:
+    """A refused or warned flag: parsed as vLLM parses it, kept out of --help (the epilog points to the table)."""
+    kwargs: dict[str, Any] = {"dest": row.dest, "default": None, "help": argparse.SUPPRESS}
     if row.arity is Arity.SWITCH:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
@@ -93,7 +96,7 @@ def _add_vllm_flag(group: argparse._ArgumentGroup, row: VllmFlag) -> None:
         kwargs["nargs"] = {Arity.ONE: None, Arity.MANY: "+", Arity.OPTIONAL: "?"}[row.arity]
         if row.arity is Arity.OPTIONAL:
             kwargs["const"] = "true"
-    group.add_argument(*row.names, **kwargs)
+    parser.add_argument(*row.names, **kwargs)
 
 
 def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, aliases: list[str]) -> None:

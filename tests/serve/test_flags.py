@@ -179,6 +179,7 @@ def test_version_and_clean_help(capsys: pytest.CaptureFixture[str], monkeypatch:
         assert noise not in help_text
     assert not re.search(r"\(default: [^)]*\)\. \(default:", help_text)  # a default the doc already tells
     assert "Host name or address to listen on (default: all interfaces).\n" in help_text
+    assert "--enable-lora" not in help_text and "docs/vllm-flags.md lists each" in help_text  # not 276 more lines
 
 
 class FlagServer:
