@@ -240,6 +240,7 @@ def build_sampling_params(
             min_tokens=request.min_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            logprob_token_ids=request.logprob_token_ids or None,
             skip_special_tokens=request.skip_special_tokens and not keep_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens and not keep_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,

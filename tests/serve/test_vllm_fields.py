@@ -225,3 +225,25 @@ def test_return_tokens_as_token_ids_by_flag_or_request(flagged: httpx.Client, pl
 def test_logprobs_fields_are_checked_as_vllm_does(plain: httpx.Client, path: str, body: dict[str, Any], param: str,
                                                   message: str) -> None:
     assert error(plain, path, body) | {"message": message, "param": param} == error(plain, path, body)
+
+
+def test_minus_one_logprobs_pass_parsing_to_the_max_logprobs_limit(plain: httpx.Client) -> None:
+    """-1 is the whole vocabulary (512 here), over the default --max-logprobs 20."""
+    for path, body, param in ((COMPLETIONS, {"prompt": "a", "logprobs": -1}, "logprobs"),
+                              (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": -1}, "top_logprobs")):
+        err = error(plain, path, body)
+        assert err["param"] == param and err["message"].startswith("Requested sample logprobs of 512, which is")
+
+
+def test_logprob_token_ids_give_the_sampled_token_and_those_ids(plain: httpx.Client, stories_tokenizer: Any) -> None:
+    listed = [7, 300]
+    names = {stories_tokenizer.decode([t]) for t in listed}
+    body = {"prompt": "Lily", "max_tokens": 3, "logprobs": 0, "logprob_token_ids": listed, "temperature": 0}
+    lp = plain.post(COMPLETIONS, json=body).json()["choices"][0]["logprobs"]
+    for token, top in zip(lp["tokens"], lp["top_logprobs"], strict=True):
+        assert set(top) == names | {token}  # all of them, not `logprobs` + 1
+    chat = plain.post(CHAT, json={"messages": HI, "max_tokens": 3, "logprobs": True, "logprob_token_ids": listed,
+                                  "return_tokens_as_token_ids": True}).json()
+    for item in chat["choices"][0]["logprobs"]["content"]:
+        expected = dict.fromkeys([item["token"]] + [f"token_id:{t}" for t in listed])  # the sampled one first
+        assert [t["token"] for t in item["top_logprobs"]] == list(expected)
