@@ -37,10 +37,10 @@ def story_engine_parts(**kwargs: Any) -> SimpleNamespace:
 
 def new_llm_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, num_pages: int = 512,
                    block_size: int = 16, delay_s: float = 0.001, eos_token_ids: tuple[int, ...] = (2, 1),
-                   fail_at_step: int | None = None, grammar_compiler: Any = None) -> LLMEngine:
-    """`grammar_compiler`: the engine's (default: the real one over `tokenizer`)."""
+                   fail_at_step: int | None = None, grammar_compiler: Any = None, max_logprobs: int = 20) -> LLMEngine:
+    """`grammar_compiler`: the engine's (default: the real one over `tokenizer`); `max_logprobs`: --max-logprobs."""
     config = EngineConfig(
-        model=ModelConfig(model=str(STORIES), served_model_name=list(MODEL_NAMES)),
+        model=ModelConfig(model=str(STORIES), served_model_name=list(MODEL_NAMES), max_logprobs=max_logprobs),
         cache=CacheConfig(block_size=block_size),
         scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096, async_scheduling=False),
     )

@@ -3,7 +3,7 @@ defaults, key presence (null when unused), and the 400s that name them.
 
 Two servers over the stand-in engine: `plain` with vLLM's default flags, and `flagged` with
 --enable-prompt-tokens-details --enable-per-request-metrics --enable-force-include-usage
---return-tokens-as-token-ids --reasoning-parser deepseek_r1.
+--return-tokens-as-token-ids --reasoning-parser deepseek_r1 --max-logprobs -1.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ METRICS = ["time_to_first_token_ms", "generation_time_ms", "queue_time_ms", "mea
            "speculative_decoding"]
 
 
-def _serve(tokenizer: Any, script: list[int], **flags: Any) -> Iterator[httpx.Client]:
-    with LiveServer(make_context(new_engine(tokenizer, script), **flags)) as server, \
+def _serve(tokenizer: Any, script: list[int], max_logprobs: int = 20, **flags: Any) -> Iterator[httpx.Client]:
+    engine = new_engine(tokenizer, script, max_logprobs=max_logprobs)
+    with LiveServer(make_context(engine, **flags)) as server, \
             httpx.Client(base_url=server.url, timeout=30) as client:
         yield client
 
@@ -39,7 +40,7 @@ def plain(stories_tokenizer: Any, story_script: list[int]) -> Iterator[httpx.Cli
 
 @pytest.fixture(scope="module")
 def flagged(stories_tokenizer: Any, story_script: list[int]) -> Iterator[httpx.Client]:
-    yield from _serve(stories_tokenizer, story_script, **FLAGS)
+    yield from _serve(stories_tokenizer, story_script, max_logprobs=-1, **FLAGS)
 
 
 def stream(client: httpx.Client, path: str, body: dict[str, Any]) -> list[Any]:
@@ -233,6 +234,16 @@ def test_minus_one_logprobs_pass_parsing_to_the_max_logprobs_limit(plain: httpx.
                               (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": -1}, "top_logprobs")):
         err = error(plain, path, body)
         assert err["param"] == param and err["message"].startswith("Requested sample logprobs of 512, which is")
+
+
+def test_minus_one_logprobs_are_the_whole_vocabulary_under_max_logprobs_minus_one(flagged: httpx.Client) -> None:
+    """Every one of the 512 tokens, each named by its id (--return-tokens-as-token-ids keeps the names apart)."""
+    body = {"prompt": "Lily", "max_tokens": 2, "logprobs": -1, "echo": True}
+    choice = flagged.post(COMPLETIONS, json=body).json()["choices"][0]
+    assert all(len(top) == 512 for top in choice["logprobs"]["top_logprobs"][1:])
+    assert all(len(position) == 512 for position in choice["prompt_logprobs"][1:])  # echo's: at `logprobs`
+    chat = flagged.post(CHAT, json={"messages": HI, "max_tokens": 2, "logprobs": True, "top_logprobs": -1}).json()
+    assert [len(item["top_logprobs"]) for item in chat["choices"][0]["logprobs"]["content"]] == [512, 512]
 
 
 def test_logprob_token_ids_give_the_sampled_token_and_those_ids(plain: httpx.Client, stories_tokenizer: Any) -> None:
