@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxllm import __version__, vllm_argv
@@ -117,7 +117,7 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, aliases: li
     elif kind == "float":
         kwargs["type"] = float
     elif kind in ("str", "str|None"):
-        kwargs["type"] = str
+        kwargs["type"] = _attention_backend(f.metadata["choices"]) if f.name == "attention_backend" else str
     elif kind in ("list[str]", "list[int]"):
         kwargs["nargs"] = "+"
         kwargs["type"] = str if kind == "list[str]" else int
@@ -132,6 +132,19 @@ def _size_int(text: str) -> int:
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
+
+
+def _attention_backend(known: tuple[str, ...]) -> Callable[[str], str]:
+    """--attention-backend: jaxllm's backends by name; vLLM's (FLASH_ATTN, FLASHINFER, ...: CUDA kernels)
+    mean auto, with a warning."""
+
+    def parse(name: str) -> str:
+        if name in known:
+            return name
+        logger.warning("--attention-backend %s is one of vLLM's CUDA kernels; jaxllm picks its own (auto).", name)
+        return "auto"
+
+    return parse
 
 
 def _json_or_list(values: list[str]) -> list[str]:

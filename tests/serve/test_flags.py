@@ -133,7 +133,9 @@ def test_vllm_spellings_of_config_flags(caplog: pytest.LogCaptureFixture, capsys
     assert args.enable_force_include_usage
     with caplog.at_level(logging.WARNING, logger="jaxllm.serve"):
         parse_args(["--compilation-config.cudagraph_mode", "FULL", "-cc.level=3", "-O3"])
-    assert [m.split(" ")[0] for m in warnings_logged(caplog)] == ["--compilation-config", "--optimization-level"]
+        assert parse_args(["--attention-backend", "FLASHINFER"])[0].model.attention_backend == "auto"
+    assert [m.split(" ")[0] for m in warnings_logged(caplog)] == [
+        "--compilation-config", "--optimization-level", "--attention-backend"]
     for argv, message in (
         (["--structured-outputs-config.nope", "1"], "--structured-outputs-config: unknown key(s) nope"),
         (["--structured-outputs-config", '{"backend": "xgrammar", "x": 1}'], "unknown key(s) x"),
