@@ -35,7 +35,9 @@ IMPLEMENTED_ARGV: dict[str, list[str]] = {
     "--generation-config": ["--generation-config", "vllm"], "--load-format": ["--load-format", "dummy"],
     "--attention-backend": ["--attention-backend", "xla"], "--reasoning-parser": ["--reasoning-parser", "qwen3"],
     "--master-addr": ["--master-addr", "h", "-n", "2"], "--master-port": ["--master-port", "1", "-n", "2"],
-    "--nnodes": ["--nnodes", "1"], "-n": ["-n", "1"], "--node-rank": ["--node-rank", "0"], "-r": ["-r", "0"],
+    "--nnodes": ["--nnodes", "2", "--master-addr", "h"], "-n": ["-n", "2", "--master-addr", "h"],
+    "--node-rank": ["--node-rank", "1", "-n", "2", "--master-addr", "h"],
+    "-r": ["-r", "1", "-n", "2", "--master-addr", "h"],
     "--tensor-parallel-size": ["--tensor-parallel-size", "2"], "-tp": ["-tp", "2"],
     "--block-size": ["--block-size", "32"], "--gpu-memory-utilization": ["--gpu-memory-utilization", "0.5"],
     "--device-memory-utilization": ["--device-memory-utilization", "0.5"],
@@ -46,7 +48,7 @@ IMPLEMENTED_ARGV: dict[str, list[str]] = {
     "--async-scheduling": ["--async-scheduling"], "--stream-interval": ["--stream-interval", "2"],
     "--structured-outputs-config": ["--structured-outputs-config", '{"backend": "guidance"}'],
     "--disable-log-stats": ["--disable-log-stats"], "--shutdown-timeout": ["--shutdown-timeout", "5"],
-    "--enable-log-requests": ["--enable-log-requests"], "--config": [],  # test_config_file_flags
+    "--enable-log-requests": ["--enable-log-requests"], "--config": ["--config", "serve.yaml"],
     "--chat-template": ["--chat-template", "{{ 1 }}"],
     "--return-tokens-as-token-ids": ["--return-tokens-as-token-ids"],
     "--enable-auto-tool-choice": ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
@@ -84,11 +86,14 @@ def test_the_docs_page_is_the_table() -> None:
     assert rows == expected
 
 
-def test_every_implemented_flag_parses() -> None:
+def test_every_implemented_flag_parses_into_the_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     names = {name for row in by_group(Group.IMPLEMENTED) for name in row.names}
     assert names == set(IMPLEMENTED_ARGV)
+    monkeypatch.chdir(tmp_path)  # for --config serve.yaml
+    Path("serve.yaml").write_text("max-num-seqs: 2\n")
+    defaults = parse_args([])
     for argv in IMPLEMENTED_ARGV.values():
-        parse_args(argv)
+        assert parse_args(argv) != defaults, argv  # each sample value differs from the flag's default
     config, args = parse_args(["--max-logprobs", "-1", "--uds", "/tmp/s", "--ssl-cert-reqs", "2",
                                "--master-addr", "10.0.0.1", "-n", "2", "-r", "1", "--device-memory-utilization", "0.5"])
     assert (config.model.max_logprobs, args.uds, args.ssl_cert_reqs) == (-1, "/tmp/s", 2)
