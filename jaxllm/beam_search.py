@@ -2,7 +2,8 @@
 
     BeamSearch(prompt, params, eos, max_model_len)
       .live                       the beams still growing: submit each as a prompt with `params.step_params()`
-      .advance([top logprobs])    one dict per live beam (the engine's top 2 * beam_width next tokens)
+      .advance([top logprobs])    one dict per live beam (the engine's top 2 * beam_width next tokens, or the
+                                  allowed tokens')
       .done / .best()             the beam_width best of the finished and live beams, by length-penalized score
 
 Each step, every (live beam, candidate token) pair is a candidate beam; one ending in EOS (unless ignore_eos)
@@ -18,6 +19,7 @@ No jax and no engine here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from jaxllm.outputs import Logprob
@@ -36,17 +38,25 @@ class BeamSearchParams:
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None  # the only tokens a beam may grow by
 
     def __post_init__(self) -> None:
         if not isinstance(self.beam_width, int) or self.beam_width < 1:
-            raise ValidationError(f"beam_width must be at least 1, got {self.beam_width!r}.", "n")
+            raise ValidationError(f"beam_width must be at least 1, got {self.beam_width!r}.", "beam_width")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValidationError(f"max_tokens must be at least 1, got {self.max_tokens!r}.", "max_tokens")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValidationError("Beam search allowed_token_ids must not be empty", "allowed_token_ids")
 
-    def step_params(self) -> SamplingParams:
-        """One engine request per beam and step: one token, with the 2 * beam_width most likely (as Transformers
-        draws 2 * beam_width candidates, so beam_width survive even when some of them end in EOS)."""
-        return SamplingParams(max_tokens=1, logprobs=2 * self.beam_width, temperature=self.temperature,
+    def step_params(self, max_tokens: int | None = 1) -> SamplingParams:
+        """The engine request of a beam's step: one token, with the 2 * beam_width most likely (as Transformers
+        draws 2 * beam_width candidates, so beam_width survive even when some of them end in EOS), or with
+        each allowed token's, from the unmasked distribution (vLLM's). A server validating the whole request
+        first passes its `max_tokens`."""
+        if self.allowed_token_ids is not None:
+            return SamplingParams(max_tokens=max_tokens, logprob_token_ids=list(self.allowed_token_ids),
+                                  temperature=self.temperature, detokenize=False)
+        return SamplingParams(max_tokens=max_tokens, logprobs=2 * self.beam_width, temperature=self.temperature,
                               detokenize=False)
 
 
@@ -83,6 +93,7 @@ class BeamSearch:
         self.params = params
         self.num_prompt_tokens = len(prompt_token_ids)
         self._eos = frozenset(eos_token_ids)
+        self._allowed = None if params.allowed_token_ids is None else frozenset(params.allowed_token_ids)
         self._max_model_len = max_model_len
         self.live = [BeamSearchSequence(list(prompt_token_ids))]
         self.finished: list[BeamSearchSequence] = []
@@ -99,6 +110,8 @@ class BeamSearch:
         candidates = []
         for beam, top in zip(self.live, next_token_logprobs, strict=True):
             for token_id, logprob in top.items():
+                if self._allowed is not None and (token_id not in self._allowed or not math.isfinite(logprob.logprob)):
+                    continue  # the sampled token, drawn from the whole vocabulary, or one the model rules out
                 grown = BeamSearchSequence(beam.tokens + [token_id], beam.logprobs + [top],
                                            beam.cum_logprob + logprob.logprob)
                 if token_id in self._eos and not self.params.ignore_eos:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +21,6 @@ from jaxllm.beam_search import BeamSearch, BeamSearchParams
 from jaxllm.engine.client import EngineClient, GenerationStream
 from jaxllm.engine.detokenizer import make_incremental_detokenizer
 from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxllm.sampling_params import SamplingParams
 from serve.errors import APIError, generation_error, not_supported
 from serve.inputs import EnginePrompt
 from serve.protocol import CompletionRequest, SamplingFields
@@ -37,8 +37,6 @@ def check_beam_search(request: SamplingFields, *, constrained: bool) -> None:
     if constrained:
         raise not_supported("Beam search with structured outputs or forced tool calls",
                             "structured_outputs" if request.structured_outputs else "response_format")
-    if request.allowed_token_ids is not None:
-        raise not_supported("Beam search with allowed_token_ids", "allowed_token_ids")
 
 
 def check_completion_beam_search(request: CompletionRequest, *, constrained: bool) -> None:
@@ -54,34 +52,37 @@ def check_completion_beam_search(request: CompletionRequest, *, constrained: boo
 def start_beam_search(engine: EngineClient, prompts: list[EnginePrompt], request: SamplingFields,
                       request_ids: list[str], *, max_tokens: int | None,
                       error_params: dict[str, str] | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Validate every prompt as a request for `max_tokens` with the beams' logprobs (a 400 before the response
+    """Validate every prompt as a request for `max_tokens` with a step's logprobs (a 400 before the response
     starts; the budget it resolves is the beams' max_tokens), then search each: one final output per prompt."""
     info = engine.info
-    beam_width = 1 if request.n is None else request.n
     searches = []
     try:
+        params = _beam_search_params(request, info.default_sampling)
         for prompt, request_id in zip(prompts, request_ids, strict=True):
-            whole_request = SamplingParams(max_tokens=max_tokens, logprobs=2 * beam_width)
-            command = engine.prepare(prompt.token_ids, whole_request, request_id, cache_salt=request.cache_salt,
+            command = engine.prepare(prompt.token_ids, params.step_params(max_tokens=max_tokens), request_id,
+                                     cache_salt=request.cache_salt,
                                      default_max_tokens=info.default_sampling.get("max_tokens"))
-            params = _beam_search_params(request, info.default_sampling, beam_width, command.max_tokens)
-            searches.append(_search(engine, prompt, params, request_id, request.cache_salt))
+            searches.append(_search(engine, prompt, dataclasses.replace(params, max_tokens=command.max_tokens),
+                                    request_id, request.cache_salt))
     except Exception as e:
-        # The beams' logprobs are what `n` asks for: a 400 about them names it.
-        raise generation_error(e, engine_dead=engine.is_dead, params={**(error_params or {}), "logprobs": "n"}) from e
+        # A step's logprobs are what `n` (or allowed_token_ids) asks for: a 400 about them names that field.
+        names = {**(error_params or {}), "logprobs": "n", "logprob_token_ids": "allowed_token_ids"}
+        raise generation_error(e, engine_dead=engine.is_dead, params=names) from e
     return merge_outputs(searches)
 
 
-def _beam_search_params(request: SamplingFields, model_defaults: dict[str, Any], beam_width: int,
-                        max_tokens: int) -> BeamSearchParams:
-    """vLLM's `to_beam_search_params`: the request's fields, the model's temperature when it sets none."""
+def _beam_search_params(request: SamplingFields, model_defaults: dict[str, Any]) -> BeamSearchParams:
+    """vLLM's `to_beam_search_params`: the request's fields, the model's temperature when it sets none; max_tokens
+    as the request asks, 1 until validation resolves it."""
     temperature = request.temperature
     if temperature is None:
         temperature = model_defaults.get("temperature", _DEFAULT_TEMPERATURE)
-    return BeamSearchParams(beam_width=beam_width, max_tokens=max_tokens, ignore_eos=request.ignore_eos,
-                            temperature=temperature, length_penalty=request.length_penalty,
+    return BeamSearchParams(beam_width=1 if request.n is None else request.n, max_tokens=1,
+                            ignore_eos=request.ignore_eos, temperature=temperature,
+                            length_penalty=request.length_penalty,
                             include_stop_str_in_output=request.include_stop_str_in_output,
-                            skip_special_tokens=request.skip_special_tokens)
+                            skip_special_tokens=request.skip_special_tokens,
+                            allowed_token_ids=request.allowed_token_ids)
 
 
 async def _search(engine: EngineClient, prompt: EnginePrompt, params: BeamSearchParams, request_id: str,

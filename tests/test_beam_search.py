@@ -125,6 +125,19 @@ def test_include_stop_str_keeps_eos_in_the_served_ids() -> None:
     assert search.generated_token_ids(best) == [EOS] and best.finish_reason == "stop"
 
 
+def test_allowed_token_ids_are_the_only_candidates() -> None:
+    """The engine scores the allowed ids plus its sampled token (here 1, not allowed); an allowed id the model
+    rules out (-inf) is no candidate either."""
+    params = BeamSearchParams(beam_width=3, max_tokens=1, allowed_token_ids=[0, 2, 4])
+    search = BeamSearch(PROMPT, params, {EOS}, 100)
+    search.advance([{1: Logprob(-0.1), 0: Logprob(-3.0), 2: Logprob(-2.0), 4: Logprob(-math.inf)}])
+    assert [b.tokens[len(PROMPT):] for b in search.best()] == [[2], [0]]
+    step = params.step_params()
+    assert (step.logprobs, step.logprob_token_ids, step.max_tokens) == (None, [0, 2, 4], 1)
+    with pytest.raises(ValueError, match="allowed_token_ids must not be empty"):
+        BeamSearchParams(beam_width=1, max_tokens=1, allowed_token_ids=[])
+
+
 def test_score_is_vllms() -> None:
     assert beam_score(4, -2.0, 1.0) == -0.5
     assert beam_score(4, -2.0, 0.5) == -1.0

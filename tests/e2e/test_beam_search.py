@@ -3,6 +3,8 @@ and its beams on the prompt's KV pages through the prefix cache."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from jaxllm import BeamSearchParams, SamplingParams
@@ -16,6 +18,16 @@ def top_logprobs(llm, prompt_token_ids: list[int]) -> dict[int, float]:
     (out,) = llm.generate([{"prompt_token_ids": prompt_token_ids}],
                           SamplingParams(max_tokens=1, logprobs=2 * WIDTH, temperature=0), use_tqdm=False)
     return {token_id: p.logprob for token_id, p in out.outputs[0].logprobs[0].items()}
+
+
+def path_logprob(llm, prompt_token_ids: list[int], path: list[int]) -> float:
+    """The model's logprob of `path` after the prompt, read from the prompt logprobs of prompt + path.
+
+    NOTE: one request per call: batched with others, a prompt split by chunked prefill got a wrong logprob
+    at the chunk boundary (seen on small_llm, a 10-token prompt split after 8 tokens)."""
+    (out,) = llm.generate([{"prompt_token_ids": prompt_token_ids + path}],
+                          SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return sum(out.prompt_logprobs[len(prompt_token_ids) + i][token].logprob for i, token in enumerate(path))
 
 
 def test_two_steps_equal_a_brute_force_search_over_the_models_logprobs(small_llm) -> None:
@@ -34,12 +46,22 @@ def test_two_steps_equal_a_brute_force_search_over_the_models_logprobs(small_llm
     assert [seq.text for seq in output.sequences] == [tokenizer.decode(prompt + list(p), skip_special_tokens=True)
                                                       for p in best]
     # The same scores through another path of the model: the sequences' own prompt logprobs.
-    scored = small_llm.generate([{"prompt_token_ids": seq.tokens} for seq in output.sequences],
-                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    for seq, out in zip(output.sequences, scored, strict=True):
-        rescored = sum(out.prompt_logprobs[i][seq.tokens[i]].logprob for i in (len(prompt), len(prompt) + 1))
-        assert seq.cum_logprob == pytest.approx(rescored, abs=1e-4)
+    for seq in output.sequences:
+        assert seq.cum_logprob == pytest.approx(path_logprob(small_llm, prompt, seq.tokens[len(prompt):]), abs=1e-4)
     assert_pool_free(small_llm)
+
+
+def test_a_beam_as_wide_as_the_allowed_paths_finds_the_exhaustive_ranking(small_llm) -> None:
+    """With allowed_token_ids of 3 ids and 2 steps there are 9 paths: a beam of 9 never prunes one, so its
+    ranking is an exhaustive search's, here over the model's own logprobs of each path (prompt logprobs)."""
+    prompt = small_llm.get_tokenizer().encode("The cat sat on the")
+    allowed = sorted(top_logprobs(small_llm, prompt))[:3]  # three of the likely next ids
+    (output,) = small_llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(
+        beam_width=9, max_tokens=2, ignore_eos=True, allowed_token_ids=allowed, length_penalty=0.0))
+    logprob = {path: path_logprob(small_llm, prompt, list(path)) for path in itertools.product(allowed, repeat=2)}
+    ranking = sorted(logprob, key=logprob.get, reverse=True)
+    assert [tuple(seq.tokens[len(prompt):]) for seq in output.sequences] == ranking
+    assert [seq.cum_logprob for seq in output.sequences] == pytest.approx([logprob[p] for p in ranking], abs=1e-4)
 
 
 def test_beams_share_the_prompts_kv_pages(small_llm) -> None:

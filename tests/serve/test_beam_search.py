@@ -56,6 +56,15 @@ def test_completion_beam_search_gives_n_choices_per_prompt(http: httpx.Client) -
         assert body["choices"][first + 1]["text"] != greedy["choices"][0]["text"]
 
 
+def test_beams_grow_by_allowed_token_ids_only(http: httpx.Client, story_script: list[int]) -> None:
+    allowed = sorted(set(story_script))[:2]
+    body = http.post("/v1/completions", json={"prompt": "Lily", "max_tokens": 2, "n": 4, "use_beam_search": True,
+                                              "temperature": 0, "allowed_token_ids": allowed,
+                                              "return_token_ids": True}).json()
+    paths = [tuple(c["token_ids"]) for c in body["choices"]]
+    assert sorted(paths) == sorted((a, b) for a in allowed for b in allowed)  # width 4: all 4 paths
+
+
 def test_chat_beam_search_streams_its_final_beams(live: LiveServer, http: httpx.Client) -> None:
     """vLLM streams a chat beam search as one final output: the roles, then each beam whole."""
     body = {"messages": MESSAGES, "max_tokens": 4, "n": 2, "use_beam_search": True, "temperature": 0}
