@@ -189,6 +189,10 @@ def _buffer_pointers(tree) -> list[int]:
     return [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(tree)]
 
 
+# The sampling fields of README's examples: the openai client's extra_body, LLM.generate's SamplingParams.
+README_SAMPLING = ({"top_k": 20, "repetition_penalty": 1.05}, {"temperature": 0.8, "top_p": 0.95})
+
+
 def test_default_top_p_from_the_generation_config_needs_no_compile_after_warmup(tmp_path):
     """A generation config that makes top-p every request's default (as Llama-3 instruct's does)
     gets that sampler variant compiled at warmup, not on the first request of each batch size; so do
@@ -197,7 +201,6 @@ def test_default_top_p_from_the_generation_config_needs_no_compile_after_warmup(
 
     from jaxllm import LLM
     from jaxllm.config import DEFAULT_MODEL
-    from jaxllm.runner.compilation import DOCUMENTED_SAMPLING
     from tests.e2e.conftest import COMMON
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
@@ -207,7 +210,7 @@ def test_default_top_p_from_the_generation_config_needs_no_compile_after_warmup(
     with backend_compiles() as compiles:
         outs = llm.generate(["Once upon a time", "The cat"], use_tqdm=False)  # the defaults
         outs += llm.generate(["Once upon a time"], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
-        for fields in DOCUMENTED_SAMPLING:  # README's examples, as given and over the defaults (served)
+        for fields in README_SAMPLING:  # as given and over the defaults (served)
             for params in (SamplingParams(**fields), llm.default_sampling_params().clone(**fields)):
                 outs += llm.generate(["Once upon a time"], params.clone(max_tokens=4), use_tqdm=False)
     assert compiles == []
