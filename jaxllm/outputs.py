@@ -15,11 +15,12 @@ from typing import NamedTuple
 @dataclass
 class Logprob:
     logprob: float
-    rank: int | None = None  # 1 = most likely
+    rank: int | None = None  # 1 = most likely (a logprob_token_ids entry: its place in that list, as vLLM's)
     decoded_token: str | None = None
 
 
-# One dict per position: token id -> Logprob (the top-k plus the chosen token).
+# One dict per position: token id -> Logprob, the chosen token first, then the top-k (most likely first; the
+# whole vocabulary for logprobs=-1) or, instead, each of the request's logprob_token_ids in its order.
 SampleLogprobs = list[dict[int, Logprob]]
 # As SampleLogprobs, with None for the first prompt token (it has no logprob).
 PromptLogprobs = list[dict[int, Logprob] | None]
