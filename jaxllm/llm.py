@@ -95,22 +95,21 @@ class LLM:
             bar.close()
         return [finished[r.request_id] for r in requests]
 
-    def beam_search(self, prompts: PromptType | Sequence[PromptType],
-                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """vLLM's beam search (`jaxllm.beam_search`): per prompt, the `beam_width` best sequences, best first. As in
         vLLM, a sequence's `tokens` and `text` begin with the prompt's. Each step runs every live beam as a
-        request for one token; beams share their prompt's (and parent's) KV pages through the prefix cache."""
+        request for one token; beams share their prompt's (and parent's) KV pages through the prefix cache.
+        `concurrency_limit`: search that many prompts at a time (all at once by default)."""
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         searches = [BeamSearch(self._tokenize(prompt)[1], params, self.info.eos_token_ids, self.info.max_model_len)
                     for prompt in prompts]
-        step_params = params.step_params()
-        while running := [search for search in searches if not search.done]:
-            beams = [beam for search in running for beam in search.live]
-            outputs = self.generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params, use_tqdm=False)
-            next_token_logprobs = iter(out.outputs[0].logprobs[0] for out in outputs)
-            for search in running:
-                search.advance([next(next_token_logprobs) for _ in search.live])
+        batch_size = concurrency_limit or len(searches)
+        show = use_tqdm and self.engine.config.parallel.process_id == 0
+        for start in range(0, len(searches), batch_size):
+            with tqdm(total=params.max_tokens, desc="Beam search", unit="token", disable=not show) as bar:
+                self._search_beams(searches[start:start + batch_size], params.step_params(), bar)
         results = []
         for search in searches:
             best = search.best()
@@ -118,6 +117,16 @@ class LLM:
                 beam.text = self.info.tokenizer.decode(beam.tokens, skip_special_tokens=params.skip_special_tokens)
             results.append(BeamSearchOutput(best))
         return results
+
+    def _search_beams(self, searches: list[BeamSearch], step_params: SamplingParams, bar: tqdm) -> None:
+        """Step the searches together until each is done: every live beam of theirs is one request per step."""
+        while running := [search for search in searches if not search.done]:
+            beams = [beam for search in running for beam in search.live]
+            outputs = self.generate([{"prompt_token_ids": beam.tokens} for beam in beams], step_params, use_tqdm=False)
+            next_token_logprobs = iter(out.outputs[0].logprobs[0] for out in outputs)
+            for search in running:
+                search.advance([next(next_token_logprobs) for _ in search.live])
+            bar.update(1)
 
     def chat(
         self,

@@ -84,8 +84,10 @@ def test_every_prompt_gets_its_own_beams(small_llm) -> None:
     params = BeamSearchParams(beam_width=2, max_tokens=3)
     together = small_llm.beam_search(prompts, params)
     alone = [small_llm.beam_search(prompt, params)[0] for prompt in prompts]
-    assert [[seq.tokens for seq in out.sequences] for out in together] == [
-        [seq.tokens for seq in out.sequences] for out in alone]
+    one_at_a_time = small_llm.beam_search(prompts, params, concurrency_limit=1)
+    tokens = [[seq.tokens for seq in out.sequences] for out in together]
+    assert [[seq.tokens for seq in out.sequences] for out in alone] == tokens
+    assert [[seq.tokens for seq in out.sequences] for out in one_at_a_time] == tokens
     tokenizer = small_llm.get_tokenizer()
     for prompt, out in zip(prompts, together, strict=True):
         ids = tokenizer.encode(prompt)
