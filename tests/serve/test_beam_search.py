@@ -13,10 +13,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.engine.fake_runner import FAKE_LOGPROB_STEP
-from tests.serve.conftest import STORY, LiveServer, make_context, new_engine, pool_is_free, sse_events, wait_until
+from tests.serve.conftest import (
+    API_KEY,
+    MODEL_NAMES,
+    STORY,
+    LiveServer,
+    make_context,
+    new_engine,
+    pool_is_free,
+    sse_events,
+    wait_until,
+)
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -76,6 +87,39 @@ def test_chat_beam_search_streams_its_final_beams(live: LiveServer, http: httpx.
               for e in events[:-1]]
     assert deltas == [(0, {"role": "assistant", "content": ""}, None), (1, {"role": "assistant", "content": ""}, None)
                       ] + [(i, {"content": c["message"]["content"]}, "length") for i, c in enumerate(whole["choices"])]
+
+
+@pytest.fixture(scope="module")
+def eos_live(stories_tokenizer: Any) -> Iterator[LiveServer]:
+    """A model that always writes token 100, with 101 (its second likeliest) as EOS."""
+    with LiveServer(make_context(new_engine(stories_tokenizer, [100], eos_token_ids=(101,)))) as server:
+        yield server
+
+
+@pytest.mark.parametrize(("length_penalty", "include_stop", "choice"), [
+    # Scores: [100, 100] -0.5 / 2, [EOS] -0.5 / 1, [100, EOS] -0.75 / 2: the live beam wins.
+    (1.0, False, {"token_ids": [100, 100], "finish_reason": "length", "stop_reason": None}),
+    # Scores: [100, 100] -0.5 * 2, [EOS] -0.5 * 1: the short beam, ended by EOS, wins.
+    (-1.0, False, {"token_ids": [], "finish_reason": "stop", "stop_reason": 101}),
+    (-1.0, True, {"token_ids": [101], "finish_reason": "stop", "stop_reason": 101}),
+])
+def test_length_penalty_and_eos(eos_live: LiveServer, length_penalty: float, include_stop: bool,
+                                choice: dict[str, Any]) -> None:
+    body = {"prompt": "Lily", "max_tokens": 2, "use_beam_search": True, "length_penalty": length_penalty,
+            "include_stop_str_in_output": include_stop, "temperature": 0, "return_token_ids": True}
+    with httpx.Client(base_url=eos_live.url) as http:
+        (got,) = http.post("/v1/completions", json=body).json()["choices"]
+    assert {key: got[key] for key in choice} == choice
+
+
+def test_openai_sdk_beam_search(live: LiveServer) -> None:
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0)
+    reply = client.chat.completions.create(model=MODEL_NAMES[0], messages=MESSAGES, max_tokens=3, n=2,
+                                           extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert [c.index for c in reply.choices] == [0, 1] and reply.usage.completion_tokens == 6
+    with pytest.raises(openai.BadRequestError, match="Streaming is not currently supported with beam search"):
+        client.completions.create(model=MODEL_NAMES[0], prompt="Lily", n=2, stream=True,
+                                  extra_body={"use_beam_search": True})
 
 
 @pytest.mark.parametrize(("path", "body", "param", "message"), [
