@@ -1,7 +1,7 @@
 """`use_beam_search` on /v1/completions and /v1/chat/completions, as vLLM 0.34.0 serves it: `n` is the beam
 width, and the reply is one final output of n choices, best first (`jaxllm.beam_search` ranks them).
 
-    check_beam_search(request, constrained=...)             the 400s (check_completion_beam_search: a completion's)
+    check_beam_search(request, constraint_param=...)        the 400s (check_completion_beam_search: a completion's)
     start_beam_search(engine, prompts, request, ids, ...)  -> (prompt index, RequestOutput), as start_generation
 
 Each step submits every live beam to the engine as a request for one token; the endpoint folds the final
@@ -30,23 +30,25 @@ from serve.streaming import merge_outputs
 _DEFAULT_TEMPERATURE = 1.0
 
 
-def check_beam_search(request: SamplingFields, *, constrained: bool) -> None:
-    """The 400s of a beam search request the server cannot run as asked."""
+def check_beam_search(request: SamplingFields, *, constraint_param: str | None) -> None:
+    """The 400s of a beam search request the server cannot run as asked. `constraint_param`: the field that
+    constrains the output (structured outputs, a forced tool call), if any.
+
+    NOTE: vLLM's server drops such a constraint from a beam search without a word; a 400 says it instead."""
     if request.logprob_token_ids:
         raise APIError("`logprob_token_ids` is not supported with beam search.", param="logprob_token_ids")
-    if constrained:
-        raise not_supported("Beam search with structured outputs or forced tool calls",
-                            "structured_outputs" if request.structured_outputs else "response_format")
+    if constraint_param is not None:
+        raise not_supported("Beam search with structured outputs or forced tool calls", constraint_param)
 
 
-def check_completion_beam_search(request: CompletionRequest, *, constrained: bool) -> None:
+def check_completion_beam_search(request: CompletionRequest, *, constraint_param: str | None) -> None:
     """A completion's beam search: vLLM's 400s for a stream and for echoed logprobs, then the common ones."""
     if request.stream:
         raise APIError("Streaming is not currently supported with beam search", param=None)
     if request.echo and request.logprobs is not None:
         raise APIError("`echo` with `logprobs` is not supported with beam search because beam search does not "
                        "compute prompt logprobs.", param="echo")
-    check_beam_search(request, constrained=constrained)
+    check_beam_search(request, constraint_param=constraint_param)
 
 
 def start_beam_search(engine: EngineClient, prompts: list[EnginePrompt], request: SamplingFields,

@@ -268,7 +268,7 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     prompt = truncate_prompt(prompt, request, info.tokenizer, info.max_model_len)
     structured, structured_param = requested_structured_outputs(request, tools.constraint)
     if request.use_beam_search:
-        check_beam_search(request, constrained=structured is not None)
+        check_beam_search(request, constraint_param=structured_param if structured is not None else None)
     if structured is not None:
         await check_compiles(info, structured, structured_param)
     prompt_logprobs = request.prompt_logprobs

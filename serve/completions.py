@@ -201,7 +201,7 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
         prompt_logprobs = request.logprobs
     structured, structured_param = requested_structured_outputs(request)
     if request.use_beam_search:
-        check_completion_beam_search(request, constrained=structured is not None)
+        check_completion_beam_search(request, constraint_param=structured_param if structured is not None else None)
     if structured is not None:
         await check_compiles(info, structured, structured_param)
     logprobs = None if request.logprob_token_ids else request.logprobs

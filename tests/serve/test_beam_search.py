@@ -127,6 +127,12 @@ def test_openai_sdk_beam_search(live: LiveServer) -> None:
     ("/v1/completions", {"prompt": "Lily", "echo": True, "logprobs": 1}, "echo", "`echo` with `logprobs`"),
     (CHAT, {"messages": MESSAGES, "n": 11}, "n", "greater than max allowed: 20"),  # 2 * n logprobs a step
     (CHAT, {"messages": MESSAGES, "max_tokens": 1000}, "max_tokens", "maximum context length is 512"),
+    # vLLM's server drops a constraint from a beam search; jaxllm says it cannot honour it.
+    (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ("/v1/completions", {"prompt": "Lily", "structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs",
+     "Beam search with structured outputs"),
+    (CHAT, {"messages": MESSAGES, "logprobs": True, "logprob_token_ids": [5]}, "logprob_token_ids",
+     "`logprob_token_ids` is not supported with beam search."),
 ])
 def test_beam_search_400s(http: httpx.Client, path: str, body: dict[str, Any], param: str | None,
                           message: str) -> None:
