@@ -7,6 +7,7 @@ the HTTP layer never pull in jax.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
@@ -22,6 +23,10 @@ _EXPORTS = {
 }
 
 __all__ = [*_EXPORTS, "__version__"]
+
+# NOTE: transformers warns at import, in each process, that PyTorch is missing: jaxllm only uses its
+# tokenizers and configuration files, which need no PyTorch. Its other warnings stay.
+logging.getLogger("transformers").addFilter(lambda record: not record.getMessage().startswith("PyTorch was not found"))
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,11 +51,17 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     from jaxllm.runner.limits import scheduler_limits  # noqa: PLC0415
     from jaxllm.runner.model_loading import load_model  # noqa: PLC0415
     from jaxllm.runner.model_runner import ModelRunner  # noqa: PLC0415
+    from jaxllm.runner.platforms import select_jax_platforms  # noqa: PLC0415
 
-    distributed.initialize(config.parallel)  # before any device is touched
+    start = time.perf_counter()
+    select_jax_platforms()  # before any device is touched
+    distributed.initialize(config.parallel)  # likewise
     model_dir = resolve_model_dir(config.model.model, config.model.revision)
     defaults = load_generation_defaults(model_dir, config.model.generation_config, config.model.revision)
-    tokenizer = load_tokenizer(config.model.tokenizer or model_dir, config.model.revision)
+    tokenizer_source, tokenizer_start = config.model.tokenizer or model_dir, time.perf_counter()
+    tokenizer = load_tokenizer(tokenizer_source, config.model.revision)
+    logger.info("Loaded the tokenizer (%d tokens) from %s in %.1f s", len(tokenizer), tokenizer_source,
+                time.perf_counter() - tokenizer_start)
     arch = load_arch(model_dir)
     eos = set(defaults.eos_token_ids) | set(arch.eos_token_ids)
     if tokenizer.eos_token_id is not None:
@@ -82,6 +89,9 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template))
     warm_grammars.join()
     freeze_startup_heap()
+    logger.info("Engine ready in %.1f s: up to %d tokens per request, %d requests and %d tokens per step",
+                time.perf_counter() - start, limits.max_model_len, limits.max_num_seqs,
+                limits.max_num_batched_tokens)
     return parts
 
 
@@ -102,7 +112,7 @@ def _with_kv_pool(config: EngineConfig, sched: SchedulerLimits, device: DeviceFa
     pool = kv_pool(config.cache, kv_cache.measure_device(model.mesh), activation + buckets.input_bytes(), page_bytes)
     pool = dataclasses.replace(pool, num_pages=kv_cache.same_on_every_process(pool.num_pages))
     limits = resolve_limits(sched, page_size, pool)
-    kv_cache.log_pool(limits.num_pages, page_size, limits.max_model_len, page_bytes)
+    kv_cache.log_pool(limits.num_pages, page_size, limits.max_model_len, page_bytes, activation)
     return limits
 
 

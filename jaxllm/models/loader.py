@@ -112,7 +112,8 @@ def load_weights(
     flat = list(_leaves(abstract_state))
     key = jax.random.key(seed)
     desc = "Random weights" if checkpoint is None else "Loading safetensors"
-    for i, (path, var) in enumerate(tqdm(flat, desc=desc, unit="tensor", leave=False)):
+    # NOTE: disable=None: no bar where stderr is no terminal (a log file would keep its first frame).
+    for i, (path, var) in enumerate(tqdm(flat, desc=desc, unit="tensor", leave=False, disable=None)):
         abstract = var.get_value()
         sharding = NamedSharding(mesh, rules.spec(var.get_metadata()["logical_axes"]))
         name = hf_name(path)

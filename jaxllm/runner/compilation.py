@@ -190,11 +190,11 @@ def activation_bytes(model: LoadedModel, attention: Attention, buckets: Buckets,
         path = Path(cache_dir) / f"jaxllm-activation-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
         with contextlib.suppress(OSError, ValueError, KeyError):
             temp = int(json.loads(path.read_text())["temp_size_in_bytes"])
-            logger.info("Activation peak of the largest bucket: %.2f GiB (from %s)", temp / GiB, path)
+            logger.debug("Activation peak of the largest bucket: %.2f GiB (from %s)", temp / GiB, path)
             return temp
     analysis = traced.lower().compile().memory_analysis()
     temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
-    logger.info("Activation peak of the largest bucket: %.2f GiB", temp / GiB)
+    logger.debug("Activation peak of the largest bucket: %.2f GiB", temp / GiB)
     if path is not None:
         with contextlib.suppress(OSError):
             scratch = path.with_suffix(f".{os.getpid()}.tmp")
@@ -297,7 +297,10 @@ class BucketCompiler:
         workers = max(1, min(len(jobs), os.cpu_count() or 1, 4 if self._platform == "gpu" else 2))
         pool = ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-compile")
         pending = {key: pool.submit(fn) for _, key, fn in (first if background else jobs)}
-        for key, future in tqdm(pending.items(), desc="Compiling buckets", unit="job", leave=False, disable=background):
+        # NOTE: disable=None: no bar where stderr is no terminal (a log file would keep its first frame).
+        bar = tqdm(pending.items(), desc="Compiling buckets", unit="job", leave=False,
+                   disable=True if background else None)
+        for key, future in bar:
             self._programs[key] = future.result()
         self._warm = True
         self._deferred = jobs[len(first):] if background else []
@@ -306,8 +309,9 @@ class BucketCompiler:
             self._log_compiled(start)
             return
         self._loader = pool
-        logger.info("Compiled the %d-token bucket in %.1f s; %d more jobs will load in the background",
-                    jobs[0][0], time.perf_counter() - start, len(self._deferred))
+        logger.info("The %d-token buckets (%d of %d forward buckets) compiled in %.1f s; the other %d load in the "
+                    "background", jobs[0][0], self._count_forward(first), len(self.buckets.keys),
+                    time.perf_counter() - start, self._count_forward(self._deferred))
 
     def load_in_background(self) -> None:
         """Start loading what a background warm-up left (none offline).
@@ -317,13 +321,13 @@ class BucketCompiler:
         tokenizer's load, pickling the engine's description to the HTTP process) severalfold."""
         if self._loader is None or not self._deferred:
             return
-        start, futures = time.perf_counter(), []
+        start, futures, count = time.perf_counter(), [], self._count_forward(self._deferred)
         for _, key, fn in self._deferred:
             self._programs[key] = future = self._loader.submit(fn)
             future.add_done_callback(partial(self._loaded, key))
             futures.append(future)
         self._deferred = []
-        threading.Thread(target=lambda: (wait(futures), self._log_compiled(start)), daemon=True).start()
+        threading.Thread(target=lambda: (wait(futures), self._log_compiled(start, count)), daemon=True).start()
 
     def wait_warm(self) -> None:
         """Wait until every program loading in the background is ready (tests, benchmarks)."""
@@ -361,11 +365,17 @@ class BucketCompiler:
             return
         self._programs[key] = future.result()
 
-    def _log_compiled(self, start: float) -> None:
+    @staticmethod
+    def _count_forward(jobs: list[Job]) -> int:
+        return sum(1 for _, key, _ in jobs if key[0] == "forward")
+
+    def _log_compiled(self, start: float, in_background: int = 0) -> None:
+        """One line once every forward bucket is ready; `in_background`: how many of them the loaders compiled."""
         logger.info(
-            "Compiled %d forward buckets (tokens %s x pages/request %s) in %.1f s; attention: %s",
+            "Compiled %d forward buckets (tokens %s x pages/request %s)%s in %.1f s; attention: %s",
             len(self.buckets.keys), list(self.buckets.tokens), list(self.buckets.pages),
-            time.perf_counter() - start, self._attention_name,
+            f", the last {in_background} in the background," if in_background else "", time.perf_counter() - start,
+            self._attention_name,
         )
 
     # ----- compiling -----------------------------------------------------------------------

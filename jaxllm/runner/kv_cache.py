@@ -58,10 +58,13 @@ def allocate_kv_pages(arch: ModelArch, num_pages: int, page_size: int, dtype, me
     return [make() for _ in range(arch.num_layers)]
 
 
-def log_pool(num_pages: int, page_size: int, max_model_len: int, page_bytes: int) -> None:
+def log_pool(num_pages: int, page_size: int, max_model_len: int, page_bytes: int, activation_bytes: int) -> None:
+    """The KV phase's one start-up line; `activation_bytes`, the peak it reserved (0: not measured, CPU)."""
     tokens = num_pages * page_size
     logger.info(
-        "KV cache: %d pages of %d tokens = %d tokens (%.2f GiB per device); maximum concurrency for %d tokens "
+        "KV cache: %d pages of %d tokens = %d tokens (%.2f GiB per device%s); maximum concurrency for %d tokens "
         "per request: %.2fx",
-        num_pages, page_size, tokens, num_pages * page_bytes / GiB, max_model_len, tokens / max_model_len,
+        num_pages, page_size, tokens, num_pages * page_bytes / GiB,
+        f", after {activation_bytes / GiB:.2f} GiB of activation peak" if activation_bytes else "",
+        max_model_len, tokens / max_model_len,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class LoadedModel:
 
 
 def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None) -> LoadedModel:
+    start = time.perf_counter()
     model_dir = resolve_model_dir(model_config.model, model_config.revision)
     arch = load_arch(model_dir)
     tp = parallel.tensor_parallel_size
@@ -71,8 +73,19 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
     state = load_weights(model_dir, state, mesh, rules, dtype, model_config.load_format, model_config.seed)
     leaves, treedef = jax.tree.flatten(state)
     logger.info(
-        "Loaded %s (%s, %.2fB params, %s) from %s on %d %s device(s)",
-        arch.architecture, dtype.name if hasattr(dtype, "name") else dtype, arch.num_params() / 1e9,
+        "Loaded %s (%s params, %s, %s) from %s on %d %s device(s) in %.1f s",
+        arch.architecture, human_count(sum(leaf.size for leaf in leaves)), jnp.dtype(dtype).name,
         "dummy weights" if model_config.load_format == "dummy" else "safetensors", model_dir, tp, platform,
+        time.perf_counter() - start,
     )
     return LoadedModel(model_dir, arch, dtype, mesh, rules, graphdef, treedef, leaves)
+
+
+def human_count(count: int) -> str:
+    """A count to three significant digits in the largest unit it reaches: 259968 -> "260K", 8.03e9 -> "8.03B"."""
+    value, unit = float(count), ""
+    for larger in ("K", "M", "B", "T"):
+        if float(f"{value:.3g}") < 1000:
+            break
+        value, unit = value / 1000, larger
+    return f"{value:.3g}{unit}"
