@@ -128,8 +128,7 @@ class ModelRunner:
                                         self._prev_tokens)
         prompt_lp = None
         if want_prompt_logprobs:
-            targets = np.zeros(num_tokens, np.int32)
-            targets[:-1] = arrays.input_ids[1:]
+            targets = self._prompt_targets(arrays, num_tokens)
             width = self.logprob_widths.fitting([self.input_batch.requests[r].sampling_params.prompt_logprobs
                                                  for r in arrays.prompt_logprob_rows])
             prompt_lp = _prompt_logprobs(logits, jnp.asarray(targets), width)
@@ -142,6 +141,21 @@ class ModelRunner:
         else:
             self._dispatch_sample(step, logits, sampling, flags)
         return StepHandle(self, step)
+
+    def _prompt_targets(self, arrays: StepArrays, num_tokens: int) -> np.ndarray:
+        """[T] i32: for row t, the token after t's position, whose prompt logprob row t's logits give.
+
+        Called before `advance`: a request's computed count is still where its rows start."""
+        targets = np.zeros(num_tokens, np.int32)
+        targets[:-1] = arrays.input_ids[1:]
+        # NOTE: a chunk that ends mid-prompt is followed in the step by the next request's tokens; its last
+        # row's target is its own next prompt token instead.
+        for req_id, (lo, hi) in arrays.prompt_logprob_rows.items():
+            state = self.input_batch.requests[req_id]
+            after = state.num_computed_tokens + hi - lo
+            if after < len(state.token_ids):
+                targets[hi - 1] = state.token_ids[after]
+        return targets
 
     def _sample_pending(self, step: _Step | None, grammar_bitmask: dict[str, np.ndarray]) -> None:
         """The sampling of a step with constrained requests, once their masks are known."""

@@ -21,10 +21,7 @@ def top_logprobs(llm, prompt_token_ids: list[int]) -> dict[int, float]:
 
 
 def path_logprob(llm, prompt_token_ids: list[int], path: list[int]) -> float:
-    """The model's logprob of `path` after the prompt, read from the prompt logprobs of prompt + path.
-
-    NOTE: one request per call: batched with others, a prompt split by chunked prefill got a wrong logprob
-    at the chunk boundary (seen on small_llm, a 10-token prompt split after 8 tokens)."""
+    """The model's logprob of `path` after the prompt, read from the prompt logprobs of prompt + path."""
     (out,) = llm.generate([{"prompt_token_ids": prompt_token_ids + path}],
                           SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     return sum(out.prompt_logprobs[len(prompt_token_ids) + i][token].logprob for i, token in enumerate(path))

@@ -55,3 +55,16 @@ def test_logprob_token_ids_read_the_same_distribution(outputs) -> None:
         for label in LABELS:
             assert entry[label].logprob == pytest.approx(whole[label].logprob, abs=1e-5)
     assert labelled.prompt_logprobs is None
+
+
+def test_prompt_logprobs_do_not_depend_on_where_chunked_prefill_splits_the_prompt(small_llm):
+    # small_llm's step holds 16 tokens: nine 10-token prompts in one batch are split mid-prompt by chunked
+    # prefill, so a chunk's last row must score the request's own next prompt token, not the next request's.
+    prompts = [{"prompt_token_ids": [1, *range(300 + 7 * i, 309 + 7 * i)]} for i in range(9)]
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    batched = small_llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, batched, strict=True):
+        (alone,) = small_llm.generate(prompt, params, use_tqdm=False)
+        for position, (got, want) in enumerate(zip(out.prompt_logprobs[1:], alone.prompt_logprobs[1:], strict=True)):
+            token = prompt["prompt_token_ids"][position + 1]
+            assert got[token].logprob == pytest.approx(want[token].logprob, abs=1e-4), (prompt, position)
