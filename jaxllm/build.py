@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jaxllm.config import EngineConfig, EngineLimits
+from jaxllm.config import EngineConfig, EngineLimits, StructuredOutputsConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.generation_config import GenerationDefaults, load_generation_defaults
 from jaxllm.model_arch import load_arch
@@ -66,7 +66,7 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     eos = set(defaults.eos_token_ids) | set(arch.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    grammar_compiler = _grammar_compiler(tokenizer, arch.vocab_size)
+    grammar_compiler = _grammar_compiler(tokenizer, arch.vocab_size, config.structured_outputs_config)
     # NOTE: the first grammar compile for a tokenizer builds the grammar backend's view of its vocabulary,
     # about a second of GIL with a 150k vocabulary: done here, beside the model's loading and compiling
     # (much of it GIL-free), it never stalls the engine's loop under a running batch.
@@ -147,10 +147,10 @@ def _warm_up(grammar_compiler: Any, eos_token_ids: set[int]) -> None:
         logger.exception("The grammar backend's warm-up failed")
 
 
-def _grammar_compiler(tokenizer, vocab_size: int):
+def _grammar_compiler(tokenizer, vocab_size: int, options: StructuredOutputsConfig):
     """Structured outputs, when the grammar package is installed (None otherwise)."""
     try:
         from jaxllm.structured import make_grammar_compiler
     except ImportError:
         return None
-    return make_grammar_compiler(tokenizer, vocab_size)
+    return make_grammar_compiler(tokenizer, vocab_size, options)

@@ -283,6 +283,7 @@ async def check_compiles(info: EngineInfo, spec: StructuredOutputsParams, param:
     The engine compiles it again in its own process, off its loop: this check is what lets a bad schema get
     its 400 before the response starts."""
     try:
-        await asyncio.to_thread(compile_grammar, spec, info.tokenizer, info.vocab_size, sorted(info.eos_token_ids))
+        await asyncio.to_thread(compile_grammar, spec, info.tokenizer, info.vocab_size, sorted(info.eos_token_ids),
+                                info.config.structured_outputs_config)
     except ValueError as e:
         raise APIError(str(e), param=param) from e

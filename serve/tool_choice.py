@@ -4,8 +4,9 @@
 - "none": tools still reach the chat template; the output is plain content.
 - "auto": needs --enable-auto-tool-choice and --tool-call-parser (else vLLM's 400); the parser reads calls
   out of whatever the model writes.
-- "required" / a named function: decoding is constrained to a call (`jaxllm.structured.tool_choice_constraint`)
-  and `ConstrainedToolParser` reads it back, whatever --tool-call-parser is.
+- "required" / a named function: decoding is constrained to a call (`jaxllm.structured.tool_choice_constraint`:
+  compact, closed objects, open values bounded to fit the request's max_tokens) and `ConstrainedToolParser`
+  reads it back, whatever --tool-call-parser is.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def resolve_tools(request: ChatCompletionRequest, args: ServerArgs) -> ToolHandl
         return ToolHandling(tools, "auto", get_tool_parser(args.tool_call_parser), None, keep_special)
     if isinstance(choice, dict):
         _check_named_choice(choice, tools or [])
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     try:
-        constraint = tool_choice_constraint(tools, choice, bool(request.parallel_tool_calls))
+        constraint = tool_choice_constraint(tools, choice, bool(request.parallel_tool_calls), max_tokens)
     except ValueError as e:  # the choice itself is checked above: what is left is about the tools' schemas
         raise APIError(str(e), param="tools") from e
     assert constraint is not None

@@ -5,6 +5,10 @@ strings), `grammar` (Lark or GBNF/EBNF text, as vLLM's guidance backend accepts)
 (vLLM's JSON: `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`). Anything llguidance
 cannot compile raises `ValueError` with its message, which names the construct
 ('Unimplemented keys: ["not"]', 'Unknown format: ...', a regex error with its position).
+
+The engine's `StructuredOutputsConfig` applies to JSON schemas as vLLM's guidance backend applies it:
+`disable_any_whitespace` makes the JSON compact, `disable_additional_properties` closes every object schema
+that declares properties. A schema's own `x-guidance` options (forced tool calls set them) come last.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from typing import Any
 
 import llguidance
 
+from jaxllm.config import StructuredOutputsConfig
 from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.structured.matcher import GrammarMatcher
+from jaxllm.structured.schema_rules import close_objects
 from jaxllm.structured.tokenizer_info import default_eos_token_ids, ll_tokenizer
 
 # NOTE: whitespace between JSON tokens is limited to nothing, one space, or a newline plus up to 32 spaces or
@@ -27,7 +33,8 @@ from jaxllm.structured.tokenizer_info import default_eos_token_ids, ll_tokenizer
 # any run of whitespace, and with random or weak weights such runs eat the max_tokens budget and leave the
 # JSON unfinished.
 JSON_WHITESPACE_PATTERN = r"(?:\n[\x20\x09]{0,32}|\x20)?"
-_JSON_DEFAULTS = {"whitespace_pattern": JSON_WHITESPACE_PATTERN}
+_FLEXIBLE = {"whitespace_pattern": JSON_WHITESPACE_PATTERN}
+_COMPACT = {"whitespace_flexible": False}
 _CACHE_SIZE = 256
 
 
@@ -68,7 +75,16 @@ def _json_schema(value: dict[str, Any] | str, field: str) -> dict[str, Any]:
     return value
 
 
-def _structural_tag_grammar(value: str | dict[str, Any]) -> str:
+def _with_options(schema: dict[str, Any], options: StructuredOutputsConfig) -> dict[str, Any]:
+    """The schema as the engine's options read it, its own `x-guidance` options over theirs."""
+    if options.disable_additional_properties:
+        schema = close_objects(schema, every_object=False)
+    defaults = _COMPACT if options.disable_any_whitespace else _FLEXIBLE
+    own = schema.get("x-guidance", {})
+    return {**schema, "x-guidance": {**defaults, **own} if isinstance(own, dict) else own}  # llguidance names a bad one
+
+
+def _structural_tag_grammar(value: str | dict[str, Any], options: StructuredOutputsConfig) -> str:
     tag = _json_schema(value, "structural_tag")
     structures, triggers = tag.get("structures"), tag.get("triggers")
     if not isinstance(structures, list) or not structures or not isinstance(triggers, list):
@@ -79,17 +95,16 @@ def _structural_tag_grammar(value: str | dict[str, Any]) -> str:
         trigger = next((t for t in triggers if begin.startswith(t)), None)
         if trigger is None:
             raise ValueError(f"structural_tag: begin {begin!r} starts with none of the triggers {triggers}")
-        schema = dict(_json_schema(s.get("schema", {}), "structural_tag schema"))
-        schema.setdefault("x-guidance", _JSON_DEFAULTS)
-        tags.append(llguidance.StructTag(trigger=trigger, begin=begin, grammar=schema, end=s.get("end", "")))
+        grammar = _with_options(_json_schema(s.get("schema", {}), "structural_tag schema"), options)
+        tags.append(llguidance.StructTag(trigger=trigger, begin=begin, grammar=grammar, end=s.get("end", "")))
     return llguidance.StructTag.to_grammar(tags)
 
 
-def _to_llguidance(kind: str, value: Any) -> str:
+def _to_llguidance(kind: str, value: Any, options: StructuredOutputsConfig) -> str:
     if kind == "json":
-        return llguidance.LLMatcher.grammar_from_json_schema(_json_schema(value, "json"), defaults=_JSON_DEFAULTS)
+        return llguidance.LLMatcher.grammar_from_json_schema(_with_options(_json_schema(value, "json"), options))
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_DEFAULTS)
+        return llguidance.LLMatcher.grammar_from_json_schema(_with_options({"type": "object"}, options))
     if kind == "regex":
         if not isinstance(value, str):
             raise ValueError("regex must be a string")
@@ -103,12 +118,13 @@ def _to_llguidance(kind: str, value: Any) -> str:
             raise ValueError("grammar must be a string")
         return llguidance.grammar_from("grammar", value)  # Lark, or GBNF converted to Lark
     if kind == "structural_tag":
-        return _structural_tag_grammar(value)
+        return _structural_tag_grammar(value, options)
     raise ValueError(f"unknown structured output kind {kind!r}")
 
 
-def _cache_key(kind: str, value: Any) -> str:
-    return kind + ":" + json.dumps(value, sort_keys=True, ensure_ascii=False)
+def _cache_key(kind: str, value: Any, options: StructuredOutputsConfig) -> str:
+    return f"{kind}:{options.disable_any_whitespace:d}{options.disable_additional_properties:d}:" + json.dumps(
+        value, sort_keys=True, ensure_ascii=False)
 
 
 class _GrammarCache:
@@ -149,22 +165,25 @@ def compile_grammar(
     tokenizer: Any,
     vocab_size: int,
     eos_token_ids: Sequence[int] | None = None,
+    options: StructuredOutputsConfig | None = None,
 ) -> CompiledGrammar:
     """Compile `spec` for a fast HF `tokenizer` and a model with `vocab_size` logits.
 
     `eos_token_ids` are the ids that may end the output once the grammar is complete (pass the model's
-    stop tokens, e.g. `SamplingParams.all_stop_token_ids`; default: the tokenizer's EOS). Results are
+    stop tokens, e.g. `SamplingParams.all_stop_token_ids`; default: the tokenizer's EOS). `options` is the
+    engine's --structured-outputs-config (default: vLLM's defaults). Results are
     cached. Raises `ValueError` naming the problem for an invalid or unsupported spec. Compiling a large
     schema can take tens of milliseconds and releases the GIL: call it from a worker thread in a server.
     """
     kind, value = spec_kind_and_value(spec)
+    options = options or StructuredOutputsConfig()
     eos = tuple(sorted({int(t) for t in (eos_token_ids or default_eos_token_ids(tokenizer))}))
     tokenizer_view = ll_tokenizer(tokenizer, vocab_size, eos)
-    key = (id(tokenizer_view), _cache_key(kind, value))
+    key = (id(tokenizer_view), _cache_key(kind, value, options))
     hit = _cache.get(key)
     if hit is not None:
         return hit
-    grammar = _to_llguidance(kind, value)
+    grammar = _to_llguidance(kind, value, options)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer_view)
     if is_error:
         raise ValueError(f"unsupported {_field_name(kind)}: {messages[0]}")
@@ -184,9 +203,11 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def make_grammar_compiler(tokenizer: Any, vocab_size: int) -> Callable[[SamplingParams], CompiledGrammar]:
+def make_grammar_compiler(
+    tokenizer: Any, vocab_size: int, options: StructuredOutputsConfig | None = None
+) -> Callable[[SamplingParams], CompiledGrammar]:
     """The engine's `grammar_compiler`: a request's SamplingParams -> its compiled grammar (each of the
-    request's sequences takes `new_matcher()` of it).
+    request's sequences takes `new_matcher()` of it), with the engine's --structured-outputs-config.
 
     EOS is the request's `all_stop_token_ids` (the model's stop tokens, filled in by the engine), else the
     tokenizer's. The engine core calls it on a worker thread, off its loop."""
@@ -195,6 +216,6 @@ def make_grammar_compiler(tokenizer: Any, vocab_size: int) -> Callable[[Sampling
         if params.structured_outputs is None:
             raise ValueError("the request has no structured_outputs")
         eos = sorted(params.all_stop_token_ids) or None
-        return compile_grammar(params.structured_outputs, tokenizer, vocab_size, eos)
+        return compile_grammar(params.structured_outputs, tokenizer, vocab_size, eos, options)
 
     return compile_for

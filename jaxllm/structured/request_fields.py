@@ -17,7 +17,8 @@ from typing import Any
 from jaxllm.sampling_params import StructuredOutputsParams
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(StructuredOutputsParams))
-# vLLM's per-request options of its structured-output backends; jaxllm has one backend and fixed options.
+# vLLM's per-request options of its structured-output backends, which its 0.34.0 backends ignore too: they read
+# the engine's --structured-outputs-config (`compile_grammar`'s options).
 _IGNORED_OPTIONS = frozenset({"disable_fallback", "disable_any_whitespace", "disable_additional_properties",
                               "whitespace_pattern", "backend", "_backend", "_backend_was_auto"})
 

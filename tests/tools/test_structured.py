@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from jaxllm.config import StructuredOutputsConfig
 from jaxllm.sampling_params import StructuredOutputsParams
 from jaxllm.structured import (
     allowed_token_ids,
@@ -23,6 +24,7 @@ from jaxllm.structured import (
     structured_outputs_from_request,
     tool_choice_constraint,
 )
+from jaxllm.structured.schema_rules import bound_open_values, close_objects
 from serve.tool_parsers import ConstrainedToolParser
 from tests.fixtures import fixture_tokenizer
 
@@ -212,7 +214,7 @@ def test_forced_tool_choice_always_yields_calls_whose_arguments_validate(model: 
 def test_required_tool_choice_allows_several_calls(qwen: Model) -> None:
     compiled = qwen.compile(tool_choice_constraint(TOOLS, "required").structured_outputs)
     matcher = compiled.new_matcher()
-    text = '[{"name": "ping", "parameters": {}}, {"name": "get_time", "parameters": {"tz": "UTC"}}]'
+    text = '[{"name":"ping","parameters":{}},{"name":"get_time","parameters":{"tz":"UTC"}}]'  # compact: see below
     assert matcher.accept_tokens(qwen.tokenizer.encode(text)) and matcher.is_accepting()
     capped = qwen.compile(tool_choice_constraint(TOOLS, "required", parallel_tool_calls=False).structured_outputs)
     assert not capped.new_matcher().accept_tokens(qwen.tokenizer.encode(text))
@@ -348,3 +350,87 @@ def test_request_fields_to_spec(response_format, structured_outputs, expected) -
 def test_malformed_request_fields(response_format, structured_outputs, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         structured_outputs_from_request(response_format, structured_outputs)
+
+
+# ---- forced tool calls that always finish; --structured-outputs-config (issue 20) ----
+
+OPEN_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]},
+                                                    "extra": {"type": "object"}}, "required": ["city", "unit"]}
+OPEN_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": OPEN_PARAMETERS}}]
+
+
+def _accepts(compiled, model: Model, text: str) -> bool:
+    matcher = compiled.new_matcher()
+    return matcher.accept_tokens(model.tokenizer.encode(text)) and matcher.accept_token(model.eos[0])
+
+
+def test_close_objects_as_vllm_disable_additional_properties_and_as_xgrammar_strict() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "object"}, "b": {"anyOf": [
+        {"type": "object", "properties": {"x": {}}}, {"type": "object", "additionalProperties": True}]}},
+        "$defs": {"d": {"properties": {"y": {}}}}}
+    declared = close_objects(schema, every_object=False)
+    assert declared["additionalProperties"] is False and declared["$defs"]["d"]["additionalProperties"] is False
+    assert declared["properties"]["b"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in declared["properties"]["a"]  # declares nothing: vLLM leaves it open
+    assert declared["properties"]["b"]["anyOf"][1]["additionalProperties"] is True  # set: kept
+    strict = close_objects(schema, every_object=True)
+    assert strict["properties"]["a"]["additionalProperties"] is False
+    assert "additionalProperties" not in strict["properties"]["b"]  # its branches say which keys it takes
+    assert "additionalProperties" not in schema  # the input is left as it is
+
+
+def test_bound_open_values_shares_the_budget() -> None:
+    schema = {"type": "object", "properties": {
+        "a": {"type": "string"}, "b": {"type": ["string", "null"]}, "c": {"type": "string", "minLength": 40},
+        "kept": {"type": "string", "maxLength": 500}, "e": {"enum": ["x"]}, "p": {"type": "string", "pattern": "a+"},
+        "f": {"type": "string", "format": "date"}, "n": {"type": "integer", "minimum": 0},
+        "list": {"type": "array", "items": {"type": "integer", "maximum": 9}, "minItems": 20}}}
+    props = bound_open_values(schema, max_tokens=120)["properties"]
+    assert props["a"]["maxLength"] == props["b"]["maxLength"] == 20  # 3 free strings share 60 characters
+    assert props["c"]["maxLength"] == 40 and props["kept"]["maxLength"] == 500
+    assert not any("maxLength" in props[k] for k in ("e", "p", "f"))
+    assert (props["n"]["minimum"], props["n"]["maximum"]) == (0, 2**53 - 1)
+    assert props["list"]["maxItems"] == 30 and props["list"]["items"] == {"type": "integer", "maximum": 9,
+                                                                           "minimum": -(2**53 - 1)}
+    assert "maxLength" not in schema["properties"]["a"]
+
+
+def test_a_forced_call_is_compact_closed_and_fits_max_tokens(qwen: Model) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    compiled = qwen.compile(tool_choice_constraint(OPEN_TOOLS, named, max_tokens=64).structured_outputs)
+    assert _accepts(compiled, qwen, '{"city":"New  York","unit":"c","extra":{}}')  # whitespace inside strings
+    assert not _accepts(compiled, qwen, '{"city": "Paris", "unit": "c"}')
+    assert not _accepts(compiled, qwen, '{"city":"Paris","unit":"c","country":"FR"}')  # undeclared
+    assert not _accepts(compiled, qwen, '{"city":"Paris","unit":"c","extra":{"k":1}}')  # {"type": "object"}: {}
+    assert _accepts(compiled, qwen, '{"city":"' + "x" * 32 + '","unit":"f"}')  # half of 64 tokens
+    assert not _accepts(compiled, qwen, '{"city":"' + "x" * 33 + '","unit":"f"}')
+    unbounded = qwen.compile(tool_choice_constraint(OPEN_TOOLS, named).structured_outputs)
+    assert _accepts(unbounded, qwen, '{"city":"' + "x" * 500 + '","unit":"f"}')
+
+
+@pytest.mark.parametrize(("max_tokens", "calls"), [(64, 1), (128, 2), (None, 5)])
+def test_required_calls_are_as_many_as_fit_max_tokens(qwen: Model, max_tokens: int | None, calls: int) -> None:
+    compiled = qwen.compile(tool_choice_constraint(OPEN_TOOLS, "required", max_tokens=max_tokens).structured_outputs)
+    call = '{"name":"get_weather","parameters":{"city":"Oslo","unit":"c"}}'
+    assert _accepts(compiled, qwen, "[" + ",".join([call] * calls) + "]")
+    if max_tokens is not None:
+        assert not _accepts(compiled, qwen, "[" + ",".join([call] * (calls + 1)) + "]")
+
+
+@pytest.mark.parametrize(("options", "spaced", "undeclared"), [
+    (StructuredOutputsConfig(), True, True),  # vLLM's defaults: flexible whitespace, open objects
+    (StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True), False, True),
+    (StructuredOutputsConfig(backend="guidance", disable_additional_properties=True), True, False),
+])
+def test_structured_outputs_config_applies_to_json_schemas(qwen: Model, options: StructuredOutputsConfig,
+                                                           spaced: bool, undeclared: bool) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+    def accepts(spec: StructuredOutputsParams, text: str) -> bool:
+        return _accepts(compile_grammar(spec, qwen.tokenizer, qwen.vocab_size, qwen.eos, options), qwen, text)
+
+    assert accepts(StructuredOutputsParams(json=schema), '{"a":1}')
+    assert accepts(StructuredOutputsParams(json=schema), '{"a": 1}') is spaced
+    assert accepts(StructuredOutputsParams(json=schema), '{"a":1,"b":2}') is undeclared
+    assert accepts(StructuredOutputsParams(json_object=True), '{"b":2}')  # declares nothing: stays open
+    assert accepts(StructuredOutputsParams(json_object=True), '{"b": 2}') is spaced
