@@ -38,8 +38,9 @@ class LogprobWidths(NamedTuple):
     """The top-logprobs widths an engine compiles: `narrow` for the usual request, `wide` for those that ask
     for more, up to the engine's --max-logprobs (the whole vocabulary with -1).
 
-    NOTE: two static widths, so a request within OpenAI's cap never pays for a wider top-k, let alone a
-    sort of the whole vocabulary; with vLLM's default limit (20) they are one."""
+    NOTE: two static widths, so a request within OpenAI's cap never pays for a wider table: the [S, W] ids
+    and logprobs go to the host every step (a whole vocabulary of 128k ids is 1 MB a row), and on CPU a
+    narrow top-k is also faster. With vLLM's default limit (20) they are one."""
 
     narrow: int
     wide: int
