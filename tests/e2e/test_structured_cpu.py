@@ -3,7 +3,8 @@ satisfies the constraint. Offline (`LLM.generate` / `LLM.chat`) on stories260K a
 Qwen2 with the Qwen2.5 tokenizer's full vocabulary, and through the server with the official `openai` SDK:
 `tool_choice="required"` and a named tool always give a call whose arguments validate, json_schema 20 of
 20 times, `choice` and `regex` hold. Schemas bound their strings: an open `json_object` only ends when the
-model wants it to (tests/tools samples it with a sampler that wraps up; tests/serve checks the wiring).
+model wants it to (tests/tools samples it with a sampler that wraps up; tests/serve checks the wiring). A forced
+call needs no such bounds: with max_tokens 64, calls to an open schema finish 20 of 20 times (issue 20).
 """
 
 from __future__ import annotations
@@ -188,3 +189,46 @@ def test_choice_and_regex_hold(client: openai.OpenAI) -> None:
     matched = client.completions.create(model=NAME, prompt=["Once upon a time", "Hello"], n=3, seed=2, max_tokens=30,
                                         extra_body={"structured_outputs": {"regex": REGEX}})
     assert all(re.fullmatch(REGEX, c.text) for c in matched.choices), [c.text for c in matched.choices]
+
+
+# ---- forced calls with an open schema, as vLLM users write them (issue 20) ----
+
+# NOTE: nothing bounds this schema: no maxLength, no additionalProperties. The server's forced-call grammar
+# (compact JSON, closed objects, values bounded to the max_tokens budget) is what ends each call.
+FORECAST_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+}
+FORECAST_TOOLS = [{"type": "function", "function": {"name": "get_forecast", "parameters": FORECAST_PARAMETERS}}]
+FORECAST_CHOICES = {"required": "required", "named": {"type": "function", "function": {"name": "get_forecast"}}}
+
+
+async def _forced_call(client: openai.AsyncOpenAI, tool_choice: Any, stream: bool, seed: int,
+                       temperature: float) -> Any:
+    kwargs = dict(model=NAME, messages=ASK, tools=FORECAST_TOOLS, tool_choice=tool_choice, seed=seed,
+                  temperature=temperature, max_tokens=64)
+    if not stream:
+        return (await client.chat.completions.create(**kwargs)).choices[0]
+    async with client.chat.completions.stream(**kwargs) as events:
+        return (await events.get_final_completion()).choices[0]
+
+
+def test_forced_calls_to_an_open_schema_finish_20_of_20(server: LiveServer) -> None:
+    """Seeds 0-19 for each of "required" and named, streamed and not (each at temperature 0.8 one way and 1.0
+    the other), all 80 calls at once: every call ends within 64 tokens and its arguments validate (vLLM's
+    finish reasons: "tool_calls", and "stop" for a named one)."""
+    groups = [("required", False, 0.8), ("required", True, 1.0), ("named", False, 1.0), ("named", True, 0.8)]
+    cases = [(choice, stream, seed, temperature) for choice, stream, temperature in groups for seed in range(20)]
+
+    async def run() -> list[Any]:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+            return await asyncio.gather(*(_forced_call(client, FORECAST_CHOICES[choice], stream, seed, temperature)
+                                          for choice, stream, seed, temperature in cases))
+
+    for (choice, *_), out in zip(cases, asyncio.run(run()), strict=True):
+        assert out.finish_reason == ("tool_calls" if choice == "required" else "stop"), out.message
+        assert out.message.tool_calls, out.message.content
+        for call in out.message.tool_calls:
+            assert call.function.name == "get_forecast"
+            jsonschema.validate(json.loads(call.function.arguments), FORECAST_PARAMETERS)
