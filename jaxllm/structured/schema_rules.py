@@ -20,31 +20,41 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 _SUBSCHEMAS = ("additionalProperties", "unevaluatedProperties", "items", "prefixItems", "additionalItems",
                "contains", "propertyNames", "anyOf", "oneOf", "allOf", "not", "if", "then", "else")
 _COMPOSITION = {"anyOf", "oneOf", "allOf", "$ref"}
+# Keywords whose subschemas describe an array's items: a value there may appear maxItems times.
+_ITEMS = ("items", "prefixItems", "additionalItems", "contains")
 # NOTE: the integers JSON parsers read exactly (RFC 8259 section 6): a bound no real argument needs to pass,
 # while an unbounded integer lets a weak model write digits until max_tokens.
 _SAFE_INTEGER = 2**53 - 1
 
 
-def _subschemas(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _subschemas(node: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(keyword, subschema) for each subschema directly under `node`."""
     for key in _SCHEMA_MAPS:
         value = node.get(key)
         if isinstance(value, dict):
-            yield from (v for v in value.values() if isinstance(v, dict))
+            yield from ((key, v) for v in value.values() if isinstance(v, dict))
     for key in _SUBSCHEMAS:
         value = node.get(key)
         if isinstance(value, dict):
-            yield value
+            yield key, value
         elif isinstance(value, list):
-            yield from (v for v in value if isinstance(v, dict))
+            yield from ((key, v) for v in value if isinstance(v, dict))
+
+
+def _walk_counted(node: dict[str, Any]) -> Iterator[tuple[dict[str, Any], int]]:
+    """`node` and every subschema under it, each once per place it appears, with how many values it may
+    describe in one instance: the product of the maxItems of the arrays around it (1 outside any array)."""
+    stack = [(node, 1)]
+    while stack:
+        current, copies = stack.pop()
+        yield current, copies
+        max_items = current.get("maxItems")
+        inner = copies * max_items if isinstance(max_items, int) and max_items > 0 else copies
+        stack.extend((child, inner if key in _ITEMS else copies) for key, child in _subschemas(current))
 
 
 def _walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """`node` and every subschema under it, each once per place it appears."""
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        yield current
-        stack.extend(_subschemas(current))
+    return (current for current, _ in _walk_counted(node))
 
 
 def _types(node: dict[str, Any]) -> set[str]:
@@ -75,17 +85,14 @@ def _is_free_string(node: dict[str, Any]) -> bool:
 def bound_open_values(schema: dict[str, Any], max_tokens: int) -> dict[str, Any]:
     """`schema` with bounds where it sets none, so that a value fits `max_tokens` tokens:
 
-    - the free strings (no enum, const, pattern or format) share half the budget: each holds at most
-      max_tokens // (2 * their number) characters, since a token is at least a character; the other half is
-      left to the keys, the punctuation and the other values;
-    - an array holds at most max_tokens // 4 items (an item and its comma take two tokens or more);
+    - an array holds at most max_tokens // 8 items;
+    - the free strings (no enum, const, pattern or format) share half the budget in characters (most tokens
+      hold one or more), a string in an array once per item it may have; the other half is left to the keys,
+      the punctuation and the other values;
     - an integer lies within +-(2**53 - 1).
     Bounds the schema sets itself are kept; a minimum above the cap raises the cap to it."""
     schema = copy.deepcopy(schema)
-    free_strings = [node for node in _walk(schema) if _is_free_string(node)]
-    max_chars, max_items = max(1, max_tokens // (2 * max(1, len(free_strings)))), max(1, max_tokens // 4)
-    for node in free_strings:
-        node["maxLength"] = max(max_chars, node.get("minLength", 0))
+    max_items = max(1, max_tokens // 8)
     for node in _walk(schema):
         types = _types(node)
         if any(k in node for k in ("enum", "const")):
@@ -97,4 +104,8 @@ def bound_open_values(schema: dict[str, Any], max_tokens: int) -> dict[str, Any]
                 node["minimum"] = -_SAFE_INTEGER
             if not {"maximum", "exclusiveMaximum"} & node.keys():
                 node["maximum"] = _SAFE_INTEGER
+    free_strings = [(node, copies) for node, copies in _walk_counted(schema) if _is_free_string(node)]
+    max_chars = max(1, max_tokens // (2 * max(1, sum(copies for _, copies in free_strings))))
+    for node, _ in free_strings:
+        node["maxLength"] = max(max_chars, node.get("minLength", 0))
     return schema

@@ -384,13 +384,16 @@ def test_bound_open_values_shares_the_budget() -> None:
         "a": {"type": "string"}, "b": {"type": ["string", "null"]}, "c": {"type": "string", "minLength": 40},
         "kept": {"type": "string", "maxLength": 500}, "e": {"enum": ["x"]}, "p": {"type": "string", "pattern": "a+"},
         "f": {"type": "string", "format": "date"}, "n": {"type": "integer", "minimum": 0},
-        "list": {"type": "array", "items": {"type": "integer", "maximum": 9}, "minItems": 20}}}
+        "list": {"type": "array", "items": {"type": "integer", "maximum": 9}, "minItems": 20},
+        "tags": {"type": "array", "items": {"type": "string"}}}}
     props = bound_open_values(schema, max_tokens=120)["properties"]
-    assert props["a"]["maxLength"] == props["b"]["maxLength"] == 20  # 3 free strings share 60 characters
+    assert props["tags"]["maxItems"] == 15  # 120 // 8
+    # 3 free strings, and the tags' item up to 15 times, share 60 characters
+    assert props["a"]["maxLength"] == props["b"]["maxLength"] == props["tags"]["items"]["maxLength"] == 3
     assert props["c"]["maxLength"] == 40 and props["kept"]["maxLength"] == 500
     assert not any("maxLength" in props[k] for k in ("e", "p", "f"))
     assert (props["n"]["minimum"], props["n"]["maximum"]) == (0, 2**53 - 1)
-    assert props["list"]["maxItems"] == 30 and props["list"]["items"] == {"type": "integer", "maximum": 9,
+    assert props["list"]["maxItems"] == 20 and props["list"]["items"] == {"type": "integer", "maximum": 9,
                                                                            "minimum": -(2**53 - 1)}
     assert "maxLength" not in schema["properties"]["a"]
 
