@@ -212,6 +212,13 @@ class InputBatch:
             state.num_pending -= 1
 
 
+class LogprobNeeds(NamedTuple):
+    """What one request asks of logprobs: its top `top_k` (-1: the whole vocabulary), or, where `top_k` is
+    None, the logprobs of its logprob_token_ids."""
+
+    top_k: int | None
+
+
 class SamplerNeeds(NamedTuple):
     """What one request asks of the sampler, fixed for its life (min_tokens: only until it has them)."""
 
@@ -219,9 +226,7 @@ class SamplerNeeds(NamedTuple):
     top_k_top_p: bool  # top_k, top_p < 1 or min_p > 0 (sampled requests only)
     penalties: bool
     bias: bool  # logit_bias or allowed_token_ids
-    logprobs: bool
-    top_logprobs: int | None  # top-logprobs count (-1: the whole vocabulary); None: none (or logprob_token_ids)
-    logprob_token_ids: bool
+    logprobs: LogprobNeeds | None  # None: no logprobs
     min_tokens: bool
 
     @classmethod
@@ -231,9 +236,7 @@ class SamplerNeeds(NamedTuple):
             top_k_top_p=not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0),
             penalties=p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0,
             bias=bool(p.logit_bias) or p.allowed_token_ids is not None,
-            logprobs=p.num_logprobs is not None,
-            top_logprobs=None if p.logprob_token_ids else p.logprobs,
-            logprob_token_ids=bool(p.logprob_token_ids),
+            logprobs=None if p.num_logprobs is None else LogprobNeeds(None if p.logprob_token_ids else p.logprobs),
             min_tokens=p.min_tokens > 0,
         )
 
@@ -247,10 +250,13 @@ def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool, logprob_
     """
     if not states:
         return SamplerFlags(bitmask=bitmask_rows)
-    greedy, top, penalties, bias, logprobs, top_logprobs, token_ids, min_tokens = zip(*(s.needs for s in states),
-                                                                                      strict=True)
+    greedy, top, penalties, bias, logprobs, min_tokens = zip(*(s.needs for s in states), strict=True)
     below_min = any(min_tokens) and any(s.num_outputs < s.sampling_params.min_tokens for s in states)
-    width = logprob_widths.fitting([k for k in top_logprobs if k is not None]) if any(logprobs) else 0
+    width, token_ids = 0, False
+    if any(logprobs):
+        asked = [needs for needs in logprobs if needs is not None]
+        width = logprob_widths.fitting([needs.top_k for needs in asked if needs.top_k is not None])
+        token_ids = any(needs.top_k is None for needs in asked)
     return SamplerFlags(
         all_greedy=all(greedy),
         top_k_top_p=any(top),
@@ -259,7 +265,7 @@ def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool, logprob_
         bitmask=bitmask_rows,
         logprobs=any(logprobs),
         top_logprobs=width,
-        logprob_token_ids=any(token_ids),
+        logprob_token_ids=token_ids,
     )
 
 
