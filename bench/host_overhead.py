@@ -29,6 +29,7 @@ from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.runner.compilation import page_buckets
 from jaxllm.runner.input_batch import InputBatch, sampler_flags, sampling_arrays
 from jaxllm.runner.limits import token_buckets
+from jaxllm.runner.sampler import LogprobWidths
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from jaxllm.tokenizer import load_tokenizer
 
@@ -41,6 +42,7 @@ class HostOnlyRunner:
         self.page_buckets = page_buckets(max_pages)
         self.max_num_seqs = limits.max_num_seqs
         self.vocab_size, self.max_model_len = vocab_size, limits.max_model_len
+        self.logprob_widths = LogprobWidths.of(20, vocab_size)  # vLLM's default --max-logprobs
         self.rng = np.random.default_rng(0)
         self.timings = timings
 
@@ -53,7 +55,7 @@ class HostOnlyRunner:
         pages = next(p for p in self.page_buckets if p >= longest)
         arrays = self.batch.build(sched, num_tokens, num_slots, pages)
         states = [self.batch.requests[r] for r in arrays.req_ids]
-        flags = sampler_flags(states, bool(sched.structured_req_ids))
+        flags = sampler_flags(states, bool(sched.structured_req_ids), self.logprob_widths)
         sampling_arrays(arrays, states, num_slots, flags, {}, self.vocab_size, self.max_model_len)
         self.batch.advance(sched, arrays)
         tokens = self.rng.integers(1000, 100000, num_slots)
