@@ -8,7 +8,8 @@ Flags: `jaxllm.command_line` (vLLM's, with jaxllm's own). The engine is built by
 and builds the engine.
 
 Shutdown: SIGTERM/SIGINT stop accepting connections, in-flight requests get `--shutdown-timeout`
-seconds to finish, the rest are cancelled (which aborts them in the engine), and the process exits 0.
+seconds to finish, the rest are ended (`serve.middleware.ShutdownDeadline`: a stream with an error event and
+[DONE], a request not yet answered with a 503; each aborted in the engine), and the process exits 0.
 If the engine dies, in-flight requests get a 500, /health turns 503 and the process exits 1.
 """
 
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("jaxllm.serve")
 
+# Seconds the requests ended at the shutdown deadline get to write their ending before uvicorn cancels them.
+ENDING_GRACE_S = 5.0
+
 def make_context(engine: EngineClient, args: ServerArgs) -> ServingContext:
     """The app's state (`serve.app`, loaded on demand: heavy)."""
     from serve.app import ServingContext  # noqa: PLC0415
@@ -49,6 +53,23 @@ def make_context(engine: EngineClient, args: ServerArgs) -> ServingContext:
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, ctx: ServingContext) -> None:
+        super().__init__(config)
+        self.ctx = ctx
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        deadline = asyncio.get_running_loop().call_later(max(self.ctx.args.shutdown_timeout, 0.0),
+                                                         self._end_running_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+    def _end_running_requests(self) -> None:
+        if running := self.ctx.shutdown.expire():
+            logger.warning("--shutdown-timeout (%g s) expired; ending %d unfinished request(s).",
+                           self.ctx.args.shutdown_timeout, running)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         # NOTE: uvicorn re-raises a captured SIGTERM after shutting down, which kills the process with
@@ -87,11 +108,11 @@ def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
         ssl_cert_reqs=args.ssl_cert_reqs,
         **{name: value for name, value in tls.items() if value is not None},
         log_level=args.uvicorn_log_level,
-        timeout_graceful_shutdown=max(args.shutdown_timeout, 0.001),
+        timeout_graceful_shutdown=max(args.shutdown_timeout, 0.0) + ENDING_GRACE_S,
         access_log=False,
         log_config=None,
     )
-    server = _Server(config)
+    server = _Server(config, ctx)
 
     async def serve() -> None:
         # NOTE: the periodic stats line is the engine's (build_async_engine(..., log_stats=...)).

@@ -38,7 +38,14 @@ from serve.inputs import chat_prompt, check_model, parse, read_json
 from serve.invocations import create_invocation
 from serve.load import LOAD_REPORT_FORMAT_HEADER, ServerLoad, load_report_header
 from serve.metrics_text import CONTENT_TYPE, render_metrics
-from serve.middleware import BearerAuth, BodySizeLimit, RequestIdHeaders, RootPath
+from serve.middleware import (
+    BearerAuth,
+    BufferedBody,
+    EndAtShutdownDeadline,
+    RequestIdHeaders,
+    RootPath,
+    ShutdownDeadline,
+)
 from serve.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
 from serve.streaming import until_disconnect
 from serve.tokenizer_info import tokenizer_info
@@ -52,6 +59,7 @@ class ServingContext:
     args: ServerArgs
     started_at: float = field(default_factory=time.time)
     load: ServerLoad = field(default_factory=ServerLoad)  # counted with --enable-server-load-tracking
+    shutdown: ShutdownDeadline = field(default_factory=ShutdownDeadline)  # expired by `jaxllm.serve.run_server`
 
     @property
     def model_name(self) -> str:
@@ -194,10 +202,13 @@ def build_app(ctx: ServingContext) -> Starlette:
     middleware += [
         Middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
                    allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials),
-        Middleware(BodySizeLimit, max_bytes=args.max_request_body_bytes),
+        Middleware(EndAtShutdownDeadline, deadline=ctx.shutdown),
     ]
     if args.api_key:
         middleware.append(Middleware(BearerAuth, api_keys=args.api_key))
+    # NOTE: after auth: a client without the key gets its 401 before the server buffers its body.
+    middleware.append(Middleware(BufferedBody, max_bytes=args.max_request_body_bytes,
+                                 timeout_s=args.request_body_timeout))
     if args.enable_server_load_tracking:
         middleware.append(Middleware(ctx.load.middleware))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,

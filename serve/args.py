@@ -34,6 +34,9 @@ class ServerArgs:
     )
     root_path: str | None = option(None, "ASGI root_path, when the server runs behind a path-based proxy.")
     max_request_body_bytes: int = option(32 * 1024 * 1024, "Largest request body accepted; larger ones get 413.")
+    request_body_timeout: float = option(
+        60.0, "Seconds a client has to send the whole request body once its headers are in; slower gets 408."
+    )
     metrics_names: str = option(
         "jaxllm", "Prefix of /metrics names: jaxllm, or vllm for vLLM's own names (existing dashboards).",
         choices=("jaxllm", "vllm"),

@@ -1,20 +1,29 @@
-"""The app's pure-ASGI middleware: the root path, request-id headers, auth and the body-size limit."""
+"""The app's pure-ASGI middleware: the root path, request-id headers, auth, reading the body (size limit and
+deadline), and ending the requests still running when the shutdown deadline expires."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.errors import APIError
+from serve.streaming import SSE_DONE
+
+logger = logging.getLogger("jaxllm.serve")
 
 # Paths the API key guards: vLLM's /v1, and SageMaker's generation route (see BearerAuth).
-GUARDED_PREFIXES = ("/v1", "/invocations")
+GUARDED_PREFIXES = ("/v1", "/invocations", "/dashboard/data")
 
 
 def route_path(scope: Scope) -> str:
@@ -84,12 +93,19 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-class BodySizeLimit:
-    """413 for a body over `max_bytes`, by Content-Length up front or while it streams in."""
+class BufferedBody:
+    """Reads the whole request body before the app sees the request, so no handler (and no engine) meets a
+    half-sent one: 413 over `max_bytes` (by Content-Length up front, else counted as it streams in, so chunked
+    bodies too), 408 when it has not all arrived `timeout_s` after the headers, and a client that leaves
+    mid-upload ends the request with one debug line.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    NOTE: one deadline for the whole body, not an idle time between chunks: a client sending a byte every few
+    seconds would hold the connection and its buffer forever under an idle timeout."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,23 +113,138 @@ class BodySizeLimit:
             return
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._too_large().response()(scope, receive, send)
+            await _closing(self._too_large())(scope, receive, send)
             return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            logger.info("%s %s: the request body did not arrive within %g s; answered 408.", scope["method"],
+                        scope["path"], self.timeout_s)
+            await _closing(APIError(
+                f"The request body did not arrive within {self.timeout_s:g} s (--request-body-timeout).",
+                HTTPStatus.REQUEST_TIMEOUT))(scope, receive, send)
+            return
+        except APIError as e:
+            await _closing(e)(scope, receive, send)
+            return
+        if body is None:
+            logger.debug("%s %s: the client disconnected while sending the request body.", scope["method"],
+                         scope["path"])
+            return
+        replayed = False
+
+        async def replay_receive() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay_receive, send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The body, or None when the client disconnects first."""
+        chunks: list[bytes] = []
         received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
-            return message
-
-        await self.app(scope, counting_receive, send)
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     def _too_large(self) -> APIError:
         return APIError(
             f"Request body is larger than the limit of {self.max_bytes} bytes (--max-request-body-bytes).",
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
         )
+
+
+def _closing(error: APIError) -> JSONResponse:
+    """The error's response, closing the connection: the rest of the body is never read."""
+    response = error.response()
+    response.headers["Connection"] = "close"
+    return response
+
+
+class ShutdownDeadline:
+    """The end of --shutdown-timeout: `expire()` cancels every request still running, and each one's
+    `EndAtShutdownDeadline` answers it in a form its client can read."""
+
+    message = "The server is shutting down and --shutdown-timeout expired before this request finished."
+
+    def __init__(self) -> None:
+        self.expired = False
+        self.running: set[asyncio.Task[Any]] = set()
+
+    def expire(self) -> int:
+        """Cancel the running requests; how many there were."""
+        self.expired = True
+        for task in self.running:
+            task.cancel()
+        return len(self.running)
+
+
+@dataclass
+class _ResponseProgress:
+    """What of a response has been sent: its start, whether it is an event stream, its last body chunk."""
+
+    started: bool = False
+    event_stream: bool = False
+    events_done: bool = False  # the last chunk ended with `data: [DONE]`
+    complete: bool = False
+
+
+class EndAtShutdownDeadline:
+    """Ends the requests still running when the ShutdownDeadline expires as clients can read them, not as cut
+    connections: a stream gets vLLM's error JSON as an SSE event and `data: [DONE]`, a request not yet answered
+    (queued, or generating a whole reply) gets a 503 with the error JSON. Nothing is logged per request."""
+
+    def __init__(self, app: ASGIApp, deadline: ShutdownDeadline) -> None:
+        self.app = app
+        self.deadline = deadline
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self.app(scope, receive, send)
+            return
+        progress = _ResponseProgress()
+
+        async def tracking_send(message: Message) -> None:
+            await send(message)
+            # NOTE: marked once sent: a cancel that lands inside `send` (waiting to write) sent nothing.
+            if message["type"] == "http.response.start":
+                progress.started = True
+                content_type = Headers(raw=message["headers"]).get("content-type", "")
+                progress.event_stream = content_type.startswith("text/event-stream")
+            elif message["type"] == "http.response.body":
+                progress.events_done = message.get("body", b"").endswith(SSE_DONE.encode())
+                progress.complete = not message.get("more_body", False)
+
+        self.deadline.running.add(task)
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if not self.deadline.expired:
+                raise
+            task.uncancel()
+        finally:
+            self.deadline.running.discard(task)
+        if self.deadline.expired and not progress.complete:
+            await self._end(progress, scope, receive, send)
+
+    async def _end(self, progress: _ResponseProgress, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(self.deadline.message, HTTPStatus.SERVICE_UNAVAILABLE)
+        if not progress.started:
+            await error.response()(scope, receive, send)
+        elif progress.event_stream:
+            events = "" if progress.events_done else error.sse_event() + SSE_DONE
+            await send({"type": "http.response.body", "body": events.encode(), "more_body": False})
+        # NOTE: a whole (not streamed) reply cut mid-body cannot be mended; the server closes its connection.
