@@ -3,8 +3,9 @@
 Every handler reads one `ServingContext`: the engine client (whose `info` describes the model and its
 limits) and the server's flags. The middleware (`serve.middleware`, `serve.load`) wraps the routes, outermost
 first: the root path, X-Request-Id, CORS (starlette's: a browser's preflight OPTIONS is answered before auth,
-and error responses carry the CORS headers the browser needs to read them), the body limit, auth, and the
-in-flight count. Every error, 404 and 405 included, is vLLM's error JSON.
+and error responses carry the CORS headers the browser needs to read them), the end at the shutdown deadline,
+auth, reading the body (size limit and deadline), and the in-flight count. Every error, 404 and 405 included,
+is vLLM's error JSON.
 """
 
 from __future__ import annotations
