@@ -142,8 +142,7 @@ def start_generation(engine: EngineClient, prompts: list[EnginePrompt], params: 
                     for prompt, sp, request_id in zip(prompts, params, request_ids, strict=True)]
     except Exception as e:
         raise generation_error(e, engine_dead=engine.is_dead, params=error_params) from e
-    return merge_outputs([engine.submit(command, request_id) for command, request_id in zip(commands, request_ids,
-                                                                                           strict=True)])
+    return merge_outputs(engine.submit_all(commands, request_ids))
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import threading
 from collections.abc import Callable
@@ -264,12 +265,25 @@ class EngineClient:
 
     def submit(self, command: AddRequest, request_id: str) -> GenerationStream:
         """Send a prepared request; its outputs come back under `request_id` (the caller's)."""
+        return self.submit_all([command], [request_id])[0]
+
+    def submit_all(self, commands: list[AddRequest], request_ids: list[str]) -> list[GenerationStream]:
+        """Send the prepared requests of one user request (its prompts), in one message; their outputs come back
+        under `request_ids` (the caller's). They share one source, so they take turns with other requests to
+        enter the engine's scheduler rather than queue ahead of them all (`jaxllm.engine.admission`)."""
+        if len(commands) > 1:
+            commands = [dataclasses.replace(command, source=commands[0].request_id) for command in commands]
+        streams = [self._open(command, request_id) for command, request_id in zip(commands, request_ids, strict=True)]
+        self._send(*commands)
+        return streams
+
+    def _open(self, command: AddRequest, request_id: str) -> GenerationStream:
+        """The stream of a request about to be sent."""
         engine_id = command.request_id
         stream = self._streams.open(engine_id)
         with self._ids_lock:
             self._submitted[engine_id] = _Submitted(request_id, command.prompt_token_ids, command.prompt)
             self._engine_ids[request_id] = engine_id
-        self._send(command)
 
         def abandon() -> None:
             self._streams.close(engine_id)

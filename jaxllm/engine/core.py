@@ -12,11 +12,11 @@ Every engine loop is this one, with its own source and sink:
 - processes 1..N-1 of a multi-process server replay process 0's iterations (`ReplaySource`, `follow`);
 - the offline `LLM` feeds it one batch and runs it until that batch is done (`until_idle`).
 
-NOTE: a request with structured outputs waits in the scheduler's queue (stepped over, keeping its place)
-while its grammar compiles on a thread pool (`GrammarCompiles`), so a big schema never stalls the
-other requests' steps. When a compile ends is a fact of one process's threads, so only the leader (process
-0) decides it, as a `GrammarReady` command applied and replicated like any other: every process then
-schedules that request in the same step (a follower waits for its own compile of the same grammar there).
+NOTE: a request with structured outputs waits outside the scheduler while its grammar compiles on a
+thread pool (`GrammarCompiles`), so a big schema never stalls the other requests' steps. When a compile
+ends is a fact of one process's threads, so only the leader (process 0) decides it, as a `GrammarReady`
+command applied and replicated like any other: every process then lets that request in at the same step
+(a follower waits for its own compile of the same grammar there).
 
 No jax here: the transport between processes (`jaxllm.distributed`) is injected as `publish` / `receive`.
 """
@@ -56,6 +56,9 @@ class AddRequest:
     max_tokens: int  # resolved by validation: params.max_tokens, or the rest of the context
     prompt: str | None = None
     cache_salt: str | None = None
+    # Whose turn its sequences take to enter the scheduler (`jaxllm.engine.admission`): the prompts of one
+    # user request share one; None: its own.
+    source: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,11 @@
           -> free finished -> outputs
 
 A user request with `n > 1` becomes n child requests ("{i}_{request_id}") sharing the prompt, so
-the prefix cache shares its pages; their outputs are gathered into one `EngineOutput`. The loop that
-feeds and steps it is `jaxllm.engine.core.EngineCore`.
+the prefix cache shares its pages; their outputs are gathered into one `EngineOutput`. The children are
+made as they enter the scheduler, one at a time while it has a free seat, in turn with other requests'
+(`jaxllm.engine.admission`): a big `n` or a long prompt list never queues a later request behind all of
+it, and adding one costs the loop nothing per child. The loop that feeds and steps the engine is
+`jaxllm.engine.core.EngineCore`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jaxllm.config import EngineConfig, EngineLimits
+from jaxllm.engine.admission import Admission
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Finish, OutputDetokenizer
 from jaxllm.engine.interfaces import ModelRunnerOutput, ModelRunnerProtocol, SchedulerOutput, StepHandle, TokenLogprobs
@@ -65,18 +69,34 @@ class _Sequence:
 class _Group:
     """One user request: its n sequences and how its outputs are reported."""
 
-    request_id: str
-    output_kind: RequestOutputKind
-    sequences: list[_Sequence] = field(default_factory=list)
-    prompt_token_ids: list[int] = field(default_factory=list)
+    command: AddRequest
+    first_seed: int  # sequence i samples with seed first_seed + i
+    num_unfinished: int  # of its n sequences, those not let in yet included
+    awaiting_grammar: bool  # its sequences wait for `grammar_ready` before they are let in
+    grammar: Any = None  # the compiled grammar: each sequence gets a matcher of it
+    sequences: list[_Sequence] = field(default_factory=list)  # those let in so far, by index
+    changed: dict[int, _Sequence] = field(default_factory=dict)  # by index: those with news since the last output
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # position 0 is None
     sent_prompt_logprobs: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
     arrival_wall_time: float = field(default_factory=time.time)
     error: str | None = None  # why it failed (finish_reason "error")
 
     @property
+    def request_id(self) -> str:
+        return self.command.request_id
+
+    @property
+    def output_kind(self) -> RequestOutputKind:
+        return self.command.params.output_kind
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.command.prompt_token_ids
+
+    @property
     def finished(self) -> bool:
-        return all(seq.finish_reason is not None for seq in self.sequences)
+        return self.num_unfinished == 0
 
 
 class LLMEngine:
@@ -101,6 +121,8 @@ class LLMEngine:
         # (seed, position) and a run is reproducible from config.model.seed.
         self._seed_rng = random.Random(config.model.seed)
         self._groups: dict[str, _Group] = {}
+        self._admission: Admission[_Group] = Admission()
+        self._num_awaiting_grammar = 0  # sequences of the groups waiting for their grammar
         self._sequences: dict[str, tuple[_Group, _Sequence]] = {}  # child request id -> its group
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._changed: dict[str, _Group] = {}  # groups with something to report, in order
@@ -111,34 +133,49 @@ class LLMEngine:
     # ---- requests in ----
 
     def add_request(self, command: AddRequest) -> None:
-        """Queue a validated request (`EngineInfo.new_request`). With structured outputs it waits for
-        `grammar_ready` (or `fail_request`) before it is scheduled."""
+        """Queue a validated request (`EngineInfo.new_request`); its sequences are let into the scheduler by
+        later steps. With structured outputs they wait for `grammar_ready` (or `fail_request`) first."""
         request_id, params = command.request_id, command.params
         if request_id in self._groups:
             raise ValueError(f"Request id {request_id} is already running.")
-        prompt_token_ids = command.prompt_token_ids
-        group = _Group(request_id, params.output_kind, prompt_token_ids=prompt_token_ids)
-        final_only = params.output_kind == RequestOutputKind.FINAL_ONLY
         n = params.n
-        for index in range(n):
-            seed = params.seed + index if params.seed is not None else self._seed_rng.randint(0, MAX_RANDOM_SEED)
-            child = params.clone(n=1, seed=seed, all_stop_token_ids=set(self.eos_token_ids))
-            child_id = request_id if n == 1 else f"{index}_{request_id}"
-            request = Request(child_id, prompt_token_ids, child, command.max_tokens, cache_salt=command.cache_salt)
-            if params.structured_outputs is not None:
-                request.status = RequestStatus.WAITING_FOR_GRAMMAR
-            wants_logprobs = child.num_logprobs is not None
-            sequence = _Sequence(request, index,
-                                 OutputDetokenizer(self.tokenizer, prompt_token_ids, child, command.max_tokens,
-                                                   self.max_model_len, defer_text=final_only),
-                                 [] if wants_logprobs else None, 0.0 if wants_logprobs else None)
-            group.sequences.append(sequence)
+        first_seed = params.seed if params.seed is not None else self._seed_rng.randint(0, MAX_RANDOM_SEED - n + 1)
+        group = _Group(command, first_seed, num_unfinished=n, awaiting_grammar=params.structured_outputs is not None)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         self._groups[request_id] = group
-        for sequence in group.sequences:
-            self._sequences[sequence.request.req_id] = (group, sequence)
-            self.scheduler.add_request(sequence.request)
+        if group.awaiting_grammar:
+            self._num_awaiting_grammar += n
+        else:
+            self._admission.add(command.source or request_id, group, n)
+
+    def _new_sequence(self, group: _Group, index: int) -> _Sequence:
+        """Make the group's sequence `index` (its request, not yet in the scheduler)."""
+        command, params = group.command, group.command.params
+        child = params.clone(n=1, seed=group.first_seed + index, all_stop_token_ids=set(self.eos_token_ids))
+        child_id = command.request_id if params.n == 1 else f"{index}_{command.request_id}"
+        request = Request(child_id, command.prompt_token_ids, child, command.max_tokens,
+                          arrival_time=group.arrival_time, cache_salt=command.cache_salt)
+        if group.grammar is not None:
+            request.grammar = group.grammar.new_matcher()
+        wants_logprobs = child.num_logprobs is not None
+        sequence = _Sequence(request, index,
+                             OutputDetokenizer(self.tokenizer, command.prompt_token_ids, child, command.max_tokens,
+                                               self.max_model_len,
+                                               defer_text=params.output_kind == RequestOutputKind.FINAL_ONLY),
+                             [] if wants_logprobs else None, 0.0 if wants_logprobs else None)
+        group.sequences.append(sequence)
+        self._sequences[child_id] = (group, sequence)
+        return sequence
+
+    def _let_in(self) -> None:
+        """Let queued sequences into the scheduler while it has free seats, in turn by source (`Admission`)."""
+        for _ in range(self.scheduler.num_free_seats()):
+            taken = self._admission.take()
+            if taken is None:
+                return
+            group, index = taken
+            self.scheduler.add_request(self._new_sequence(group, index).request)
 
     def compile_grammar(self, params: SamplingParams) -> Any:
         """The compiled grammar of a request's structured outputs, ending on this engine's stop ids
@@ -148,15 +185,14 @@ class LLMEngine:
 
     def is_waiting_for_grammar(self, request_id: str) -> bool:
         group = self._groups.get(request_id)
-        return group is not None and any(
-            seq.request.status == RequestStatus.WAITING_FOR_GRAMMAR for seq in group.sequences)
+        return group is not None and group.awaiting_grammar
 
     def grammar_ready(self, request_id: str, grammar: Any) -> None:
-        """The request's grammar has compiled: each of its sequences gets a matcher and may be scheduled."""
-        for sequence in self._groups[request_id].sequences:
-            if sequence.request.status == RequestStatus.WAITING_FOR_GRAMMAR:
-                sequence.request.grammar = grammar.new_matcher()
-                self.scheduler.grammar_ready(sequence.request.req_id)
+        """The request's grammar has compiled: its sequences, each with a matcher of it, may be let in."""
+        group = self._groups[request_id]
+        group.grammar, group.awaiting_grammar = grammar, False
+        self._num_awaiting_grammar -= group.command.params.n
+        self._admission.add(group.command.source or request_id, group, group.command.params.n)
 
     def fail_request(self, request_id: str, error: str) -> None:
         """End a request with an error (its grammar did not compile): finish_reason "error", `error` reported."""
@@ -177,7 +213,15 @@ class LLMEngine:
         for sequence in group.sequences:
             if sequence.finish_reason is None:
                 self.scheduler.finish_request(sequence.request.req_id, status)
-                self._finish(sequence, finish)
+                self._finish(group, sequence, finish)
+        if group.awaiting_grammar:
+            group.awaiting_grammar = False
+            self._num_awaiting_grammar -= group.command.params.n
+            never_let_in = range(group.command.params.n)
+        else:
+            never_let_in = self._admission.remove(group)
+        for index in never_let_in:  # reported as ended too, as vLLM reports each of the n
+            self._finish(group, self._new_sequence(group, index), finish)
         self._changed[group.request_id] = group
 
     def start_background_work(self) -> None:
@@ -192,13 +236,15 @@ class LLMEngine:
         return bool(self._groups) or self._in_flight is not None
 
     def needs_step(self) -> bool:
-        """Whether `step()` has anything to do: a step in flight, outputs to report, or requests to schedule
-        (those waiting for their grammar alone are not)."""
-        return self._in_flight is not None or bool(self._changed) or self.scheduler.has_schedulable_requests()
+        """Whether `step()` has anything to do: a step in flight, outputs to report, or requests to let in or
+        schedule (those waiting for their grammar alone are not)."""
+        return (self._in_flight is not None or bool(self._changed) or self.scheduler.has_schedulable_requests()
+                or self._admission.num_pending > 0)
 
     # ---- the step ----
 
     def step(self) -> list[EngineOutput]:
+        self._let_in()
         scheduler_output = self.scheduler.schedule()
         handle = None if scheduler_output.is_empty else self.runner.execute(scheduler_output)
         if self._in_flight is not None:
@@ -245,12 +291,15 @@ class LLMEngine:
         finish = sequence.detokenizer.update([sampled.token_id])
         if finish is not None:
             self.scheduler.finish_request(request.req_id, _FINISH_STATUS[finish.reason])
-            self._finish(sequence, finish)
+            self._finish(group, sequence, finish)
+        group.changed[sequence.index] = sequence
         self._changed[group.request_id] = group
 
-    def _finish(self, sequence: _Sequence, finish: Finish) -> None:
+    def _finish(self, group: _Group, sequence: _Sequence, finish: Finish) -> None:
         sequence.finish_reason, sequence.stop_reason = finish.reason, finish.stop_reason
         self.metrics.request_finished(finish.reason, time.monotonic() - sequence.request.arrival_time)
+        group.num_unfinished -= 1
+        group.changed[sequence.index] = sequence
 
     def _collect_prompt_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
         if not runner_output.prompt_logprobs:
@@ -276,7 +325,11 @@ class LLMEngine:
         if kind == RequestOutputKind.FINAL_ONLY and not finished:
             return None
         delta = kind == RequestOutputKind.DELTA
-        sequences = [out for sequence in group.sequences if (out := self._sequence_output(sequence, delta))]
+        # NOTE: a delta reports only the sequences with news: going over all n each step made a fan-out's
+        # steps cost O(n) each.
+        reported = [group.changed[index] for index in sorted(group.changed)] if delta else group.sequences
+        group.changed.clear()
+        sequences = [out for sequence in reported if (out := self._sequence_output(sequence, delta))]
         if delta and not sequences:
             return None
         if finished:
@@ -348,7 +401,9 @@ class LLMEngine:
     def _update_gauges(self) -> None:
         scheduler, block_manager = self.scheduler, self.block_manager
         self.metrics.set_gauges(
-            running=len(scheduler.running), waiting=len(scheduler.waiting), kv_cache_usage=block_manager.usage,
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting) + self._admission.num_pending + self._num_awaiting_grammar,
+            kv_cache_usage=block_manager.usage,
             num_free_pages=block_manager.num_free_pages, preemptions=scheduler.num_preemptions,
             prefix_cache_queries=block_manager.prefix_cache_queries, prefix_cache_hits=block_manager.prefix_cache_hits)
         if self.log_stats:

@@ -53,24 +53,17 @@ class Scheduler:
         self.running: list[Request] = []  # oldest first
         self._finished_req_ids: set[str] = set()  # to report to the runner once
         self.num_preemptions = 0
-        self.num_waiting_for_grammar = 0  # requests in `waiting` that cannot be scheduled yet
 
     def add_request(self, request: Request) -> None:
         self.requests[request.req_id] = request
         self.waiting.append(request)
-        if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
-            self.num_waiting_for_grammar += 1
-
-    def grammar_ready(self, req_id: str) -> None:
-        """A request held back for its grammar may be scheduled from now on, in its arrival order."""
-        request = self.requests.get(req_id)
-        if request is not None and request.status == RequestStatus.WAITING_FOR_GRAMMAR:
-            request.status = RequestStatus.WAITING
-            self.num_waiting_for_grammar -= 1
 
     def has_schedulable_requests(self) -> bool:
-        """Running requests, or waiting ones not held back for a grammar."""
-        return bool(self.running) or len(self.waiting) > self.num_waiting_for_grammar
+        return bool(self.running) or bool(self.waiting)
+
+    def num_free_seats(self) -> int:
+        """How many more requests may be added before one would wait for a seat (running or queued ahead)."""
+        return max(0, self.max_num_seqs - len(self.running) - len(self.waiting))
 
     def finish_request(self, req_id: str, status: RequestStatus) -> Request | None:
         """Finish (or abort) a request: its pages are freed at once. Returns it, or None if unknown."""
@@ -81,8 +74,6 @@ class Scheduler:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
-            if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
-                self.num_waiting_for_grammar -= 1
         self.block_manager.free(request)
         request.status = status
         request.finished_time = time.monotonic()
@@ -121,14 +112,9 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Waiting requests, first come first served; none in a step that had to preempt (vLLM). Those
-        # whose grammar is still compiling are stepped over, and keep their place.
-        held_back: list[Request] = []
+        # Waiting requests, first come first served; none in a step that had to preempt (vLLM).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
-                held_back.append(self.waiting.popleft())
-                continue
             if request.num_output_placeholders:
                 break  # preempted while its last sample was in flight: wait for that token
             hit = self.block_manager.find_cached_prefix(request)
@@ -151,7 +137,6 @@ class Scheduler:
                 output_token_ids=list(request.output_token_ids)))
             num_scheduled[request.req_id] = num_new
             budget -= num_new
-        self.waiting.extendleft(reversed(held_back))
 
         total = sum(num_scheduled.values())
         output = SchedulerOutput(new_requests, cached_requests, num_scheduled, total)
