@@ -96,6 +96,7 @@ async def _watch_engine(ctx: ServingContext, server: uvicorn.Server) -> None:
 def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT (exit status 0) or the engine's death (1). `sock`: an already bound socket."""
     from serve.app import build_app  # noqa: PLC0415  (heavy: see main)
+    from serve.http_protocol import http_protocol  # noqa: PLC0415
 
     args = ctx.args
     tls = {"ssl_keyfile": args.ssl_keyfile, "ssl_certfile": args.ssl_certfile, "ssl_ca_certs": args.ssl_ca_certs,
@@ -108,6 +109,7 @@ def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
         ssl_cert_reqs=args.ssl_cert_reqs,
         **{name: value for name, value in tls.items() if value is not None},
         log_level=args.uvicorn_log_level,
+        http=http_protocol(args),
         timeout_graceful_shutdown=max(args.shutdown_timeout, 0.0) + ENDING_GRACE_S,
         access_log=False,
         log_config=None,

@@ -508,8 +508,9 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     _row("--middleware", REFUSED, "custom ASGI middleware is not loaded; it may be what authenticates requests"),
     _row("--enable-request-id-headers", IMPLEMENTED, "adds X-Request-Id to responses"),
     _row("--disable-fastapi-docs", WARNED, "no OpenAPI docs pages are served", arity=SWITCH),
-    _row("--h11-max-incomplete-event-size", WARNED, "uvicorn runs httptools, not h11"),
-    _row("--h11-max-header-count", WARNED, "uvicorn runs httptools, not h11"),
+    _row("--h11-max-incomplete-event-size", IMPLEMENTED,
+         "the most bytes in a request's line and headers (enforced on httptools, which uvicorn runs here)"),
+    _row("--h11-max-header-count", IMPLEMENTED, "the most headers in a request (enforced on httptools)"),
     _row("--enable-offline-docs", WARNED, "no OpenAPI docs pages are served", arity=SWITCH),
     _row("--enable-flash-late-interaction", WARNED, _POOLING, arity=SWITCH),
     # Flags of earlier vLLM releases, gone from 0.34.0: command lines written for those keep starting.

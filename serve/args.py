@@ -37,6 +37,15 @@ class ServerArgs:
     request_body_timeout: float = option(
         60.0, "Seconds a client has to send the whole request body once its headers are in; slower gets 408."
     )
+    request_header_timeout: float = option(
+        60.0, "Seconds a client has to send a request's line and headers (from connecting, or from a later "
+        "request's first byte); slower gets 408 and the connection is closed."
+    )
+    h11_max_incomplete_event_size: int = option(
+        4 * 1024 * 1024, "Most bytes in a request's line and headers; more gets 400 (vLLM's name, enforced here on "
+        "httptools)."
+    )
+    h11_max_header_count: int = option(256, "Most headers in a request; more gets 400.")
     metrics_names: str = option(
         "jaxllm", "Prefix of /metrics names: jaxllm, or vllm for vLLM's own names (existing dashboards).",
         choices=("jaxllm", "vllm"),

@@ -17,6 +17,7 @@ import uvicorn
 from jaxllm.tokenizer import load_tokenizer
 from serve.app import ServingContext, build_app
 from serve.args import ServerArgs
+from serve.http_protocol import http_protocol
 from tests.serve.fake_engine import MODEL_NAMES, STORIES, STORY, new_engine, pool_is_free, story_engine_parts
 
 __all__ = ["MODEL_NAMES", "STORIES", "STORY", "new_engine", "pool_is_free", "story_engine_parts"]
@@ -35,7 +36,7 @@ class LiveServer:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(build_app(ctx), log_level="warning", access_log=False, log_config=None,
-                                timeout_graceful_shutdown=1)
+                                timeout_graceful_shutdown=1, http=http_protocol(ctx.args))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

@@ -66,6 +66,8 @@ IMPLEMENTED_ARGV: dict[str, list[str]] = {
     "--ssl-ca-certs": ["--ssl-ca-certs", "ca.pem"], "--ssl-cert-reqs": ["--ssl-cert-reqs", "2"],
     "--ssl-ciphers": ["--ssl-ciphers", "ECDHE-RSA-AES256-GCM-SHA384"], "--root-path": ["--root-path", "/llm"],
     "--enable-request-id-headers": ["--enable-request-id-headers"],
+    "--h11-max-incomplete-event-size": ["--h11-max-incomplete-event-size", "65536"],
+    "--h11-max-header-count": ["--h11-max-header-count", "64"],
 }
 
 

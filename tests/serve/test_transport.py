@@ -1,5 +1,6 @@
-"""The transport's limits: a request body has a deadline, a client that leaves mid-upload is a quiet line, and
-the requests still running when --shutdown-timeout expires end as their clients can read them."""
+"""The transport's limits: a request's head (line and headers) has a size, a header count and a deadline, its
+body a deadline, a client that leaves mid-upload is a quiet line, and the requests still running when
+--shutdown-timeout expires end as their clients can read them."""
 
 from __future__ import annotations
 
@@ -18,16 +19,19 @@ import pytest
 from tests.serve.conftest import API_KEY, LiveServer, make_context, new_engine, wait_until
 from tests.serve.test_process import ServerProcess
 
-BODY_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = HEADER_TIMEOUT_S = 1.0
+MAX_HEAD_BYTES, MAX_HEADERS = 16 * 1024, 32
 # vLLM's error JSON: exactly these keys.
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
 def impatient(stories_tokenizer: Any, story_script: list[int]) -> Iterator[LiveServer]:
-    """A server that waits BODY_TIMEOUT_S for a request body."""
+    """A server with small limits: BODY_TIMEOUT_S for a request body, HEADER_TIMEOUT_S, MAX_HEAD_BYTES and
+    MAX_HEADERS for its head."""
     ctx = make_context(new_engine(stories_tokenizer, story_script), api_key=[API_KEY],
-                       request_body_timeout=BODY_TIMEOUT_S)
+                       request_body_timeout=BODY_TIMEOUT_S, request_header_timeout=HEADER_TIMEOUT_S,
+                       h11_max_incomplete_event_size=MAX_HEAD_BYTES, h11_max_header_count=MAX_HEADERS)
     with LiveServer(ctx) as server:
         yield server
 
@@ -40,23 +44,73 @@ def send_head(port: int, content_length: int) -> socket.socket:
     return sock
 
 
-def test_a_body_trickling_in_gets_408_at_its_deadline_and_the_connection_closes(impatient: LiveServer) -> None:
-    sock = send_head(impatient.port, content_length=10_000)
+def trickle(sock: socket.socket, piece: bytes, patience_s: float) -> bytes:
+    """Send `piece` every 0.2 s until the server answers and closes the connection (or `patience_s` passes);
+    what it answered (a reset connection may have lost the answer)."""
     sent = time.monotonic()
     sock.settimeout(0.2)
     reply = b""
     with sock:
-        while time.monotonic() - sent < BODY_TIMEOUT_S + 5:
+        while time.monotonic() - sent < patience_s:
             try:
-                sock.sendall(b" ")  # a byte every 0.2 s: the deadline holds for the whole body, not between bytes
+                sock.sendall(piece)
             except OSError:
                 pass
             try:
                 if not (data := sock.recv(65536)):
-                    break  # closed by the server after its answer
+                    return reply  # closed by the server after its answer
                 reply += data
             except TimeoutError:
                 pass
+            except ConnectionResetError:  # closed while a piece was still on its way in
+                return reply
+    raise AssertionError(f"the connection is still open after {patience_s} s; read {reply!r}")
+
+
+def test_headers_trickling_in_get_408_at_their_deadline_and_the_connection_closes(impatient: LiveServer) -> None:
+    sock = socket.create_connection(("127.0.0.1", impatient.port), timeout=10)
+    started = time.monotonic()
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+    reply = trickle(sock, b"X: y\r\n", patience_s=HEADER_TIMEOUT_S + 5)  # a header every 0.2 s, never the end
+    elapsed = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408") and b"connection: close" in reply.lower(), reply
+    assert b"--request-header-timeout" in reply
+    assert HEADER_TIMEOUT_S - 0.1 < elapsed < HEADER_TIMEOUT_S + 5, f"408 after {elapsed:.2f} s"
+
+
+def test_a_silent_connection_is_closed_at_the_header_deadline(impatient: LiveServer) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=HEADER_TIMEOUT_S + 5) as sock:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 2 * MAX_HEAD_BYTES + b"\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(MAX_HEADERS)) + b"\r\n",
+], ids=["size", "count"])
+def test_a_head_over_a_limit_gets_400_and_a_closed_connection(impatient: LiveServer, head: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=10) as sock:
+        sock.sendall(head)
+        reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 400") and b"connection: close" in reply, reply
+        assert sock.recv(65536) == b""
+    assert httpx.get(impatient.url + "/health").status_code == 200
+
+
+def test_an_endless_header_is_refused_before_it_ends(impatient: LiveServer, caplog: pytest.LogCaptureFixture
+                                                     ) -> None:
+    """The parser buffers an incomplete header: its bytes count as they come."""
+    caplog.set_level(logging.INFO, logger="jaxllm.serve")
+    sock = socket.create_connection(("127.0.0.1", impatient.port), timeout=10)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Endless: ")
+    reply = trickle(sock, b"a" * (MAX_HEAD_BYTES // 2), patience_s=HEADER_TIMEOUT_S + 5)
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 400"), reply
+    assert f"headers over {MAX_HEAD_BYTES} bytes (--h11-max-incomplete-event-size)" in caplog.text
+
+
+def test_a_body_trickling_in_gets_408_at_its_deadline_and_the_connection_closes(impatient: LiveServer) -> None:
+    sock = send_head(impatient.port, content_length=10_000)
+    sent = time.monotonic()
+    reply = trickle(sock, b" ", patience_s=BODY_TIMEOUT_S + 5)  # the deadline is the whole body's, not a byte's
     elapsed = time.monotonic() - sent
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), reply
