@@ -16,6 +16,7 @@ Only the standard library here: the engine, the server and the offline API all i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,9 @@ def validate_sampling(p: SamplingParams) -> None:
     _check(-2.0 <= p.presence_penalty <= 2.0, p, "presence_penalty", "must be in [-2, 2]")
     _check(-2.0 <= p.frequency_penalty <= 2.0, p, "frequency_penalty", "must be in [-2, 2]")
     _check(0.0 < p.repetition_penalty <= 2.0, p, "repetition_penalty", "must be in (0, 2]")
+    _check(math.isfinite(p.temperature), p, "temperature", "must be a finite number")
     _check(p.temperature >= 0.0, p, "temperature", "must be non-negative")
+    _check(p.temperature <= 2.0, p, "temperature", "must be in [0, 2]")
     _check(0.0 < p.top_p <= 1.0, p, "top_p", "must be in (0, 1]")
     _check(isinstance(p.top_k, int) and p.top_k >= 0, p, "top_k", "must be 0 or -1 (disable), or at least 1")
     _check(0.0 <= p.min_p <= 1.0, p, "min_p", "must be in [0, 1]")

@@ -34,6 +34,19 @@ class ServerArgs:
     )
     root_path: str | None = option(None, "ASGI root_path, when the server runs behind a path-based proxy.")
     max_request_body_bytes: int = option(32 * 1024 * 1024, "Largest request body accepted; larger ones get 413.")
+    max_n_sequences: int = option(256, "Largest `n` (choices per prompt) a request may ask for (vLLM's "
+                                  "$VLLM_MAX_N_SEQUENCES, 16384 there; OpenAI allows 128).")
+    max_completion_prompts: int = option(1024, "Most prompts in one completions `prompt` list (vLLM's "
+                                         "$VLLM_MAX_COMPLETION_PROMPTS).")
+    max_prompt_tokens_per_request: int = option(
+        1024 * 1024, "Most prompt tokens one request may send, its prompts together (after tokenizing)."
+    )
+    max_stop_strings: int = option(4, "Most `stop` strings in one request (vLLM's $VLLM_MAX_STOP_STRINGS; OpenAI's).")
+    max_num_bad_words: int = option(128, "Most `bad_words` in one request (vLLM's $VLLM_MAX_NUM_BAD_WORDS).")
+    max_request_json_values: int = option(
+        128 * 1024, "Most JSON values (arrays, objects, strings, numbers) in one request body, token ids not counted: "
+        "messages, tools and schemas included."
+    )
     request_body_timeout: float = option(
         60.0, "Seconds a client has to send the whole request body once its headers are in; slower gets 408."
     )

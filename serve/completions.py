@@ -31,6 +31,7 @@ from serve.inputs import (
 )
 from serve.logprobs import TokenNamer, completion_logprobs, prompt_logprobs_json, top_count
 from serve.protocol import CompletionRequest
+from serve.request_bounds import check_prompt_tokens
 from serve.request_metrics import per_request_metrics
 from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse
 from serve.usage import final_usage_chunk, stream_usage, usage
@@ -196,6 +197,7 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
         raise APIError("suffix is not currently supported.", param="suffix")
     prompts = [truncate_prompt(prompt, request, info.tokenizer, info.max_model_len) for prompt in
                completion_prompts(info.tokenizer, request.prompt, add_special_tokens=request.add_special_tokens)]
+    check_prompt_tokens(sum(len(prompt.token_ids) for prompt in prompts), ctx.args.max_prompt_tokens_per_request)
     prompt_logprobs = request.prompt_logprobs
     if prompt_logprobs is None and request.echo and request.logprobs is not None:
         prompt_logprobs = request.logprobs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -86,5 +87,13 @@ def generation_error(exc: BaseException, *, engine_dead: bool, params: dict[str,
         return APIError(str(exc), param=(params or {}).get("structured_outputs"))
     if engine_dead or isinstance(exc, EngineDeadError):
         return APIError("The engine died; the server is shutting down.", HTTPStatus.INTERNAL_SERVER_ERROR)
-    logger.error("Generation failed", exc_info=exc)
-    return APIError("Internal error while generating; see the server's log.", HTTPStatus.INTERNAL_SERVER_ERROR)
+    return internal_error("Generation failed", exc)
+
+
+def internal_error(what: str, exc: BaseException) -> APIError:
+    """A 500 for a bug: the log has `what` and the traceback under a fresh id, the client only that id (an
+    exception's text may hold paths, internals or other requests' data)."""
+    error_id = uuid.uuid4().hex
+    logger.error("%s (error id %s)", what, error_id, exc_info=exc)
+    return APIError(f"Internal server error (error id {error_id}); the server's log has the details.",
+                    HTTPStatus.INTERNAL_SERVER_ERROR)

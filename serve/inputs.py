@@ -10,8 +10,6 @@ request's own shape.
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,12 +33,6 @@ if TYPE_CHECKING:
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
-# A \uD800-\uDFFF escape: json.loads leaves an unpaired one in the string, which the tokenizer cannot encode.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-# Deeper bodies parse but blow the recursion limit later (the chat template's data walk, deepcopy).
-_MAX_DEPTH = 128
-_TOO_DEEP = f"The request body is nested too deeply (more than {_MAX_DEPTH} levels of arrays and objects)."
-
 # OpenAI's defaults for fields a request may leave unset (vLLM's _DEFAULT_SAMPLING_PARAMS).
 _OPENAI_DEFAULTS: dict[str, Any] = {
     "repetition_penalty": 1.0,
@@ -60,39 +52,6 @@ class EnginePrompt:
 
 
 # ---- the body ----
-
-
-async def read_json(request: Request) -> Any:
-    body = await request.body()
-    try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(f"The request body is not valid JSON: {e}", param=None) from e
-    except RecursionError as e:
-        raise APIError(_TOO_DEEP, param=None) from e
-    if body.count(b"[") + body.count(b"{") > _MAX_DEPTH and _deeper_than(value, _MAX_DEPTH):
-        raise APIError(_TOO_DEEP, param=None)
-    if _SURROGATE_ESCAPE.search(body):
-        try:
-            json.dumps(value, ensure_ascii=False).encode()
-        except UnicodeEncodeError as e:
-            raise APIError("The request body is not valid JSON: it holds an unpaired UTF-16 surrogate escape "
-                           f"({e.object[e.start:e.end].encode('unicode_escape').decode()}), which is not a "
-                           "character.", param=None) from e
-    return value
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether arrays and objects nest more than `limit` levels (iteratively: no recursion limit here)."""
-    stack = [(value, 1)] if isinstance(value, dict | list) else []
-    while stack:
-        item, depth = stack.pop()
-        for child in item.values() if isinstance(item, dict) else item:
-            if isinstance(child, dict | list):
-                if depth >= limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
 
 
 def parse(model: type[RequestT], body: Any) -> RequestT:

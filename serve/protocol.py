@@ -65,7 +65,8 @@ class SamplingFields(OpenAIRequest):
     user: str | None = None
     # vLLM's extra sampling params.
     use_beam_search: bool = False
-    length_penalty: float = 1.0
+    # NOTE: the beam score divides by num_tokens ** length_penalty, finite within +-16 for any length below 2**63.
+    length_penalty: Annotated[float, Field(ge=-16.0, le=16.0)] = 1.0
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None

@@ -89,8 +89,12 @@ def _structural_tag_grammar(value: str | dict[str, Any], options: StructuredOutp
     structures, triggers = tag.get("structures"), tag.get("triggers")
     if not isinstance(structures, list) or not structures or not isinstance(triggers, list):
         raise ValueError("structural_tag needs non-empty 'structures' and a 'triggers' list")
+    if not all(isinstance(t, str) for t in triggers):
+        raise ValueError("structural_tag: 'triggers' must be a list of strings")
     tags = []
-    for s in structures:
+    for i, s in enumerate(structures):
+        if not isinstance(s, dict) or not all(isinstance(s.get(key, ""), str) for key in ("begin", "end")):
+            raise ValueError(f"structural_tag: structures[{i}] must be an object with string 'begin' and 'end'")
         begin = s.get("begin", "")
         trigger = next((t for t in triggers if begin.startswith(t)), None)
         if trigger is None:
