@@ -68,7 +68,8 @@ class ServerArgs:
         "for both: slower with many streams)."
     )
     shutdown_timeout: float = option(
-        30.0, "Seconds SIGTERM waits for in-flight requests to finish before aborting them."
+        30.0, "Seconds SIGTERM waits for in-flight requests to finish before ending them (streams with an error "
+        "event and [DONE], the others with 503)."
     )
     enable_auto_tool_choice: bool = option(
         False, 'Let the model decide when to call tools (tool_choice "auto", the default with tools); needs '
