@@ -10,6 +10,6 @@ Data flow of one request:
          or SSE chunks through `streaming`; chat output through `output_parsing`: `reasoning_parsers`, then
          `tool_parsers`).
 
-`app.build_app(...)` wires the routes, CORS, auth, the body-size limit and `/metrics` (`metrics_text`).
+`app.build_app(...)` wires the routes, CORS, auth, the body-size limit and `/metrics` (`prometheus_metrics`).
 The engine is reached only through the small interface in `engine_client.EngineClient`.
 """

@@ -160,7 +160,8 @@ class ProcessEngine(EngineClient):
         self._outbox: queue.SimpleQueue[tuple[EngineCommand, ...] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="jaxllm-engine-sender", daemon=True)
         self._sender.start()
-        self._stats = EngineStats(EngineMetrics(num_free_pages=self.info.limits.num_pages), 0, busy=False)
+        limits = self.info.limits
+        self._stats = EngineStats(EngineMetrics(limits.max_model_len, num_free_pages=limits.num_pages), 0, busy=False)
         self._stopping = False
         self._reader = threading.Thread(target=self._read, name="jaxllm-engine-reader", daemon=True)
         self._reader.start()

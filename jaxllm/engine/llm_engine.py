@@ -26,7 +26,7 @@ from jaxllm.engine.admission import Admission
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Finish, OutputDetokenizer
 from jaxllm.engine.interfaces import ModelRunnerOutput, ModelRunnerProtocol, SchedulerOutput, StepHandle, TokenLogprobs
-from jaxllm.engine.metrics import EngineMetrics
+from jaxllm.engine.metrics import EngineMetrics, FinishedRequest
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import SampledToken, Scheduler
 from jaxllm.outputs import EngineOutput, Logprob, SequenceOutput
@@ -116,7 +116,7 @@ class LLMEngine:
         self.stream_interval = max(1, config.scheduler.stream_interval)
         self.block_manager = BlockManager(limits.num_pages, limits.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(limits, self.block_manager, vocab_size)
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(limits.max_model_len)
         # NOTE: requests without a seed get one from here, so the runner can key all sampling by
         # (seed, position) and a run is reproducible from config.model.seed.
         self._seed_rng = random.Random(config.model.seed)
@@ -250,6 +250,7 @@ class LLMEngine:
         if self._in_flight is not None:
             self._finish_in_flight()
         if handle is not None:
+            self.metrics.step_scheduled(scheduler_output.total_num_scheduled_tokens)
             if scheduler_output.structured_req_ids:
                 # NOTE: the masks need the previous step's tokens, accepted just above; they are
                 # computed here while this step's forward runs, and only its sampling waits for them.
@@ -280,8 +281,8 @@ class LLMEngine:
             request.grammar.accept_token(sampled.token_id)
         if request.first_token_time is None:
             request.first_token_time = now
-            computed_prompt = len(request.prompt_token_ids) - max(request.num_cached_tokens, 0)
-            self.metrics.first_token(now - request.arrival_time, computed_prompt)
+            self.metrics.first_token(now - request.arrival_time, len(request.prompt_token_ids),
+                                     max(request.num_cached_tokens, 0))
         else:
             self.metrics.next_token(now - (request.last_token_time or now))
         request.last_token_time = now
@@ -297,9 +298,9 @@ class LLMEngine:
 
     def _finish(self, group: _Group, sequence: _Sequence, finish: Finish) -> None:
         sequence.finish_reason, sequence.stop_reason = finish.reason, finish.stop_reason
-        self.metrics.request_finished(finish.reason, time.monotonic() - sequence.request.arrival_time)
         group.num_unfinished -= 1
         group.changed[sequence.index] = sequence
+        self.metrics.request_finished(finish.reason, FinishedRequest.of(sequence.request, time.monotonic()))
 
     def _collect_prompt_logprobs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
         if not runner_output.prompt_logprobs:
@@ -334,6 +335,8 @@ class LLMEngine:
             return None
         if finished:
             del self._groups[group.request_id]
+            self.metrics.user_request_finished(
+                group.command.params.n, max((len(seq.request.output_token_ids) for seq in group.sequences), default=0))
             for sequence in group.sequences:
                 self._sequences.pop(sequence.request.req_id, None)
         prompt_logprobs = group.prompt_logprobs
@@ -403,6 +406,7 @@ class LLMEngine:
         self.metrics.set_gauges(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting) + self._admission.num_pending + self._num_awaiting_grammar,
+            deferred=self._num_awaiting_grammar,
             kv_cache_usage=block_manager.usage,
             num_free_pages=block_manager.num_free_pages, preemptions=scheduler.num_preemptions,
             prefix_cache_queries=block_manager.prefix_cache_queries, prefix_cache_hits=block_manager.prefix_cache_hits)

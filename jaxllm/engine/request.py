@@ -73,6 +73,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    num_preemptions: int = 0
 
     @property
     def num_tokens(self) -> int:

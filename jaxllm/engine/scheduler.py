@@ -188,6 +188,7 @@ class Scheduler:
         self.waiting.appendleft(request)
         self._finished_req_ids.add(request.req_id)
         self.num_preemptions += 1
+        request.num_preemptions += 1
 
     def _advance_scheduled(self, num_scheduled: dict[str, int]) -> list[str]:
         """Move num_computed_tokens past this step; a request that samples gets a placeholder.

@@ -242,7 +242,11 @@ def test_metrics_and_cached_tokens(make_engine, tokenizer):
     assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 12)
     m = engine.metrics.snapshot()
     assert m.generation_tokens_total == 7
-    assert m.prompt_tokens_total == len(prompt) + (len(prompt) - 12)
+    assert (m.prompt_tokens_total, m.prompt_tokens_cached_total) == (2 * len(prompt), 12)  # vLLM 0.34: hits included
+    assert m.request_prefill_kv_computed_tokens.sum == len(prompt) + (len(prompt) - 12)
+    assert (m.request_generation_tokens.sum, m.request_params_max_tokens.sum, m.request_params_n.sum) == (7, 7, 2)
+    assert m.request_queue_time.count == m.request_decode_time.count == m.request_num_preemptions.count == 2
+    assert m.iteration_tokens.sum == len(prompt) + (len(prompt) - 12) + 7 - 2  # the last token of each is not fed back
     assert (m.prefix_cache_queries_total, m.prefix_cache_hits_total) == (2 * len(prompt), 12)
     assert m.time_to_first_token.count == 2 and m.e2e_request_latency.count == 2
     assert m.inter_token_latency.count == 3 + 2
