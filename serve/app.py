@@ -34,8 +34,8 @@ from serve.args import ServerArgs
 from serve.batch_chat import create_batch_chat_completion
 from serve.chat import create_chat_completion
 from serve.completions import create_completion
-from serve.errors import APIError
-from serve.inputs import chat_prompt, check_model, parse, read_json
+from serve.errors import APIError, internal_error
+from serve.inputs import chat_prompt, check_model, parse
 from serve.invocations import create_invocation
 from serve.load import LOAD_REPORT_FORMAT_HEADER, ServerLoad, load_report_header
 from serve.middleware import (
@@ -48,6 +48,8 @@ from serve.middleware import (
 )
 from serve.prometheus_metrics import metrics_registry, render_metrics
 from serve.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from serve.request_body import read_json
+from serve.request_bounds import RequestBounds
 from serve.streaming import until_disconnect
 from serve.tokenizer_info import tokenizer_info
 
@@ -78,7 +80,7 @@ def build_app(ctx: ServingContext) -> Starlette:
         """`load_report`: a whole (not streamed) reply carries the ORCA load header when the request asks."""
 
         async def endpoint(request: Request) -> Response:
-            body = await read_json(request)
+            body = await read_json(request, request_bounds())
             # NOTE: the body is read before watching for a disconnect, which shares the same receive channel.
             response = await until_disconnect(request, handler(ctx, request, body))
             report_format = request.headers.get(LOAD_REPORT_FORMAT_HEADER)
@@ -89,6 +91,9 @@ def build_app(ctx: ServingContext) -> Starlette:
 
         return endpoint
 
+    def request_bounds() -> RequestBounds:
+        return RequestBounds.of(ctx.args, ctx.engine.info.vocab_size)
+
     def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         """One request's bug never takes the server down: it becomes a logged 500 (with CORS headers)."""
 
@@ -97,9 +102,8 @@ def build_app(ctx: ServingContext) -> Starlette:
                 return await endpoint(request)
             except APIError:
                 raise
-            except Exception:
-                logger.exception("Unhandled error in %s %s", request.method, request.url.path)
-                return APIError("Internal error; see the server's log.", HTTPStatus.INTERNAL_SERVER_ERROR).response()
+            except Exception as e:
+                return internal_error(f"Unhandled error in {request.method} {request.url.path}", e).response()
 
         return run
 
@@ -131,7 +135,7 @@ def build_app(ctx: ServingContext) -> Starlette:
         return Response(body, media_type=content_type)
 
     async def tokenize(request: Request) -> Response:
-        body = await read_json(request)
+        body = await read_json(request, request_bounds())
         info = ctx.engine.info
         tok = info.tokenizer
         if isinstance(body, dict) and "messages" in body:
@@ -153,7 +157,7 @@ def build_app(ctx: ServingContext) -> Starlette:
 
     async def detokenize(request: Request) -> Response:
         info = ctx.engine.info
-        req = parse(DetokenizeRequest, await read_json(request))
+        req = parse(DetokenizeRequest, await read_json(request, request_bounds()))
         check_model(info.served_model_names, req.model)
         if (error := out_of_vocab_error(req.tokens, info.vocab_size, "tokens")) is not None:
             raise APIError(error.message, param=error.param)
