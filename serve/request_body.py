@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from serve.errors import APIError
-from serve.request_bounds import RequestBounds, check_parsed, prescan
+from serve.request_bounds import RequestBounds, check_parsed, needs_walk, prescan
 
 # vLLM's validate_json_request: its RequestValidationError's message and `type`.
 _NOT_JSON_MEDIA_TYPE = "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed"
@@ -21,15 +21,15 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # Deeper bodies parse but blow the recursion limit later (the chat template's data walk, deepcopy).
 _MAX_DEPTH = 128
 _TOO_DEEP = f"The request body is nested too deeply (more than {_MAX_DEPTH} levels of arrays and objects)."
-# Bodies up to this size are parsed on the event loop (about a millisecond); larger ones on a worker thread, so
-# a long pre-scan walk yields the GIL to the loop.
+# Bodies up to this size that need no pre-scan walk parse on the event loop (about a millisecond); others on a
+# worker thread, where a long walk yields the GIL to the loop.
 _INLINE_PARSE_BYTES = 256 * 1024
 
 
 async def read_json(request: Request, bounds: RequestBounds) -> Any:
     check_media_type(request.headers.get("content-type", ""))
     body = await request.body()
-    if len(body) <= _INLINE_PARSE_BYTES:
+    if len(body) <= _INLINE_PARSE_BYTES and not needs_walk(body, bounds):
         return parse_body(body, bounds)
     return await asyncio.to_thread(parse_body, body, bounds)
 

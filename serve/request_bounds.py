@@ -30,6 +30,8 @@ _DIGIT = re.compile(rb"[0-9]")
 _OPENERS = b"[{"
 _CLOSERS = b"]}"
 _RAISE_WITH = "the maximum allowed count. To increase this limit, set {flag}"
+# Their ids count towards the vocabulary bound, not the JSON-values one.
+_TOKEN_ID_LISTS = frozenset({"allowed_token_ids", "stop_token_ids"})
 
 
 @dataclass(frozen=True)
@@ -118,9 +120,15 @@ def check_prompt_tokens(num_tokens: int, limit: int) -> None:
 # ---- before parsing ----
 
 
+def needs_walk(body: bytes, bounds: RequestBounds) -> bool:
+    """Whether the body may hold more values than the JSON-values bound (when not, parsing it is cheap and
+    `check_parsed` is enough): every value but the last of a container is followed by a comma."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1 > bounds.max_json_values
+
+
 def prescan(body: bytes, bounds: RequestBounds) -> None:
     """Refuse a body over a bound from its bytes; a malformed one is left to the parser's error."""
-    if body.count(b",") + body.count(b"[") + body.count(b"{") + 1 <= bounds.max_json_values:
+    if not needs_walk(body, bounds):
         return
     try:
         _Walk(body, bounds).top_level()
@@ -172,7 +180,7 @@ class _Walk:
             elif name in list_limits:
                 limit, why = list_limits[name]
                 try:
-                    pos = self._value(pos, item_limit=limit, token_ids=name != "bad_words" and name != "stop")
+                    pos = self._value(pos, item_limit=limit, token_ids=name in _TOKEN_ID_LISTS)
                 except _TooManyItems:
                     raise _too_many_items(name, limit, why) from None
             else:
