@@ -34,6 +34,7 @@ from serve.args import ServerArgs
 from serve.batch_chat import create_batch_chat_completion
 from serve.chat import create_chat_completion
 from serve.completions import create_completion
+from serve.dashboard import Dashboard
 from serve.errors import APIError, internal_error
 from serve.inputs import chat_prompt, check_model, parse
 from serve.invocations import create_invocation
@@ -178,11 +179,13 @@ def build_app(ctx: ServingContext) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         ctx.engine.start()
         try:
-            yield
+            async with dashboard.history.sampling() if dashboard else contextlib.nullcontext():
+                yield
         finally:
             ctx.engine.shutdown()
 
     args = ctx.args
+    dashboard = None if args.disable_dashboard else Dashboard(ctx, _version())
     endpoints: list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]] = [
         ("/v1/models", models, ["GET"]),
         ("/v1/models/{model:path}", model, ["GET"]),
@@ -200,6 +203,8 @@ def build_app(ctx: ServingContext) -> Starlette:
     ]
     if args.enable_tokenizer_info_endpoint:
         endpoints.append(("/tokenizer_info", show_tokenizer_info, ["GET"]))
+    if dashboard is not None:
+        endpoints += dashboard.endpoints()
     routes = [Route(path, guarded(endpoint), methods=methods) for path, endpoint, methods in endpoints]
     middleware = []
     if args.root_path:

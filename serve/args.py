@@ -90,6 +90,7 @@ class ServerArgs:
     enable_tokenizer_info_endpoint: bool = option(
         False, "Serve /tokenizer_info (it shows the chat template and tokenizer settings)."
     )
+    disable_dashboard: bool = option(False, "Turn off the live status page, /dashboard and its /dashboard/data.")
     enable_prompt_tokens_details: bool = option(False, "Add usage.prompt_tokens_details (cached prompt tokens).")
     enable_per_request_metrics: bool = option(False, "Add a per-request `metrics` object (timings) to responses.")
     enable_force_include_usage: bool = option(False, "Send usage on every response, streamed ones included.")

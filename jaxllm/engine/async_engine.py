@@ -46,7 +46,7 @@ class AsyncEngine(EngineClient):
         self._close_streams()
 
     def metrics(self) -> EngineMetrics:
-        return self._core.engine.metrics.snapshot()
+        return self._core.engine.metrics_snapshot()
 
     def _send(self, *commands: EngineCommand) -> None:
         self._commands.put(*commands)

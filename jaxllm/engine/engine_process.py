@@ -122,7 +122,7 @@ def _stats_sink(engine: LLMEngine, commands: _CountingQueue, conn: Connection) -
         busy, now = engine.has_unfinished_requests(), time.monotonic()
         stats = None
         if not busy or now - last_report >= REPORT_STATS_INTERVAL_S:
-            stats = EngineStats(engine.metrics.snapshot(), commands.taken, busy)
+            stats = EngineStats(engine.metrics_snapshot(), commands.taken, busy)
             last_report = now
         if outputs or stats is not None:
             conn.send(("step", outputs, stats))

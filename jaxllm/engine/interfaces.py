@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxllm.engine.live_status import CompileState
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -117,4 +118,8 @@ class ModelRunnerProtocol(Protocol):
 
     def shutdown(self) -> None:
         """Stop any background work (buckets still loading). Steps may still run afterwards."""
+        ...
+
+    def compile_state(self) -> CompileState:
+        """Which step programs have loaded so far (the status page's; called from any thread)."""
         ...

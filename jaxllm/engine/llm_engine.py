@@ -26,6 +26,7 @@ from jaxllm.engine.admission import Admission
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Finish, OutputDetokenizer
 from jaxllm.engine.interfaces import ModelRunnerOutput, ModelRunnerProtocol, SchedulerOutput, StepHandle, TokenLogprobs
+from jaxllm.engine.live_status import live_status
 from jaxllm.engine.metrics import EngineMetrics, FinishedRequest
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import SampledToken, Scheduler
@@ -400,6 +401,13 @@ class LLMEngine:
         return text
 
     # ---- statistics ----
+
+    def metrics_snapshot(self) -> EngineMetrics:
+        """A copy of the metrics for another thread or process, with the live status (requests, compiled
+        buckets) read now."""
+        snapshot = self.metrics.snapshot()
+        snapshot.live = live_status(self.scheduler.running, self.scheduler.waiting, self.runner.compile_state())
+        return snapshot
 
     def _update_gauges(self) -> None:
         scheduler, block_manager = self.scheduler, self.block_manager

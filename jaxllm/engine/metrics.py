@@ -17,6 +17,7 @@ import copy
 import threading
 from dataclasses import dataclass, field
 
+from jaxllm.engine.live_status import LiveStatus
 from jaxllm.engine.request import Request
 
 # Bucket upper bounds, as vLLM's (vllm/v1/metrics/buckets.py).
@@ -153,6 +154,7 @@ class EngineMetrics:
     request_params_max_tokens: Histogram = field(init=False)
     request_num_preemptions: Histogram = field(init=False)
     iteration_tokens: Histogram = field(init=False)  # tokens scheduled per engine step
+    live: LiveStatus = LiveStatus()  # set on snapshots only (LLMEngine.metrics_snapshot), for the status page
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     # This step's inter-token latencies, not yet in the histogram (the engine's thread alone touches it).
     _step_inter_token_latencies: list[float] = field(default_factory=list, repr=False, compare=False)

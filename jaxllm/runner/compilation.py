@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxllm.engine.live_status import CompileState
 from jaxllm.models.llama import kv_pages_shape
 from jaxllm.models.sharding import kv_pages_sharding
 from jaxllm.runner.attention import Attention
@@ -262,6 +263,14 @@ class BucketCompiler:
     def loading(self) -> set[tuple]:
         """The keys of the programs still loading in the background (or queued to)."""
         return {key for key, fn in self._programs.items() if isinstance(fn, Future)}
+
+    def state(self) -> CompileState:
+        """Each forward bucket, loaded or not, and the sampler variants loaded (safe from any thread)."""
+        programs = dict(self._programs)  # NOTE: one C call: the engine thread may add keys meanwhile
+        loaded = {key for key, fn in programs.items()
+                  if not isinstance(fn, Future) or (fn.done() and not fn.cancelled() and fn.exception() is None)}
+        return CompileState(tuple((t, p, ("forward", t, p) in loaded) for t, p in self.buckets.keys),
+                            sum(1 for key in loaded if key[0] == "sample"))
 
     def _ready(self, key: tuple) -> Any:
         """What `_programs` holds for `key`, once ready (a bucket loading in the background is

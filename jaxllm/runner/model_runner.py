@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxllm.config import EngineLimits
 from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from jaxllm.engine.live_status import CompileState
 from jaxllm.runner import kv_cache
 from jaxllm.runner.attention import Attention
 from jaxllm.runner.compilation import BucketCompiler, Buckets, warm_sampler_flags
@@ -225,6 +226,9 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         self.compiler.shutdown()
+
+    def compile_state(self) -> CompileState:
+        return self.compiler.state()
 
 
 def _forward_inputs(arrays: StepArrays, logits_indices: np.ndarray) -> ForwardInputs:

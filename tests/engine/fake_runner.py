@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from jaxllm.engine.live_status import CompileState
 from jaxllm.sampling_params import SamplingParams
 
 # Sampled logprob of the rank-r candidate in the fake top-k lists.
@@ -101,6 +102,9 @@ class FakeModelRunner:
 
     def shutdown(self) -> None:
         pass
+
+    def compile_state(self) -> CompileState:
+        return CompileState()  # it compiles nothing
 
     def execute(self, scheduler_output: SchedulerOutput) -> FakeStepHandle:
         self.num_steps += 1
