@@ -37,7 +37,7 @@ class ServerArgs:
     max_n_sequences: int = option(256, "Largest `n` (choices per prompt) a request may ask for (vLLM's "
                                   "$VLLM_MAX_N_SEQUENCES, 16384 there; OpenAI allows 128).")
     max_completion_prompts: int = option(1024, "Most prompts in one completions `prompt` list (vLLM's "
-                                         "$VLLM_MAX_COMPLETION_PROMPTS).")
+                                         "$VLLM_MAX_COMPLETION_PROMPTS), and conversations in one batch chat.")
     max_prompt_tokens_per_request: int = option(
         1024 * 1024, "Most prompt tokens one request may send, its prompts together (after tokenizing)."
     )

@@ -105,6 +105,11 @@ def check_parsed(value: Any, bounds: RequestBounds) -> None:
                 raise _too_many_prompts(bounds)
             tokens = sum(len(item) for item in prompt if isinstance(item, list))
         check_prompt_tokens(tokens, bounds.max_prompt_tokens)
+    conversations = value.get("messages")  # a batch chat's: a list of message lists
+    if (isinstance(conversations, list) and len(conversations) > bounds.max_completion_prompts
+            and all(isinstance(messages, list) for messages in conversations)):
+        raise APIError(f"The batch holds more than {bounds.max_completion_prompts} conversations, the maximum "
+                       "allowed count. To increase this limit, set --max-completion-prompts.", param="messages")
     for field, (limit, why) in bounds.list_limits().items():
         items = value.get(field)
         if isinstance(items, list | dict) and len(items) > limit:

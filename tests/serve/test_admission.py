@@ -20,7 +20,8 @@ from tests.serve.conftest import LiveServer, make_context, new_engine, pool_is_f
 from tests.serve.test_errors import CHAT, MESSAGES, error_of
 
 COMPLETIONS = "/v1/completions"
-POST_PATHS = [COMPLETIONS, CHAT, "/v1/chat/completions/batch", "/invocations", "/tokenize", "/detokenize"]
+BATCH = "/v1/chat/completions/batch"
+POST_PATHS = [COMPLETIONS, CHAT, BATCH, "/invocations", "/tokenize", "/detokenize"]
 SMALL = RequestBounds(max_n_sequences=4, max_completion_prompts=3, max_prompt_tokens=10, max_stop_strings=2,
                       max_num_bad_words=2, max_json_values=40, vocab_size=8)
 
@@ -89,10 +90,11 @@ def test_n_of_a_million_is_400_at_once(client: httpx.Client) -> None:
     ({"prompt": "a", "allowed_token_ids": [1] * 1_000_000}, "allowed_token_ids", "vocabulary size"),
     ({"prompt": "a", "logit_bias": {str(i): 1 for i in range(513)}}, "logit_bias", "vocabulary size"),
     ({"messages": [{"role": "user", "content": "x"}] * 50_000}, None, "--max-request-json-values"),
+    ({"messages": [[{"role": "user", "content": "x"}]] * 1025}, "messages", "--max-completion-prompts"),
 ])
 def test_each_default_bound_names_its_flag(client: httpx.Client, server: LiveServer, body: dict[str, Any],
                                            param: str | None, names: str) -> None:
-    path = CHAT if "messages" in body else COMPLETIONS
+    path = COMPLETIONS if "prompt" in body else BATCH if isinstance(body["messages"][0], list) else CHAT
     error = error_of(client.post(path, json={**body, "max_tokens": 1}), 400)
     assert names in error["message"] and error["param"] == param
     ok = client.post(COMPLETIONS, json={"prompt": "a", "max_tokens": 1, "n": 256, "stop": ["x"] * 4})
