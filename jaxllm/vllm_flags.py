@@ -352,7 +352,7 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     _row("--per-request-spec-decode-metrics", WARNED, _SPECULATIVE),
     _row("--kv-cache-metrics", WARNED, _TRACING, arity=SWITCH),
     _row("--kv-cache-metrics-sample", WARNED, _TRACING),
-    _row("--custom-histogram-buckets", WARNED, "/metrics keeps its own histogram buckets"),
+    _row("--custom-histogram-buckets", WARNED, "/metrics keeps vLLM's default histogram buckets"),
     _row("--cudagraph-metrics", WARNED,
          _CUDA_KNOB, arity=SWITCH),
     _row("--enable-layerwise-nvtx-tracing", WARNED, _TRACING, arity=SWITCH),
