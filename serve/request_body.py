@@ -28,10 +28,17 @@ _INLINE_PARSE_BYTES = 256 * 1024
 
 async def read_json(request: Request, bounds: RequestBounds) -> Any:
     check_media_type(request.headers.get("content-type", ""))
-    body = await request.body()
+    body = await _body(request)
     if len(body) <= _INLINE_PARSE_BYTES and not needs_walk(body, bounds):
         return parse_body(body, bounds)
     return await asyncio.to_thread(parse_body, body, bounds)
+
+
+async def _body(request: Request) -> bytes:
+    """The body without a copy when it comes in one piece (as `BufferedBody` hands it on); starlette's
+    `Request.body()` joins it with its empty end marker, a second copy of up to --max-request-body-bytes."""
+    chunks = [chunk async for chunk in request.stream() if chunk]
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def check_media_type(content_type: str) -> None:
