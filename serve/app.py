@@ -27,9 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from jaxllm import tokenizer as tokenization
 from jaxllm.engine.client import EngineClient
-from jaxllm.validation import out_of_vocab_error
+from serve import prompt_jobs
 from serve.args import ServerArgs
 from serve.batch_chat import create_batch_chat_completion
 from serve.chat import create_chat_completion
@@ -49,6 +48,7 @@ from serve.middleware import (
 )
 from serve.prometheus_metrics import metrics_registry, render_metrics
 from serve.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from serve.render_pool import RenderPool
 from serve.request_body import read_json
 from serve.request_bounds import RequestBounds
 from serve.streaming import until_disconnect
@@ -64,6 +64,11 @@ class ServingContext:
     started_at: float = field(default_factory=time.time)
     load: ServerLoad = field(default_factory=ServerLoad)  # counted with --enable-server-load-tracking
     shutdown: ShutdownDeadline = field(default_factory=ShutdownDeadline)  # expired by `jaxllm.serve.run_server`
+
+    render_pool: RenderPool = field(init=False)  # prompts rendered and tokenized off the event loop
+
+    def __post_init__(self) -> None:
+        self.render_pool = RenderPool(self.engine.info.tokenizer, self.args.prompt_processes)
 
     @property
     def model_name(self) -> str:
@@ -136,33 +141,40 @@ def build_app(ctx: ServingContext) -> Starlette:
         return Response(body, media_type=content_type)
 
     async def tokenize(request: Request) -> Response:
+        """Open under --api-key, as vLLM's: its work runs on the render pool, off the event loop."""
         body = await read_json(request, request_bounds())
         info = ctx.engine.info
-        tok = info.tokenizer
         if isinstance(body, dict) and "messages" in body:
             chat = parse(TokenizeChatRequest, body)
             check_model(info.served_model_names, chat.model)
-            ids = chat_prompt(
-                tok, chat.messages, chat_template=info.chat_template, add_generation_prompt=chat.add_generation_prompt,
-                continue_final_message=chat.continue_final_message, add_special_tokens=chat.add_special_tokens,
-                tools=chat.tools, chat_template_kwargs=chat.chat_template_kwargs,
-            ).token_ids
-            want_strs = chat.return_token_strs
+            ids = (await chat_prompt(
+                ctx.render_pool, chat.messages, limit=None, chat_template=info.chat_template,
+                add_generation_prompt=chat.add_generation_prompt, continue_final_message=chat.continue_final_message,
+                add_special_tokens=chat.add_special_tokens, tools=chat.tools,
+                chat_template_kwargs=chat.chat_template_kwargs,
+            )).token_ids
+            reply = await ctx.render_pool.run(prompt_jobs.tokens_reply, ids, weight=len(ids) * 8,
+                                              max_model_len=info.max_model_len,
+                                              with_token_strs=bool(chat.return_token_strs))
         else:
             plain = parse(TokenizeCompletionRequest, body)
             check_model(info.served_model_names, plain.model)
-            ids = tokenization.encode_prompt(tok, plain.prompt, add_special_tokens=plain.add_special_tokens)
-            want_strs = plain.return_token_strs
-        return JSONResponse({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids,
-                             "token_strs": tok.convert_ids_to_tokens(ids) if want_strs else None})
+            reply = await ctx.render_pool.run(prompt_jobs.tokenize_reply, plain.prompt, weight=len(plain.prompt),
+                                              add_special_tokens=plain.add_special_tokens,
+                                              max_model_len=info.max_model_len,
+                                              with_token_strs=bool(plain.return_token_strs))
+        return Response(reply, media_type="application/json")
 
     async def detokenize(request: Request) -> Response:
         info = ctx.engine.info
         req = parse(DetokenizeRequest, await read_json(request, request_bounds()))
         check_model(info.served_model_names, req.model)
-        if (error := out_of_vocab_error(req.tokens, info.vocab_size, "tokens")) is not None:
-            raise APIError(error.message, param=error.param)
-        return JSONResponse({"prompt": info.tokenizer.decode(req.tokens)})
+        try:
+            text = await ctx.render_pool.run(prompt_jobs.detokenize, req.tokens, info.vocab_size,
+                                             weight=len(req.tokens) * 8)
+        except prompt_jobs.OutOfVocabError as e:
+            raise APIError(str(e), param="tokens") from e
+        return JSONResponse({"prompt": text})
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, APIError)
@@ -182,6 +194,7 @@ def build_app(ctx: ServingContext) -> Starlette:
             async with dashboard.history.sampling() if dashboard else contextlib.nullcontext():
                 yield
         finally:
+            ctx.render_pool.close()
             ctx.engine.shutdown()
 
     args = ctx.args

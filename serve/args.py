@@ -67,6 +67,9 @@ class ServerArgs:
         False, "Run the engine loop on a thread of the HTTP process instead of in its own process (one GIL "
         "for both: slower with many streams)."
     )
+    prompt_processes: int = option(
+        1, "Worker processes that render chat templates and tokenize long prompts off the event loop (0: on it)."
+    )
     shutdown_timeout: float = option(
         30.0, "Seconds SIGTERM waits for in-flight requests to finish before ending them (streams with an error "
         "event and [DONE], the others with 503)."

@@ -35,6 +35,7 @@ from serve.inputs import (
 )
 from serve.logprobs import TokenNamer, chat_logprobs, prompt_logprobs_json, top_count
 from serve.output_parsing import ChoiceParser, OutputParsers, ParsedOutput, ReasoningParser
+from serve.prompt_length import input_char_limit
 from serve.protocol import ChatCompletionRequest
 from serve.reasoning_parsers import get_reasoning_parser
 from serve.request_metrics import per_request_metrics
@@ -260,8 +261,11 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     template_kwargs = dict(request.chat_template_kwargs or {})
     if request.documents is not None:
         template_kwargs.setdefault("documents", request.documents)
-    prompt = chat_prompt(
-        info.tokenizer, request.messages, chat_template=info.chat_template,
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    prompt = await chat_prompt(
+        ctx.render_pool, request.messages, chat_template=info.chat_template,
+        limit=input_char_limit(ctx.render_pool.max_chars_per_token, info.max_model_len, max_tokens,
+                               request.truncate_prompt_tokens),
         add_generation_prompt=request.add_generation_prompt, continue_final_message=request.continue_final_message,
         add_special_tokens=request.add_special_tokens, tools=tools.tools, chat_template_kwargs=template_kwargs,
     )
@@ -276,7 +280,7 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
         prompt_logprobs = request.top_logprobs  # vLLM's: echo shows the prompt's logprobs at top_logprobs
     params = build_sampling_params(
         request,
-        max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
+        max_tokens=max_tokens,
         logprobs=(request.top_logprobs or 0) if request.logprobs and not request.logprob_token_ids else None,
         prompt_logprobs=prompt_logprobs,
         model_defaults=info.default_sampling,

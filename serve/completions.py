@@ -30,6 +30,7 @@ from serve.inputs import (
     truncate_prompt,
 )
 from serve.logprobs import TokenNamer, completion_logprobs, prompt_logprobs_json, top_count
+from serve.prompt_length import input_char_limit
 from serve.protocol import CompletionRequest
 from serve.request_bounds import check_prompt_tokens
 from serve.request_metrics import per_request_metrics
@@ -195,8 +196,11 @@ async def create_completion(ctx: ServingContext, raw: Request, body: Any) -> Res
     reject_unsupported(request)
     if request.suffix is not None:
         raise APIError("suffix is not currently supported.", param="suffix")
+    limit = input_char_limit(ctx.render_pool.max_chars_per_token, info.max_model_len, request.max_tokens,
+                             request.truncate_prompt_tokens)
     prompts = [truncate_prompt(prompt, request, info.tokenizer, info.max_model_len) for prompt in
-               completion_prompts(info.tokenizer, request.prompt, add_special_tokens=request.add_special_tokens)]
+               await completion_prompts(ctx.render_pool, request.prompt, add_special_tokens=request.add_special_tokens,
+                                        limit=limit)]
     check_prompt_tokens(sum(len(prompt.token_ids) for prompt in prompts), ctx.args.max_prompt_tokens_per_request)
     prompt_logprobs = request.prompt_logprobs
     if prompt_logprobs is None and request.echo and request.logprobs is not None:

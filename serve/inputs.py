@@ -16,17 +16,18 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import jinja2
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from starlette.requests import Request
 
-from jaxllm import tokenizer as tokenization
 from jaxllm.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxllm.structured import ToolChoiceConstraint, compile_grammar, structured_outputs_from_request
 from jaxllm.validation import ValidationError
+from serve import prompt_jobs
 from serve.errors import APIError, from_pydantic_error
+from serve.prompt_length import InputCharLimit
 from serve.protocol import SamplingFields
+from serve.render_pool import INLINE_WEIGHT, RenderPool
 
 if TYPE_CHECKING:
     from jaxllm.engine.core import EngineInfo
@@ -76,28 +77,30 @@ def base_request_id(request: Request, body_id: str | None) -> str:
 # ---- prompts ----
 
 
-def completion_prompts(tokenizer: Any, prompt: Any, *, add_special_tokens: bool) -> list[EnginePrompt]:
-    """A completions `prompt`: a string, a list of strings, token ids, or a list of token-id lists."""
+async def completion_prompts(pool: RenderPool, prompt: Any, *, add_special_tokens: bool,
+                             limit: InputCharLimit | None) -> list[EnginePrompt]:
+    """A completions `prompt`: a string, a list of strings, token ids, or a list of token-id lists. A string
+    over `limit` is a 400 before any is tokenized; the strings are tokenized on `pool`, off the event loop."""
     if prompt is None or prompt == "" or prompt == []:
         raise APIError("Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
         prompt = [prompt]
-    out = []
-    for item in prompt:
-        if isinstance(item, str):
-            out.append(EnginePrompt(tokenization.encode_prompt(tokenizer, item, add_special_tokens=add_special_tokens),
-                                    item))
-        else:
-            out.append(EnginePrompt(list(item), None))
-    return out
+    texts = [item for item in prompt if isinstance(item, str)]
+    for text in texts:
+        _check_length(text, limit)
+    encoded = iter(await pool.run(prompt_jobs.encode_all, texts, weight=sum(map(len, texts)),
+                                  add_special_tokens=add_special_tokens) if texts else [])
+    return [EnginePrompt(next(encoded), item) if isinstance(item, str) else EnginePrompt(list(item), None)
+            for item in prompt]
 
 
-def chat_prompt(
-    tokenizer: Any,
+async def chat_prompt(
+    pool: RenderPool,
     messages: list[dict[str, Any]],
     *,
+    limit: InputCharLimit | None,
     chat_template: str | None,
     add_generation_prompt: bool,
     continue_final_message: bool,
@@ -106,20 +109,40 @@ def chat_prompt(
     chat_template_kwargs: dict[str, Any] | None,
 ) -> EnginePrompt:
     """Render with the model's (or --chat-template's) template, then tokenize without special tokens
-    (the template writes BOS), as vLLM does. Fed-back tool calls' arguments are parsed first."""
+    (the template writes BOS), as vLLM does, on `pool` (off the event loop). Fed-back tool calls' arguments
+    are parsed first. A rendered text over `limit` is a 400 without being tokenized."""
     try:
-        text = tokenization.apply_chat_template(
-            tokenizer,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tools=tools,
-            chat_template=chat_template,
-            chat_template_kwargs=chat_template_kwargs,
+        text, token_ids = await pool.run(
+            prompt_jobs.render_chat, messages, weight=_text_weight(messages, tools, chat_template_kwargs),
+            max_chars=limit.max_chars if limit is not None else None, add_special_tokens=add_special_tokens,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tools=tools, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
         )
-    except (ValueError, TypeError, jinja2.TemplateError) as e:
+    except prompt_jobs.TemplateError as e:
         raise APIError(str(e), param="messages") from e
-    return EnginePrompt(tokenization.encode_prompt(tokenizer, text, add_special_tokens=add_special_tokens), text)
+    if token_ids is None:
+        _check_length(text, limit)
+    return EnginePrompt(token_ids, text)
+
+
+def _check_length(text: str, limit: InputCharLimit | None) -> None:
+    if limit is not None and len(text) > limit.max_chars:
+        raise APIError(limit.message(len(text)), param="input_text")
+
+
+def _text_weight(*values: Any) -> int:
+    """About how many characters of text `values` hold (strings' lengths, and a few per item), counted only
+    up to the render pool's inline limit: past it, the job goes to a worker whatever its weight."""
+    weight = 0
+    stack = list(values)
+    while stack and weight < INLINE_WEIGHT:
+        value = stack.pop()
+        weight += len(value) if isinstance(value, str) else 8
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return weight
 
 
 def truncate_prompt(prompt: EnginePrompt, request: SamplingFields, tokenizer: Any, max_model_len: int) -> EnginePrompt:

@@ -1,0 +1,115 @@
+"""Prompt rendering and tokenizing off the event loop: a small pool of worker processes, each holding a copy
+of the tokenizer.
+
+Jinja and the Python side of `transformers` hold the GIL, so a thread would still stall the event loop that
+answers /health and writes every stream's chunks; a worker process does not. Small jobs (a few thousand
+characters: a millisecond or so) run inline, which costs less than the trip to a worker and never starts one.
+The server starts the pool at start-up (`start`); elsewhere (the in-process test servers) it starts on the
+first large job. Each worker imports `transformers` and unpickles the tokenizer: about 1 s on a 2-core CPU
+with the bundled model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.context import SpawnContext, SpawnProcess
+from typing import Any, TypeVar
+
+from serve.prompt_length import max_chars_per_token
+
+logger = logging.getLogger("jaxllm.serve")
+
+ResultT = TypeVar("ResultT")
+
+# Jobs lighter than this run on the event loop: about 10 ms of tokenizing on a slow CPU.
+INLINE_WEIGHT = 16 * 1024
+
+_WORKER_NICENESS = 10
+_worker_tokenizer: Any = None  # the tokenizer, in a worker process
+
+
+class RenderPool:
+    """Runs `job(tokenizer, *args, **kwargs)` (`serve.prompt_jobs`): inline when `weight` (about the characters
+    of text) is small, else in one of `processes` worker processes (0: always inline). Knows the tokenizer's
+    `max_chars_per_token` (`serve.prompt_length`), for the length checks before a job."""
+
+    def __init__(self, tokenizer: Any, processes: int) -> None:
+        self.tokenizer = tokenizer
+        self.processes = processes
+        self.max_chars_per_token = max_chars_per_token(tokenizer)
+        self._context = _TrackedSpawnContext()
+        self._executor: ProcessPoolExecutor | None = None
+
+    async def run(self, job: Callable[..., ResultT], *args: Any, weight: int, **kwargs: Any) -> ResultT:
+        if weight < INLINE_WEIGHT or self.processes == 0:
+            return job(self.tokenizer, *args, **kwargs)
+        executor = self._started()
+        try:
+            return await asyncio.wrap_future(executor.submit(_run_job, job, args, kwargs))
+        except BrokenProcessPool:
+            # NOTE: a worker died (killed for memory, say); the next large job starts a fresh pool.
+            if self._executor is executor:
+                self._executor = None
+            raise RuntimeError("a prompt-rendering worker process died") from None
+
+    def start(self) -> None:
+        """Start the workers now (a server starting up), rather than on the first large job: each takes about
+        1 s of CPU to start, which would otherwise be taken from the requests being served then."""
+        if self.processes > 0:
+            executor = self._started()
+            for _ in range(self.processes):
+                executor.submit(_run_job, _warm_up, (), {})
+
+    def close(self) -> None:
+        """Stop the workers now, a job in progress included (at exit, Python would wait for it)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        for process in list(self._context.processes):
+            process.terminate()
+
+    def _started(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            logger.info("Starting %d prompt-rendering worker process(es).", self.processes)
+            self._executor = ProcessPoolExecutor(self.processes, mp_context=self._context,
+                                                 initializer=_install_tokenizer,
+                                                 initargs=(pickle.dumps(self.tokenizer),))
+        return self._executor
+
+
+class _TrackedSpawnContext(SpawnContext):
+    """The spawn context (the HTTP process has threads: no fork), remembering its processes so that `close`
+    can stop them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.processes: weakref.WeakSet[SpawnProcess] = weakref.WeakSet()
+
+    def Process(self, *args: Any, **kwargs: Any) -> SpawnProcess:  # noqa: N802 (multiprocessing's name)
+        process = SpawnProcess(*args, **kwargs)
+        self.processes.add(process)
+        return process
+
+
+def _install_tokenizer(pickled: bytes) -> None:
+    global _worker_tokenizer
+    # NOTE: a worker's jobs can run for seconds at full speed; below the event loop's and the engine's
+    # priority they take only the CPU those leave (on a 2-core machine, /health waited 0.3 s behind them).
+    os.nice(_WORKER_NICENESS)
+    _worker_tokenizer = pickle.loads(pickled)
+
+
+def _warm_up(tokenizer: Any) -> None:
+    tokenizer.encode("warm up")
+
+
+def _run_job(job: Callable[..., ResultT], args: tuple[Any, ...], kwargs: dict[str, Any]) -> ResultT:
+    return job(_worker_tokenizer, *args, **kwargs)
+
