@@ -92,16 +92,22 @@ def test_n_of_a_million_is_400_at_once(client: httpx.Client) -> None:
     ({"prompt": "a", "bad_words": ["x"] * 129}, "bad_words", "--max-num-bad-words"),
     ({"prompt": "a", "allowed_token_ids": [1] * 1_000_000}, "allowed_token_ids", "vocabulary size"),
     ({"prompt": "a", "logit_bias": {str(i): 1 for i in range(513)}}, "logit_bias", "vocabulary size"),
-    ({"messages": [{"role": "user", "content": "x"}] * 50_000}, None, "--max-request-json-values"),
+    ({"prompt": "a", "unknown_field": [0] * 140_000}, None, "--max-request-json-values"),
     ({"messages": [[{"role": "user", "content": "x"}]] * 1025}, "messages", "--max-completion-prompts"),
 ])
-def test_each_default_bound_names_its_flag(client: httpx.Client, server: LiveServer, body: dict[str, Any],
-                                           param: str | None, names: str) -> None:
-    path = COMPLETIONS if "prompt" in body else BATCH if isinstance(body["messages"][0], list) else CHAT
+def test_each_default_bound_names_its_flag(client: httpx.Client, body: dict[str, Any], param: str | None,
+                                           names: str) -> None:
+    path = COMPLETIONS if "prompt" in body else BATCH
     error = error_of(client.post(path, json={**body, "max_tokens": 1}), 400)
     assert names in error["message"] and error["param"] == param
-    ok = client.post(COMPLETIONS, json={"prompt": "a", "max_tokens": 1, "n": 256, "stop": ["x"] * 4})
-    assert ok.status_code == 200, ok.text
+
+
+def test_a_request_at_every_default_bound_is_served(client: httpx.Client, server: LiveServer) -> None:
+    body = {"prompt": ["a"] * 4, "max_tokens": 1, "n": 256, "stop": ["x"] * 4, "bad_words": ["y"] * 128,
+            "allowed_token_ids": list(range(512))}
+    response = client.post(COMPLETIONS, json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 4 * 256
     wait_until(lambda: pool_is_free(server.ctx.engine))
 
 
@@ -130,6 +136,13 @@ def test_the_pre_scan_and_the_parsed_check_agree(body: Any, over: str | None) ->
     assert scanned == parsed and (scanned is None if over is None else over in scanned), (scanned, parsed)
 
 
+def test_the_pre_scan_counts_json_values_in_every_field() -> None:
+    body = {"messages": [{"role": "user"}] * 18, "pad": ","}  # 1 + 1 + 18 * 2 + 1 values; 41 by the shortcut
+    assert _verdict(lambda: prescan(json.dumps(body).encode(), SMALL)) is None
+    body["messages"].append({"role": "user"})
+    assert "more than 40 JSON values" in str(_verdict(lambda: prescan(json.dumps(body).encode(), SMALL)))
+
+
 def _verdict(check: Any) -> str | None:
     try:
         check()
@@ -140,10 +153,10 @@ def _verdict(check: Any) -> str | None:
 
 def test_the_default_bounds_admit_what_clients_send() -> None:
     bounds = RequestBounds.of(ServerArgs(), vocab_size=262_144)
-    body = {"prompt": [list(range(1000))] * 1024, "n": 256, "stop": ["\n"] * 4, "bad_words": ["x"] * 128,
-            "allowed_token_ids": list(range(262_144))}
-    prescan(json.dumps(body).encode(), bounds)
-    check_parsed(body, bounds)
+    rest = {"n": 256, "stop": ["\n"] * 4, "bad_words": ["x"] * 128, "allowed_token_ids": list(range(262_144))}
+    prompt = b"[" + b"7, " * 999 + b"7]"  # 1024 prompts of 1000 tokens
+    prescan(b'{"prompt": [' + b", ".join([prompt] * 1024) + b"], " + json.dumps(rest).encode()[1:], bounds)
+    check_parsed({"prompt": [[7] * 1000] * 1024, **rest}, bounds)
 
 
 def test_non_json_content_types_get_vllms_400(client: httpx.Client) -> None:
