@@ -146,7 +146,7 @@ class _Malformed(Exception):
 
 
 class _TooManyItems(Exception):
-    pass
+    """A bounded field holds more items than its limit (the caller names the field)."""
 
 
 class _Walk:
@@ -240,10 +240,10 @@ class _Walk:
                 pos += 1
                 continue
             else:
-                if head == b'"':
-                    string = self._match(_STRING, pos)
+                string = self._match(_STRING, pos) if head == b'"' else None
+                if string is not None and depth > 0:
                     after = self._skip_whitespace(string.end())
-                    if depth > 0 and body.startswith(b":", after):  # an object's key: not a value
+                    if body.startswith(b":", after):  # an object's key: not a value
                         pos = after + 1
                         continue
                 if depth == 1:
@@ -258,7 +258,7 @@ class _Walk:
                     self._count(1)
                     depth += 1
                     pos += 1
-                elif head == b'"':
+                elif string is not None:
                     pos = string.end()
                     self._count(1)
                 else:
