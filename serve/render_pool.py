@@ -4,9 +4,8 @@ of the tokenizer.
 Jinja and the Python side of `transformers` hold the GIL, so a thread would still stall the event loop that
 answers /health and writes every stream's chunks; a worker process does not. Small jobs (a few thousand
 characters: a millisecond or so) run inline, which costs less than the trip to a worker and never starts one.
-The server starts the pool at start-up (`start`); elsewhere (the in-process test servers) it starts on the
-first large job. Each worker imports `transformers` and unpickles the tokenizer: about 1 s on a 2-core CPU
-with the bundled model's tokenizer.
+The server starts the pool before it listens (`start`); elsewhere (the in-process test servers) it starts,
+on a thread, for the first large job.
 """
 
 from __future__ import annotations
@@ -15,9 +14,10 @@ import asyncio
 import logging
 import os
 import pickle
+import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any, TypeVar
@@ -46,11 +46,13 @@ class RenderPool:
         self.max_chars_per_token = max_chars_per_token(tokenizer)
         self._context = _TrackedSpawnContext()
         self._executor: ProcessPoolExecutor | None = None
+        self._starting = threading.Lock()
 
     async def run(self, job: Callable[..., ResultT], *args: Any, weight: int, **kwargs: Any) -> ResultT:
         if weight < INLINE_WEIGHT or self.processes == 0:
             return job(self.tokenizer, *args, **kwargs)
-        executor = self._started()
+        # NOTE: starting blocks until each worker has read the pickled tokenizer (seconds): never on the loop.
+        executor = self._executor or await asyncio.to_thread(self.start)
         try:
             return await asyncio.wrap_future(executor.submit(_run_job, job, args, kwargs))
         except BrokenProcessPool:
@@ -59,13 +61,18 @@ class RenderPool:
                 self._executor = None
             raise RuntimeError("a prompt-rendering worker process died") from None
 
-    def start(self) -> None:
-        """Start the workers now (a server starting up), rather than on the first large job: each takes about
-        1 s of CPU to start, which would otherwise be taken from the requests being served then."""
-        if self.processes > 0:
-            executor = self._started()
-            for _ in range(self.processes):
-                executor.submit(_run_job, _warm_up, (), {})
+    def start(self) -> ProcessPoolExecutor:
+        """The pool, its workers started (blocking: about 1 s, or 3 s with Llama 3's tokenizer on a busy 2-core
+        CPU). The server calls it before it listens, so that no request waits for it or shares the CPU with it."""
+        with self._starting:
+            if self._executor is None:
+                logger.info("Starting %d prompt-rendering worker process(es).", self.processes)
+                executor = ProcessPoolExecutor(self.processes, mp_context=self._context,
+                                               initializer=_install_tokenizer, initargs=(pickle.dumps(self.tokenizer),))
+                # each submit while no worker is idle starts one
+                wait([executor.submit(_run_job, _warm_up, (), {}) for _ in range(self.processes)])
+                self._executor = executor
+            return self._executor
 
     def close(self) -> None:
         """Stop the workers now, a job in progress included (at exit, Python would wait for it)."""
@@ -74,14 +81,6 @@ class RenderPool:
             self._executor = None
         for process in list(self._context.processes):
             process.terminate()
-
-    def _started(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            logger.info("Starting %d prompt-rendering worker process(es).", self.processes)
-            self._executor = ProcessPoolExecutor(self.processes, mp_context=self._context,
-                                                 initializer=_install_tokenizer,
-                                                 initargs=(pickle.dumps(self.tokenizer),))
-        return self._executor
 
 
 class _TrackedSpawnContext(SpawnContext):

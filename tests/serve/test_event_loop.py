@@ -134,7 +134,7 @@ def test_a_prompt_text_that_cannot_fit_gets_vllms_400_without_tokenizing(bounded
 
 
 def test_no_length_check_where_vllm_has_none(bounded: httpx.Client) -> None:
-    over = "Lily " * (512 * 16 // 5 + 1)
+    over = "Lily " * 4000  # over the bound (8192 characters), and tokenized on a worker process (over 16K)
     truncated = bounded.post("/v1/completions", json={"prompt": over, "max_tokens": 2, "truncate_prompt_tokens": 8})
     assert truncated.status_code == 200 and truncated.json()["usage"]["prompt_tokens"] == 8
     counted = bounded.post("/tokenize", json={"prompt": over})
