@@ -12,7 +12,6 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -33,9 +32,10 @@ async def create_batch_chat_completion(ctx: ServingContext, raw: Request, body: 
     conversations = _conversations(body)
     batch_id = base_request_id(raw, body.get("request_id"))
     single = {key: value for key, value in body.items() if key not in _BATCH_ONLY_KEYS}
+    conversation_raw = _without_request_id_header(raw)
     tasks = [
-        asyncio.ensure_future(create_chat_completion(ctx, _with_request_id(raw, f"{batch_id}_{index}"),
-                                                     {**single, "messages": messages}))
+        asyncio.ensure_future(create_chat_completion(
+            ctx, conversation_raw, {**single, "messages": messages, "request_id": f"{batch_id}_{index}"}))
         for index, messages in enumerate(conversations)
     ]
     try:
@@ -73,11 +73,11 @@ def _conversations(body: Any) -> list[list[Any]]:
     return conversations
 
 
-def _with_request_id(raw: Request, request_id: str) -> Request:
-    """The request as one conversation's handler sees it: its own X-Request-Id, which names its engine request."""
-    scope = {**raw.scope, "headers": list(raw.scope["headers"])}
-    MutableHeaders(scope=scope)["x-request-id"] = request_id
-    return Request(scope, raw.receive)
+def _without_request_id_header(raw: Request) -> Request:
+    """The request as each conversation's handler sees it: without X-Request-Id, so that the `request_id` of
+    its body names its engine request (a header holds only latin-1 text, a body's id any text)."""
+    headers = [(name, value) for name, value in raw.scope["headers"] if name.lower() != b"x-request-id"]
+    return Request({**raw.scope, "headers": headers}, raw.receive)
 
 
 def _summed(usages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
@@ -33,6 +33,7 @@ from tests.serve.conftest import API_KEY, MODEL_NAMES, LiveServer, pool_is_free,
 
 VOCAB = 512  # stories260K's
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+JSON = "application/json"
 GREEDY = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, "seed": 3}
 
 
@@ -194,7 +195,7 @@ def requests(draw: st.DrawFn) -> tuple[str, bytes, str]:
     path = draw(st.sampled_from(sorted(ENDPOINT_BODIES)))
     body = draw(ENDPOINT_BODIES[path].map(lambda value: to_json(value).encode("utf-8", "surrogatepass"))
                 | not_objects)
-    content_type = draw(st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain"]))
+    content_type = draw(st.sampled_from([JSON, "application/json; charset=utf-8", "text/plain"]))
     return path, body, content_type
 
 
@@ -248,10 +249,16 @@ def test_fuzzed_bodies_never_5xx_and_leave_the_server_as_before(live: LiveServer
     with httpx.Client(base_url=live.url, headers=AUTH, timeout=20) as client:
         before = greedy_text(client)
 
-        @settings(max_examples=250, deadline=None, derandomize=True, database=None, print_blob=False,
+        @settings(max_examples=500, deadline=None, derandomize=True, database=None, print_blob=False,
                   phases=[Phase.explicit, Phase.generate, Phase.shrink],
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(requests())
+        # What earlier runs found: a batch's non-latin-1 request_id; a structural tag's non-string begin.
+        @example(("/v1/chat/completions/batch",
+                  b'{"messages": [[{"role": "user"}]], "request_id": "\\u20ac", "max_tokens": 2}', JSON))
+        @example(("/v1/chat/completions", b'{"messages": [{"role": "user"}], "max_tokens": 2, "response_format": '
+                  b'{"type": "structural_tag", "triggers": ["<a"], "structures": [{"begin": false, "end": null}]}}',
+                  JSON))
         def answers_well(request: tuple[str, bytes, str]) -> None:
             path, body, content_type = request
             server_errors.lines.clear()
