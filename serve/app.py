@@ -180,6 +180,11 @@ def build_app(ctx: ServingContext) -> Starlette:
         assert isinstance(exc, APIError)
         return exc.response()
 
+    async def unhandled_error(request: Request, exc: Exception) -> Response:
+        """A bug outside the routes (in a middleware): starlette's outermost handler answers it with this, then
+        re-raises it for uvicorn's log."""
+        return internal_error(f"Unhandled error in {request.method} {request.url.path}", exc).response()
+
     async def http_error(request: Request, exc: Exception) -> Response:
         """The router's 404 and 405, as vLLM's: the status phrase as `type` (405 keeps its Allow header)."""
         assert isinstance(exc, HTTPException)
@@ -237,7 +242,7 @@ def build_app(ctx: ServingContext) -> Starlette:
     if args.enable_server_load_tracking:
         middleware.append(Middleware(ctx.load.middleware))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={APIError: api_error, HTTPException: http_error})
+                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: unhandled_error})
     app.state.serving = ctx
     return app
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from serve import middleware
 from serve.args import ServerArgs
 from serve.errors import APIError, generation_error
 from serve.request_bounds import RequestBounds, check_parsed, prescan
@@ -213,6 +214,19 @@ def test_a_bug_is_a_500_with_only_an_id(client: httpx.Client, server: LiveServer
     monkeypatch.setattr(server.ctx.engine.info.tokenizer, "decode", broken)
     with caplog.at_level(logging.ERROR, logger="jaxllm.serve"):
         error = error_of(client.post("/detokenize", json={"tokens": [1]}), 500)
+    assert "secret" not in error["message"]
+    error_id = error["message"].split("error id ")[1].split(")")[0]
+    assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
+
+
+def test_a_middleware_bug_is_a_500_with_only_an_id(client: httpx.Client, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("secret internals at /home/x")
+
+    monkeypatch.setattr(middleware.BufferedBody, "__call__", broken)
+    with caplog.at_level(logging.ERROR, logger="jaxllm.serve"):
+        error = error_of(client.post("/tokenize", json={"prompt": "Hi"}), 500)
     assert "secret" not in error["message"]
     error_id = error["message"].split("error id ")[1].split(")")[0]
     assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
