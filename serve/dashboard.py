@@ -137,7 +137,7 @@ class Dashboard:
                          "num_free_pages": metrics.num_free_pages, "block_size": info.limits.block_size},
             "prefix_cache": {"queries": queries, "hits": hits, "hit_rate": hits / queries if queries else None},
             "requests": {"running": metrics.num_requests_running, "waiting": metrics.num_requests_waiting,
-                         "listed": [_request_json(r) for r in (*live.running, *live.waiting)]},
+                         "unfinished": live.num_requests, "listed": [_request_json(r) for r in live.requests]},
             "compile": {"forward_buckets": [{"tokens": t, "pages": p, "loaded": loaded}
                                             for t, p, loaded in live.compile.forward_buckets],
                         "samplers_loaded": live.compile.samplers_loaded},
@@ -148,8 +148,8 @@ class Dashboard:
 
 def _request_json(request: LiveRequest) -> dict[str, Any]:
     return {"id": request.request_id, "state": request.state, "arrival_time": request.arrival_wall_time,
-            "prompt_tokens": request.prompt_tokens, "output_tokens": request.output_tokens,
-            "computed_tokens": request.computed_tokens}
+            "n": request.n, "unfinished": request.num_unfinished, "prompt_tokens": request.prompt_tokens,
+            "prefilled_tokens": request.prefilled_tokens, "output_tokens": request.output_tokens}
 
 
 def flags_set(config: EngineConfig, args: ServerArgs) -> dict[str, Any]:

@@ -14,6 +14,7 @@ it, and adding one costs the loop nothing per child. The loop that feeds and ste
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -26,7 +27,7 @@ from jaxllm.engine.admission import Admission
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Finish, OutputDetokenizer
 from jaxllm.engine.interfaces import ModelRunnerOutput, ModelRunnerProtocol, SchedulerOutput, StepHandle, TokenLogprobs
-from jaxllm.engine.live_status import live_status
+from jaxllm.engine.live_status import MAX_LISTED_REQUESTS, LiveRequest, LiveStatus
 from jaxllm.engine.metrics import EngineMetrics, FinishedRequest
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import SampledToken, Scheduler
@@ -406,7 +407,11 @@ class LLMEngine:
         """A copy of the metrics for another thread or process, with the live status (requests, compiled
         buckets) read now."""
         snapshot = self.metrics.snapshot()
-        snapshot.live = live_status(self.scheduler.running, self.scheduler.waiting, self.runner.compile_state())
+        # NOTE: list(islice(...)) runs in one C call, holding the GIL: AsyncEngine reads this from the HTTP
+        # thread while the engine thread adds and removes groups.
+        oldest = list(itertools.islice(self._groups.values(), MAX_LISTED_REQUESTS))
+        snapshot.live = LiveStatus(tuple(_live_request(group) for group in oldest), len(self._groups),
+                                   self.runner.compile_state())
         return snapshot
 
     def _update_gauges(self) -> None:
@@ -435,3 +440,15 @@ class LLMEngine:
             (m.prompt_tokens_total - last_prompt) / elapsed, (m.generation_tokens_total - last_generation) / elapsed,
             m.num_requests_running, m.num_requests_waiting, 100 * m.kv_cache_usage, 100 * hit_rate)
         self._last_stats = (now, m.prompt_tokens_total, m.generation_tokens_total)
+
+
+def _live_request(group: _Group) -> LiveRequest:
+    requests = [sequence.request for sequence in group.sequences]
+    if any(request.status == RequestStatus.RUNNING for request in requests):
+        state = "running"
+    else:
+        state = "waiting_for_grammar" if group.awaiting_grammar else "waiting"
+    prompt_tokens = len(group.prompt_token_ids)
+    return LiveRequest(group.request_id, state, group.arrival_wall_time, prompt_tokens, group.command.params.n,
+                       group.num_unfinished, sum(len(request.output_token_ids) for request in requests),
+                       max((min(request.num_computed_tokens, prompt_tokens) for request in requests), default=0))

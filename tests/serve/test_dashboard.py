@@ -19,16 +19,17 @@ from jaxllm.config import EngineConfig, ModelConfig, SchedulerConfig, Structured
 from serve.app import build_app
 from serve.args import ServerArgs
 from serve.dashboard import ThroughputHistory, flags_set
-from tests.serve.conftest import API_KEY, MODEL_NAMES, STORY, LiveServer, make_context, new_engine
+from tests.serve.conftest import API_KEY, MODEL_NAMES, STORY, LiveServer, make_context, new_engine, wait_until
 from tests.serve.test_browser import CHROMIUM, CHROMIUM_FLAGS
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 STEP_S = 0.01  # the stand-in device's step time: a 300-token request runs for about 3 s
+NUM_PAGES = 4096  # n=130 sequences of 340 tokens fit without preemption
 
 
 @pytest.fixture(scope="module")
 def server(stories_tokenizer: Any, story_script: list[int]) -> Iterator[LiveServer]:
-    with LiveServer(make_context(new_engine(stories_tokenizer, story_script, delay_s=STEP_S),
+    with LiveServer(make_context(new_engine(stories_tokenizer, story_script, delay_s=STEP_S, num_pages=NUM_PAGES),
                                  api_key=[API_KEY])) as live:
         yield live
 
@@ -45,26 +46,45 @@ def test_the_page_is_open_and_its_data_needs_the_key(server: LiveServer) -> None
     assert httpx.get(server.url + "/dashboard/data", headers=AUTH).status_code == 200
 
 
-def test_the_data_shows_a_running_request_its_model_and_flags(server: LiveServer) -> None:
+def test_the_data_lists_running_and_waiting_requests_with_their_ages_and_tokens(server: LiveServer) -> None:
+    """n=130 fills the 128 seats (2 of its sequences wait), so a request after it waits whole."""
     prompt = list(range(10, 50))
-    body = {"model": MODEL_NAMES[0], "prompt": prompt, "max_tokens": 300, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", headers=AUTH, json=body, timeout=30) as stream:
+    fan_out = {"model": MODEL_NAMES[0], "prompt": prompt, "n": 130, "max_tokens": 300, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", headers=AUTH, json=fan_out, timeout=30) as stream:
         lines = stream.iter_lines()  # NOTE: held open: a closed iterator would close the stream (an abort)
         chunks = 0
         while chunks < 5:
             chunks += next(lines).startswith("data: ")
-        data = httpx.get(server.url + "/dashboard/data", headers=AUTH)
-    status = data.json()
-    assert API_KEY not in data.text
-    listed = status["requests"]["listed"]
-    assert status["requests"]["running"] == 1 and len(listed) == 1
-    request = listed[0]
-    assert request["state"] == "running" and request["prompt_tokens"] == len(prompt)
-    assert 5 <= request["output_tokens"] < 300 and request["computed_tokens"] >= len(prompt)
-    assert 0 < status["now"] - request["arrival_time"] < 30
+        later = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",), kwargs={
+            "headers": AUTH, "json": {"model": MODEL_NAMES[0], "prompt": [7, 8, 9], "max_tokens": 2}, "timeout": 30})
+        later.start()
+        status: dict[str, Any] = {}
+
+        def both_listed() -> bool:
+            status.update(httpx.get(server.url + "/dashboard/data", headers=AUTH).json())
+            return len(status["requests"]["listed"]) == 2 and status["requests"]["waiting"] == 3  # gauges: a step on
+
+        wait_until(both_listed)
+    later.join(30)
+    first, second = status["requests"]["listed"]
+    assert (status["requests"]["running"], status["requests"]["waiting"], status["requests"]["unfinished"]) == (
+        128, 3, 2)
+    assert {key: first[key] for key in ("state", "n", "unfinished", "prompt_tokens", "prefilled_tokens")} == {
+        "state": "running", "n": 130, "unfinished": 130, "prompt_tokens": len(prompt), "prefilled_tokens": len(prompt)}
+    assert 5 <= first["output_tokens"] < 128 * 300
+    assert {key: second[key] for key in ("state", "n", "unfinished", "prompt_tokens", "prefilled_tokens",
+                                         "output_tokens")} == {
+        "state": "waiting", "n": 1, "unfinished": 1, "prompt_tokens": 3, "prefilled_tokens": 0, "output_tokens": 0}
+    assert 0 <= status["now"] - second["arrival_time"] <= status["now"] - first["arrival_time"] < 30
+
+
+def test_the_data_shows_the_model_the_flags_and_the_pool(server: LiveServer) -> None:
+    response = httpx.get(server.url + "/dashboard/data", headers=AUTH)
+    status = response.json()
+    assert API_KEY not in response.text
     assert status["model"]["name"] == MODEL_NAMES[0] and status["model"]["served_model_names"] == MODEL_NAMES
     assert status["flags"]["--api-key"] == "(set)" and status["flags"]["--served-model-name"] == MODEL_NAMES
-    assert status["kv_cache"]["num_pages"] == status["limits"]["num_pages"] == 512
+    assert status["kv_cache"]["num_pages"] == status["limits"]["num_pages"] == NUM_PAGES
     assert status["compile"] == {"forward_buckets": [], "samplers_loaded": 0}  # the stand-in runner compiles nothing
     assert status["engine_alive"] is True
 
@@ -141,17 +161,17 @@ def test_the_page_in_a_browser_asks_for_the_key_then_follows_the_load(server: Li
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.on("pageerror", lambda error: errors.append(str(error)))
             # NOTE: the 401 before the key is entered is logged as a failed resource load: not a page error.
+            # The waits poll from here: page.wait_for_function evaluates strings, which the page's CSP forbids.
             page.on("console", lambda message: message.type == "error"
                     and "Failed to load resource" not in message.text and errors.append(message.text))
             page.goto(server.url + "/dashboard")
-            page.wait_for_function("document.getElementById('message').textContent.includes('API key')")
+            wait_until(lambda: "API key" in page.inner_text("#message"))
             page.fill("#api-key", API_KEY)
             page.click("#key-form button")
-            page.wait_for_function("parseFloat(document.getElementById('output-tps').textContent) > 0"
-                                   " && document.querySelectorAll('#requests td.id').length > 0", timeout=15_000)
+            wait_until(lambda: page.evaluate("parseFloat(document.getElementById('output-tps').textContent) > 0"
+                                             " && document.querySelectorAll('#requests td.id').length > 0"))
             total = page.inner_text("#output-total")
-            page.wait_for_function("(before) => document.getElementById('output-total').textContent !== before",
-                                   arg=total, timeout=15_000)
+            wait_until(lambda: page.inner_text("#output-total") != total)
             shown = {name: page.inner_text(f"#{name}")
                      for name in ("message", "model-name", "running", "prefix-hit-rate")}
             states = set(page.locator("#requests td.state").all_inner_texts())
