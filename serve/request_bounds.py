@@ -67,8 +67,9 @@ class RequestBounds:
 
 
 def _too_many_prompts(bounds: RequestBounds) -> APIError:
-    return APIError(f"The prompt list holds more than {bounds.max_completion_prompts} prompts, the maximum allowed "
-                    "count. To increase this limit, set --max-completion-prompts.", param="prompt")
+    # NOTE: vLLM's words less the length, which the pre-scan stops counting past the limit.
+    return APIError(f"prompt list length exceeds the maximum allowed count of {bounds.max_completion_prompts}. To "
+                    "increase this limit, set --max-completion-prompts.", param="prompt")
 
 
 def _too_many_tokens(limit: int) -> APIError:

@@ -122,8 +122,8 @@ def test_text_prompts_count_their_tokens_together(stories_tokenizer: Any, story_
 
 @pytest.mark.parametrize(("body", "over"), [
     ({"prompt": [[1, 2], [3]], "n": 4, "stop": ["a", "b"], "bad_words": ["c", "d"]}, None),
-    ({"prompt": [[1], [2], [3], [4]]}, "more than 3 prompts"),
-    ({"prompt": ["a, [b", "c", "d", "e"]}, "more than 3 prompts"),
+    ({"prompt": [[1], [2], [3], [4]]}, "maximum allowed count of 3"),
+    ({"prompt": ["a, [b", "c", "d", "e"]}, "maximum allowed count of 3"),
     ({"prompt": list(range(11))}, "more than 10 tokens"),
     ({"prompt": [list(range(6)), list(range(5))]}, "more than 10 tokens"),
     ({"prompt": "a", "stop": ["x", "y", "z"]}, "`stop` holds more than 2"),
