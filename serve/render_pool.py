@@ -17,7 +17,7 @@ import pickle
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any, TypeVar
@@ -53,6 +53,8 @@ class RenderPool:
             return job(self.tokenizer, *args, **kwargs)
         # NOTE: starting blocks until each worker has read the pickled tokenizer (seconds): never on the loop.
         executor = self._executor or await asyncio.to_thread(self.start)
+        if executor is None:  # the workers could not start
+            return job(self.tokenizer, *args, **kwargs)
         try:
             return await asyncio.wrap_future(executor.submit(_run_job, job, args, kwargs))
         except BrokenProcessPool:
@@ -61,18 +63,30 @@ class RenderPool:
                 self._executor = None
             raise RuntimeError("a prompt-rendering worker process died") from None
 
-    def start(self) -> ProcessPoolExecutor:
+    def start(self) -> ProcessPoolExecutor | None:
         """The pool, its workers started (blocking: about 1 s, or 3 s with Llama 3's tokenizer on a busy 2-core
-        CPU). The server calls it before it listens, so that no request waits for it or shares the CPU with it."""
+        CPU); None with no workers. The server calls it before it listens, so that no request waits for it or
+        shares the CPU with it."""
         with self._starting:
-            if self._executor is None:
+            if self._executor is None and self.processes > 0:
                 logger.info("Starting %d prompt-rendering worker process(es).", self.processes)
-                executor = ProcessPoolExecutor(self.processes, mp_context=self._context,
-                                               initializer=_install_tokenizer, initargs=(pickle.dumps(self.tokenizer),))
-                # each submit while no worker is idle starts one
-                wait([executor.submit(_run_job, _warm_up, (), {}) for _ in range(self.processes)])
-                self._executor = executor
+                try:
+                    self._executor = self._started_executor()
+                except Exception:
+                    # NOTE: whatever keeps the workers from starting (a tokenizer that does not pickle, no
+                    # processes left), the server still serves: rendering on the event loop, as it did before.
+                    logger.exception("The prompt-rendering workers could not start; rendering on the event loop.")
+                    self.close()
+                    self.processes = 0
             return self._executor
+
+    def _started_executor(self) -> ProcessPoolExecutor:
+        executor = ProcessPoolExecutor(self.processes, mp_context=self._context, initializer=_install_tokenizer,
+                                       initargs=(pickle.dumps(self.tokenizer),))
+        # each submit while no worker is idle starts one
+        for warm_up in [executor.submit(_run_job, _warm_up, (), {}) for _ in range(self.processes)]:
+            warm_up.result()
+        return executor
 
     def close(self) -> None:
         """Stop the workers now, a job in progress included (at exit, Python would wait for it)."""

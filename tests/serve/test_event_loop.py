@@ -4,6 +4,7 @@ and a prompt text too long to fit gets vLLM's 400 without being tokenized."""
 
 from __future__ import annotations
 
+import asyncio
 import select
 import signal
 import statistics
@@ -19,7 +20,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from jaxllm.tokenizer import load_tokenizer
+from serve import prompt_jobs
 from serve.prompt_length import max_chars_per_token
+from serve.render_pool import INLINE_WEIGHT, RenderPool
 from tests.fixtures import fixture_tokenizer
 from tests.serve.conftest import API_KEY, STORY, LiveServer, make_context, new_engine
 from tests.serve.fake_engine import STORIES
@@ -71,6 +74,16 @@ def test_health_and_metrics_answer_quickly_while_a_10mb_prompt_tokenizes_beside_
         assert max(samples) < 1.0, (path, sorted(samples))
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait_exit(20) == 0  # the worker busy on a 10 MB prompt is stopped, not waited for
+
+
+def test_a_pool_that_cannot_start_renders_on_the_event_loop(caplog: pytest.LogCaptureFixture) -> None:
+    tokenizer = load_tokenizer(STORIES)
+    tokenizer.unpicklable = lambda: None  # the workers cannot get a copy
+    pool = RenderPool(tokenizer, processes=1)
+    text = STORY * (INLINE_WEIGHT // len(STORY) + 1)
+    ids = asyncio.run(pool.run(prompt_jobs.encode_all, [text], weight=len(text), add_special_tokens=False))
+    assert ids == [tokenizer.encode(text, add_special_tokens=False)]
+    assert "could not start; rendering on the event loop" in caplog.text and pool.processes == 0
 
 
 # ---- the length check before tokenizing ----
