@@ -152,3 +152,13 @@ def test_no_length_check_where_vllm_has_none(bounded: httpx.Client) -> None:
     assert truncated.status_code == 200 and truncated.json()["usage"]["prompt_tokens"] == 8
     counted = bounded.post("/tokenize", json={"prompt": over})
     assert counted.status_code == 200 and counted.json()["count"] > 512
+    chat = bounded.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": over}], "max_tokens": 2,
+                                                      "truncate_prompt_tokens": 8})
+    assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == 8
+
+
+def test_a_template_error_on_a_worker_is_a_400(bounded: httpx.Client) -> None:
+    long = "Lily " * 4000
+    response = bounded.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long}] * 2})
+    assert (response.status_code, response.json()["error"]["param"]) == (400, "messages")
+    assert "Conversation roles must alternate user/assistant/user/assistant" in response.json()["error"]["message"]
