@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import pickle
+import signal
 import threading
 import weakref
 from collections.abc import Callable
@@ -114,6 +115,7 @@ class _TrackedSpawnContext(SpawnContext):
 
 def _install_tokenizer(pickled: bytes) -> None:
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; the server stops the pool
     # NOTE: a worker's jobs can run for seconds at full speed; below the event loop's and the engine's
     # priority they take only the CPU those leave (on a 2-core machine, /health waited 0.3 s behind them).
     os.nice(_WORKER_NICENESS)
