@@ -106,5 +106,13 @@ def _model_keeps_text(model: Any, pre_tokenizer: dict[str, Any] | None) -> bool:
     fallback, or an unknown token per unknown character (not fused into one, nor dropped)."""
     if type(model).__name__ != "BPE":
         return False
-    byte_level = pre_tokenizer is not None and '"ByteLevel"' in json.dumps(pre_tokenizer)
+    byte_level = "ByteLevel" in _types(pre_tokenizer)
     return byte_level or bool(model.byte_fallback) or (model.unk_token is not None and not model.fuse_unk)
+
+
+def _types(component: dict[str, Any] | None) -> list[str]:
+    """A component's type and those of its parts (a Sequence's)."""
+    if component is None:
+        return []
+    parts = component.get("normalizers") or component.get("pretokenizers") or []
+    return [component["type"], *(kind for part in parts for kind in _types(part))]
