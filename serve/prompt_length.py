@@ -29,6 +29,8 @@ def max_chars_per_token(tokenizer: Any) -> int | None:
     pre_tokenizer = _component(backend.pre_tokenizer)
     if shrink is None or not _keeps_text(pre_tokenizer) or not _model_keeps_text(backend.model, pre_tokenizer):
         return None
+    if any(added.lstrip or added.rstrip for added in tokenizer.added_tokens_decoder.values()):
+        return None  # such a token takes in the whitespace beside it, however long
     return shrink * max(len(token) for token in tokenizer.get_vocab())
 
 

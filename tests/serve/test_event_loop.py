@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from jaxllm.tokenizer import load_tokenizer
@@ -114,6 +114,10 @@ def test_the_bound_is_the_longest_token_only_where_the_tokenizer_keeps_every_cha
     assert max_chars_per_token(_tiny_tokenizer(normalizers.NFC(), pre_tokenizers.Digits())) == 4 * 5  # composes
     assert max_chars_per_token(_tiny_tokenizer(None, pre_tokenizers.Whitespace())) is None  # drops whitespace
     assert max_chars_per_token(_tiny_tokenizer(normalizers.StripAccents(), None)) is None
+    swallowing = _tiny_tokenizer(None, None)
+    swallowing.add_special_tokens({"mask_token": AddedToken("<mask>", lstrip=True)})
+    assert len(swallowing.encode(" " * 1000 + "<mask>", add_special_tokens=False)) == 1
+    assert max_chars_per_token(swallowing) is None
 
 
 @pytest.fixture(scope="module")
