@@ -249,7 +249,7 @@ def test_fuzzed_bodies_never_5xx_and_leave_the_server_as_before(live: LiveServer
     with httpx.Client(base_url=live.url, headers=AUTH, timeout=20) as client:
         before = greedy_text(client)
 
-        @settings(max_examples=500, deadline=None, derandomize=True, database=None, print_blob=False,
+        @settings(max_examples=400, deadline=None, derandomize=True, database=None, print_blob=False,
                   phases=[Phase.explicit, Phase.generate, Phase.shrink],
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(requests())
