@@ -63,15 +63,15 @@ def test_health_and_metrics_answer_quickly_while_a_10mb_prompt_tokenizes_beside_
                 assert client.get(path).status_code == 200
                 samples.append(time.monotonic() - start)
             time.sleep(0.02)
-    # the 10 MB prompts (about 8 s of tokenizing each) are still in the render pool, the streams still running
-    assert load.poll() is None and not select.select([load.stdout], [], [], 0)[0]
+    assert load.poll() is None and not select.select([load.stdout], [], [], 0)[0], (
+        "the 10 MB prompts (about 8 s of tokenizing each) are answered already: the window did not measure them")
     assert server.proc.poll() is None
     load.kill()
     for path, samples in latencies.items():
-        # measured on the 2-core CPU (shared, load average 5): median 3-20 ms, worst 0.08-0.5 s; tokenizing on the
-        # event loop, /health waited 30 s
-        assert statistics.median(samples) < 0.1, (path, sorted(samples))
-        assert max(samples) < 1.0, (path, sorted(samples))
+        measured = ("measured on the shared 2-core CPU: median 3-20 ms, worst 0.08-0.5 s (tokenizing on the event "
+                    "loop: 30 s)")
+        assert statistics.median(samples) < 0.1, (path, sorted(samples), measured)
+        assert max(samples) < 1.0, (path, sorted(samples), measured)
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait_exit(20) == 0  # the worker busy on a 10 MB prompt is stopped, not waited for
 
@@ -143,7 +143,7 @@ def test_a_prompt_text_that_cannot_fit_gets_vllms_400_without_tokenizing(bounded
     start = time.monotonic()
     response = bounded.post("/v1/completions", json={"prompt": ["Hi", ten_mb_prompt()], "max_tokens": 12})
     assert (response.status_code, response.json()) == (400, _too_long(12, len(ten_mb_prompt())))
-    assert time.monotonic() - start < 3  # tokenizing it takes about 10 s
+    assert time.monotonic() - start < 3, "answered without tokenizing (which takes about 10 s)"
     over = "a" * (512 * 16 + 1)
     response = bounded.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": over}]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "input_text"
