@@ -89,6 +89,9 @@ def test_served_engine_serves_while_buckets_load(served, llm):
     smallest = {("forward", 16, pages) for pages in runner.buckets.pages}
     assert smallest <= compiler.ready() and not smallest & compiler.loading()
     assert not compiler.loading()  # nothing loads before the engine's loop starts
+    state = runner.compile_state()  # the status page's view
+    assert [(t, p) for t, p, _ in state.forward_buckets] == runner.buckets.keys and state.samplers_loaded > 0
+    assert {(t, p) for t, p, loaded in state.forward_buckets if loaded} == {key[1:] for key in smallest}
     engine.start_background_work()  # as the loop does
     forward = {key[1:] for key in compiler.ready() | compiler.loading() if key[0] == "forward"}
     assert forward == set(runner.buckets.keys)
@@ -103,6 +106,7 @@ def test_served_engine_serves_while_buckets_load(served, llm):
 
     compiler.wait_warm()
     assert not compiler.loading()
+    assert all(loaded for *_, loaded in runner.compile_state().forward_buckets)
     with backend_compiles() as compiles:
         _generate(engine, prompts, greedy)
     assert compiles == []

@@ -19,7 +19,16 @@ from jaxllm.config import EngineConfig, ModelConfig, SchedulerConfig, Structured
 from serve.app import build_app
 from serve.args import ServerArgs
 from serve.dashboard import ThroughputHistory, flags_set
-from tests.serve.conftest import API_KEY, MODEL_NAMES, STORY, LiveServer, make_context, new_engine, wait_until
+from tests.serve.conftest import (
+    API_KEY,
+    MODEL_NAMES,
+    STORY,
+    LiveServer,
+    make_context,
+    new_engine,
+    pool_is_free,
+    wait_until,
+)
 from tests.serve.test_browser import CHROMIUM, CHROMIUM_FLAGS
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -78,9 +87,11 @@ def test_the_data_lists_running_and_waiting_requests_with_their_ages_and_tokens(
     assert 0 <= status["now"] - second["arrival_time"] <= status["now"] - first["arrival_time"] < 30
 
 
-def test_the_data_shows_the_model_the_flags_and_the_pool(server: LiveServer) -> None:
+def test_the_data_shows_the_model_the_flags_and_the_pool_and_no_request_once_idle(server: LiveServer) -> None:
+    wait_until(lambda: pool_is_free(server.ctx.engine))
     response = httpx.get(server.url + "/dashboard/data", headers=AUTH)
     status = response.json()
+    assert status["requests"] == {"running": 0, "waiting": 0, "unfinished": 0, "listed": []}
     assert API_KEY not in response.text
     assert status["model"]["name"] == MODEL_NAMES[0] and status["model"]["served_model_names"] == MODEL_NAMES
     assert status["flags"]["--api-key"] == "(set)" and status["flags"]["--served-model-name"] == MODEL_NAMES
