@@ -14,12 +14,14 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from pydantic import BaseModel
 
 from serve.protocol import (
@@ -238,14 +240,24 @@ def server_errors() -> Iterator[ServerErrors]:
         logging.getLogger().removeHandler(handler)
 
 
+@pytest.fixture()
+def hypothesis_home(tmp_path: Path) -> Iterator[None]:
+    """Hypothesis's caches (character tables, source constants) in a temporary directory, not the checkout's."""
+    set_hypothesis_home_dir(tmp_path)
+    try:
+        yield
+    finally:
+        set_hypothesis_home_dir(None)
+
+
 def greedy_text(client: httpx.Client) -> str:
     response = client.post("/v1/completions", json=GREEDY)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
 
 
-def test_fuzzed_bodies_never_5xx_and_leave_the_server_as_before(live: LiveServer,
-                                                                 server_errors: ServerErrors) -> None:
+def test_fuzzed_bodies_never_5xx_and_leave_the_server_as_before(live: LiveServer, server_errors: ServerErrors,
+                                                                 hypothesis_home: None) -> None:
     with httpx.Client(base_url=live.url, headers=AUTH, timeout=20) as client:
         before = greedy_text(client)
 
