@@ -16,6 +16,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from jaxllm.config import EngineConfig, ModelConfig, SchedulerConfig, StructuredOutputsConfig
+from jaxllm.engine.engine_process import wake_while_loading
+from jaxllm.engine.live_status import CompileState
 from serve.app import build_app
 from serve.args import ServerArgs
 from serve.dashboard import ThroughputHistory, flags_set
@@ -138,6 +140,20 @@ def test_throughput_history_keeps_rates_over_its_span() -> None:
         assert sample.prompt_tokens_per_s == pytest.approx(4 * sample.output_tokens_per_s)
     assert len(history.samples) == 3  # span / interval
     assert (sample.kv_cache_usage, sample.running, sample.waiting) == (0.25, 3, 1)
+
+
+def test_an_idle_engine_process_reports_while_its_buckets_load() -> None:
+    """Its loop, blocked while idle, is woken (and so reports its compile state) until the last bucket loads."""
+    loaded, wakes = threading.Event(), []
+    runner = SimpleNamespace(compile_state=lambda: CompileState(((16, 8, True), (32, 8, loaded.is_set())), 1))
+    commands = SimpleNamespace(wake=lambda: wakes.append(loaded.is_set()))
+    waker = threading.Thread(target=wake_while_loading, args=(runner, commands, 0.01), daemon=True)
+    waker.start()
+    wait_until(lambda: len(wakes) >= 3)
+    assert waker.is_alive() and not any(wakes)
+    loaded.set()
+    waker.join(5)
+    assert not waker.is_alive() and wakes[-1] is True
 
 
 @contextlib.contextmanager
