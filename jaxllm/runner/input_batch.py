@@ -281,7 +281,8 @@ def sampling_arrays(arrays: StepArrays, states: list[CachedRequestState], num_sl
         return out
 
     batch = SamplingBatch(
-        temperature=col([p.temperature for p in params], np.float32, 0.0),
+        # Greedy rows at 0, so a sampling variant (a mixed batch, a stand-in) takes their argmax exactly.
+        temperature=col([0.0 if s.needs.greedy else s.sampling_params.temperature for s in states], np.float32, 0.0),
         seeds=col([s.seed for s in states], np.uint32, 0),
         positions=col(arrays.kv_lens[:n], np.int32, 0),
     )

@@ -28,7 +28,7 @@ from jaxllm.engine.interfaces import ModelRunnerOutput, SchedulerOutput, TokenLo
 from jaxllm.engine.live_status import CompileState
 from jaxllm.runner import kv_cache
 from jaxllm.runner.attention import Attention
-from jaxllm.runner.compilation import BucketCompiler, Buckets, warm_sampler_flags
+from jaxllm.runner.compilation import BucketCompiler, Buckets, stand_in_sampler_flags, warm_sampler_flags
 from jaxllm.runner.input_batch import InputBatch, StepArrays, sampler_flags, sampling_arrays
 from jaxllm.runner.model_loading import LoadedModel
 from jaxllm.runner.sampler import LogprobOutputs, LogprobWidths, SamplerFlags, SamplingBatch, logprob_outputs
@@ -86,7 +86,8 @@ class ModelRunner:
         self.logprob_widths = LogprobWidths.of(max_logprobs, self.vocab_size)
         self.compiler = BucketCompiler(model, attention, buckets, num_pages=limits.num_pages,
                                        max_model_len=limits.max_model_len,
-                                       warm_samplers=warm_sampler_flags(default_sampling))
+                                       warm_samplers=warm_sampler_flags(default_sampling),
+                                       stand_in=stand_in_sampler_flags(self.logprob_widths))
         self._inputs = StableInputs(self.compiler.sharding)
         self.kv_pages = kv_cache.allocate_kv_pages(model.arch, limits.num_pages, limits.block_size, model.dtype,
                                                    model.mesh, model.rules)
@@ -113,7 +114,8 @@ class ModelRunner:
         arrays = self.input_batch.build(sched, num_tokens, num_slots, pages_per_seq)
         states = [self.input_batch.requests[r] for r in arrays.req_ids]
         want_prompt_logprobs = bool(arrays.prompt_logprob_rows)
-        flags = sampler_flags(states, bitmask_rows=bool(sched.structured_req_ids), logprob_widths=self.logprob_widths)
+        flags = self.compiler.runnable(num_slots, sampler_flags(states, bitmask_rows=bool(sched.structured_req_ids),
+                                                                logprob_widths=self.logprob_widths))
         sampling = sampling_arrays(arrays, states, num_slots, flags, {}, self.vocab_size, self.max_model_len)
 
         logits_indices = arrays.logits_indices

@@ -139,7 +139,9 @@ def _apply_top_k_top_p_min_p(logits: jax.Array, b: SamplingBatch) -> jax.Array:
     sorted_masked = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
     probs = jax.nn.softmax(sorted_masked, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < b.top_p[:, None]) & (ranks < k[:, None])
+    # NOTE: top_p >= 1 keeps all: the float cumsum can reach 1 before the tail, which would drop tokens from
+    # a row that asked for no top-p (and a row's tokens would depend on its batch's variant).
+    keep = ((mass_before < b.top_p[:, None]) | (b.top_p[:, None] >= 1.0)) & (ranks < k[:, None])
     num_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
     threshold = jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)
     threshold = jnp.maximum(threshold, kth)
