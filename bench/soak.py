@@ -368,8 +368,10 @@ def print_report(result: dict[str, Any]) -> None:
               f"peak {process['peak_mb']:.0f} MB, {process['end_mb']:.0f} MB at the end "
               f"(kernel high-water mark {process['high_water_mb']:.0f} MB); at each tenth of the run: "
               f"{process['each_tenth_mb']} MB")
-    print(f"  after the load: {result['end_gauges']}, settled after {result['settled_after_s']} s; "
-          f"greedy answer unchanged: {result['greedy_same_after']}")
+    end = result["end_gauges"]
+    print(f"  after the load: {end.get('num_requests_running')} running, {end.get('num_requests_waiting')} waiting, "
+          f"{100 * (1 - end.get('kv_cache_usage_perc', 1)):.1f}% of KV pages free, settled after "
+          f"{result['settled_after_s']} s; greedy answer unchanged: {result['greedy_same_after']}")
     if "server_log_tracebacks" in result:
         print(f"  server log: {result['server_log_tracebacks']} tracebacks ({result['server_log']})")
 

@@ -3,7 +3,7 @@
 The page (`serve/static/dashboard.html`: plain HTML and JS, no external assets) polls /dashboard/data once a
 second. The data shows the flags and the requests, so the API key guards it (`serve.middleware.BearerAuth`);
 the page itself is open and asks for the key. Everything comes from the engine's metrics snapshot
-(`EngineClient.metrics()`, whose `live` field lists the queued requests and the compiled buckets) and
+(`EngineClient.metrics()`, whose `live` field lists the oldest unfinished requests and the compiled buckets) and
 `ThroughputHistory`, which samples its token counters while the server runs. `--disable-dashboard` removes
 both routes.
 """

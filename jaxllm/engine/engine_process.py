@@ -36,6 +36,7 @@ from typing import Any
 
 from jaxllm.engine.client import EngineClient
 from jaxllm.engine.core import CommandQueue, EngineCommand, EngineCore, EngineInfo, Iteration, Shutdown
+from jaxllm.engine.interfaces import ModelRunnerProtocol
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.metrics import EngineMetrics
 from jaxllm.outputs import EngineOutput
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 # How often a busy engine process reports its metrics; an idle one reports after every change.
 REPORT_STATS_INTERVAL_S = 0.1
+# How often an idle engine reports while its buckets load in the background (the status page's compile state).
+REPORT_LOADING_INTERVAL_S = 1.0
 LOG_FORMAT = "%(levelname)s %(asctime)s %(name)s: %(message)s"
 
 # Builds the engine in the child: returns a `jaxllm.build.EngineParts` (.engine, .generation_defaults,
@@ -91,6 +94,8 @@ def run_engine_process(factory: EngineFactory, conn: Connection, log_level: int)
         return
     commands = _CountingQueue()
     threading.Thread(target=_read_commands, args=(conn, commands), name="jaxllm-commands", daemon=True).start()
+    threading.Thread(target=wake_while_loading, args=(engine.runner, commands), name="jaxllm-loading-reports",
+                     daemon=True).start()
     core = EngineCore(engine)
     try:
         core.run(commands, _stats_sink(engine, commands, conn))
@@ -112,6 +117,16 @@ def _read_commands(conn: Connection, commands: CommandQueue) -> None:
             commands.put(Shutdown())
             return
         commands.put(*batch)
+
+
+def wake_while_loading(runner: ModelRunnerProtocol, commands: CommandQueue,
+                       interval_s: float = REPORT_LOADING_INTERVAL_S) -> None:
+    """Wake the loop every `interval_s` until every forward bucket has loaded, and once after: an idle loop
+    reports its metrics only when woken, and the status page follows the loading through them."""
+    while not all(loaded for *_, loaded in runner.compile_state().forward_buckets):
+        time.sleep(interval_s)
+        commands.wake()
+    commands.wake()
 
 
 def _stats_sink(engine: LLMEngine, commands: _CountingQueue, conn: Connection) -> Callable[[list[EngineOutput]], None]:

@@ -1,7 +1,7 @@
 """What the engine is doing right now, for the status page: its requests and the runner's compiled programs.
 
-`LLMEngine.metrics_snapshot()` reads one `LiveStatus` into each metrics snapshot, so it reaches the HTTP
-process with the counters; reading it costs a few microseconds per listed sequence.
+`LLMEngine.metrics_snapshot()` puts one `LiveStatus` into each metrics snapshot, so it reaches the HTTP
+process with the counters; it reads a new one at most every LIVE_STATUS_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 # User requests listed: the oldest ones; LiveStatus.num_requests counts them all.
 MAX_LISTED_REQUESTS = 64
+# How often the listing is read again (the status page polls once a second); an engine with no requests
+# left reads it at once, so an idle engine's last snapshot lists none.
+LIVE_STATUS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)

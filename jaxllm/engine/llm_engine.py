@@ -27,7 +27,7 @@ from jaxllm.engine.admission import Admission
 from jaxllm.engine.block_manager import BlockManager
 from jaxllm.engine.detokenizer import Finish, OutputDetokenizer
 from jaxllm.engine.interfaces import ModelRunnerOutput, ModelRunnerProtocol, SchedulerOutput, StepHandle, TokenLogprobs
-from jaxllm.engine.live_status import MAX_LISTED_REQUESTS, LiveRequest, LiveStatus
+from jaxllm.engine.live_status import LIVE_STATUS_INTERVAL_S, MAX_LISTED_REQUESTS, LiveRequest, LiveStatus
 from jaxllm.engine.metrics import EngineMetrics, FinishedRequest
 from jaxllm.engine.request import Request, RequestStatus
 from jaxllm.engine.scheduler import SampledToken, Scheduler
@@ -129,6 +129,7 @@ class LLMEngine:
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._changed: dict[str, _Group] = {}  # groups with something to report, in order
         self._token_text_cache: dict[int, str] = {}
+        self._live_status = (float("-inf"), LiveStatus())  # (time.monotonic() when read, what was read)
         self._last_stats = (time.monotonic(), 0, 0)  # (time, prompt tokens, generation tokens)
         self._update_gauges()
 
@@ -407,11 +408,15 @@ class LLMEngine:
         """A copy of the metrics for another thread or process, with the live status (requests, compiled
         buckets) read now."""
         snapshot = self.metrics.snapshot()
-        # NOTE: list(islice(...)) runs in one C call, holding the GIL: AsyncEngine reads this from the HTTP
-        # thread while the engine thread adds and removes groups.
-        oldest = list(itertools.islice(self._groups.values(), MAX_LISTED_REQUESTS))
-        snapshot.live = LiveStatus(tuple(_live_request(group) for group in oldest), len(self._groups),
-                                   self.runner.compile_state())
+        read_at, snapshot.live = self._live_status
+        now = time.monotonic()
+        if now - read_at >= LIVE_STATUS_INTERVAL_S or not self._groups:
+            # NOTE: list(islice(...)) runs in one C call, holding the GIL: AsyncEngine reads this from the HTTP
+            # thread while the engine thread adds and removes groups.
+            oldest = list(itertools.islice(self._groups.values(), MAX_LISTED_REQUESTS))
+            snapshot.live = LiveStatus(tuple(_live_request(group) for group in oldest), len(self._groups),
+                                       self.runner.compile_state())
+            self._live_status = (now, snapshot.live)
         return snapshot
 
     def _update_gauges(self) -> None:
@@ -443,12 +448,13 @@ class LLMEngine:
 
 
 def _live_request(group: _Group) -> LiveRequest:
-    requests = [sequence.request for sequence in group.sequences]
-    if any(request.status == RequestStatus.RUNNING for request in requests):
-        state = "running"
-    else:
-        state = "waiting_for_grammar" if group.awaiting_grammar else "waiting"
+    running, output_tokens, computed_tokens = False, 0, 0
+    for sequence in group.sequences:
+        request = sequence.request
+        running = running or request.status is RequestStatus.RUNNING
+        output_tokens += len(request.output_token_ids)
+        computed_tokens = max(computed_tokens, request.num_computed_tokens)
+    state = "running" if running else "waiting_for_grammar" if group.awaiting_grammar else "waiting"
     prompt_tokens = len(group.prompt_token_ids)
     return LiveRequest(group.request_id, state, group.arrival_wall_time, prompt_tokens, group.command.params.n,
-                       group.num_unfinished, sum(len(request.output_token_ids) for request in requests),
-                       max((min(request.num_computed_tokens, prompt_tokens) for request in requests), default=0))
+                       group.num_unfinished, output_tokens, min(computed_tokens, prompt_tokens))

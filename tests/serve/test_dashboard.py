@@ -16,10 +16,21 @@ import pytest
 from starlette.testclient import TestClient
 
 from jaxllm.config import EngineConfig, ModelConfig, SchedulerConfig, StructuredOutputsConfig
+from jaxllm.engine.engine_process import wake_while_loading
+from jaxllm.engine.live_status import CompileState
 from serve.app import build_app
 from serve.args import ServerArgs
 from serve.dashboard import ThroughputHistory, flags_set
-from tests.serve.conftest import API_KEY, MODEL_NAMES, STORY, LiveServer, make_context, new_engine, wait_until
+from tests.serve.conftest import (
+    API_KEY,
+    MODEL_NAMES,
+    STORY,
+    LiveServer,
+    make_context,
+    new_engine,
+    pool_is_free,
+    wait_until,
+)
 from tests.serve.test_browser import CHROMIUM, CHROMIUM_FLAGS
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -78,9 +89,11 @@ def test_the_data_lists_running_and_waiting_requests_with_their_ages_and_tokens(
     assert 0 <= status["now"] - second["arrival_time"] <= status["now"] - first["arrival_time"] < 30
 
 
-def test_the_data_shows_the_model_the_flags_and_the_pool(server: LiveServer) -> None:
+def test_the_data_shows_the_model_the_flags_and_the_pool_and_no_request_once_idle(server: LiveServer) -> None:
+    wait_until(lambda: pool_is_free(server.ctx.engine))
     response = httpx.get(server.url + "/dashboard/data", headers=AUTH)
     status = response.json()
+    assert status["requests"] == {"running": 0, "waiting": 0, "unfinished": 0, "listed": []}
     assert API_KEY not in response.text
     assert status["model"]["name"] == MODEL_NAMES[0] and status["model"]["served_model_names"] == MODEL_NAMES
     assert status["flags"]["--api-key"] == "(set)" and status["flags"]["--served-model-name"] == MODEL_NAMES
@@ -127,6 +140,20 @@ def test_throughput_history_keeps_rates_over_its_span() -> None:
         assert sample.prompt_tokens_per_s == pytest.approx(4 * sample.output_tokens_per_s)
     assert len(history.samples) == 3  # span / interval
     assert (sample.kv_cache_usage, sample.running, sample.waiting) == (0.25, 3, 1)
+
+
+def test_an_idle_engine_process_reports_while_its_buckets_load() -> None:
+    """Its loop, blocked while idle, is woken (and so reports its compile state) until the last bucket loads."""
+    loaded, wakes = threading.Event(), []
+    runner = SimpleNamespace(compile_state=lambda: CompileState(((16, 8, True), (32, 8, loaded.is_set())), 1))
+    commands = SimpleNamespace(wake=lambda: wakes.append(loaded.is_set()))
+    waker = threading.Thread(target=wake_while_loading, args=(runner, commands, 0.01), daemon=True)
+    waker.start()
+    wait_until(lambda: len(wakes) >= 3)
+    assert waker.is_alive() and not any(wakes)
+    loaded.set()
+    waker.join(5)
+    assert not waker.is_alive() and wakes[-1] is True
 
 
 @contextlib.contextmanager
