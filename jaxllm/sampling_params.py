@@ -76,6 +76,9 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the model: ids that end a request unless ignore_eos.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # Filled by validation from the tokenizer (`jaxllm.validation.tokenize_bad_words`): the token ids of each bad
+    # word, without and with a leading space.
+    bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

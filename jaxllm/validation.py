@@ -5,6 +5,7 @@
                                                      output budget against the context and the KV pool,
                                                      token ids against the vocabulary, logprobs limits
                                                      (`validate_logprobs`: --max-logprobs)
+    tokenize_bad_words(bad_words, tokenizer, ...)    ... and bad_words as the sampler bans them (token ids)
 
 Both raise `ValidationError`, a ValueError that carries the offending request field as `param` (vLLM's
 `VLLMValidationError`); the server answers it with a 400 naming that field, the offline `LLM` raises it.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jaxllm.config import EngineLimits
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 
 # Token ids a request may ask the logprobs of (`SamplingParams.logprob_token_ids`), as vLLM's MAX_LOGPROB_TOKEN_IDS.
 MAX_LOGPROB_TOKEN_IDS = 128
+# The token sequences a request's bad_words may tokenize to, and their tokens together: the defaults of vLLM's
+# $VLLM_MAX_NUM_BAD_WORDS and $VLLM_MAX_BAD_WORDS_TOTAL_TOKENS.
+MAX_NUM_BAD_WORDS = 128
+MAX_BAD_WORDS_TOTAL_TOKENS = 1024
 
 
 class ValidationError(ValueError):
@@ -80,6 +85,37 @@ def out_of_vocab_error(token_ids: Sequence[int], vocab_size: int, param: str) ->
     if not bad:
         return None
     return ValidationError(f"Token ids {bad[:5]} are out of vocabulary (size {vocab_size}).", param)
+
+
+def tokenize_bad_words(bad_words: Sequence[str], tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """vLLM 0.34's `update_from_tokenizer`: the token ids of each word (leading whitespace stripped), then those of
+    the word after a space where that starts with another token and is as long (a word both at the start of the
+    text and inside it). `tokenizer`: a transformers tokenizer.
+
+    NOTE: vLLM's worker refuses more than MAX_BAD_WORDS_TOTAL_TOKENS tokens when the request reaches it; here it
+    is a 400 like the rest."""
+    sequences: list[list[int]] = []
+    for word in bad_words:
+        for prefix in ("", " "):
+            token_ids = tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+            if not token_ids:
+                if not prefix:
+                    raise ValidationError("bad_words entries must tokenize to at least one token.", "bad_words")
+                continue
+            if prefix and (token_ids[0] == sequences[-1][0] or len(token_ids) != len(sequences[-1])):
+                continue
+            sequences.append(token_ids)
+            if len(sequences) > MAX_NUM_BAD_WORDS:
+                raise ValidationError(f"Too many bad words after tokenization: {len(sequences)}. The max number is "
+                                      f"{MAX_NUM_BAD_WORDS}.", "bad_words")
+    if invalid := [t for token_ids in sequences for t in token_ids if not 0 <= t < vocab_size]:
+        raise ValidationError(f"The model vocabulary size is {vocab_size}, but the following tokens were specified "
+                              f"as bad: {invalid}. All token id values should be integers satisfying: 0 <= token_id "
+                              f"<= {vocab_size - 1}.", "bad_words")
+    if (total := sum(map(len, sequences))) > MAX_BAD_WORDS_TOTAL_TOKENS:
+        raise ValidationError(f"Too many total bad word tokens: {total}. The max is {MAX_BAD_WORDS_TOTAL_TOKENS}.",
+                              "bad_words")
+    return sequences
 
 
 def context_length_error(max_model_len: int, num_prompt: int, max_tokens: int | None) -> ValidationError:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from jaxllm.config import EngineConfig, EngineLimits
 from jaxllm.outputs import EngineOutput
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.validation import validate_request
+from jaxllm.validation import tokenize_bad_words, validate_request
 
 if TYPE_CHECKING:
     from jaxllm.engine.llm_engine import LLMEngine
@@ -194,6 +194,8 @@ class EngineInfo:
                                       max_logprobs=self.config.model.max_logprobs,
                                       structured_outputs=self.structured_outputs,
                                       default_max_tokens=default_max_tokens)
+        params.bad_words_token_ids = (tokenize_bad_words(params.bad_words, self.tokenizer, self.vocab_size)
+                                      if params.bad_words else None)
         return AddRequest(request_id, list(prompt_token_ids), params, max_tokens, prompt, cache_salt)
 
 

@@ -20,6 +20,9 @@ from jaxllm.runner.sampler import LogprobWidths, SamplerFlags, SamplingBatch
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.validation import MAX_LOGPROB_TOKEN_IDS
 
+# The narrowest bad-words table sent (a compiled shape, `SamplingBatch.bad_word_ids`): words per row, tokens per word.
+BAD_WORDS_MIN_SHAPE = (8, 4)
+
 
 @dataclass
 class CachedRequestState:
@@ -228,6 +231,7 @@ class SamplerNeeds(NamedTuple):
     bias: bool  # logit_bias or allowed_token_ids
     logprobs: LogprobNeeds | None  # None: no logprobs
     min_tokens: bool
+    bad_words: bool
 
     @classmethod
     def of(cls, p: SamplingParams) -> SamplerNeeds:
@@ -238,6 +242,7 @@ class SamplerNeeds(NamedTuple):
             bias=bool(p.logit_bias) or p.allowed_token_ids is not None,
             logprobs=None if p.num_logprobs is None else LogprobNeeds(None if p.logprob_token_ids else p.logprobs),
             min_tokens=p.min_tokens > 0,
+            bad_words=bool(p.bad_words_token_ids),
         )
 
 
@@ -250,7 +255,7 @@ def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool, logprob_
     """
     if not states:
         return SamplerFlags(bitmask=bitmask_rows)
-    greedy, top, penalties, bias, logprobs, min_tokens = zip(*(s.needs for s in states), strict=True)
+    greedy, top, penalties, bias, logprobs, min_tokens, bad_words = zip(*(s.needs for s in states), strict=True)
     below_min = any(min_tokens) and any(s.num_outputs < s.sampling_params.min_tokens for s in states)
     width, token_ids = 0, False
     if any(logprobs):
@@ -262,6 +267,7 @@ def sampler_flags(states: list[CachedRequestState], bitmask_rows: bool, logprob_
         top_k_top_p=any(top),
         penalties=any(penalties),
         sparse_bias=any(bias) or below_min,
+        bad_words=any(bad_words),
         bitmask=bitmask_rows,
         logprobs=any(logprobs),
         top_logprobs=width,
@@ -303,6 +309,8 @@ def sampling_arrays(arrays: StepArrays, states: list[CachedRequestState], num_sl
         batch.output_tokens, batch.prompt_tokens = outs, prompts
     if flags.sparse_bias:
         batch.bias_ids, batch.bias_values, batch.allowed_only = _sparse_bias(states, num_slots)
+    if flags.bad_words:  # prev_tokens: the runner's, on device
+        batch.bad_word_ids, batch.recent_outputs, batch.pending_rows = _bad_words(states, num_slots)
     if flags.bitmask:
         words = -(-vocab_size // 32)
         mask = np.full((num_slots, words), -1, np.int32)
@@ -350,3 +358,37 @@ def _sparse_bias(states: list[CachedRequestState], num_slots: int):
         bias_values[i, : len(values)] = values
         allowed_only[i] = allowed
     return bias_ids, bias_values, allowed_only
+
+
+def _bad_words(states: list[CachedRequestState], num_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[S, W, L] each row's bad words right-aligned (-1 elsewhere), [S, L-1] its last L-1 output tokens (-1 before
+    the first), [S] the row of its last output in the previous step's tokens where that is still on the device
+    (-1: none; its column in the outputs is then a placeholder). W and L: powers of two, BAD_WORDS_MIN_SHAPE at least.
+
+    NOTE: with async scheduling the previous step's token is read on device, so the match is exact without a wait."""
+    words = [s.sampling_params.bad_words_token_ids or [] for s in states]
+    min_words, min_length = BAD_WORDS_MIN_SHAPE
+    num_words = _power_of_two_at_least(max(map(len, words)), min_words)
+    length = _power_of_two_at_least(max((len(w) for row in words for w in row), default=1), min_length)
+    ids = np.full((num_slots, num_words, length), -1, np.int32)
+    recent = np.full((num_slots, length - 1), -1, np.int32)
+    pending_rows = np.full(num_slots, -1, np.int32)
+    for i, (state, row) in enumerate(zip(states, words, strict=True)):
+        if not row:
+            continue
+        for j, word in enumerate(row):
+            ids[i, j, length - len(word) :] = word
+        known_end = length - 1 - state.num_pending  # the pending output (0 or 1) goes after the known ones
+        tokens = state.token_ids
+        tail = tokens[max(state.num_prompt_tokens, len(tokens) - known_end) :]
+        recent[i, known_end - len(tail) : known_end] = tail
+        if state.num_pending:
+            pending_rows[i] = state.last_sampled_row
+    return ids, recent, pending_rows
+
+
+def _power_of_two_at_least(count: int, floor: int) -> int:
+    width = floor
+    while width < count:
+        width *= 2
+    return width

@@ -183,6 +183,8 @@ class ModelRunner:
 
     def _dispatch_sample(self, step: _Step, logits: jax.Array, sampling: SamplingBatch, flags: SamplerFlags) -> None:
         num_slots = logits.shape[0]
+        if flags.bad_words:  # a row's last output may be the previous step's, not yet on the host
+            sampling = dataclasses.replace(sampling, prev_tokens=self._prev_tokens)
         step.tokens, step.logprobs = self.compiler.sampler(num_slots, flags)(logits, sampling)
         self._prev_tokens = step.tokens  # the next step's decode inputs, without a host round trip
         for x in (step.tokens, step.logprobs):

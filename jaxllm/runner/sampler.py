@@ -2,7 +2,7 @@
 
 The costly parts run only in the compiled variants that need them: `SamplerFlags` is static, so
 a batch of greedy / temperature-only requests never pays for a vocabulary sort (top-k / top-p /
-min-p), penalty histograms, sparse biases, grammar bitmasks or logprobs.
+min-p), penalty histograms, sparse biases, bad words, grammar bitmasks or logprobs.
 
 Randomness is per request and per position: row r samples with key fold_in(key(seed_r),
 position_r), so a seeded request gives the same tokens alone or inside any batch.
@@ -28,6 +28,7 @@ class SamplerFlags:
     top_k_top_p: bool = False  # some row has top_k, top_p < 1 or min_p > 0
     penalties: bool = False  # some row has presence / frequency / repetition penalties
     sparse_bias: bool = False  # logit_bias, allowed_token_ids, min_tokens or bad stop suppression
+    bad_words: bool = False  # some row has bad_words: tokens that would complete one are banned
     bitmask: bool = False  # structured outputs: packed allowed-token masks
     logprobs: bool = False  # some row asked for logprobs: the sampled token's logprob and rank
     top_logprobs: int = 0  # width of the top-logprobs table (a `LogprobWidths` width; 0 = none)
@@ -77,6 +78,13 @@ class SamplingBatch:
     bias_ids: jax.Array | None = None  # [S, K] i32 token ids; -1 = none
     bias_values: jax.Array | None = None  # [S, K] f32 added to those logits (-inf bans)
     allowed_only: jax.Array | None = None  # [S] bool: only tokens in bias_ids are allowed
+    # Bad words (`_apply_bad_words`), L tokens at most: each row's words right-aligned, -1 before a word's first
+    # token, a padded word all -1; the row's last L-1 output tokens, -1 before its first, the last one from the
+    # previous step's tokens where it was still on the device (`pending_rows`).
+    bad_word_ids: jax.Array | None = None  # [S, W, L] i32
+    recent_outputs: jax.Array | None = None  # [S, L-1] i32
+    pending_rows: jax.Array | None = None  # [S] i32 row of the last output in prev_tokens; -1 = in recent_outputs
+    prev_tokens: jax.Array | None = None  # [R] i32 the previous step's sampled tokens, on device
     bitmask: jax.Array | None = None  # [S, ceil(V/32)] i32 packed allowed tokens; all ones = free
     logprob_token_ids: jax.Array | None = None  # [S, MAX_LOGPROB_TOKEN_IDS] i32 ids to give logprobs of; -1 = none
 
@@ -119,6 +127,18 @@ def _apply_sparse_bias(logits: jax.Array, b: SamplingBatch) -> jax.Array:
     listed = jnp.zeros((num_rows, vocab), bool).at[rows, ids].set(True, mode="drop")
     logits = jnp.where(b.allowed_only[:, None] & ~listed, -jnp.inf, logits)
     return logits.at[rows, ids].add(jnp.where(valid, b.bias_values, 0.0), mode="drop")
+
+
+def _apply_bad_words(logits: jax.Array, b: SamplingBatch) -> jax.Array:
+    """Ban the last token of each bad word whose other tokens are the row's last outputs (a one-token word always)."""
+    num_rows, vocab = logits.shape
+    pending = b.prev_tokens[jnp.maximum(b.pending_rows, 0)]  # [S]
+    last_output = jnp.where(b.pending_rows >= 0, pending, b.recent_outputs[:, -1])
+    recent = jnp.concatenate([b.recent_outputs[:, :-1], last_output[:, None]], axis=1)  # [S, L-1]
+    prefixes, last = b.bad_word_ids[:, :, :-1], b.bad_word_ids[:, :, -1]  # [S, W, L-1], [S, W]
+    matched = jnp.all((prefixes < 0) | (prefixes == recent[:, None, :]), axis=-1) & (last >= 0)  # [S, W]
+    banned = jnp.where(matched, last, vocab)  # out of range -> dropped
+    return logits.at[jnp.arange(num_rows)[:, None], banned].set(-jnp.inf, mode="drop")
 
 
 def _apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
@@ -176,6 +196,8 @@ def sample(logits: jax.Array, batch: SamplingBatch, flags: SamplerFlags):
         logits = _apply_penalties(logits, batch)
     if flags.sparse_bias:
         logits = _apply_sparse_bias(logits, batch)
+    if flags.bad_words:
+        logits = _apply_bad_words(logits, batch)
     if flags.bitmask:
         logits = _apply_bitmask(logits, batch.bitmask)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxllm import SamplingParams
+from jaxllm.validation import ValidationError
 from tests.e2e.conftest import assert_pool_free, backend_compiles
 
 RNG = np.random.default_rng(0)
@@ -132,6 +133,23 @@ def test_min_tokens_suppresses_eos(llm):
     held = llm.generate({"prompt_token_ids": [1]}, SamplingParams(min_tokens=5, **params), use_tqdm=False)[0].outputs[0]
     assert eager.finish_reason == "stop" and len(eager.token_ids) == 1
     assert held.finish_reason == "stop" and len(held.token_ids) == 6 and 2 not in held.token_ids[:5]
+
+
+def test_bad_words_are_never_completed(llm):
+    """As vLLM 0.34.0: a word's last token is banned after its other tokens as outputs, also where the last of those
+    is still on the device (async scheduling), and a one-token word everywhere. Unbanned, greedy writes both."""
+    girl, the = [298, 315, 421], 265  # "girl" and "the" in the stories tokenizer
+    prompt = "Once upon a time"
+    params = [SamplingParams(temperature=0.0, max_tokens=24, bad_words=words) for words in (None, ["girl"], ["the"])]
+    free, no_girl, no_the = (out.outputs[0].token_ids for out in llm.generate([prompt] * 3, params, use_tqdm=False))
+    at = next(i for i in range(len(free)) if free[i : i + 3] == girl)
+    assert the in free
+    assert no_girl[: at + 2] == free[: at + 2] and no_girl[at + 2] != girl[2]
+    assert not any(no_girl[i : i + 3] == girl for i in range(len(no_girl)))
+    assert the not in no_the
+    with pytest.raises(ValidationError, match="bad_words entries must tokenize to at least one token"):
+        llm.generate(prompt, SamplingParams(bad_words=[" "]), use_tqdm=False)
+    assert_pool_free(llm)
 
 
 def test_constrained_requests_need_no_compile_after_warmup(llm):
