@@ -44,7 +44,7 @@ from jaxllm.engine.live_status import CompileState
 from jaxllm.models.llama import kv_pages_shape
 from jaxllm.models.sharding import kv_pages_sharding
 from jaxllm.runner.attention import Attention
-from jaxllm.runner.input_batch import SamplerNeeds
+from jaxllm.runner.input_batch import BAD_WORDS_MIN_SHAPE, SamplerNeeds
 from jaxllm.runner.limits import GiB, SchedulerLimits
 from jaxllm.runner.model_loading import LoadedModel
 from jaxllm.runner.sampler import LogprobWidths, SamplerFlags, SamplingBatch, sample
@@ -150,7 +150,8 @@ def stands_in_for(stand_in: SamplerFlags, flags: SamplerFlags) -> bool:
     match: it decides when the step's sampling is dispatched."""
     return (stand_in.bitmask == flags.bitmask and (flags.all_greedy or not stand_in.all_greedy)
             and stand_in.top_k_top_p >= flags.top_k_top_p and stand_in.penalties >= flags.penalties
-            and stand_in.sparse_bias >= flags.sparse_bias and stand_in.logprobs >= flags.logprobs
+            and stand_in.sparse_bias >= flags.sparse_bias and stand_in.bad_words >= flags.bad_words
+            and stand_in.logprobs >= flags.logprobs
             and stand_in.top_logprobs >= flags.top_logprobs and stand_in.logprob_token_ids >= flags.logprob_token_ids)
 
 
@@ -474,16 +475,19 @@ class BucketCompiler:
             return fn
         rep = self.sharding
         logits = jax.ShapeDtypeStruct((num_slots, self._vocab_size), jnp.float32, sharding=rep)
-        batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                             self._placeholder_sampling(num_slots, flags))
+        placeholder = self._placeholder_sampling(num_slots, flags)
+        if flags.bad_words:  # the runner adds the previous step's tokens on device
+            placeholder.prev_tokens = np.zeros(max_seqs, np.int32)
+        batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), placeholder)
         compiled = fn.lower(logits, batch).compile()
-        if not flags.sparse_bias:
+        if not flags.sparse_bias and not flags.bad_words:
             return compiled
 
         def run_compiled(logits: jax.Array, batch: SamplingBatch):
-            # NOTE: compiled for the narrowest bias table; a wider one (a request with more ids) goes through the
-            # jit, which compiles that width on its first use.
-            if batch.bias_ids.shape[1] != _AOT_BIAS_WIDTH:
+            # NOTE: compiled for the narrowest bias and bad-words tables; a wider one (a request with more ids)
+            # goes through the jit, which compiles that width on its first use.
+            if ((flags.sparse_bias and batch.bias_ids.shape[1] != _AOT_BIAS_WIDTH)
+                    or (flags.bad_words and batch.bad_word_ids.shape[1:] != BAD_WORDS_MIN_SHAPE)):
                 return fn(logits, batch)
             return compiled(logits, batch)
 
@@ -521,6 +525,10 @@ class BucketCompiler:
         if flags.sparse_bias:
             batch.bias_ids, batch.bias_values = table(_AOT_BIAS_WIDTH), table(_AOT_BIAS_WIDTH, np.float32)
             batch.allowed_only = row(np.bool_)
+        if flags.bad_words:
+            words, length = BAD_WORDS_MIN_SHAPE
+            batch.bad_word_ids = np.zeros((num_slots, words, length), np.int32)
+            batch.recent_outputs, batch.pending_rows = table(length - 1), row()
         if flags.bitmask:
             batch.bitmask = table(-(-self._vocab_size // 32))
         if flags.logprob_token_ids:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.runner.compilation import stand_in_sampler_flags, stands_in_for
 from jaxllm.runner.input_batch import CachedRequestState, StepArrays, sampler_flags, sampling_arrays
 from jaxllm.runner.sampler import LogprobWidths, sample
 from jaxllm.sampling_params import SamplingParams
@@ -126,3 +127,9 @@ def test_a_step_without_bad_words_has_no_bad_words_stage() -> None:
     states = [_state([5], None), CachedRequestState("s", [1, 2], 2, SamplingParams(bad_words=["x"]), seed=0,
                                                     page_ids=[0])]  # not validated: no token ids
     assert not sampler_flags(states, bitmask_rows=False, logprob_widths=WIDTHS).bad_words
+
+
+def test_a_step_with_bad_words_has_no_stand_in() -> None:
+    """The stand-ins have no bad-words stage: such a step waits for its own variant rather than ignore them."""
+    flags = sampler_flags([_state([5], [[5, 6]])], bitmask_rows=False, logprob_widths=WIDTHS)
+    assert not stands_in_for(stand_in_sampler_flags(WIDTHS), flags)
