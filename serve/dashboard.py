@@ -99,6 +99,8 @@ class ThroughputHistory:
 
 
 class Dashboard:
+    """The two routes over one server's context, and the history their plots draw."""
+
     def __init__(self, ctx: ServingContext, version: str) -> None:
         self.ctx = ctx
         self.version = version
