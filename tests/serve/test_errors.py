@@ -117,6 +117,7 @@ def test_body_over_the_limit_is_413(http: httpx.Client, live: LiveServer) -> Non
     ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix"),
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": [99999]}, "prompt"),
+    ("/v1/completions", {"prompt": "a", "bad_words": ["b", "  "]}, "bad_words"),
     (CHAT, {"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
     (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}],
