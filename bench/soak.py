@@ -312,12 +312,14 @@ async def soak(base_url: str, api_key: str | None, clients: int, duration_s: flo
     tally = Tally()
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=120) as control:
         before = await greedy_text(control)
+        load_before = os.getloadavg()[0]
         watch.sample()
         started = time.monotonic()
         until = started + duration_s
         await asyncio.gather(watch.run(started, until), *(client_loop(base_url, headers, tally, seed * 1000 + i, until)
                                                  for i in range(clients)))
         elapsed = time.monotonic() - started
+        load_after = os.getloadavg()[0]
         end_gauges, settle_s = await settle(control, timeout_s=60)
         after = await greedy_text(control)
         watch.sample()
@@ -329,6 +331,7 @@ async def soak(base_url: str, api_key: str | None, clients: int, duration_s: flo
         "processes": watch.report(), "end_gauges": end_gauges,
         "settled_after_s": None if settle_s is None else round(settle_s, 2),
         "greedy_same_after": before == after,
+        "load_average_1min": [load_before, load_after],
     }
 
 
@@ -358,7 +361,8 @@ def start_server(max_model_len: int, log_path: Path) -> tuple[subprocess.Popen[b
 
 def print_report(result: dict[str, Any]) -> None:
     print(f"{result['clients']} clients, {result['duration_s']} s: {result['requests']} requests "
-          f"({result['requests_per_s']}/s)")
+          f"({result['requests_per_s']}/s); 1-minute load average {result['load_average_1min'][0]:.1f} at the "
+          f"start, {result['load_average_1min'][1]:.1f} at the end, on {os.cpu_count()} CPUs")
     for kind, counts in result["statuses"].items():
         print(f"  {kind:12s} " + ", ".join(f"{outcome}: {n}" for outcome, n in sorted(counts.items())))
     for example in result["failure_examples"]:
