@@ -402,6 +402,8 @@ class BucketCompiler:
         for pool in (self._loader, self._first_use):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        # NOTE: a later first use (an engine served, closed, then used again, as tests share one) starts a new pool.
+        self._first_use = None
 
     def _warmup_jobs(self) -> list[Job]:
         """Every forward bucket, each sampler variant compiled at warm-up and each bucket's input
