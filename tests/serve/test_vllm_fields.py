@@ -98,12 +98,12 @@ def test_flags_add_prompt_tokens_details_metrics_and_usage_on_every_chunk(flagge
 
 def test_reasoning_tokens_with_a_reasoning_parser(flagged: httpx.Client, plain: httpx.Client,
                                                   stories_tokenizer: Any) -> None:
-    body = flagged.post(CHAT, json={"messages": HI, "max_tokens": 5}).json()
+    body = flagged.post(CHAT, json={"messages": HI, "max_tokens": 5, "temperature": 0}).json()
     reasoning = body["choices"][0]["message"]["reasoning"]  # no </think>: the whole output is a cut-off thought
     expected = len(stories_tokenizer.encode(reasoning, add_special_tokens=False))
     assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": expected}
-    assert stream(flagged, CHAT, {"messages": HI, "max_tokens": 5})[-1]["usage"]["completion_tokens_details"] == {
-        "reasoning_tokens": expected}
+    streamed = stream(flagged, CHAT, {"messages": HI, "max_tokens": 5, "temperature": 0})
+    assert streamed[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": expected}
     assert plain.post(CHAT, json={"messages": HI, "max_tokens": 2}).json()["usage"]["completion_tokens_details"] is None
 
 
