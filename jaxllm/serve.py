@@ -115,7 +115,7 @@ def run_server(ctx: ServingContext, sock: socket.socket | None = None) -> int:
         log_config=None,
     )
     server = _Server(config, ctx)
-    ctx.render_pool.start()
+    ctx.render_pool.start_in_background()
 
     async def serve() -> None:
         # NOTE: the periodic stats line is the engine's (build_async_engine(..., log_stats=...)).

@@ -65,10 +65,15 @@ class RenderPool:
                 self._executor = None
             raise RuntimeError("a prompt-rendering worker process died") from None
 
+    def start_in_background(self) -> None:
+        """Start the workers on a thread: the server listens meanwhile, and a large job that comes first waits
+        for them (`run`). NOTE: not before listening, as the start is seconds (pickling and unpickling the
+        tokenizer, the workers' imports) that a served start-up would add to its first answer."""
+        threading.Thread(target=self.start, name="jaxllm-render-pool-start", daemon=True).start()
+
     def start(self) -> ProcessPoolExecutor | None:
         """The pool, its workers started (blocking: about 1 s, or 3 s with Llama 3's tokenizer on a busy 2-core
-        CPU); None with no workers. The server calls it before it listens, so that no request waits for it or
-        shares the CPU with it."""
+        CPU); None with no workers."""
         with self._starting:
             if self._executor is None and self.processes > 0:
                 logger.info("Starting %d prompt-rendering worker process(es).", self.processes)
@@ -78,7 +83,7 @@ class RenderPool:
                     # NOTE: whatever keeps the workers from starting (a tokenizer that does not pickle, no
                     # processes left), the server still serves: rendering on the event loop, as it did before.
                     logger.exception("The prompt-rendering workers could not start; rendering on the event loop.")
-                    self.close()
+                    self._close()
                     self.processes = 0
             return self._executor
 
@@ -91,7 +96,12 @@ class RenderPool:
         return executor
 
     def close(self) -> None:
-        """Stop the workers now, a job in progress included (at exit, Python would wait for it)."""
+        """Stop the workers now, a job in progress included (at exit, Python would wait for it); a start in
+        progress first finishes, so that none of its workers outlives the pool."""
+        with self._starting:
+            self._close()
+
+    def _close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
