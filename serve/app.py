@@ -81,12 +81,13 @@ Handler = Callable[[ServingContext, Request, Any], Awaitable[Response]]
 
 def build_app(ctx: ServingContext) -> Starlette:
     """The ASGI app over one engine. Starts the engine in the lifespan and shuts it down after."""
+    bounds = RequestBounds.of(ctx.args, ctx.engine.info.vocab_size)  # the limits of every request body
 
     def generation(handler: Handler, *, load_report: bool = False) -> Callable[[Request], Awaitable[Response]]:
         """`load_report`: a whole (not streamed) reply carries the ORCA load header when the request asks."""
 
         async def endpoint(request: Request) -> Response:
-            body = await read_json(request, request_bounds())
+            body = await read_json(request, bounds)
             # NOTE: the body is read before watching for a disconnect, which shares the same receive channel.
             response = await until_disconnect(request, handler(ctx, request, body))
             report_format = request.headers.get(LOAD_REPORT_FORMAT_HEADER)
@@ -96,9 +97,6 @@ def build_app(ctx: ServingContext) -> Starlette:
             return response
 
         return endpoint
-
-    def request_bounds() -> RequestBounds:
-        return RequestBounds.of(ctx.args, ctx.engine.info.vocab_size)
 
     def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         """One request's bug never takes the server down: it becomes a logged 500 (with CORS headers)."""
@@ -142,7 +140,7 @@ def build_app(ctx: ServingContext) -> Starlette:
 
     async def tokenize(request: Request) -> Response:
         """Open under --api-key, as vLLM's: its work runs on the render pool, off the event loop."""
-        body = await read_json(request, request_bounds())
+        body = await read_json(request, bounds)
         info = ctx.engine.info
         if isinstance(body, dict) and "messages" in body:
             chat = parse(TokenizeChatRequest, body)
@@ -167,7 +165,7 @@ def build_app(ctx: ServingContext) -> Starlette:
 
     async def detokenize(request: Request) -> Response:
         info = ctx.engine.info
-        req = parse(DetokenizeRequest, await read_json(request, request_bounds()))
+        req = parse(DetokenizeRequest, await read_json(request, bounds))
         check_model(info.served_model_names, req.model)
         try:
             text = await ctx.render_pool.run(prompt_jobs.detokenize, req.tokens, info.vocab_size,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # Keys of the batch body that no single conversation's request gets.
 _BATCH_ONLY_KEYS = ("messages", "request_id", "stream", "stream_options", "tools")
 # Keys of a single reply that describe one conversation's prompt or run: null in the batch reply, as vLLM's.
-_PER_CONVERSATION_KEYS = ("prompt_logprobs", "prompt_token_ids", "prompt_text", "metrics")
+_PER_CONVERSATION_KEYS = ("prompt_logprobs", "prompt_token_ids", "metrics")
 
 
 async def create_batch_chat_completion(ctx: ServingContext, raw: Request, body: Any) -> Response:

@@ -38,7 +38,7 @@ from serve.output_parsing import ChoiceParser, OutputParsers, ParsedOutput, Reas
 from serve.prompt_length import input_char_limit
 from serve.protocol import ChatCompletionRequest
 from serve.reasoning_parsers import get_reasoning_parser
-from serve.request_metrics import per_request_metrics
+from serve.request_metrics import reply_metrics
 from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse
 from serve.tool_choice import NO_TOOLS, ToolHandling, resolve_tools
 from serve.usage import final_usage_chunk, stream_usage, usage
@@ -85,9 +85,8 @@ class _Reply:
             p.get("text", "") for p in content or [] if isinstance(p, dict))
         ) if request.echo and last["role"] == self.role else ""
         self.num_top = top_count(request.top_logprobs, token_ids_listed=bool(request.logprob_token_ids))
-        as_ids = request.return_tokens_as_token_ids
-        self.name = TokenNamer(tokenizer, args.return_tokens_as_token_ids if as_ids is None else as_ids
-                               ) if request.logprobs else None
+        self.name = TokenNamer.of(tokenizer, request.return_tokens_as_token_ids, args.return_tokens_as_token_ids
+                                  ) if request.logprobs else None
         self.token_ids_wanted = bool(request.return_token_ids)
 
     @property
@@ -148,9 +147,8 @@ class _Reply:
 
     def metrics(self) -> dict[str, Any] | None:
         """vLLM's per-request `metrics`: with --enable-per-request-metrics, for a single sequence (n=1)."""
-        if not self.args.enable_per_request_metrics or len(self.choices) != 1:
-            return None
-        return per_request_metrics(self.timings, self.num_output_tokens)
+        return reply_metrics(self.args.enable_per_request_metrics, len(self.choices), self.timings,
+                             self.num_output_tokens)
 
     def chunk(self, choices: list[dict[str, Any]], usage_stats: dict[str, Any] | None = None,
               **fields: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from serve.logprobs import TokenNamer, completion_logprobs, prompt_logprobs_json
 from serve.prompt_length import input_char_limit
 from serve.protocol import CompletionRequest
 from serve.request_bounds import check_prompt_tokens
-from serve.request_metrics import per_request_metrics
+from serve.request_metrics import reply_metrics
 from serve.streaming import RequestLog, SSEResponse, collect, start_generation, to_sse
 from serve.usage import final_usage_chunk, stream_usage, usage
 
@@ -69,8 +69,7 @@ class _Reply:
         self.cached_tokens = [0] * len(prompts)
         self.prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(prompts)
         self.timings: dict[str, float] = {}
-        as_ids = request.return_tokens_as_token_ids
-        self.name = TokenNamer(tokenizer, args.return_tokens_as_token_ids if as_ids is None else as_ids)
+        self.name = TokenNamer.of(tokenizer, request.return_tokens_as_token_ids, args.return_tokens_as_token_ids)
         self.num_top = top_count(request.logprobs, token_ids_listed=bool(request.logprob_token_ids))
         self.token_ids_wanted = bool(request.return_token_ids)
 
@@ -131,9 +130,8 @@ class _Reply:
     def metrics(self) -> dict[str, Any] | None:
         """vLLM's per-request `metrics`: with --enable-per-request-metrics, for a single sequence (one prompt,
         n=1)."""
-        if not self.args.enable_per_request_metrics or len(self.choices) != 1:
-            return None
-        return per_request_metrics(self.timings, self.num_output_tokens)
+        return reply_metrics(self.args.enable_per_request_metrics, len(self.choices), self.timings,
+                             self.num_output_tokens)
 
     def head(self) -> dict[str, Any]:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name}

@@ -106,6 +106,7 @@ class Dashboard:
         self.version = version
         self.history = ThroughputHistory(ctx.engine.metrics)
         self.page = PAGE_PATH.read_text(encoding="utf-8")
+        self.flags = flags_set(ctx.engine.info.config, ctx.args)  # both frozen: computed once
 
     def endpoints(self) -> list[tuple[str, Endpoint, list[str]]]:
         async def page(request: Request) -> Response:
@@ -144,7 +145,7 @@ class Dashboard:
                                             for t, p, loaded in live.compile.forward_buckets],
                         "samplers_loaded": live.compile.samplers_loaded},
             "limits": dataclasses.asdict(info.limits),
-            "flags": flags_set(info.config, ctx.args),
+            "flags": self.flags,
         }
 
 

@@ -24,6 +24,11 @@ class TokenNamer:
         self.tokenizer = tokenizer
         self.as_ids = as_ids
 
+    @classmethod
+    def of(cls, tokenizer: Any, requested: bool | None, server_default: bool) -> TokenNamer:
+        """The request's `return_tokens_as_token_ids`, else the server's --return-tokens-as-token-ids."""
+        return cls(tokenizer, server_default if requested is None else requested)
+
     def __call__(self, token_id: int, logprob: Logprob | None) -> str:
         if self.as_ids:
             return f"token_id:{token_id}"

@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve.errors import APIError
 from serve.streaming import SSE_DONE
 
+_SSE_DONE_BYTES = SSE_DONE.encode()
+
 logger = logging.getLogger("jaxllm.serve")
 
 # Paths the API key guards: vLLM's /v1, and SageMaker's generation route (see BearerAuth).
@@ -225,7 +227,7 @@ class EndAtShutdownDeadline:
                 content_type = Headers(raw=message["headers"]).get("content-type", "")
                 progress.event_stream = content_type.startswith("text/event-stream")
             elif message["type"] == "http.response.body":
-                progress.events_done = message.get("body", b"").endswith(SSE_DONE.encode())
+                progress.events_done = message.get("body", b"").endswith(_SSE_DONE_BYTES)
                 progress.complete = not message.get("more_body", False)
 
         self.deadline.running.add(task)

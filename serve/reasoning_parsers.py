@@ -19,6 +19,7 @@ Semantics (vLLM's current parsers, text-based rather than token-id based):
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -55,7 +56,7 @@ class DeepSeekR1ReasoningParser:
         none with thinking off. Where the tags are not single tokens, the reasoning text's tokens."""
         if not self.thinking_enabled:
             return 0
-        start, end = _single_token_id(tokenizer, THINK_START), _single_token_id(tokenizer, THINK_END)
+        start, end = _tag_ids(tokenizer)
         if end is None:
             reasoning, _ = self.extract_reasoning(tokenizer.decode(token_ids))
             return len(tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
@@ -84,6 +85,13 @@ class Qwen3ReasoningParser(DeepSeekR1ReasoningParser):
 
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self.thinking_enabled, implicit_tool_call_end=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _tag_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    """The ids of `<think>` and `</think>` where each is one token. NOTE: cached: a stream with running usage
+    counts its reasoning tokens at every chunk."""
+    return _single_token_id(tokenizer, THINK_START), _single_token_id(tokenizer, THINK_END)
 
 
 def _single_token_id(tokenizer: Any, text: str) -> int | None:

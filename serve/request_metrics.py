@@ -10,6 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def reply_metrics(enabled: bool, num_sequences: int, timings: dict[str, float],
+                  num_generated_tokens: int) -> dict[str, Any] | None:
+    """A reply's `metrics`: with --enable-per-request-metrics (`enabled`), for a single sequence (one prompt,
+    n=1), as vLLM gives it; else None."""
+    if not enabled or num_sequences != 1:
+        return None
+    return per_request_metrics(timings, num_generated_tokens)
+
+
 def per_request_metrics(timings: dict[str, float], num_generated_tokens: int) -> dict[str, Any]:
     """Each field None where a timing it needs is missing (a request aborted before its first token)."""
     queue = timings.get("queue_time")
