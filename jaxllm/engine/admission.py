@@ -53,14 +53,15 @@ class Admission(Generic[Group]):
             self._sources[source] = pending
         return entry.group, index
 
-    def remove(self, group: Group) -> range:
-        """Drop a group (aborted or failed); returns the indices of its sequences that were never let in."""
-        for source, pending in self._sources.items():
-            for entry in pending:
-                if entry.group is group:
-                    pending.remove(entry)
-                    if not pending:
-                        del self._sources[source]
-                    self.num_pending -= entry.count - entry.next_index
-                    return range(entry.next_index, entry.count)
+    def remove(self, source: str, group: Group) -> range:
+        """Drop a group queued under `source` (aborted or failed); returns the indices of its sequences that were
+        never let in."""
+        pending = self._sources.get(source, ())
+        for entry in pending:
+            if entry.group is group:
+                pending.remove(entry)
+                if not pending:
+                    del self._sources[source]
+                self.num_pending -= entry.count - entry.next_index
+                return range(entry.next_index, entry.count)
         return range(0)

@@ -194,8 +194,9 @@ class EngineInfo:
                                       max_logprobs=self.config.model.max_logprobs,
                                       structured_outputs=self.structured_outputs,
                                       default_max_tokens=default_max_tokens)
-        params.bad_words_token_ids = (tokenize_bad_words(params.bad_words, self.tokenizer, self.vocab_size)
-                                      if params.bad_words else None)
+        # NOTE: on a copy: the caller's params may serve other prompts (LLM.generate) and stay as given.
+        params = params.clone(bad_words_token_ids=tokenize_bad_words(params.bad_words, self.tokenizer, self.vocab_size)
+                              if params.bad_words else None)
         return AddRequest(request_id, list(prompt_token_ids), params, max_tokens, prompt, cache_salt)
 
 

@@ -89,6 +89,11 @@ class _Group:
         return self.command.request_id
 
     @property
+    def source(self) -> str:
+        """Whose turn its sequences take in `Admission`: a prompt list's shared source, else its own id."""
+        return self.command.source or self.command.request_id
+
+    @property
     def output_kind(self) -> RequestOutputKind:
         return self.command.params.output_kind
 
@@ -150,7 +155,7 @@ class LLMEngine:
         if group.awaiting_grammar:
             self._num_awaiting_grammar += n
         else:
-            self._admission.add(command.source or request_id, group, n)
+            self._admission.add(group.source, group, n)
 
     def _new_sequence(self, group: _Group, index: int) -> _Sequence:
         """Make the group's sequence `index` (its request, not yet in the scheduler)."""
@@ -195,7 +200,7 @@ class LLMEngine:
         group = self._groups[request_id]
         group.grammar, group.awaiting_grammar = grammar, False
         self._num_awaiting_grammar -= group.command.params.n
-        self._admission.add(group.command.source or request_id, group, group.command.params.n)
+        self._admission.add(group.source, group, group.command.params.n)
 
     def fail_request(self, request_id: str, error: str) -> None:
         """End a request with an error (its grammar did not compile): finish_reason "error", `error` reported."""
@@ -222,7 +227,7 @@ class LLMEngine:
             self._num_awaiting_grammar -= group.command.params.n
             never_let_in = range(group.command.params.n)
         else:
-            never_let_in = self._admission.remove(group)
+            never_let_in = self._admission.remove(group.source, group)
         for index in never_let_in:  # reported as ended too, as vLLM reports each of the n
             self._finish(group, self._new_sequence(group, index), finish)
         self._changed[group.request_id] = group

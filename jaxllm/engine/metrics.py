@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import copy
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from jaxllm.engine.live_status import LiveStatus
 from jaxllm.engine.request import Request
@@ -31,14 +31,6 @@ ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8
 REQUEST_PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
 REQUEST_NUM_PREEMPTIONS_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 
-# Every histogram of `EngineMetrics`, by attribute.
-HISTOGRAM_FIELDS = (
-    "time_to_first_token", "inter_token_latency", "e2e_request_latency", "request_queue_time",
-    "request_inference_time", "request_prefill_time", "request_decode_time", "request_time_per_output_token",
-    "request_prompt_tokens", "request_generation_tokens", "request_prefill_kv_computed_tokens",
-    "request_max_num_generation_tokens", "request_params_n", "request_params_max_tokens", "request_num_preemptions",
-    "iteration_tokens",
-)
 
 
 def request_tokens_buckets(max_model_len: int) -> tuple[int, ...]:
@@ -237,3 +229,7 @@ class EngineMetrics:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock, self._step_inter_token_latencies = threading.Lock(), []
+
+
+# Every histogram of `EngineMetrics`, by attribute (its Histogram fields, in declaration order).
+HISTOGRAM_FIELDS = tuple(f.name for f in fields(EngineMetrics) if f.type == "Histogram")

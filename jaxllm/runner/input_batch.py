@@ -302,7 +302,8 @@ def sampling_arrays(arrays: StepArrays, states: list[CachedRequestState], num_sl
         batch.repetition_penalty = col([p.repetition_penalty for p in params], np.float32, 1.0)
         outs = np.full((num_slots, max_model_len), -1, np.int32)
         prompts = np.full((num_slots, max_model_len), -1, np.int32)
-        for i, s in enumerate(states):
+        # NOTE: a stand-in's step may have penalties on with no row using them: neutral values ignore the tables.
+        for i, s in enumerate(states if any(s.needs.penalties for s in states) else ()):
             o = s.output_token_ids
             outs[i, : len(o)] = o
             prompts[i, : s.num_prompt_tokens] = s.token_ids[: s.num_prompt_tokens]
@@ -347,9 +348,7 @@ def _sparse_bias(states: list[CachedRequestState], num_slots: int):
             ids += extra
             values += [0.0] * len(extra)
         rows.append((ids, values, allowed))
-    width = 16
-    while width < max(len(r[0]) for r in rows):
-        width *= 2
+    width = _power_of_two_at_least(max(len(r[0]) for r in rows), 16)
     bias_ids = np.full((num_slots, width), -1, np.int32)
     bias_values = np.zeros((num_slots, width), np.float32)
     allowed_only = np.zeros(num_slots, bool)
