@@ -96,5 +96,6 @@ def test_a_page_from_another_origin_lists_models_and_streams_a_chat(live: LiveSe
                           json={"model": MODEL_NAMES[0], "messages": [{"role": "user", "content": "Once upon a time"}],
                                 "max_tokens": 12, "temperature": 0}).json()["choices"][0]["message"]["content"]
     assert result["models"] == MODEL_NAMES and result["status"] == 200
-    assert result["done"] and result["role"] == "assistant" and result["chunks"] >= 12
+    # NOTE: streamed in pieces, not one per token: a reader that lags gets several tokens in one delta, as vLLM's.
+    assert result["done"] and result["role"] == "assistant" and result["chunks"] >= 2
     assert result["text"] == expected == shown
