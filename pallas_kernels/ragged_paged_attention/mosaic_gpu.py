@@ -2,9 +2,11 @@
 
 The unit of work is an *item*: a tile of up to `consumers * n` consecutive query tokens of one
 request against one KV head. A consumer warpgroup's rows are the G query heads of that KV head
-times its n tokens, head-major (row r = g * n + t), padded to 64 rows for wgmma. Decodes are
-tiles with one token; a prefill chunk is cut into tiles; padded tokens get tiles with no keys
-(their output is zero). Decode, prefill and mixed batches all run through this one kernel.
+times its n tokens, padded to 64 rows for wgmma: head-major (row r = g * n + t) for GQA groups
+up to 8, token-major (row r = t * G + g) for groups of 16 to 64 that are multiples of 8
+(`_token_major`). Decodes are tiles with one token; a prefill chunk is cut into tiles; padded
+tokens get tiles with no keys (their output is zero). Decode, prefill and mixed batches all run
+through this one kernel.
 
 For decode-like batches the CTAs are persistent, one per SM: `cta_bounds` cuts the items, in
 order, into runs of about equal cost (KV blocks), and each CTA runs its run one item after the
@@ -20,7 +22,8 @@ Per CTA, 1 + `consumers` warpgroups:
   - consumers (1 for decode-like batches, 2 for prefill so each K/V block is read once for
     2n tokens, taking turns on the tensor cores): S = Q K^T (wgmma), online softmax in fp32
     (exp2 domain), O += P V (wgmma, P from registers); at the end O / l goes straight into
-    `out [T, Hq, D]` with power-of-two TMA stores (a tile may end anywhere).
+    `out [T, Hq, D]` with TMA stores: per head in power-of-two boxes of tokens (a tile may end
+    anywhere), or per token (token-major rows).
 
 The wrapper turns (cu_q_lens, kv_lens, num_seqs) into a work list of tiles with cheap jnp ops
 (`work_list`), so the signature matches the reference; request order does not matter. For a
@@ -74,8 +77,10 @@ def mosaic_unsupported_reason(
     if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         return f"{num_q_heads} query heads are not a multiple of {num_kv_heads} KV heads"
     group = num_q_heads // num_kv_heads
-    if group > 8:
-        return f"GQA group {group} is larger than 8"
+    if group > 8 and (group % 8 or group > _ROWS_PER_WGMMA):
+        # Above 8 the rows are token-major: each token's G heads must start on an 8-row tile
+        # of the Q buffer, and one token's G rows must fit one 64-row wgmma tile.
+        return f"GQA group {group} is above 8 and not a multiple of 8 up to {_ROWS_PER_WGMMA}"
     if page_size < 16 or page_size > 128 or page_size & (page_size - 1):
         # Above 128 a page alone is a KV block: two slots of 256 x 128 K and V overflow SMEM.
         return f"page_size {page_size} is not a power of two from 16 to 128"
@@ -91,7 +96,9 @@ class LaunchPlan:
     Every field is static: a plan is part of the compiled kernel.
     """
 
-    tokens_per_tile: int  # n: query tokens per tile (power of two, >= 8)
+    # n: query tokens per tile; for GQA groups up to 8 a power of two >= 8, above 8 any n
+    # (the default fills 64 rows: 64 // G).
+    tokens_per_tile: int
     pages_per_block: int  # pages per KV block (one pipeline step)
     num_slots: int  # depth of the K/V SMEM ring
     kv_splits: int = 1  # > 1: split-K, each tile's KV range cut into this many work rows, merged in jnp
@@ -115,6 +122,27 @@ class LaunchPlan:
         return -(-group * self.tokens_per_tile // _ROWS_PER_WGMMA) * _ROWS_PER_WGMMA
 
 
+def _token_major(group: int) -> bool:
+    """How a consumer's rows hold G heads x n tokens: head-major (row g * n + t) up to G = 8,
+    token-major (row t * G + g) above.
+
+    NOTE: head-major rows load and store one head's n tokens per TMA box, which must start on an
+    8-row tile of the Q buffer, so n >= 8; at G = 16 that is 128 rows, and a consumer's fp32 S
+    and O (128 x 128 each at d = 128) would take 256 registers per thread, over the 255 limit.
+    Token-major rows load and store one token's G heads per box (contiguous in q [T, Hq, D] and
+    out), so G = 16 takes n = 4 tokens in 64 rows: the registers and SMEM of the G = 8 plans.
+    """
+    return group > 8
+
+
+def _tile_alignment(tokens_per_tile: int) -> int:
+    """Query windows start on multiples of this: 8 for tiles of 8 or more tokens (head-major
+    rows: a Q box starts on an 8-row tile of the Q buffer); n for smaller tiles (token-major
+    rows, where a window may start on any token), so a request's first window reaches its first
+    token."""
+    return min(8, tokens_per_tile)
+
+
 @functools.cache
 def _num_sms() -> int:
     """The first GPU's SM count; 132 (H100 and H200 SXM) where there is none: the plans are also
@@ -135,9 +163,13 @@ def default_plan(
     Decode-like batches (T <= 2S) get persistent CTAs, and split-K when a few long requests
     cannot fill the SMs; prefill batches get two ping-pong consumers and one CTA per item.
     """
-    # n: a power of two (stores are power-of-two boxes) of >= 8 tokens (Q boxes start on the
-    # 8-row tiles of the Q buffer); G * n rows fill one 64-row wgmma tile where G allows.
-    tokens = max(8, 1 << (_ROWS_PER_WGMMA // group).bit_length() - 1)
+    # n: G * n rows fill one 64-row wgmma tile where G allows. Head-major rows (G <= 8): a power
+    # of two (stores are power-of-two boxes) of >= 8 tokens (Q boxes start on the 8-row tiles
+    # of the Q buffer). Token-major rows (G > 8): 64 // G tokens.
+    if _token_major(group):
+        tokens = _ROWS_PER_WGMMA // group
+    else:
+        tokens = max(8, 1 << (_ROWS_PER_WGMMA // group).bit_length() - 1)
     block_kv = 64 if head_dim == 128 else 128
     pages_per_block = max(1, block_kv // page_size)
     block_kv = pages_per_block * page_size
@@ -215,11 +247,12 @@ def work_list(
     tiles of <= n tokens, one row per tile, columns as `WorkColumn` (cheap jnp, run before the
     kernel; XLA computes it once per step for all layers).
 
-    A tile loads the query window [load_from, load_from + n), a multiple of 8 tokens in (the
-    TMA box into the 8-row-tiled Q buffer must start on a tile row), and owns the tokens
-    [token, token + count) inside it. Segment s < S is request s; segment S is the padded
-    tokens past cu_q_lens[num_seqs], whose tiles have an empty KV range (zeros out). Tiles past
-    the last real one have count 0. Needs num_tokens % 8 == 0 and num_tokens >= n.
+    A tile loads the query window [load_from, load_from + n), a multiple of min(8, n) tokens
+    in (with n >= 8, head-major rows: the TMA box into the 8-row-tiled Q buffer must start on a
+    tile row), and owns the tokens [token, token + count) inside it. Segment s < S is request
+    s; segment S is the padded tokens past cu_q_lens[num_seqs], whose tiles have an empty KV
+    range (zeros out). Tiles past the last real one have count 0. Needs num_tokens % 8 == 0 and
+    num_tokens >= n.
 
     With kv_splits = K > 1 every tile appears K times in a row, each with 1/K of its KV blocks
     and its split index.
@@ -233,10 +266,12 @@ def work_list(
     seg_start = jnp.concatenate([starts, end_live[None]])  # [S + 1]
     seg_len = jnp.concatenate([q_lens, (num_tokens - end_live)[None]])
     seg_kv = jnp.concatenate([kv_lens, jnp.zeros((1,), jnp.int32)])
-    seg_window = seg_start // 8 * 8  # first tile's window start
+    align = _tile_alignment(n)
+    seg_window = seg_start // align * align  # first tile's window start
     tiles = jnp.where(seg_len > 0, (seg_start + seg_len - seg_window + n - 1) // n, 0)
     tile_end = jnp.cumsum(tiles)
-    # Each segment adds at most one tile beyond T / n, plus one for the window alignment.
+    # Each segment adds at most one tile beyond T / n, plus one for the window alignment (< 8
+    # tokens).
     num_work = (num_tokens + 7 * (num_slots + 1)) // n + num_slots + 2
     w = jnp.arange(num_work, dtype=jnp.int32)
     # NOTE: compare_all, one fused compare-and-count: the default binary search is a while loop,
@@ -355,6 +390,9 @@ def _build_kernel(
     sliding_window = params.sliding_window
     splits = plan.kv_splits
     consumers = plan.consumers
+    by_token = _token_major(group)
+    # Q copies per item (each arrives on the item's Q barrier): one per token or one per head.
+    q_copies = n if by_token else group
     # Decode items are short: the next item's queries load while one runs. Prefill plans run
     # one item per CTA (persistent=False), where a second buffer would go unused.
     q_buffers = 2 if consumers == 1 else 1
@@ -368,7 +406,7 @@ def _build_kernel(
         if masked:
             row = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0)
             col = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
-            q_pos = pos_first + lax.rem(row, n)
+            q_pos = pos_first + (lax.div(row, group) if by_token else lax.rem(row, n))
             k_pos = kv_block * block_kv + col
             ok = k_pos <= q_pos
             if sliding_window is not None:
@@ -388,7 +426,7 @@ def _build_kernel(
         w, head = lax.div(i, num_kv_heads), lax.rem(i, num_kv_heads)
         columns = (WorkColumn.TOKEN, WorkColumn.COUNT, WorkColumn.POS)
         tile_token, tile_count, tile_pos = (work_ref[w, k] for k in columns)
-        window = pl.multiple_of(work_ref[w, WorkColumn.LOAD_FROM] + c * n, 8)
+        window = pl.multiple_of(work_ref[w, WorkColumn.LOAD_FROM] + c * n, _tile_alignment(n))
         token = jnp.maximum(tile_token, window)
         return _View(
             head=head,
@@ -419,8 +457,20 @@ def _build_kernel(
             rendezvous(turn)
 
         def load_q(v, buf):
+            if by_token:
+
+                @pl.loop(0, n)
+                def _load_token(t):
+                    plgpu.copy_gmem_to_smem(
+                        q_ref.at[v.window + t, pl.ds(v.head * group, group)],
+                        q_smem.at[buf, pl.ds(pl.multiple_of(t * group, 8), group)],
+                        q_bar.at[c * q_buffers + buf],
+                    )
+
+                return
+
             @pl.loop(0, group)
-            def _load_q(g):
+            def _load_head(g):
                 plgpu.copy_gmem_to_smem(
                     q_ref.at[pl.ds(v.window, n), v.head * group + g],
                     q_smem.at[buf, pl.ds(pl.multiple_of(g * n, 8), n)],
@@ -477,8 +527,8 @@ def _build_kernel(
     def attend(v, ring, q_i, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs):
         """Online softmax over the item's KV blocks, then its rows of O (and LSE) to GMEM."""
         _, k_bar, v_bar, k_free, v_free, turn = bars
-        shift = v.token - v.window  # rows [shift, shift + count) of each head group are ours
-        pos_first = v.pos - shift  # position of row 0 of each head group
+        shift = v.token - v.window  # our tokens: [shift, shift + count) of the window's
+        pos_first = v.pos - shift  # position of the window's first token
         ring = ring - v.kv_start  # the ring position of block kv_block is ring + kv_block
 
         def step(kv_block, carry, masked: bool):
@@ -529,12 +579,23 @@ def _build_kernel(
             lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
             stores.append((lse_smem, out_refs[1]))
         plgpu.commit_smem()
+        if splits > 1:
+            stores = [(smem, gmem.at[v.split]) for smem, gmem in stores]
+        if by_token:
+
+            @pl.loop(0, v.count)
+            def _store_token(t):
+                for smem, gmem in stores:
+                    plgpu.copy_smem_to_gmem(
+                        smem.at[pl.ds((shift + t) * group, group)],
+                        gmem.at[v.token + t, pl.ds(v.head * group, group)],
+                    )
+
+            return
 
         @pl.loop(0, group)
-        def _store(g):
+        def _store_head(g):
             for smem, gmem in stores:
-                if splits > 1:
-                    gmem = gmem.at[v.split]
                 done = jnp.int32(0)
                 size = n
                 while size:
@@ -641,7 +702,7 @@ def _build_kernel(
         plgpu.SMEM((consumers, rows, _LSE_WIDTH), jnp.float32) if splits > 1 else None,
         plgpu.SMEM((consumers, head_dim, block_kv), dtype) if simulate else None,
         (
-            plgpu.Barrier(num_arrivals=group, num_barriers=consumers * q_buffers),
+            plgpu.Barrier(num_arrivals=q_copies, num_barriers=consumers * q_buffers),
             plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
             plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),

@@ -94,6 +94,14 @@ CASES = {
     ),
     # fp16, GQA 8 over one KV head.
     "fp16_gqa8": Case(q_lens=(3, 1), kv_lens=(19, 60), num_q_heads=8, num_kv_heads=1, dtype=jnp.float16),
+    # GQA 16 (token-major rows, 4 tokens per tile): GLM-4-9B's heads per device at tp=2 (16 q /
+    # 1 kv, d=128), decodes: the persistent one-consumer plan.
+    "gqa16_decode": Case(q_lens=(1, 1, 1), kv_lens=(5, 16, 70), num_q_heads=16, num_kv_heads=1, head_dim=128),
+    # GLM-4-9B's heads at tp=1 (32 q / 2 kv), a prefill chunk between decodes, padded slots and
+    # tokens: the ping-pong prefill plan, tiles starting mid-window.
+    "gqa16_mixed_padded": Case(
+        q_lens=(1, 9, 1), kv_lens=(40, 64, 17), num_q_heads=32, num_kv_heads=2, head_dim=128, num_slots=5, num_tokens=24
+    ),
 }
 
 
@@ -167,6 +175,18 @@ FEW_CTA_CASES = {
         Case(q_lens=(1, 1), kv_lens=(150, 200), num_q_heads=4, num_kv_heads=1, pages_per_seq=16),
         LaunchPlan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3, max_ctas=2),
     ),
+    # The same at GQA 16, with a sliding window: token-major O and LSE stores.
+    "split_k_gqa16_window": (
+        Case(
+            q_lens=(1, 1),
+            kv_lens=(150, 200),
+            num_q_heads=16,
+            num_kv_heads=1,
+            pages_per_seq=16,
+            params=AttentionParams(sm_scale=0.125, sliding_window=120),
+        ),
+        LaunchPlan(tokens_per_tile=4, pages_per_block=4, num_slots=2, kv_splits=3, max_ctas=2),
+    ),
 }
 
 
@@ -179,7 +199,7 @@ def test_simulated_idle_first_consumer_one_item_per_cta(simulator):
     check_simulated(simulator, IDLE_FIRST_CONSUMER)  # the default prefill plan: one item per CTA
 
 
-@pytest.mark.parametrize("name", ["decode", "mixed_pingpong"])
+@pytest.mark.parametrize("name", ["decode", "mixed_pingpong", "split_k_gqa16_window"])
 def test_few_ctas_lower_for_cuda(name):
     assert "mosaic_gpu" in _lower_for_cuda(*FEW_CTA_CASES[name])
 
@@ -247,7 +267,19 @@ def test_split_k_lowers_for_cuda():
 
 @pytest.mark.parametrize("q_lens", [(1, 1), (1, 40)], ids=["decode", "mixed"])
 @pytest.mark.parametrize(
-    "group, head_dim, page_size", [(1, 128, 64), (2, 64, 16), (4, 128, 16), (7, 128, 16), (8, 64, 32), (8, 128, 16)]
+    "group, head_dim, page_size",
+    [
+        (1, 128, 64),
+        (2, 64, 16),
+        (4, 128, 16),
+        (7, 128, 16),
+        (8, 64, 32),
+        (8, 128, 16),
+        (16, 128, 16),
+        (16, 64, 32),
+        (32, 128, 16),
+        (64, 64, 16),
+    ],
 )
 def test_variants_lower_for_cuda(group, head_dim, page_size, q_lens):
     """Every default plan lowers, and fits the 227 KiB of SMEM (Mosaic checks it while lowering)."""
@@ -263,10 +295,11 @@ def test_variants_lower_for_cuda(group, head_dim, page_size, q_lens):
     assert "mosaic_gpu" in _lower_for_cuda(case)
 
 
-def test_work_list_covers_every_token_once():
+@pytest.mark.parametrize("n", [16, 4])  # head-major tiles (G <= 8), token-major (G = 16)
+def test_work_list_covers_every_token_once(n):
     cu_q_lens = jnp.asarray([0, 1, 19, 20, 61, 61], jnp.int32)  # slot 4 is padding
     kv_lens = jnp.asarray([7, 18, 300, 41, 0], jnp.int32)
-    num_tokens, n, block_kv = 72, 16, 64
+    num_tokens, block_kv = 72, 64
     work = np.asarray(
         work_list(
             cu_q_lens,
@@ -282,7 +315,7 @@ def test_work_list_covers_every_token_once():
     for _seq, token, count, _pos, kv_start, kv_end, mask_from, load_from, _split in work:
         owner[token : token + count] += 1
         if count:
-            assert load_from % 8 == 0 and load_from <= token and token + count <= load_from + n
+            assert load_from % min(8, n) == 0 and load_from <= token and token + count <= load_from + n
             assert kv_start <= mask_from <= kv_end
     assert (owner == 1).all()
     real = work[work[:, WorkColumn.COUNT] > 0]
@@ -291,13 +324,16 @@ def test_work_list_covers_every_token_once():
     assert slot3[:, WorkColumn.COUNT].sum() == 41 and (slot3[:, WorkColumn.KV_END] == 1).all()
 
 
-@pytest.mark.parametrize("group", range(1, 9))
+@pytest.mark.parametrize("group", [*range(1, 9), 16, 24, 32, 64])
 def test_default_tile_shape(group):
     plan = default_plan(
         num_tokens=64, num_slots=4, num_kv_heads=2, max_kv_len=512, group=group, page_size=16, head_dim=128
     )
     n = plan.tokens_per_tile
-    assert n >= 8 and n & (n - 1) == 0
+    if group <= 8:  # head-major rows: power-of-two stores, Q boxes on 8-row tiles
+        assert n >= 8 and n & (n - 1) == 0
+    else:  # token-major rows
+        assert n == 64 // group
     assert group * n <= plan.rows(group) == 64  # one wgmma tile of rows per consumer
 
 
@@ -306,6 +342,10 @@ def test_unsupported_reasons():
     assert mosaic_unsupported_reason(**ok) is None
     assert "dtype" in mosaic_unsupported_reason(**{**ok, "dtype": jnp.float32})
     assert "head_dim" in mosaic_unsupported_reason(**{**ok, "head_dim": 96})
-    assert "GQA" in mosaic_unsupported_reason(**{**ok, "num_q_heads": 80})
+    assert mosaic_unsupported_reason(**{**ok, "num_q_heads": 128}) is None  # GQA 16 (GLM-4-9B)
+    assert mosaic_unsupported_reason(**{**ok, "num_q_heads": 512}) is None  # GQA 64
+    assert "GQA" in mosaic_unsupported_reason(**{**ok, "num_q_heads": 80})  # 10: not a multiple of 8
+    assert "GQA" in mosaic_unsupported_reason(**{**ok, "num_q_heads": 96})  # 12
+    assert "GQA" in mosaic_unsupported_reason(**{**ok, "num_q_heads": 576})  # 72: over 64 rows
     assert "page_size" in mosaic_unsupported_reason(**{**ok, "page_size": 8})
     assert "page_size" in mosaic_unsupported_reason(**{**ok, "page_size": 256})
