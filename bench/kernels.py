@@ -1,7 +1,9 @@
 """Ragged paged attention on the GPU: correctness on real shapes, and time against the ceilings.
 
-    python bench/kernels.py            # the table: Llama-3-8B heads (32 q / 8 kv, d=128), bf16, page 16
-    python bench/kernels.py --grid     # plus the correctness grid (GQA 1/4/8 x d 64/128 x page 16/32/64)
+    python bench/kernels.py            # the table: Llama-3-8B heads (32 q / 8 kv, d=128), bf16, page 16,
+                                       # then GLM-4-9B's (32 q / 2 kv: GQA 16)
+    python bench/kernels.py --shapes gqa16 --grid  # only the GLM-4-9B rows, and the grid at GQA 16
+    python bench/kernels.py --grid     # plus the correctness grid (GQA 1/4/8/16 x d 64/128 x page 16/32/64)
     python bench/kernels.py --tune     # plus every launch plan of the kernel on a few shapes (logged)
     python bench/kernels.py --load-time  # only: how long a compiled step takes to load in a new process
 
@@ -33,11 +35,13 @@ import numpy as np
 
 from bench import workload
 from pallas_kernels.ragged_paged_attention.common import AttentionParams
-from pallas_kernels.ragged_paged_attention.mosaic_gpu import LaunchPlan, ragged_paged_attention_mosaic
+from pallas_kernels.ragged_paged_attention.mosaic_gpu import LaunchPlan, default_plan, ragged_paged_attention_mosaic
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
+GLM_HQ, GLM_HKV = 32, 2  # GLM-4-9B: GQA 16, d=128
+GLM_PREFIX = "glm-4-9b "
 DTYPE = jnp.bfloat16
 LOG: list[str] = []
 
@@ -110,10 +114,38 @@ class Shape:
     q_lens: list[int]
     kv_lens: list[int]
     kind: str  # "decode" | "prefill" | "mixed"
+    hq: int = HQ  # query heads
+    hkv: int = HKV  # KV heads
+
+    @property
+    def group(self) -> int:
+        return self.hq // self.hkv
 
 
-def table_shapes() -> list[Shape]:
-    """The shapes with a bar first, so a run cut short still has them."""
+def table_shapes(which: str = "all") -> list[Shape]:
+    """The shapes of `which` ("llama", "gqa16" or "all"), the ones with a bar first, so a run cut
+    short still has them."""
+    shapes = llama_shapes() if which in ("llama", "all") else []
+    if which in ("gqa16", "all"):
+        shapes += glm_shapes()
+    return shapes
+
+
+def glm_shapes() -> list[Shape]:
+    """GLM-4-9B's heads (32 q / 2 kv: GQA 16, the kernel's token-major rows) on the main shapes."""
+    return [
+        dataclasses.replace(shape, name=GLM_PREFIX + shape.name, hq=GLM_HQ, hkv=GLM_HKV)
+        for shape in (
+            Shape("decode 128 x 2048", [1] * 128, [2048] * 128, "decode"),
+            sharegpt_decode_shape(),
+            Shape("prefill 8 x 2048 fresh", [2048] * 8, [2048] * 8, "prefill"),
+            Shape("mixed 128 x 2048 + 1024 chunk", [1] * 128 + [1024], [2048] * 128 + [2048], "mixed"),
+            Shape("decode 4 x 8192 (split-K)", [1] * 4, [8192] * 4, "decode"),
+        )
+    ]
+
+
+def llama_shapes() -> list[Shape]:
     shapes = [
         Shape("decode 128 x 2048", [1] * 128, [2048] * 128, "decode"),
         Shape("prefill 8 x 2048 fresh", [2048] * 8, [2048] * 8, "prefill"),
@@ -236,8 +268,10 @@ def cudnn_prefill_fn():
 
 
 def plans_for(shape: Shape) -> list[LaunchPlan]:
-    group = HQ // HKV
-    tokens = max(8, 64 // group)
+    tokens = default_plan(
+        num_tokens=1, num_slots=1, num_kv_heads=shape.hkv, max_kv_len=PAGE, group=shape.group, page_size=PAGE,
+        head_dim=D,
+    ).tokens_per_tile
     plan = LaunchPlan
     if shape.kind == "decode":
         plans = [plan(tokens, 4, 3), plan(tokens, 8, 2), plan(tokens, 8, 3), plan(tokens, 8, 2, max_ctas=264)]
@@ -259,7 +293,7 @@ def plans_for(shape: Shape) -> list[LaunchPlan]:
 
 def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
     log(f"== {shape.name}")
-    batch = build_batch(shape.q_lens, shape.kv_lens)
+    batch = build_batch(shape.q_lens, shape.kv_lens, hq=shape.hq, hkv=shape.hkv)
     row: dict = {"shape": shape.name, "kind": shape.kind}
     iters = 20 if shape.kind == "decode" else 10
 
@@ -289,25 +323,25 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
         except Exception as e:  # noqa: BLE001
             row["triton_error"] = repr(e)[:300]
             log(traceback.format_exc())
-        row["floor_us"] = kv_bytes(shape.kv_lens) / bandwidth * 1e6
+        row["floor_us"] = kv_bytes(shape.kv_lens, hkv=shape.hkv) / bandwidth * 1e6
         row["metric"] = "KV bytes / copy BW"
     elif shape.kind == "prefill":
-        flops = causal_flops(shape.q_lens, shape.kv_lens)
+        flops = causal_flops(shape.q_lens, shape.kv_lens, hq=shape.hq)
         row["floor_us"] = flops / rate * 1e6
         row["metric"] = "causal FLOP/s / matmul"
-        if shape.name.startswith("prefill 8 x 2048"):
+        if "prefill 8 x 2048" in shape.name:
             try:
                 b, t = len(shape.q_lens), shape.q_lens[0]
-                qd = q.reshape(b, t, HQ, D)
-                kd = jax.random.normal(jax.random.key(3), (b, t, HKV, D), jnp.float32).astype(DTYPE)
-                vd = jax.random.normal(jax.random.key(4), (b, t, HKV, D), jnp.float32).astype(DTYPE)
+                qd = q.reshape(b, t, shape.hq, D)
+                kd = jax.random.normal(jax.random.key(3), (b, t, shape.hkv, D), jnp.float32).astype(DTYPE)
+                vd = jax.random.normal(jax.random.key(4), (b, t, shape.hkv, D), jnp.float32).astype(DTYPE)
                 row["cudnn_us"], _ = device_time_us(cudnn_prefill_fn(), qd, kd, vd, iterations=iters)
             except Exception as e:  # noqa: BLE001
                 row["cudnn_error"] = repr(e)[:300]
                 log(traceback.format_exc())
     else:
-        flops = causal_flops(shape.q_lens, shape.kv_lens)
-        row["floor_us"] = max(kv_bytes(shape.kv_lens) / bandwidth, flops / rate) * 1e6
+        flops = causal_flops(shape.q_lens, shape.kv_lens, hq=shape.hq)
+        row["floor_us"] = max(kv_bytes(shape.kv_lens, hkv=shape.hkv) / bandwidth, flops / rate) * 1e6
         row["metric"] = "max(bytes, FLOPs) floor"
     if "mosaic_us" in row:
         row["fraction"] = row["floor_us"] / row["mosaic_us"]
@@ -345,17 +379,17 @@ def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
 # Correctness grid
 
 
-def grid_cases():
-    for group in (1, 4, 8):
+def grid_cases(groups: tuple[int, ...]):
+    for group in groups:
         for head_dim in (64, 128):
             for page in (16, 32, 64):
                 yield group, head_dim, page
 
 
-def run_grid(deadline: float = math.inf) -> list[str]:
+def run_grid(groups: tuple[int, ...], deadline: float = math.inf) -> list[str]:
     failures = []
     rng = np.random.default_rng(7)
-    for i, (group, head_dim, page) in enumerate(grid_cases()):
+    for i, (group, head_dim, page) in enumerate(grid_cases(groups)):
         if time.time() > deadline:
             log("grid: out of time budget, stopping")
             failures.append("(grid not finished)")
@@ -447,6 +481,7 @@ def run_fuzz(cases: int, num_pages: int, deadline: float) -> list[str]:
     return failures
 
 
+GRID_GROUPS = {"llama": (1, 4, 8), "gqa16": (16,), "all": (1, 4, 8, 16)}  # --shapes -> the grid's GQA groups
 TUNE_SHAPES = (
     "decode 1000 sharegpt-like",
     "decode 32 x 512",
@@ -472,7 +507,7 @@ def write_outputs(out_dir: str, rows: list[dict], failures: list[str], bandwidth
 
 def tune_shape(shape: Shape, deadline: float) -> dict:
     """Device time of every launch plan on one shape (logged; the table uses the default plan)."""
-    batch = build_batch(shape.q_lens, shape.kv_lens)
+    batch = build_batch(shape.q_lens, shape.kv_lens, hq=shape.hq, hkv=shape.hkv)
     times: dict = {}
     for plan in plans_for(shape):
         if time.time() > deadline:
@@ -570,6 +605,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", action="store_true", help="also run the correctness grid")
     parser.add_argument("--tune", action="store_true", help="also time every launch plan on a few shapes")
+    parser.add_argument("--shapes", choices=tuple(GRID_GROUPS), default="all",
+                        help="the table's heads: llama (32 q / 8 kv), gqa16 (GLM-4-9B, 32 q / 2 kv) or all; "
+                             "also the grid's GQA groups")
     parser.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
     parser.add_argument("--fuzz", type=int, default=0, help="engine-shaped batches to check first")
     parser.add_argument("--fuzz-pages", type=int, default=56390, help="KV pool pages for the fuzz cases")
@@ -599,17 +637,22 @@ def main() -> int:
         log(f"fuzz failures: {failures}")
     bandwidth, rate = ceilings()
     rows: list[dict] = []
-    shapes = [s for s in table_shapes() if not args.only or any(o in s.name for o in args.only.split(","))]
+    shapes = table_shapes(args.shapes)
+    shapes = [s for s in shapes if not args.only or any(o in s.name for o in args.only.split(","))]
     for shape in shapes:
         rows.append(bench_shape(shape, bandwidth, rate))
         write_outputs(out_dir, rows, failures, bandwidth, rate)
     table = write_outputs(out_dir, rows, failures, bandwidth, rate)
     print(table, flush=True)
     if args.grid:
-        failures += run_grid(deadline=deadline)
+        failures += run_grid(GRID_GROUPS[args.shapes], deadline=deadline)
         write_outputs(out_dir, rows, failures, bandwidth, rate)
     if args.tune:
-        tuned = {s.name: tune_shape(s, deadline) for s in shapes if any(s.name.startswith(t) for t in TUNE_SHAPES)}
+        tuned = {
+            s.name: tune_shape(s, deadline)
+            for s in shapes
+            if any(s.name.removeprefix(GLM_PREFIX).startswith(t) for t in TUNE_SHAPES)
+        }
         for row in rows:
             row["plans"] = tuned.get(row["shape"], {})
     write_outputs(out_dir, rows, failures, bandwidth, rate)
