@@ -5,7 +5,8 @@
 
 `tool_choice` and `response_format` / `structured_outputs` decide the decoding constraint; the output text
 goes through `serve.output_parsing` (reasoning split off, then tool calls read out) into the message, or
-into each streamed delta.
+into each streamed delta; with a harmony parser flag (gpt-oss), the output's token ids go through
+`serve.harmony_chat` instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from starlette.responses import JSONResponse, Response
 from jaxllm.outputs import Logprob, RequestOutput
 from serve.beam_search import check_beam_search, start_beam_search
 from serve.errors import APIError
+from serve.harmony import GptOssReasoningParser
+from serve.harmony_chat import (
+    HarmonyChoiceParser,
+    HarmonyOutputParsers,
+    check_reasoning_effort,
+    harmony_output_parsers,
+    uses_harmony,
+)
 from serve.inputs import (
     EnginePrompt,
     base_request_id,
@@ -55,7 +64,7 @@ class _Choice:
     logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    stream: ChoiceParser | None = None  # the parsers' state, when streaming through them
+    stream: ChoiceParser | HarmonyChoiceParser | None = None  # the parsers' state, when streaming through them
     # Streaming: tokens whose text the parsers still hold back; their logprobs go with the next chunk.
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[dict[int, Logprob] | None] = field(default_factory=list)
@@ -65,7 +74,8 @@ class _Reply:
     """The chat reply being built: its choices as the engine's outputs accumulate, its chunks and body."""
 
     def __init__(self, request: ChatCompletionRequest, prompt: EnginePrompt, rid: str, model_name: str,
-                 tokenizer: Any, tools: ToolHandling, parsers: OutputParsers | None, args: ServerArgs) -> None:
+                 tokenizer: Any, tools: ToolHandling, parsers: OutputParsers | HarmonyOutputParsers | None,
+                 args: ServerArgs) -> None:
         """`parsers`: what reads reasoning and tool calls out of the text (None: it is all content)."""
         self.request, self.prompt, self.id, self.model_name = request, prompt, rid, model_name
         self.tools, self.parsers, self.args, self.tokenizer = tools, parsers, args, tokenizer
@@ -110,11 +120,11 @@ class _Reply:
             deltas.append((out.index, out.text, list(out.token_ids), positions))
         return deltas
 
-    def delta(self, choice: _Choice, text: str) -> dict[str, Any] | None:
-        """The chunk's delta for new output text; None while the parsers hold all of it back."""
+    def delta(self, choice: _Choice, text: str, ids: list[int]) -> dict[str, Any] | None:
+        """The chunk's delta for new output text and tokens; None while the parsers hold all of it back."""
         if choice.stream is None:
             return {"content": text}
-        delta = choice.stream.feed(text)
+        delta = choice.stream.feed(text, ids)
         if choice.finish_reason is not None:
             delta = _merge(delta, choice.stream.finish())
         if delta is not None and not self.request.include_reasoning:
@@ -198,7 +208,7 @@ class _Reply:
         done = choice.finish_reason is not None
         if not text and not ids and not done:
             return None
-        delta = self.delta(choice, text)
+        delta = self.delta(choice, text, ids)
         choice.pending_ids += ids
         choice.pending_logprobs += positions
         if delta is None and not done:
@@ -218,7 +228,8 @@ class _Reply:
     def response(self) -> dict[str, Any]:
         choices = []
         for index, choice in enumerate(self.choices):
-            parsed = self.parsers.parse(choice.text) if self.parsers is not None else ParsedOutput(None, choice.text)
+            parsed = (self.parsers.parse(choice.text, choice.token_ids) if self.parsers is not None
+                      else ParsedOutput(None, choice.text))
             choices.append({
                 "index": index,
                 "message": self._message(parsed),
@@ -256,9 +267,15 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
         # vLLM refuses per-request templates unless --trust-request-chat-template; jaxllm has no such flag.
         raise APIError("Chat template is passed with request, but --trust-request-chat-template is not set. "
                        "Refused request with untrusted chat template.", param="chat_template")
+    harmony = uses_harmony(ctx.args.reasoning_parser, ctx.args.tool_call_parser)
+    if harmony:
+        check_reasoning_effort(request.reasoning_effort)
     template_kwargs = dict(request.chat_template_kwargs or {})
     if request.documents is not None:
         template_kwargs.setdefault("documents", request.documents)
+    if request.reasoning_effort is not None:  # vLLM's: the field wins over a kwarg, and sets enable_thinking
+        template_kwargs["reasoning_effort"] = request.reasoning_effort
+        template_kwargs.setdefault("enable_thinking", request.reasoning_effort != "none")
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     prompt = await chat_prompt(
         ctx.render_pool, request.messages, chat_template=info.chat_template,
@@ -292,8 +309,12 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
         error_params["max_tokens"] = "max_completion_tokens"
     if request.prompt_logprobs is None and prompt_logprobs is not None:
         error_params["prompt_logprobs"] = "top_logprobs"
-    reasoning = _reasoning_parser(ctx, request, constrained=structured is not None)
-    parsers = OutputParsers(reasoning, tools.parser, request) if reasoning or tools.parser else None
+    reasoning = _reasoning_parser(ctx, template_kwargs, constrained=structured is not None)
+    parsers: OutputParsers | HarmonyOutputParsers | None
+    if harmony and structured is None:
+        parsers = harmony_output_parsers(reasoning, tools.parser, request, info.tokenizer)
+    else:
+        parsers = OutputParsers(reasoning, tools.parser, request) if reasoning or tools.parser else None
     reply = _Reply(request, prompt, f"chatcmpl-{base_request_id(raw, request.request_id)}", ctx.model_name,
                    info.tokenizer, tools, parsers, ctx.args)
     log = RequestLog(ctx.args.enable_log_requests, reply.id, len(prompt.token_ids))
@@ -313,12 +334,14 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     return JSONResponse(reply.response())
 
 
-def _reasoning_parser(ctx: ServingContext, request: ChatCompletionRequest, constrained: bool) -> ReasoningParser | None:
+def _reasoning_parser(ctx: ServingContext, template_kwargs: dict[str, Any], constrained: bool
+                      ) -> ReasoningParser | GptOssReasoningParser | None:
+    """`template_kwargs`: what the chat template was given (`enable_thinking` may come from reasoning_effort)."""
     if ctx.args.reasoning_parser is None or constrained:
         # NOTE: the grammar holds from the first token (the engine has no "after </think>" start, as vLLM's
         # reasoning-aware structured outputs), so a constrained output holds no reasoning: it is all content.
         return None
-    return get_reasoning_parser(ctx.args.reasoning_parser, request.chat_template_kwargs)
+    return get_reasoning_parser(ctx.args.reasoning_parser, template_kwargs)
 
 
 def _merge(first: dict[str, Any] | None, second: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -2,8 +2,11 @@
 are read out of the remaining content (the request's tool parser), whole or as a stream of deltas.
 
     parsers = OutputParsers(reasoning_parser, tool_parser, request)
-    parsers.parse(text) -> ParsedOutput(reasoning, content, tool_calls)
-    stream = parsers.stream(); stream.feed(delta_text) / stream.finish() -> chat `delta` dict | None
+    parsers.parse(text, token_ids) -> ParsedOutput(reasoning, content, tool_calls)
+    stream = parsers.stream(); stream.feed(delta_text, delta_token_ids) / stream.finish() -> chat `delta` dict | None
+
+These parsers read the text; the ids are for those that read token ids (gpt-oss's harmony, serve.harmony_chat,
+which the server uses in their place with the same calls).
 
 Stream deltas carry `content`, `reasoning` and `reasoning_content` (the same text under vLLM's current
 and older names), and `tool_calls` entries shaped as the OpenAI SDK accumulates them. A parser that
@@ -37,7 +40,7 @@ class OutputParsers:
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolParser | None, request: Any) -> None:
         self.reasoning, self.tools, self.request = reasoning, tools, request
 
-    def parse(self, text: str) -> ParsedOutput:
+    def parse(self, text: str, token_ids: list[int]) -> ParsedOutput:
         reasoning, content = None, text
         if self.reasoning is not None:
             try:
@@ -69,7 +72,7 @@ class ChoiceParser:
         self._reasoning, self._tools = reasoning, tools
         self.tools_called = False
 
-    def feed(self, text: str) -> dict[str, Any] | None:
+    def feed(self, text: str, token_ids: list[int]) -> dict[str, Any] | None:
         return self._step(text, final=False)
 
     def finish(self) -> dict[str, Any] | None:

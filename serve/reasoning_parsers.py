@@ -6,7 +6,8 @@
         # -> {"reasoning": ..., "content": ...} (keys only when non-empty) or None
 
 The server sends reasoning as both `reasoning` (vLLM's current field) and `reasoning_content` (the older
-name), and feeds only the content part to a tool-call parser.
+name), and feeds only the content part to a tool-call parser. `openai_gptoss` is not read here: gpt-oss
+writes OpenAI's harmony format, read on token ids by `serve.harmony_chat`.
 
 Semantics (vLLM's current parsers, text-based rather than token-id based):
 - both: a `<think>` in the output is dropped (templates that put it in the prompt make the output start
@@ -23,6 +24,7 @@ import functools
 import re
 from typing import Any
 
+from serve.harmony import GptOssReasoningParser
 from serve.tool_parsers.base import partial_tag_overlap
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -191,12 +193,16 @@ class ReasoningStream:
         return -1, -1
 
 
-REASONING_PARSERS = {"deepseek_r1": DeepSeekR1ReasoningParser, "qwen3": Qwen3ReasoningParser}
+REASONING_PARSERS = {
+    "deepseek_r1": DeepSeekR1ReasoningParser,
+    "qwen3": Qwen3ReasoningParser,
+    "openai_gptoss": GptOssReasoningParser,  # harmony, read on token ids: serve.harmony_chat
+}
 
 
 def get_reasoning_parser(
     name: str, chat_template_kwargs: dict[str, Any] | None = None
-) -> DeepSeekR1ReasoningParser | Qwen3ReasoningParser:
+) -> DeepSeekR1ReasoningParser | Qwen3ReasoningParser | GptOssReasoningParser:
     """The parser for `--reasoning-parser NAME`, for one request; ValueError for an unknown name."""
     try:
         parser_class = REASONING_PARSERS[name]

@@ -5,6 +5,7 @@
     parser.extract_tool_calls(text, request)    # -> ExtractedToolCalls(tools_called, tool_calls, content)
     stream = parser.stream(request); stream.feed(delta_text) / stream.finish()   # -> delta dict | None
 
+`openai` (gpt-oss) reads no text: its harmony calls are read on token ids by `serve.harmony_chat`.
 `parser.keeps_special_tokens`: the server must detokenize with `skip_special_tokens=False` when tools
 are given and tool_choice is not "none" (the call markers are special tokens), as vLLM's parsers ask.
 """
@@ -14,15 +15,18 @@ from serve.tool_parsers.constrained import ConstrainedToolParser
 from serve.tool_parsers.hermes import HermesToolParser
 from serve.tool_parsers.llama3_json import Llama3JsonToolParser
 from serve.tool_parsers.mistral import MistralToolParser
+from serve.tool_parsers.openai import OpenAIToolParser
 from serve.tool_parsers.pythonic import PythonicToolParser
 
-ToolParser = HermesToolParser | Llama3JsonToolParser | MistralToolParser | PythonicToolParser | ConstrainedToolParser
+ToolParser = (HermesToolParser | Llama3JsonToolParser | MistralToolParser | PythonicToolParser | ConstrainedToolParser
+              | OpenAIToolParser)
 
 TOOL_PARSERS = {
     "hermes": HermesToolParser,
     "llama3_json": Llama3JsonToolParser,
     "mistral": MistralToolParser,
     "pythonic": PythonicToolParser,
+    "openai": OpenAIToolParser,  # harmony, read on token ids: serve.harmony_chat
 }
 
 
