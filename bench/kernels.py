@@ -1,9 +1,9 @@
 """Ragged paged attention on the GPU: correctness on real shapes, and time against the ceilings.
 
-    python bench/kernels.py            # the table: Llama-3-8B heads (32 q / 8 kv, d=128), bf16, page 16,
-                                       # then GLM-4-9B's (32 q / 2 kv: GQA 16)
-    python bench/kernels.py --shapes gqa16 --grid  # only the GLM-4-9B rows, and the grid at GQA 16
-    python bench/kernels.py --grid     # plus the correctness grid (GQA 1/4/8/16 x d 64/128 x page 16/32/64)
+    python bench/kernels.py            # the table: Llama-3-8B heads (32 q / 8 kv, d=128), bf16, page 16
+    python bench/kernels.py --grid     # plus the correctness grid (GQA 1/4/8 x d 64/128 x page 16/32/64)
+    python bench/kernels.py --shapes gqa16 --grid  # GLM-4-9B's heads (32 q / 2 kv: GQA 16) instead,
+                                                   # and the grid at GQA 16 (--shapes all: both)
     python bench/kernels.py --tune     # plus every launch plan of the kernel on a few shapes (logged)
     python bench/kernels.py --load-time  # only: how long a compiled step takes to load in a new process
 
@@ -122,7 +122,7 @@ class Shape:
         return self.hq // self.hkv
 
 
-def table_shapes(which: str = "all") -> list[Shape]:
+def table_shapes(which: str = "llama") -> list[Shape]:
     """The shapes of `which` ("llama", "gqa16" or "all"), the ones with a bar first, so a run cut
     short still has them."""
     shapes = llama_shapes() if which in ("llama", "all") else []
@@ -605,7 +605,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", action="store_true", help="also run the correctness grid")
     parser.add_argument("--tune", action="store_true", help="also time every launch plan on a few shapes")
-    parser.add_argument("--shapes", choices=tuple(GRID_GROUPS), default="all",
+    parser.add_argument("--shapes", choices=tuple(GRID_GROUPS), default="llama",
                         help="the table's heads: llama (32 q / 8 kv), gqa16 (GLM-4-9B, 32 q / 2 kv) or all; "
                              "also the grid's GQA groups")
     parser.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
