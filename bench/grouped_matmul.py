@@ -1,0 +1,334 @@
+"""The MoE grouped matmul on the GPU: the Mosaic kernel against its floors and jax's two baselines.
+
+    python -m bench.grouped_matmul                       # Qwen3-30B-A3B shapes (H100 or H200)
+    python -m bench.grouped_matmul --models qwen3,mixtral,gpt-oss   # Mixtral-8x7B and gpt-oss-20b too
+
+Per model, one MoE layer's two grouped GEMMs (gate/up with the fused SwiGLU, and down) at decode
+(1, 8, 64, 256 tokens) and prefill (4096, 16384 tokens) sizes, tokens routed to top-k experts
+uniformly at random (seeded). In the same run it measures the device's copy bandwidth and dense
+bf16 matmul rate (bench/kernels.py's `ceilings`), then per shape times:
+  - `grouped_matmul_mosaic` (the default plan), checked against `grouped_matmul_xla`;
+  - `jax.lax.ragged_dot` (+ the activation and bias in XLA), skipped where its dense masked
+    operand [rows, E * K] would not fit in memory;
+  - jax's shipped Mosaic GPU `ragged_dot_mgpu` (+ the activation and bias in XLA).
+Decode rows are memory-bound: the floor is max(bytes / copy bandwidth, FLOPs / matmul rate), bytes =
+the touched experts' weights + lhs + output; bar >= 0.7 of it. Prefill rows are compute-bound:
+FLOP/s over the matmul rate, bar >= 0.6. One shape failing logs its error and the table goes on.
+Times are CUPTI device time (median over iterations). Writes grouped_matmul.md / .json / .log to
+$OUT (or the current directory); `--budget-s` stops starting new shapes after that many seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.kernels import ceilings, device_time_us
+from pallas_kernels.grouped_matmul import Activation, grouped_matmul_xla
+from pallas_kernels.grouped_matmul.mosaic_gpu import default_plan, grouped_matmul_mosaic
+
+DTYPE = jnp.bfloat16
+LOG: list[str] = []
+DECODE_TOKENS = (1, 8, 64, 256)
+PREFILL_TOKENS = (4096, 16384)
+DECODE_BAR, PREFILL_BAR = 0.7, 0.6
+
+
+def log(*parts) -> None:
+    line = " ".join(str(p) for p in parts)
+    LOG.append(line)
+    print(line, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeModel:
+    name: str
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int  # per expert
+    activation: Activation
+    bias: bool = False
+
+
+MODELS = {
+    "qwen3": MoeModel("Qwen3-30B-A3B", 128, 8, 2048, 768, Activation("swiglu")),
+    "mixtral": MoeModel("Mixtral-8x7B", 8, 2, 4096, 14336, Activation("swiglu")),
+    # gpt-oss stores gate/up interleaved; the kernel runs on weights permuted to the split
+    # layout at load time (`interleaved_to_split`), so the split layout is what is timed.
+    "gpt-oss": MoeModel("gpt-oss-20b", 32, 4, 2880, 2880, Activation("swiglu_oai"), bias=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    model: MoeModel
+    gemm: str  # "gate_up" | "down"
+    tokens: int
+    kind: str  # "decode" | "prefill"
+
+    @property
+    def k(self) -> int:
+        return self.model.hidden if self.gemm == "gate_up" else self.model.intermediate
+
+    @property
+    def n(self) -> int:
+        return 2 * self.model.intermediate if self.gemm == "gate_up" else self.model.hidden
+
+    @property
+    def activation(self) -> Activation | None:
+        return self.model.activation if self.gemm == "gate_up" else None
+
+    @property
+    def rows(self) -> int:
+        return self.tokens * self.model.top_k
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name} {self.kind} {self.tokens} tok {self.gemm} {self.k}->{self.n}"
+
+
+def shapes_for(model: MoeModel) -> list[Shape]:
+    """Decode shapes first (the ones the kernel was written for), then prefill."""
+    shapes = [Shape(model, gemm, t, "decode") for t in DECODE_TOKENS for gemm in ("gate_up", "down")]
+    return shapes + [Shape(model, gemm, t, "prefill") for t in PREFILL_TOKENS for gemm in ("gate_up", "down")]
+
+
+def route(tokens: int, num_experts: int, top_k: int, seed: int) -> np.ndarray:
+    """[E] i32 group sizes: each token's top_k distinct experts drawn uniformly."""
+    rng = np.random.default_rng(seed)
+    chosen = np.argsort(rng.random((tokens, num_experts)), axis=1)[:, :top_k]
+    return np.bincount(chosen.ravel(), minlength=num_experts).astype(np.int32)
+
+
+def make_inputs(shape: Shape, seed: int = 0):
+    group_sizes = route(shape.tokens, shape.model.num_experts, shape.model.top_k, seed)
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    experts = shape.model.num_experts
+    lhs = jax.random.normal(k1, (shape.rows, shape.k), jnp.float32).astype(DTYPE)
+    rhs = (jax.random.normal(k2, (experts, shape.k, shape.n), jnp.float32) / shape.k**0.5).astype(DTYPE)
+    bias = jax.random.normal(k3, (experts, shape.n), jnp.float32).astype(DTYPE) if shape.model.bias else None
+    return lhs, rhs, jnp.asarray(group_sizes), bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations: each (lhs, rhs, group_sizes, bias) -> out, jitted
+
+
+def mosaic_fn(activation):
+    return jax.jit(lambda lhs, rhs, gs, bias: grouped_matmul_mosaic(lhs, rhs, gs, bias=bias, activation=activation))
+
+
+def xla_fn(activation):
+    return jax.jit(lambda lhs, rhs, gs, bias: grouped_matmul_xla(lhs, rhs, gs, bias=bias, activation=activation))
+
+
+def epilogue_in_xla(y, group_sizes, bias, activation, dtype):
+    """Bias (by each row's group) and the activation, after a baseline's plain grouped matmul."""
+    y = y.astype(jnp.float32)
+    if bias is not None:
+        ends = jnp.cumsum(group_sizes)
+        group = jnp.searchsorted(ends, jnp.arange(y.shape[0]), side="right", method="compare_all")
+        y = y + bias.astype(jnp.float32)[jnp.minimum(group, bias.shape[0] - 1)]
+    if activation is not None:
+        y = activation(y)
+    return y.astype(dtype)
+
+
+def ragged_dot_fn(activation):
+    def run(lhs, rhs, gs, bias):
+        y = jax.lax.ragged_dot(lhs, rhs, gs, preferred_element_type=jnp.float32)
+        return epilogue_in_xla(y, gs, bias, activation, lhs.dtype)
+
+    return jax.jit(run)
+
+
+def ragged_dot_mgpu_fn(activation, kind: str, n: int):
+    """jax's shipped kernel with its own example's tile sizes for this regime."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    block_m = 64 if kind == "decode" else 128
+    block_n = 128 if n % 128 == 0 else 64
+    config = dict(block_m=block_m, block_n=block_n, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+    accepted = inspect.signature(ragged_dot_mgpu.ragged_dot).parameters
+    config = {k: v for k, v in config.items() if k in accepted}
+
+    def run(lhs, rhs, gs, bias):
+        y = ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=gs, **config)
+        return epilogue_in_xla(y, gs, bias, activation, lhs.dtype)
+
+    return jax.jit(run), config
+
+
+# ----------------------------------------------------------------------------------------------
+# One shape
+
+
+def relative_error(out, ref) -> float:
+    out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def floors(shape: Shape, group_sizes: np.ndarray, bandwidth: float, rate: float) -> dict:
+    touched = int((group_sizes > 0).sum())
+    out_cols = shape.n // 2 if shape.activation is not None else shape.n
+    weight_bytes = touched * shape.k * shape.n * 2 + (touched * shape.n * 2 if shape.model.bias else 0)
+    bytes_moved = weight_bytes + shape.rows * (shape.k + out_cols) * 2
+    flops = 2.0 * shape.rows * shape.k * shape.n
+    return {
+        "touched_experts": touched,
+        "bytes": bytes_moved,
+        "flops": flops,
+        "bytes_floor_us": bytes_moved / bandwidth * 1e6,
+        "flops_floor_us": flops / rate * 1e6,
+    }
+
+
+def timed(row: dict, key: str, fn, args) -> jax.Array | None:
+    """Compile, run and time fn(*args) into row[key + '_us']; an error goes to row[key + '_error']."""
+    try:
+        out = jax.block_until_ready(fn(*args))
+        row[f"{key}_us"], row[f"{key}_wall_us"] = device_time_us(fn, *args, iterations=20)
+        return out
+    except Exception as e:  # noqa: BLE001 - one implementation failing must not stop the table
+        row[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"  {key}: FAILED {row[f'{key}_error']}")
+        return None
+
+
+def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
+    row: dict = {"shape": shape.name, "kind": shape.kind, "rows": shape.rows}
+    args = make_inputs(shape)
+    lhs, rhs, group_sizes, bias = args
+    row.update(floors(shape, np.asarray(group_sizes), bandwidth, rate))
+    plan = default_plan(m=shape.rows, k=shape.k, n=shape.n, num_groups=shape.model.num_experts,
+                        activation=shape.activation)
+    row["plan"] = str(plan)
+    log(f"{shape.name}: rows {shape.rows}, touched experts {row['touched_experts']}, {plan}")
+    out = timed(row, "mosaic", mosaic_fn(shape.activation), args)
+    if out is not None:
+        try:
+            ref = jax.block_until_ready(xla_fn(shape.activation)(*args))
+            row["rel_err_vs_xla"] = relative_error(out, ref)
+            row["finite"] = bool(jnp.isfinite(out.astype(jnp.float32)).all())
+        except Exception as e:  # noqa: BLE001
+            row["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        del out
+    masked_bytes = shape.rows * shape.model.num_experts * shape.k * 2
+    if masked_bytes > 8 << 30:
+        row["ragged_dot_error"] = f"skipped: its masked operand would take {masked_bytes / 2**30:.0f} GiB"
+    else:
+        timed(row, "ragged_dot", ragged_dot_fn(shape.activation), args)
+    try:
+        mgpu, config = ragged_dot_mgpu_fn(shape.activation, shape.kind, shape.n)
+        row["ragged_dot_mgpu_config"] = config
+        timed(row, "ragged_dot_mgpu", mgpu, args)
+    except Exception as e:  # noqa: BLE001 - e.g. the module moved
+        row["ragged_dot_mgpu_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if "mosaic_us" in row:
+        t = row["mosaic_us"]
+        if shape.kind == "decode":
+            row["floor_us"] = max(row["bytes_floor_us"], row["flops_floor_us"])
+            row["metric"] = "bytes" if row["bytes_floor_us"] >= row["flops_floor_us"] else "flops"
+            row["fraction"] = row["floor_us"] / t
+            row["bar"] = DECODE_BAR
+        else:
+            row["floor_us"] = row["flops_floor_us"]
+            row["metric"] = "flops"
+            row["fraction"] = row["flops_floor_us"] / t
+            row["bar"] = PREFILL_BAR
+        baselines = [row[k] for k in ("ragged_dot_us", "ragged_dot_mgpu_us") if k in row]
+        if baselines:
+            row["speedup_vs_best_baseline"] = min(baselines) / t
+    log(json.dumps(row, default=str))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
+    head = (
+        f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}; ceilings measured in the same run: copy "
+        f"{bandwidth / 1e12:.2f} TB/s (read + write), dense bf16 matmul {rate / 1e12:.0f} TFLOP/s. Decode: floor = "
+        f"max(bytes / copy, FLOPs / matmul), bar {DECODE_BAR}; prefill: FLOP/s / matmul rate, bar {PREFILL_BAR}.\n\n"
+        "| shape | rows | experts touched | floor us | Mosaic us | vs floor (bar) | ragged_dot us "
+        "| ragged_dot_mgpu us | speedup vs best | rel err vs XLA |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+
+        def cell(key, fmt="{:.1f}", r=r):
+            v = r.get(key)
+            if isinstance(v, (int, float)):
+                return fmt.format(v)
+            return "fail" if f"{key[:-3]}_error" in r else ""
+
+        frac = ""
+        if "fraction" in r:
+            ok = "ok" if r["fraction"] >= r["bar"] else "BELOW"
+            frac = f"{r['fraction']:.2f} ({r['metric']}, {ok})"
+        skipped = r.get("ragged_dot_error", "").startswith("skipped")
+        lines.append(
+            f"| {r['shape']} | {r['rows']} | {r.get('touched_experts', '')} | {cell('floor_us')} | {cell('mosaic_us')} "
+            f"| {frac} | {'OOM-skip' if skipped else cell('ragged_dot_us')} | {cell('ragged_dot_mgpu_us')} "
+            f"| {cell('speedup_vs_best_baseline', '{:.2f}x')} | {cell('rel_err_vs_xla', '{:.1e}')} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def write_outputs(out_dir: str, rows: list[dict], bandwidth: float, rate: float) -> str:
+    table = markdown(rows, bandwidth, rate)
+    with open(os.path.join(out_dir, "grouped_matmul.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out_dir, "grouped_matmul.log"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+    with open(os.path.join(out_dir, "grouped_matmul.json"), "w") as f:
+        json.dump({"rows": rows, "bandwidth": bandwidth, "rate": rate}, f, default=str, indent=1)
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="qwen3", help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
+    parser.add_argument("--budget-s", type=float, default=140.0, help="start no new shape after this many seconds")
+    args = parser.parse_args()
+    start = time.time()
+    out_dir = os.environ.get("OUT", ".")
+    log(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}")
+    bandwidth, rate = ceilings()
+    shapes = [s for name in args.models.split(",") for s in shapes_for(MODELS[name])]
+    shapes = [s for s in shapes if not args.only or any(o in s.name for o in args.only.split(","))]
+    rows: list[dict] = []
+    for shape in shapes:
+        if time.time() - start > args.budget_s:
+            log(f"out of time budget: {shape.name} and the rest not run")
+            break
+        try:
+            rows.append(bench_shape(shape, bandwidth, rate))
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory making the inputs
+            log(f"{shape.name}: ERROR {e!r:.400}\n{traceback.format_exc(limit=3)}")
+            rows.append({"shape": shape.name, "rows": shape.rows, "mosaic_error": repr(e)[:300]})
+        write_outputs(out_dir, rows, bandwidth, rate)
+    print(write_outputs(out_dir, rows, bandwidth, rate), flush=True)
+    log(f"total {time.time() - start:.0f} s")
+    bad = [r["shape"] for r in rows if "mosaic_us" not in r or r.get("rel_err_vs_xla", 1.0) > 1e-2]
+    if bad:
+        print("MOSAIC FAILED OR WRONG:", bad)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
