@@ -1,24 +1,20 @@
 """What jaxllm needs to know about a checkpoint's architecture, read from HF `config.json`.
 
 No jax here: the engine and the server read vocab size, EOS ids and context length from it too.
+`ARCHITECTURES` maps each supported HF `architectures` name to its family module
+(`jaxllm/models/<module>.py`) and the reader that turns its config into a `ModelArch`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-# HF architecture name -> family switches of the one Llama-family module.
-SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
-    "LlamaForCausalLM": {},
-    "MistralForCausalLM": {},
-    "Qwen2ForCausalLM": {"qkv_bias": True},
-    "Qwen3ForCausalLM": {"qk_norm": True},
-}
-
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 
 
 class UnsupportedModelError(ValueError):
@@ -28,6 +24,7 @@ class UnsupportedModelError(ValueError):
 @dataclass(frozen=True)
 class ModelArch:
     architecture: str
+    family: str  # the module under jaxllm/models that builds it
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -35,13 +32,21 @@ class ModelArch:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    norm_eps: float
     rope_theta: float
+    # llama3 / linear / yarn parameters as HF writes them (with "rope_type"); None: plain RoPE.
     rope_scaling: dict[str, Any] | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    hidden_act: str = "silu"
     qkv_bias: bool = False
     qk_norm: bool = False
+    # Fraction of each head's dims that RoPE rotates (GLM: 0.5); the rest pass through.
+    partial_rotary_factor: float = 1.0
+    # Rotate pairs (2i, 2i + 1) (GLM, GPT-J) instead of (i, i + D/2) (Llama's rotate_half).
+    rope_interleaved: bool = False
+    # GLM-4: a norm after the attention and after the MLP, before each residual add.
+    post_sublayer_norms: bool = False
     # Per layer: the sliding window size, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
     torch_dtype: str = "float32"
@@ -57,6 +62,18 @@ class ModelArch:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class Family:
+    module: str  # jaxllm.models.<module>
+    read: Callable[[str, dict[str, Any]], ModelArch]  # (architecture name, config.json) -> ModelArch
+    # Prefixes of parameter paths that a checkpoint's tensor names may lack.
+    checkpoint_prefixes: tuple[str, ...] = ()
+
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
@@ -66,57 +83,118 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
-    architectures = cfg.get("architectures") or []
-    name = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
-    if name is None:
-        shown = ", ".join(architectures) or f"model_type={cfg.get('model_type')!r}"
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
+    """(theta, scaling or None, partial_rotary_factor) from transformers 4's top-level fields
+    (rope_theta, rope_scaling, partial_rotary_factor) or transformers 5's `rope_parameters`."""
+    # NOTE: `or`, not a get() default: transformers 5 writes the old top-level keys as null.
+    theta = float(cfg.get("rope_theta") or 10000.0)
+    scaling = cfg.get("rope_scaling") or None
+    partial_factor = float(cfg.get("partial_rotary_factor") or 1.0)
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict):
+        theta = float(params.get("rope_theta") or theta)
+        partial_factor = float(params.get("partial_rotary_factor") or partial_factor)
+        if params.get("rope_type", "default") != "default":
+            scaling = params
+    if scaling is None:
+        return theta, None, partial_factor
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
-            f"unsupported architecture {shown}; jaxllm supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    switches = SUPPORTED_ARCHITECTURES[name]
-    num_heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // num_heads)
-    rope_scaling = cfg.get("rope_scaling") or None
-    rope_theta = float(cfg.get("rope_theta", 10000.0))
-    # transformers 5 may fold theta and scaling into "rope_parameters".
-    rope_params = cfg.get("rope_parameters")
-    if isinstance(rope_params, dict):
-        rope_theta = float(rope_params.get("rope_theta", rope_theta))
-        if rope_params.get("rope_type", "default") != "default":
-            rope_scaling = rope_params
-    if rope_scaling is not None:
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise UnsupportedModelError(
-                f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
-        if rope_type == "default":
-            rope_scaling = None
-    num_layers = int(cfg["num_hidden_layers"])
-    return ModelArch(
+    return theta, (None if rope_type == "default" else {**scaling, "rope_type": rope_type}), partial_factor
+
+
+def _common(name: str, family: str, cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    return dict(
         architecture=name,
+        family=family,
         vocab_size=int(cfg["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(cfg["intermediate_size"]),
         num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=switches.get("qkv_bias", False) or bool(cfg.get("attention_bias", False)),
-        qk_norm=switches.get("qk_norm", False),
-        sliding_windows=_sliding_windows(cfg, num_layers),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         raw=cfg,
     )
+
+
+def read_llama_like(name: str, cfg: dict[str, Any], *, family: str = "llama", qkv_bias: bool = False,
+                    qk_norm: bool = False, rope_interleaved: bool = False,
+                    post_sublayer_norms: bool = False) -> ModelArch:
+    """Llama's config names, shared by Mistral, Qwen2/3 and GLM."""
+    num_heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    num_layers = int(cfg["num_hidden_layers"])
+    theta, scaling, partial_factor = _rope(cfg)
+    return ModelArch(
+        **_common(name, family, cfg, num_layers),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        partial_rotary_factor=partial_factor,
+        rope_interleaved=rope_interleaved,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        hidden_act=str(cfg.get("hidden_act", "silu")),
+        qkv_bias=qkv_bias or bool(cfg.get("attention_bias", False)),
+        qk_norm=qk_norm,
+        post_sublayer_norms=post_sublayer_norms,
+        sliding_windows=_sliding_windows(cfg, num_layers),
+    )
+
+
+def read_gpt2(name: str, cfg: dict[str, Any]) -> ModelArch:
+    """GPT-2's names (n_embd, n_head, n_layer, n_positions, n_inner); learned positions, no RoPE."""
+    if cfg.get("scale_attn_by_inverse_layer_idx"):
+        raise UnsupportedModelError("GPT-2 with scale_attn_by_inverse_layer_idx=true is not supported")
+    hidden, num_heads, num_layers = int(cfg["n_embd"]), int(cfg["n_head"]), int(cfg["n_layer"])
+    return ModelArch(
+        **_common(name, "gpt2", cfg, num_layers),
+        hidden_size=hidden,
+        intermediate_size=int(cfg.get("n_inner") or 4 * hidden),
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        head_dim=hidden // num_heads,
+        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        rope_theta=0.0,
+        rope_scaling=None,
+        max_position_embeddings=int(cfg.get("n_positions", 1024)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        hidden_act=str(cfg.get("activation_function", "gelu_new")),
+        qkv_bias=True,
+        sliding_windows=(None,) * num_layers,
+    )
+
+
+ARCHITECTURES: dict[str, Family] = {
+    "LlamaForCausalLM": Family("llama", read_llama_like),
+    "MistralForCausalLM": Family("llama", read_llama_like),
+    "Qwen2ForCausalLM": Family("llama", partial(read_llama_like, qkv_bias=True)),
+    "Qwen3ForCausalLM": Family("llama", partial(read_llama_like, qk_norm=True)),
+    # Checkpoints saved by GPT2LMHeadModel prefix names with `transformer.`; the original ones do not.
+    "GPT2LMHeadModel": Family("gpt2", read_gpt2, checkpoint_prefixes=("transformer.",)),
+    "GlmForCausalLM": Family("glm4", partial(read_llama_like, family="glm4", rope_interleaved=True)),
+    "Glm4ForCausalLM": Family(
+        "glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, post_sublayer_norms=True)
+    ),
+}
+
+
+def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
+    architectures = cfg.get("architectures") or []
+    name = next((a for a in architectures if a in ARCHITECTURES), None)
+    if name is None:
+        shown = ", ".join(architectures) or f"model_type={cfg.get('model_type')!r}"
+        raise UnsupportedModelError(
+            f"unsupported architecture {shown}; jaxllm supports: {', '.join(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[name].read(name, cfg)
 
 
 def _sliding_windows(cfg: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:

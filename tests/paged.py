@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.models.batch import ForwardBatch
-from jaxllm.models.llama import kv_pages_shape
+from jaxllm.models.layers import kv_pages_shape
 from jaxllm.runner.attention import select_attention
 from jaxllm.runner.model_loading import LoadedModel
 

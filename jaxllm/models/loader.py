@@ -66,28 +66,54 @@ class SafetensorsFile:
         return raw.view(dtype).reshape(info["shape"])
 
 
-def open_checkpoint(model_dir: Path) -> dict[str, SafetensorsFile]:
-    """Tensor name -> the file holding it, from model.safetensors or a sharded index."""
+class Checkpoint:
+    """Tensor name -> memory-mapped array, over the checkpoint's safetensors files. A name may also
+    be found without one of `optional_prefixes` (GPT-2's hub checkpoints lack `transformer.`)."""
+
+    def __init__(self, files: dict[str, SafetensorsFile], optional_prefixes: tuple[str, ...] = ()):
+        self.files = files
+        self.optional_prefixes = optional_prefixes
+
+    def stored_name(self, name: str) -> str | None:
+        if name in self.files:
+            return name
+        for prefix in self.optional_prefixes:
+            if name.startswith(prefix) and name[len(prefix):] in self.files:
+                return name[len(prefix):]
+        return None
+
+    def tensor(self, name: str, shape) -> np.ndarray:
+        """The memory-mapped tensor `name`, checked against its expected shape."""
+        stored = self.stored_name(name)
+        if stored is None:
+            raise WeightLoadError(f"checkpoint has no tensor {name}")
+        tensor = self.files[stored].get(stored)
+        if tuple(tensor.shape) != tuple(shape):
+            raise WeightLoadError(
+                f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, expected {tuple(shape)}"
+            )
+        return tensor
+
+
+def open_checkpoint(model_dir: Path, optional_prefixes: tuple[str, ...] = ()) -> Checkpoint:
+    """The tensors of model.safetensors, of a sharded index, or of every *.safetensors file."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         files = {name: SafetensorsFile(model_dir / name) for name in sorted(set(weight_map.values()))}
-        return {tensor: files[file] for tensor, file in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        f = SafetensorsFile(single)
-        return {name: f for name in f.names()}
-    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    if found:  # unusual names, no index: take every file
-        out: dict[str, SafetensorsFile] = {}
-        for name in found:
-            f = SafetensorsFile(model_dir / name)
-            out.update({t: f for t in f.names()})
-        return out
-    raise FileNotFoundError(
-        f"no model.safetensors or model.safetensors.index.json in {model_dir} "
-        "(only safetensors checkpoints are supported; use load_format='dummy' for random weights)"
-    )
+        return Checkpoint({tensor: files[file] for tensor, file in weight_map.items()}, optional_prefixes)
+    found = [model_dir / "model.safetensors"] if (model_dir / "model.safetensors").is_file() else sorted(
+        model_dir.glob("*.safetensors"))  # unusual names, no index: take every file
+    if not found:
+        raise FileNotFoundError(
+            f"no model.safetensors or model.safetensors.index.json in {model_dir} "
+            "(only safetensors checkpoints are supported; use load_format='dummy' for random weights)"
+        )
+    by_name: dict[str, SafetensorsFile] = {}
+    for path in found:
+        f = SafetensorsFile(path)
+        by_name.update({t: f for t in f.names()})
+    return Checkpoint(by_name, optional_prefixes)
 
 
 def hf_name(path: tuple) -> str:
@@ -106,9 +132,11 @@ def load_weights(
     dtype,
     load_format: str,
     seed: int,
+    optional_prefixes: tuple[str, ...] = (),
 ) -> nnx.State:
-    """Fill every Param of `abstract_state` with a sharded array; returns the concrete state."""
-    checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir)
+    """Fill every Param of `abstract_state` with a sharded array; returns the concrete state.
+    `optional_prefixes`: prefixes of parameter paths the checkpoint's names may lack."""
+    checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir, optional_prefixes)
     flat = list(_leaves(abstract_state))
     key = jax.random.key(seed)
     desc = "Random weights" if checkpoint is None else "Loading safetensors"
@@ -119,7 +147,8 @@ def load_weights(
         name = hf_name(path)
         fused = var.get_metadata().get("fused_from")
         if checkpoint is None:
-            value = _random_leaf(name, abstract.shape, jnp.dtype(dtype), sharding, jax.random.fold_in(key, i))
+            value = _random_leaf(var.get_metadata().get("init", "zeros"), abstract.shape, jnp.dtype(dtype),
+                                 sharding, jax.random.fold_in(key, i))
         elif fused is not None:
             value = _fused_checkpoint_leaf(checkpoint, name, fused, abstract.shape, np.dtype(dtype), sharding)
         else:
@@ -128,28 +157,17 @@ def load_weights(
     return abstract_state
 
 
-def _checkpoint_tensor(checkpoint, name: str, shape) -> np.ndarray:
-    """The memory-mapped tensor `name`, checked against its expected shape."""
-    if name not in checkpoint:
-        raise WeightLoadError(f"checkpoint has no tensor {name}")
-    tensor = checkpoint[name].get(name)
-    if tuple(tensor.shape) != tuple(shape):
-        raise WeightLoadError(
-            f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, expected {tuple(shape)}"
-        )
-    return tensor
-
-
-def _checkpoint_leaf(checkpoint, name: str, shape, dtype: np.dtype, sharding) -> jax.Array:
-    tensor = _checkpoint_tensor(checkpoint, name, shape)
+def _checkpoint_leaf(checkpoint: Checkpoint, name: str, shape, dtype: np.dtype, sharding) -> jax.Array:
+    tensor = checkpoint.tensor(name, shape)
     return jax.make_array_from_callback(shape, sharding, lambda idx: np.asarray(tensor[idx]).astype(dtype))
 
 
-def _fused_checkpoint_leaf(checkpoint, name: str, fused, shape, dtype: np.dtype, sharding) -> jax.Array:
-    """A fused parameter (models.llama.FusedFrom): each device's shard is cut from every part's
+def _fused_checkpoint_leaf(checkpoint: Checkpoint, name: str, fused, shape, dtype: np.dtype,
+                           sharding) -> jax.Array:
+    """A fused parameter (models.layers.FusedFrom): each device's shard is cut from every part's
     memory map along the other axes, then the parts are concatenated (never a full copy)."""
     module = name.rsplit(".", 2)[0]  # model.layers.3.self_attn.qkv_proj.weight -> ...self_attn
-    parts = [_checkpoint_tensor(checkpoint, f"{module}.{part}", hf_shape).reshape(here)
+    parts = [checkpoint.tensor(f"{module}.{part}", hf_shape).reshape(here)
              for part, hf_shape, here in fused.parts]
     axis = fused.axis
 
@@ -161,8 +179,8 @@ def _fused_checkpoint_leaf(checkpoint, name: str, fused, shape, dtype: np.dtype,
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
-def _random_leaf(name: str, shape, dtype, sharding, key) -> jax.Array:
-    if name.endswith("norm.weight"):
+def _random_leaf(init: str, shape, dtype, sharding, key) -> jax.Array:
+    if init == "ones":
         return jax.jit(lambda: jnp.ones(shape, dtype), out_shardings=sharding)()
     return _random_normal(tuple(shape), dtype, sharding)(key)
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.model_arch import ModelArch
-from jaxllm.models.llama import AttentionFn
+from jaxllm.models.layers import AttentionFn
 from jaxllm.models.sharding import ShardingRules
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, ragged_paged_attention_xla
 

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxllm.engine.live_status import CompileState
-from jaxllm.models.llama import kv_pages_shape
+from jaxllm.models.layers import kv_pages_shape
 from jaxllm.models.sharding import kv_pages_sharding
 from jaxllm.runner.attention import Attention
 from jaxllm.runner.input_batch import BAD_WORDS_MIN_SHAPE, SamplerNeeds

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxllm.model_arch import ModelArch
-from jaxllm.models.llama import kv_pages_shape
+from jaxllm.models.layers import kv_pages_shape
 from jaxllm.models.sharding import ShardingRules, kv_pages_sharding
 from jaxllm.runner.limits import DeviceFacts, GiB
 

@@ -19,9 +19,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.config import ModelConfig, ParallelConfig
-from jaxllm.model_arch import ModelArch, load_arch
+from jaxllm.model_arch import ARCHITECTURES, ModelArch, load_arch
+from jaxllm.models import family
 from jaxllm.models.batch import ForwardBatch
-from jaxllm.models.llama import AttentionFn, abstract_model
+from jaxllm.models.layers import AttentionFn
 from jaxllm.models.loader import load_weights, resolve_dtype, resolve_model_dir
 from jaxllm.models.sharding import ShardingRules, make_mesh, rules_for
 
@@ -69,8 +70,9 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
     rules = rules_for(arch, tp)
     platform = mesh.devices.flat[0].platform
     dtype = resolve_dtype(model_config.dtype, arch, platform)
-    graphdef, state = nnx.split(abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None))
-    state = load_weights(model_dir, state, mesh, rules, dtype, model_config.load_format, model_config.seed)
+    graphdef, state = nnx.split(family(arch).abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None))
+    state = load_weights(model_dir, state, mesh, rules, dtype, model_config.load_format, model_config.seed,
+                         ARCHITECTURES[arch.architecture].checkpoint_prefixes)
     leaves, treedef = jax.tree.flatten(state)
     logger.info(
         "Loaded %s (%s params, %s, %s) from %s on %d %s device(s) in %.1f s",

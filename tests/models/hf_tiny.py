@@ -44,12 +44,25 @@ FAMILIES = {
     # per-head q/k RMSNorm.
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               dict(rope_theta=1000000.0, tie_word_embeddings=False, attention_bias=False)),
+    # Interleaved RoPE over half of each head, q/k/v bias, HF-fused gate_up_proj.
+    "glm": (transformers.GlmConfig, transformers.GlmForCausalLM,
+            dict(partial_rotary_factor=0.5, attention_bias=True, tie_word_embeddings=False, pad_token_id=0,
+                 eos_token_id=[1, 2])),
+    # GLM plus the post-attention and post-MLP norms.
+    "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM,
+             dict(partial_rotary_factor=0.5, attention_bias=True, tie_word_embeddings=False, pad_token_id=0,
+                 eos_token_id=[1, 2])),
+    # Learned positions, LayerNorm with bias, Conv1D weights, GELU (tanh), tied head; its own config names.
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
+             dict(vocab_size=320, n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=512,
+                  activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=1, eos_token_id=2)),
 }
 
 
 def make_checkpoint(family: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
     config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(**{**COMMON, **extra, **overrides})
+    common = {} if family == "gpt2" else COMMON
+    config = config_cls(**{**common, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
     with torch.no_grad():

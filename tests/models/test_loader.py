@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jaxllm.config import ModelConfig, ParallelConfig
-from jaxllm.model_arch import UnsupportedModelError
+from jaxllm.model_arch import ARCHITECTURES, UnsupportedModelError
 from jaxllm.models.loader import WeightLoadError, resolve_model_dir
 from jaxllm.runner.model_loading import load_model
 from tests.models.hf_tiny import make_checkpoint
@@ -93,11 +93,12 @@ def test_missing_model_dir_is_a_clear_error():
 
 
 def test_unsupported_architecture_names_it_and_lists_supported(tmp_path, llama_dir):
-    d = _copy(llama_dir, tmp_path / "gpt2")
+    d = _copy(llama_dir, tmp_path / "falcon")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["architectures"] = ["FalconForCausalLM"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+    supported = ".*".join(ARCHITECTURES)
+    with pytest.raises(UnsupportedModelError, match=f"FalconForCausalLM.*{supported}"):
         load_model(ModelConfig(model=str(d)), ParallelConfig())
 
 

@@ -20,7 +20,11 @@ from tests.paged import PagedRunner
 PROMPT = np.random.default_rng(2).integers(3, 320, 150).tolist()
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2"])
+# tp=4 replicates the 2 KV heads: the Llama-family checkpoints cover it.
+CASES = [("llama3", 2), ("llama3", 4), ("qwen2", 2), ("qwen2", 4), ("gpt2", 2), ("glm4", 2)]
+
+
+@pytest.fixture(scope="module")
 def checkpoint(request, tmp_path_factory):
     return make_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
 
@@ -35,19 +39,21 @@ def _run(model_dir, tp: int):
     return loaded, PagedRunner(loaded, "xla").run(PROMPT, [100, 50], 4)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize(("checkpoint", "tp"), CASES, indirect=["checkpoint"])
 def test_tp_matches_one_device(checkpoint, one_device, tp):
     if len(jax.devices()) < tp:
         pytest.skip(f"needs {tp} devices")
     ref, ref_tokens = one_device
     loaded, (out, tokens) = _run(checkpoint, tp)
-    q_weight = next(x for x in loaded.leaves if x.ndim == 2 and x.shape == (64, 64))
-    assert len(q_weight.sharding.device_set) == tp  # really sharded
-    assert loaded.rules.kv_heads == ("tp" if tp == 2 else None)
+    o_weight = next(x for x in loaded.leaves if x.ndim == 2 and x.shape == (64, 64))  # o_proj / c_proj
+    assert len(o_weight.sharding.device_set) == tp  # really sharded
+    kv_heads = loaded.arch.num_kv_heads
+    assert loaded.rules.kv_heads == ("tp" if kv_heads % tp == 0 else None)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert tokens == ref_tokens
 
 
+@pytest.mark.parametrize("checkpoint", ["llama3"], indirect=True)
 def test_bad_tp_is_a_clear_error(checkpoint):
     from jaxllm.model_arch import load_arch
 
