@@ -76,7 +76,7 @@ class _Reply:
     def __init__(self, request: ChatCompletionRequest, prompt: EnginePrompt, rid: str, model_name: str,
                  tokenizer: Any, tools: ToolHandling, parsers: OutputParsers | HarmonyOutputParsers | None,
                  args: ServerArgs) -> None:
-        """`parsers`: what reads reasoning and tool calls out of the text (None: it is all content)."""
+        """`parsers`: what reads reasoning and tool calls out of the output (None: it is all content)."""
         self.request, self.prompt, self.id, self.model_name = request, prompt, rid, model_name
         self.tools, self.parsers, self.args, self.tokenizer = tools, parsers, args, tokenizer
         self.created = int(time.time())

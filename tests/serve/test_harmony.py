@@ -296,6 +296,12 @@ def test_served_tool_call(client: openai.OpenAI, script: str) -> None:
         assert not choice.message.content
 
 
+def test_served_tool_choice_none_drops_the_call(client: openai.OpenAI) -> None:
+    choice = chat(client, "call", tools=[WEATHER], tool_choice="none").choices[0]
+    assert (choice.finish_reason, choice.message.content, choice.message.tool_calls) == ("stop", None, [])
+    assert choice.message.model_extra["reasoning_content"] == "Need to use function get_weather."
+
+
 def test_served_max_tokens_cuts_the_reasoning(client: openai.OpenAI, tok: Any) -> None:
     output, cut = ids(tok, ANSWER), 12
     expected = tok.decode(output[output.index(tok.convert_tokens_to_ids("<|message|>")) + 1:cut])
