@@ -2,6 +2,7 @@
 
     python -m bench.grouped_matmul                       # Qwen3-30B-A3B shapes (H100 or H200)
     python -m bench.grouped_matmul --models qwen3,mixtral,gpt-oss   # Mixtral-8x7B and gpt-oss-20b too
+    python -m bench.grouped_matmul --tune --only "64 tok,16384 tok"  # plus other launch plans (logged)
 
 Per model, one MoE layer's two grouped GEMMs (gate/up with the fused SwiGLU, and down) at decode
 (1, 8, 64, 256 tokens) and prefill (4096, 16384 tokens) sizes, tokens routed to top-k experts
@@ -33,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.kernels import ceilings, device_time_us
+from bench.kernels import ceilings, device_time_us, kernel_breakdown
 from pallas_kernels.grouped_matmul import Activation, grouped_matmul_xla
-from pallas_kernels.grouped_matmul.mosaic_gpu import default_plan, grouped_matmul_mosaic
+from pallas_kernels.grouped_matmul.mosaic_gpu import Plan, default_plan, grouped_matmul_mosaic
 
 DTYPE = jnp.bfloat16
 LOG: list[str] = []
@@ -125,8 +126,30 @@ def make_inputs(shape: Shape, seed: int = 0):
 # Implementations: each (lhs, rhs, group_sizes, bias) -> out, jitted
 
 
-def mosaic_fn(activation):
-    return jax.jit(lambda lhs, rhs, gs, bias: grouped_matmul_mosaic(lhs, rhs, gs, bias=bias, activation=activation))
+def mosaic_fn(activation, plan: Plan | None = None):
+    def run(lhs, rhs, gs, bias):
+        return grouped_matmul_mosaic(lhs, rhs, gs, bias=bias, activation=activation, plan=plan)
+
+    return jax.jit(run)
+
+
+def alternative_plans(shape: Shape) -> list[Plan]:
+    """Other launch plans worth timing for this shape (`--tune`): tile sizes and pipeline depths
+    around the default, those that tile the shape and fit the 227 KiB of SMEM."""
+    out_cols = shape.n // 2 if shape.activation is not None else shape.n
+    weight_blocks = 1 if shape.activation is None else 2
+    if shape.kind == "decode":
+        candidates = [Plan(64, 64, 64, 6), Plan(64, 64, 128, 3), Plan(64, 128, 64, 4)]
+    else:
+        candidates = [Plan(128, 128, 64, 4), Plan(128, 64, 64, 4), Plan(64, 128, 64, 4), Plan(128, 128, 64, 2)]
+    default = default_plan(m=shape.rows, k=shape.k, n=shape.n, num_groups=shape.model.num_experts,
+                           activation=shape.activation)
+    return [
+        p for p in candidates
+        if p != default and out_cols % p.block_n == 0 and shape.k % p.block_k == 0
+        and p.smem_bytes(2, weight_blocks) <= 227 * 1024
+        and p.block_m * p.block_n * weight_blocks <= 128 * 128  # fp32 accumulators: <= 128 registers a thread
+    ]
 
 
 def xla_fn(activation):
@@ -206,7 +229,7 @@ def timed(row: dict, key: str, fn, args) -> jax.Array | None:
         return None
 
 
-def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
+def bench_shape(shape: Shape, bandwidth: float, rate: float, tune: bool = False) -> dict:
     row: dict = {"shape": shape.name, "kind": shape.kind, "rows": shape.rows}
     args = make_inputs(shape)
     lhs, rhs, group_sizes, bias = args
@@ -215,8 +238,11 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
                         activation=shape.activation)
     row["plan"] = str(plan)
     log(f"{shape.name}: rows {shape.rows}, touched experts {row['touched_experts']}, {plan}")
-    out = timed(row, "mosaic", mosaic_fn(shape.activation), args)
+    mosaic = mosaic_fn(shape.activation)
+    out = timed(row, "mosaic", mosaic, args)
     if out is not None:
+        # The kernel and the jnp prologue before it (the row tiles), each kernel's device time.
+        row["mosaic_kernels"] = kernel_breakdown(mosaic, *args)
         try:
             ref = jax.block_until_ready(xla_fn(shape.activation)(*args))
             row["rel_err_vs_xla"] = relative_error(out, ref)
@@ -250,7 +276,16 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
         baselines = [row[k] for k in ("ragged_dot_us", "ragged_dot_mgpu_us") if k in row]
         if baselines:
             row["speedup_vs_best_baseline"] = min(baselines) / t
-    log(json.dumps(row, default=str))
+    if tune:
+        row["plans"] = {}
+        for plan in alternative_plans(shape):
+            timings: dict = {}
+            timed(timings, "mosaic", mosaic_fn(shape.activation, plan), args)
+            row["plans"][str(plan)] = timings.get("mosaic_us", timings.get("mosaic_error"))
+            log(f"  tune {plan}: {row['plans'][str(plan)]}")
+    log(json.dumps({k: v for k, v in row.items() if k != "mosaic_kernels"}, default=str))
+    for name, us in row.get("mosaic_kernels", []):
+        log(f"    {us:9.1f} us  {name}")
     return row
 
 
@@ -303,6 +338,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen3", help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
+    parser.add_argument("--tune", action="store_true", help="also time other launch plans of the kernel")
     parser.add_argument("--budget-s", type=float, default=140.0, help="start no new shape after this many seconds")
     args = parser.parse_args()
     start = time.time()
@@ -317,7 +353,7 @@ def main() -> int:
             log(f"out of time budget: {shape.name} and the rest not run")
             break
         try:
-            rows.append(bench_shape(shape, bandwidth, rate))
+            rows.append(bench_shape(shape, bandwidth, rate, tune=args.tune))
         except Exception as e:  # noqa: BLE001 - e.g. out of memory making the inputs
             log(f"{shape.name}: ERROR {e!r:.400}\n{traceback.format_exc(limit=3)}")
             rows.append({"shape": shape.name, "rows": shape.rows, "mosaic_error": repr(e)[:300]})
