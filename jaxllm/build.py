@@ -75,7 +75,7 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     setup_compilation_cache(config.compilation_cache_dir)
     model = load_model(config.model, config.parallel)
     device = kv_cache.measure_device(model.mesh)
-    sched = scheduler_limits(config, device, model.arch.max_position_embeddings, served=served)
+    sched = scheduler_limits(config, device, model.arch.context_limit, served=served)
     page_size = config.cache.block_size
     attention = select_attention(config.model.attention_backend, model.arch, model.dtype, page_size, model.mesh,
                                  model.rules)

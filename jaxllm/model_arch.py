@@ -66,6 +66,17 @@ class ModelArch:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
+    @property
+    def context_limit(self) -> int:
+        """The longest context the model takes, as vLLM derives it: max_position_embeddings, times
+        the factor of linear scaling; YaRN's original context times its factor."""
+        s = self.rope_scaling
+        if s is None or s["rope_type"] not in ("linear", "yarn") or not s.get("factor"):
+            return self.max_position_embeddings
+        if s["rope_type"] == "yarn" and s.get("original_max_position_embeddings"):
+            return int(s["original_max_position_embeddings"] * s["factor"])
+        return int(self.max_position_embeddings * s["factor"])
+
 
 @dataclass(frozen=True)
 class Family:
