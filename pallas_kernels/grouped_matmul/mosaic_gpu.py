@@ -194,6 +194,9 @@ def _build_kernel(
             def step(_, lhs_smem, *rhs_smems):
                 for acc, rhs_smem in zip(accs, rhs_smems, strict=True):
                     plgpu.wgmma(acc, lhs_smem, rhs_smem)
+                # The step before's wgmmas are done (this step's may run on): the pipeline refills
+                # their slots next (delay_release=1).
+                plgpu.wgmma_wait(len(accs))
 
             plgpu.emit_pipeline(step, grid=(k // bk,), in_specs=specs, max_concurrent_steps=plan.num_stages)(
                 lhs_window, *([rhs_group] * len(half_blocks))
