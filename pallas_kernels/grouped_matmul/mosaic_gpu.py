@@ -49,7 +49,6 @@ _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _ALIGN = 64  # K and the output columns: multiples of one 64-element block (128-byte SMEM rows)
 _DECODE_ROWS_PER_GROUP = 64  # up to this many rows per group on average: a decode plan
 _SMEM_PER_CTA = 112 * 1024  # two CTAs per SM
-_TARGET_CTAS = 264  # two per SM of an H100 / H200
 
 
 def mosaic_unsupported_reason(
@@ -95,8 +94,11 @@ def default_plan(*, m: int, k: int, n: int, num_groups: int, activation: Activat
     weight_blocks = 1 if activation is None else 2
     if m <= _DECODE_ROWS_PER_GROUP * num_groups:
         block_m, block_n = 64, 64
+    elif activation is None and n_out % 128 == 0:
+        block_m, block_n = 128, 128
     else:
-        block_m, block_n = 128, 128 if (n_out % 128 == 0 and activation is None) else 64
+        # With an activation a CTA holds two accumulators (gate and up): 128 x 64 each.
+        block_m, block_n = 128, 64
     block_k = 64
     step = (block_m + weight_blocks * block_n) * block_k * 2
     stages = max(2, min(6, _SMEM_PER_CTA // step))
@@ -113,7 +115,8 @@ def grouped_matmul_mosaic(
     plan: Plan | None = None,
     interpret=None,
 ) -> jax.Array:  # [M, N] or [M, N / 2]
-    """Same contract as `grouped_matmul_reference`; padding rows come out zero.
+    """Same contract as `grouped_matmul_reference`; padding rows come out zero. bf16/fp16 only
+    (see `mosaic_unsupported_reason`); a bias is used in lhs's dtype.
 
     `plan`: None takes `default_plan`. `interpret`: None/False compiles for the GPU; an
     `InterpretGPUParams` runs the Mosaic GPU simulator on CPU (tests).
@@ -126,8 +129,10 @@ def grouped_matmul_mosaic(
     )
     if reason is not None:
         raise NotImplementedError(f"Mosaic GPU grouped matmul: {reason}")
-    if rhs.dtype != lhs.dtype or (bias is not None and bias.dtype != lhs.dtype):
-        raise ValueError(f"lhs ({lhs.dtype}), rhs ({rhs.dtype}) and bias must share a dtype")
+    if rhs.dtype != lhs.dtype:
+        raise ValueError(f"lhs ({lhs.dtype}) and rhs ({rhs.dtype}) must share a dtype")
+    if bias is not None:
+        bias = bias.astype(lhs.dtype)  # [E, N]; the epilogue adds it in fp32
     plan = plan or default_plan(m=m, k=k, n=n, num_groups=num_groups, activation=activation)
     n_out = output_columns(n, activation)
     if k % plan.block_k or n_out % plan.block_n:

@@ -36,6 +36,10 @@ OAI_INTERLEAVED = Activation("swiglu_oai", layout="interleaved")
 SWIGLU_INTERLEAVED = Activation("swiglu", layout="interleaved")
 
 
+def activation_id(activation: Activation | None) -> str:
+    return "none" if activation is None else f"{activation.kind}-{activation.layout}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     group_sizes: tuple[int, ...]
@@ -98,7 +102,9 @@ def test_xla_matches_reference(mix, form):
 
 
 @pytest.mark.parametrize("form", list(XLA_FORMS))
-@pytest.mark.parametrize("activation", [None, SWIGLU, SWIGLU_INTERLEAVED, OAI_SPLIT, OAI_INTERLEAVED], ids=str)
+@pytest.mark.parametrize(
+    "activation", [None, SWIGLU, SWIGLU_INTERLEAVED, OAI_SPLIT, OAI_INTERLEAVED], ids=activation_id
+)
 def test_xla_bias_and_activations_match_reference(activation, form):
     lhs, rhs, group_sizes, bias = make_inputs(MIXES["empty_groups_and_padding"], jnp.float32, with_bias=True)
     limit = XLA_FORMS[form]
@@ -196,7 +202,7 @@ def test_simulated_many_rows_prefill_plan(simulator):
     check_simulated(simulator, MANY_ROWS, plan=dataclasses.replace(PREFILL_PLAN, block_n=64))
 
 
-@pytest.mark.parametrize("activation", [None, SWIGLU, OAI_SPLIT], ids=str)
+@pytest.mark.parametrize("activation", [None, SWIGLU, OAI_SPLIT], ids=activation_id)
 def test_simulated_bias_and_activation(simulator, activation):
     check_simulated(simulator, MIXES["empty_groups_and_padding"], plan=DECODE_PLAN, with_bias=True,
                     activation=activation)
