@@ -21,6 +21,15 @@ The queries of request s sit at positions kv_lens[s] - q_len .. kv_lens[s] - 1 a
 causally to keys 0 .. their own position (and, with a sliding window W, only to the last W
 positions). Padded slots have q_len 0; padded tokens (past cu_q_lens[num_seqs]) give zeros.
 Query head h reads KV head h // (Hq // Hkv), as HF's `repeat_kv`.
+
+Optional attention sinks (gpt-oss), every implementation's keyword `sinks`:
+
+    sinks        [Hq] f32     one learned logit per query head, in the softmax's denominator only
+
+so out = sum_j exp(l_j - m) v_j / (sum_j exp(l_j - m) + exp(sinks[h] - m)), m the max of the
+l_j and the sink, where l_j are the scaled (and soft-capped) logits: HF's gpt-oss
+`eager_attention_forward` concatenates the sink after scaling. A token that sees no key still
+gives zeros. sinks=None is plain softmax and traces today's program.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ class AttentionParams:
     soft_cap: float | None = None  # logits -> soft_cap * tanh(logits / soft_cap)
 
 
-def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> None:
+def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks=None) -> None:
     """Shape and dtype checks shared by every implementation (static, so free under jit)."""
     if q.ndim != 3:
         raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
@@ -64,6 +73,8 @@ def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> 
     for name, arr in (("kv_lens", kv_lens), ("page_indices", page_indices), ("cu_q_lens", cu_q_lens)):
         if arr.dtype != jnp.int32:
             raise ValueError(f"{name} must be int32, got {arr.dtype}")
+    if sinks is not None and sinks.shape != (num_q_heads,):
+        raise ValueError(f"sinks must be [Hq]={num_q_heads}, got {sinks.shape}")
 
 
 def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> jax.Array:

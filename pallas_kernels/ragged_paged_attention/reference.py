@@ -1,8 +1,9 @@
 """The test oracle: a plain loop over request slots, obviously correct, in float32.
 
 For each slot s: rebuild its dense K/V from its pages, score every query token against it, keep
-only the tokens that belong to s and the keys each may see, softmax, weighted sum. Cost is
-S x T x L, fine for tests and nothing else.
+only the tokens that belong to s and the keys each may see, softmax (with the sink as one more
+logit, as HF's gpt-oss computes it), weighted sum. Cost is S x T x L, fine for tests and nothing
+else.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def ragged_paged_attention_reference(
     cu_q_lens: jax.Array,  # [S + 1]
     num_seqs: jax.Array,  # [1]
     params: AttentionParams,
+    *,
+    sinks: jax.Array | None = None,  # [Hq]
 ) -> jax.Array:  # [T, Hq, D]
-    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = kv_pages.shape[1], kv_pages.shape[3]
     group = num_q_heads // num_kv_heads
@@ -50,8 +53,12 @@ def ragged_paged_attention_reference(
         logits = jnp.einsum("thd,hld->thl", qf, k) * params.sm_scale
         logits = apply_soft_cap(logits, params.soft_cap)
         mask = attention_mask(position, jnp.broadcast_to(kv_len, position.shape), key_pos, params.sliding_window)
-        logits = jnp.where(mask[:, None, :], logits, -jnp.inf)
-        weights = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(mask[:, None, :], logits, -jnp.inf)  # [T, Hq, L]
+        if sinks is None:
+            weights = jax.nn.softmax(logits, axis=-1)
+        else:  # the sink: one more logit per head, dropped after the softmax
+            sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (num_tokens, num_q_heads, 1))
+            weights = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]
         weights = jnp.where(mask[:, None, :], weights, 0.0)  # rows with no key give 0, not NaN
         o = jnp.einsum("thl,hld->thd", weights, v)
         out = jnp.where(mine[:, None, None], o, out)

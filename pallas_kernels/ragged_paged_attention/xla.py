@@ -52,28 +52,52 @@ def _pow2_at_most(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _attend_chunked(q, pages, pos, valid, kv_len, kv_pages, params: AttentionParams, chunk_pages: int):
+def _attend_chunked(q, pages, pos, valid, kv_len, kv_pages, params: AttentionParams, chunk_pages: int, sink=None):
     """Online-softmax attention over page chunks, up to the furthest query position.
 
     q [B, Hkv, M, D]; pages [B, P] (P a multiple of chunk_pages); pos, valid [B, M] (query
-    positions, real rows); kv_len [B]. Returns [B, Hkv, M, D] f32.
+    positions, real rows); kv_len [B]; sink: None or [Hkv, M] f32, each row's sink logit.
+    Returns [B, Hkv, M, D] f32.
+
+    With a sliding window each row b starts at the page holding its earliest real query's first
+    visible key, so the chunks walked (and the K/V gathered) scale with the window plus the
+    rows' query span, not with the context.
     """
     num_rows, num_kv_heads, num_q, head_dim = q.shape
     page_size = kv_pages.shape[3]
     chunk = chunk_pages * page_size
-    reach = jnp.max(jnp.where(valid, jnp.minimum(pos, kv_len[:, None] - 1), -1)) + 1  # positions needed
-    num_chunks = (reach + chunk - 1) // chunk
     offsets = jnp.arange(chunk, dtype=jnp.int32)
+    window = params.sliding_window
+    if window is None:
+        reach = jnp.max(jnp.where(valid, jnp.minimum(pos, kv_len[:, None] - 1), -1)) + 1  # positions needed
+        num_chunks = (reach + chunk - 1) // chunk
+    else:
+        row_reach = jnp.max(jnp.where(valid, jnp.minimum(pos, kv_len[:, None] - 1), -1), axis=1) + 1  # [B]
+        earliest = jnp.min(jnp.where(valid, jnp.maximum(pos - window + 1, 0), jnp.iinfo(jnp.int32).max), axis=1)
+        first_page = jnp.minimum(earliest, row_reach) // page_size  # [B]; 0 for rows with no real query
+        span = jnp.max(row_reach - first_page * page_size)
+        num_chunks = (span + chunk - 1) // chunk
+        page_offsets = jnp.arange(chunk_pages, dtype=jnp.int32)
+
+    def chunk_pages_and_positions(j):
+        """The chunk's page ids [B, Cp] and key positions [B or 1, C]."""
+        if window is None:
+            ids = jax.lax.dynamic_slice_in_dim(pages, j * chunk_pages, chunk_pages, axis=1)
+            return ids, (j * chunk + offsets)[None]
+        entries = first_page[:, None] + j * chunk_pages + page_offsets  # [B, Cp]
+        # Entries past the table repeat its last page; their positions lie past every kv_len.
+        ids = jnp.take_along_axis(pages, jnp.minimum(entries, pages.shape[1] - 1), axis=1)
+        return ids, first_page[:, None] * page_size + j * chunk + offsets
 
     def body(j, carry):
         m, denom, acc = carry
-        ids = jax.lax.dynamic_slice_in_dim(pages, j * chunk_pages, chunk_pages, axis=1)  # [B, Cp]
+        ids, key_pos = chunk_pages_and_positions(j)
         k = jnp.moveaxis(kv_pages[0][:, ids], 0, 1).reshape(num_rows, num_kv_heads, chunk, head_dim)
         v = jnp.moveaxis(kv_pages[1][:, ids], 0, 1).reshape(num_rows, num_kv_heads, chunk, head_dim)
-        key_pos = j * chunk + offsets  # [C]
-        mask = (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < kv_len[:, None, None])
-        if params.sliding_window is not None:
-            mask &= key_pos[None, None, :] > pos[:, :, None] - params.sliding_window
+        key_pos = key_pos[:, None, :]  # [B or 1, 1, C]
+        mask = (key_pos <= pos[:, :, None]) & (key_pos < kv_len[:, None, None])
+        if window is not None:
+            mask &= key_pos > pos[:, :, None] - window
         mask &= valid[:, :, None]
         mask = mask[:, None]  # [B, 1, M, C]
         logits = jnp.einsum("bkmd,bkcd->bkmc", q, k, preferred_element_type=jnp.float32)
@@ -92,8 +116,13 @@ def _attend_chunked(q, pages, pos, valid, kv_len, kv_pages, params: AttentionPar
         jnp.zeros((num_rows, num_kv_heads, num_q), jnp.float32),
         jnp.zeros((num_rows, num_kv_heads, num_q, head_dim), jnp.float32),
     )
-    _, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
-    return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
+    m, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    if sink is None:
+        return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
+    # The sink joins the denominator: rescale to the max over the keys and the sink.
+    top = jnp.maximum(m, sink)  # [B, Hkv, M], finite
+    keep = jnp.exp(m - top)  # 0 for rows that saw no key (m = -inf)
+    return acc * (keep / (denom * keep + jnp.exp(sink - top)))[..., None]
 
 
 def ragged_paged_attention_xla(
@@ -105,9 +134,10 @@ def ragged_paged_attention_xla(
     num_seqs: jax.Array,  # [1]
     params: AttentionParams,
     *,
+    sinks: jax.Array | None = None,  # [Hq]
     blocks: XlaBlockSizes = DEFAULT_BLOCKS,
 ) -> jax.Array:  # [T, Hq, D]
-    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks)
     q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs = map(
         jnp.asarray, (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     )
@@ -116,6 +146,9 @@ def ragged_paged_attention_xla(
     group = num_q_heads // num_kv_heads
     num_slots, pages_per_seq = page_indices.shape
     chunk_pages = min(_pow2_at_most(max(blocks.chunk_tokens // page_size, 1)), _pow2_at_most(pages_per_seq))
+    if params.sliding_window is not None:
+        # One chunk holds a decode's whole window: its keys span at most this many pages.
+        chunk_pages = min(chunk_pages, -(-(params.sliding_window - 1) // page_size) + 1)
     pad = -pages_per_seq % chunk_pages
     if pad:  # whole chunks; padded pages lie past every kv_len
         page_indices = jnp.pad(page_indices, ((0, 0), (0, pad)))
@@ -136,6 +169,7 @@ def ragged_paged_attention_xla(
     order = jnp.pad(order, (0, block), constant_values=num_tokens)  # a whole last block; index T = padding
     q_pad = jnp.concatenate([q, jnp.zeros((blocks.tile_tokens, num_q_heads, head_dim), q.dtype)])
     slot_pad = jnp.pad(slot_of, (0, blocks.tile_tokens))
+    head_sinks = None if sinks is None else sinks.astype(jnp.float32).reshape(num_kv_heads, group)  # [Hkv, G]
 
     def decode_block(i, out):
         idx = jax.lax.dynamic_slice_in_dim(order, i * block, block)  # [Bd] token ids
@@ -145,7 +179,7 @@ def ragged_paged_attention_xla(
         lens = jnp.where(real, kv_len[jnp.minimum(tok, num_tokens - 1)], 0)
         pos = jnp.broadcast_to((lens - 1)[:, None], (block, group))
         o = _attend_chunked(qb, page_indices[slot_pad[tok]], pos, jnp.broadcast_to(real[:, None], (block, group)),
-                            lens, kv_pages, params, chunk_pages)
+                            lens, kv_pages, params, chunk_pages, head_sinks)
         return out.at[tok].set(o.reshape(block, num_q_heads, head_dim).astype(q.dtype), mode="drop")
 
     out = jax.lax.fori_loop(0, (decode_tokens + block - 1) // block, decode_block, out)
@@ -166,8 +200,9 @@ def ragged_paged_attention_xla(
         # One row of K/V for the whole tile: fold the tokens into the query axis.
         qt = jnp.moveaxis(qt, 0, 2).reshape(1, num_kv_heads, group * tile, head_dim)
         rep = lambda x: jnp.broadcast_to(x[None], (group, tile)).reshape(1, group * tile)  # noqa: E731
+        tile_sinks = None if sinks is None else jnp.repeat(head_sinks, tile, axis=1)  # [Hkv, G * Bq]
         o = _attend_chunked(qt, page_indices[s][None], rep(pos), rep(mine), kv_lens[s][None], kv_pages, params,
-                            chunk_pages)
+                            chunk_pages, tile_sinks)
         o = jnp.moveaxis(o.reshape(num_kv_heads, group, tile, head_dim), 2, 0).reshape(tile, num_q_heads, head_dim)
         old = jax.lax.dynamic_slice_in_dim(out, first, tile)
         new = jnp.where(mine[:, None, None], o.astype(q.dtype), old)

@@ -68,6 +68,73 @@ def test_reference_against_numpy_softmax():
     np.testing.assert_allclose(out[t, h], (w / w.sum()) @ v, atol=1e-5)
 
 
+def test_reference_with_sinks_against_numpy_softmax():
+    """The sink as HF's gpt-oss adds it: one more logit per head after the scale, no value;
+    every token of a windowed GQA prefill onto a cache, checked by a plain numpy loop."""
+    rng = np.random.default_rng(5)
+    q, kv, lens, pages, cu, ns = ragged_batch(rng, [5], [11], num_slots=1, num_tokens=8, page=4, num_pages=8)
+    sinks = rng.standard_normal(8).astype(np.float32) * 2
+    params = AttentionParams(sm_scale=0.25, sliding_window=4)
+    out = np.asarray(ragged_paged_attention_reference(q, kv, lens, pages, cu, ns, params, sinks=sinks))
+    group = 4
+    for t in range(5):
+        pos = 11 - 5 + t
+        for h in range(8):
+            k = kv[0][h // group][pages[0]].reshape(-1, 16)[pos - 3 : pos + 1]
+            v = kv[1][h // group][pages[0]].reshape(-1, 16)[pos - 3 : pos + 1]
+            logits = np.append(k @ q[t, h] * 0.25, sinks[h])
+            w = np.exp(logits - logits.max())
+            np.testing.assert_allclose(out[t, h], (w[:-1] / w.sum()) @ v, atol=1e-5)
+    assert not np.any(out[5:])
+
+
+# gpt-oss's head shape per KV head pair: GQA 8, head_dim 64.
+GPT_OSS_HEADS = dict(hq=16, hkv=2, d=64)
+
+
+@pytest.mark.parametrize("case,window", [("decode_only", 24), ("mixed", None), ("mixed", 24)])
+def test_xla_with_sinks_equals_reference(case, window):
+    rng = np.random.default_rng(11)
+    q_lens, kv_lens = CASES[case]
+    args = ragged_batch(rng, q_lens, kv_lens, num_slots=6, num_tokens=64, **GPT_OSS_HEADS)
+    sinks = (rng.standard_normal(GPT_OSS_HEADS["hq"]) * 3).astype(np.float32)  # some beat every key
+    params = AttentionParams(sm_scale=0.125, sliding_window=window)
+    ref = np.asarray(ragged_paged_attention_reference(*args, params, sinks=sinks))
+    out = np.asarray(ragged_paged_attention_xla(*args, params, sinks=sinks))
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    assert np.all(out[sum(q_lens):] == 0), "padded tokens must give zeros"
+    plain = np.asarray(ragged_paged_attention_reference(*args, params))
+    assert np.abs(plain - ref).max() > 1e-2, "the sinks changed nothing: the case cannot tell"
+
+
+def test_xla_sliding_window_reads_only_the_window():
+    """Pages wholly before every query's window hold NaN: a path that gathered them would give
+    NaN (a masked weight 0 times NaN), so finite equality with the clean reference shows they are
+    never read. Decodes of very different contexts share a decode block (each row starts at its
+    own window), a prefill chunk spans several tiles and chunks."""
+    blocks = XlaBlockSizes(decode_block=4, tile_tokens=8, chunk_tokens=64)
+    window, page = 20, 16
+    q_lens, kv_lens = [1, 1, 1, 1, 19], [30, 300, 17, 180, 250]
+    rng = np.random.default_rng(9)
+    q, kv, lens, pages, cu, ns = ragged_batch(rng, q_lens, kv_lens, num_slots=6, num_tokens=32, page=page,
+                                              num_pages=100, **GPT_OSS_HEADS)
+    sinks = rng.standard_normal(GPT_OSS_HEADS["hq"]).astype(np.float32)
+    params = AttentionParams(sm_scale=0.125, sliding_window=window)
+    ref = np.asarray(ragged_paged_attention_reference(q, kv, lens, pages, cu, ns, params, sinks=sinks))
+    poisoned = kv.copy()
+    unread = 0
+    for s, (q_len, kv_len) in enumerate(zip(q_lens, kv_lens, strict=True)):
+        first_visible = max(kv_len - q_len - window + 1, 0)
+        before = pages[s][: first_visible // page]
+        poisoned[:, :, before] = np.nan
+        unread += len(before)
+    assert unread >= 40  # most of the context lies outside the window
+    out = np.asarray(ragged_paged_attention_xla(q, poisoned, lens, pages, cu, ns, params, sinks=sinks,
+                                                blocks=blocks))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_write_kv_pages_writes_slots_and_drops_padding():
     rng = np.random.default_rng(4)
     kv = np.zeros((2, 2, 4, 4, 8), np.float32)
