@@ -26,7 +26,8 @@ logger = logging.getLogger("jaxllm.serve")
 
 # vLLM's other spellings of some options (--nnodes / --node-rank: one jaxllm process per host).
 _ALIASES = {
-    "tensor_parallel_size": ["-tp"], "num_processes": ["--nnodes", "-n"], "process_id": ["--node-rank", "-r"],
+    "tensor_parallel_size": ["-tp"], "enable_expert_parallel": ["-ep"], "num_processes": ["--nnodes", "-n"],
+    "process_id": ["--node-rank", "-r"],
     "gpu_memory_utilization": ["--device-memory-utilization"],
 }
 # Flags whose integer value may be written 8k / 1M, as vLLM accepts.

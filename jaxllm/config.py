@@ -111,6 +111,9 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
     tensor_parallel_size: int = option(1, "Devices that shard the model by heads (tensor parallelism).")
+    enable_expert_parallel: bool = option(
+        False, "MoE models: spread whole experts over the tensor-parallel devices instead of splitting each expert."
+    )
     distributed_coordinator: str | None = option(
         None, "host:port of process 0 for a multi-process run (jax.distributed.initialize)."
     )

@@ -7,6 +7,7 @@ No jax here: the engine and the server read vocab size, EOS ids and context leng
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,17 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 
 class UnsupportedModelError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class MoE:
+    """A mixture-of-experts MLP: a router picks `top_k` of `num_experts` gated MLPs per token."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert
+    renormalize: bool  # the chosen experts' softmax weights rescaled to sum to 1
+    sparse_layers: tuple[bool, ...]  # per layer: an MoE MLP (else a dense one of intermediate_size)
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class ModelArch:
     post_sublayer_norms: bool = False
     # Per layer: the sliding window size, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
+    moe: MoE | None = None
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -160,6 +173,25 @@ def read_llama_like(name: str, cfg: dict[str, Any], *, family: str = "llama", qk
     )
 
 
+def read_mixtral(name: str, cfg: dict[str, Any]) -> ModelArch:
+    """Mistral with every MLP an MoE of `num_local_experts` experts of intermediate_size."""
+    arch = read_llama_like(name, cfg, family="mixtral")
+    moe = MoE(int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"]), arch.intermediate_size,
+              renormalize=True, sparse_layers=(True,) * arch.num_layers)
+    return dataclasses.replace(arch, moe=moe)
+
+
+def read_qwen3_moe(name: str, cfg: dict[str, Any]) -> ModelArch:
+    """Qwen3 (q/k norm) whose MLPs are MoE every `decoder_sparse_step` layers, except `mlp_only_layers`."""
+    arch = read_llama_like(name, cfg, family="qwen3_moe", qk_norm=True)
+    step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)  # transformers 5: the latter
+    sparse = tuple(i not in dense and num_experts > 0 and (i + 1) % step == 0 for i in range(arch.num_layers))
+    moe = MoE(num_experts, int(cfg["num_experts_per_tok"]), int(cfg["moe_intermediate_size"]),
+              renormalize=bool(cfg.get("norm_topk_prob", False)), sparse_layers=sparse)
+    return dataclasses.replace(arch, moe=moe)
+
+
 def read_gpt2(name: str, cfg: dict[str, Any]) -> ModelArch:
     """GPT-2's names (n_embd, n_head, n_layer, n_positions, n_inner); learned positions, no RoPE."""
     if cfg.get("scale_attn_by_inverse_layer_idx"):
@@ -188,6 +220,8 @@ ARCHITECTURES: dict[str, Family] = {
     "MistralForCausalLM": Family("llama", read_llama_like),
     "Qwen2ForCausalLM": Family("llama", partial(read_llama_like, qkv_bias=True)),
     "Qwen3ForCausalLM": Family("llama", partial(read_llama_like, qk_norm=True)),
+    "MixtralForCausalLM": Family("mixtral", read_mixtral),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", read_qwen3_moe),
     # Checkpoints saved by GPT2LMHeadModel prefix names with `transformer.`; the original ones do not.
     "GPT2LMHeadModel": Family("gpt2", read_gpt2, checkpoint_prefixes=("transformer.",)),
     "GlmForCausalLM": Family("glm4", partial(read_llama_like, family="glm4", rope_interleaved=True)),

@@ -66,7 +66,7 @@ _CUDA_KNOB = "a CUDA/PyTorch kernel or graph knob; XLA compiles jaxllm's kernels
 _MAMBA = "a Mamba/hybrid model knob; those models are not supported"
 _PLACEMENT = "vLLM's process and placement machinery; jaxllm places work with -tp and --nnodes"
 _DATA_PARALLEL = "data parallelism: run one jaxllm server per replica behind a load balancer"
-_EXPERT_PARALLEL = "a MoE expert-parallel knob of vLLM; jaxllm shards experts with -tp"
+_EXPERT_PARALLEL = "a MoE expert-parallel knob of vLLM; jaxllm places experts with -tp and -ep"
 _TRACING = "vLLM tracing/profiling output, not produced here"
 _OFFLOAD = "CPU offloading of weights is not supported (a placement choice, not a result change)"
 _SLEEP = "sleep mode (releasing device memory between RL steps) is not supported"
@@ -226,8 +226,8 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
          _DATA_PARALLEL, arity=SWITCH),
     _row("--enable-hc-sp", WARNED,
          _PLACEMENT, arity=SWITCH),
-    _row(("--enable-expert-parallel", "-ep"), WARNED,
-         _EXPERT_PARALLEL, arity=SWITCH),
+    _row(("--enable-expert-parallel", "-ep"), IMPLEMENTED,
+         "MoE experts spread whole over the -tp devices instead of split", arity=SWITCH),
     _row("--enable-batch-sharded-sampling", WARNED,
          _PLACEMENT, arity=SWITCH),
     _row("--enable-ep-weight-filter", WARNED,

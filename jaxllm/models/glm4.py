@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxllm.model_arch import ModelArch
 from jaxllm.models.batch import ForwardBatch
-from jaxllm.models.layers import AttentionFn, CausalLM, GatedMLP, PagedAttention, RMSNorm
+from jaxllm.models.layers import CausalLM, GatedMLP, Kernels, PagedAttention, RMSNorm
 
 
 class GlmDecoderLayer(nnx.Module):
@@ -28,8 +28,8 @@ class GlmDecoderLayer(nnx.Module):
         else:
             self.post_self_attn_layernorm = self.post_mlp_layernorm = None
 
-    def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch, attention: AttentionFn):
-        attn_out, kv_pages = self.self_attn(self.input_layernorm(x), kv_pages, batch, attention)
+    def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch, kernels: Kernels):
+        attn_out, kv_pages = self.self_attn(self.input_layernorm(x), kv_pages, batch, kernels)
         if self.post_self_attn_layernorm is not None:
             attn_out = self.post_self_attn_layernorm(attn_out)
         x = x + attn_out

@@ -14,9 +14,9 @@ from flax import nnx
 from jaxllm.model_arch import ModelArch
 from jaxllm.models.batch import ForwardBatch
 from jaxllm.models.layers import (
-    AttentionFn,
     Embedding,
     FusedFrom,
+    Kernels,
     LayerNorm,
     Linear,
     PlainMLP,
@@ -34,9 +34,9 @@ class FusedQKV(nnx.Module):
     def __init__(self, arch: ModelArch, dtype):
         h, heads, d = arch.hidden_size, arch.num_heads, arch.head_dim
         self.weight = param((h, 3, heads, d), ("embed", None, "kv_heads", None), dtype,
-                            fused_from=FusedFrom((("c_attn.weight", (h, 3 * h), (h, 3, heads, d)),), axis=1))
+                            fused_from=FusedFrom.concat([("c_attn.weight", (h, 3 * h), (h, 3, heads, d))], axis=1))
         self.bias = param((3, heads, d), (None, "kv_heads", None), dtype,
-                          fused_from=FusedFrom((("c_attn.bias", (3 * h,), (3, heads, d)),), axis=0))
+                          fused_from=FusedFrom.concat([("c_attn.bias", (3 * h,), (3, heads, d))], axis=0))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [T, H] -> [T, 3, heads, D] (q, k, v)."""
@@ -51,9 +51,9 @@ class GPT2Attention(nnx.Module):
         self.params = AttentionParams(sm_scale=arch.head_dim**-0.5)
 
     def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch,
-                 attention: AttentionFn) -> tuple[jax.Array, jax.Array]:
+                 kernels: Kernels) -> tuple[jax.Array, jax.Array]:
         qkv = self.c_attn(x)  # [T, 3, Hq, D]
-        out, kv_pages = attend(qkv[:, 0], qkv[:, 1], qkv[:, 2], kv_pages, batch, attention, self.params)
+        out, kv_pages = attend(qkv[:, 0], qkv[:, 1], qkv[:, 2], kv_pages, batch, kernels, self.params)
         return self.c_proj(out), kv_pages
 
 
@@ -64,8 +64,8 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(arch.hidden_size, arch.norm_eps, dtype)
         self.mlp = PlainMLP(arch, dtype)
 
-    def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch, attention: AttentionFn):
-        attn_out, kv_pages = self.attn(self.ln_1(x), kv_pages, batch, attention)
+    def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch, kernels: Kernels):
+        attn_out, kv_pages = self.attn(self.ln_1(x), kv_pages, batch, kernels)
         x = x + attn_out
         return x + self.mlp(self.ln_2(x)), kv_pages
 
@@ -85,12 +85,12 @@ class GPT2LMHeadModel(nnx.Module):
             None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, ("vocab", "embed"), dtype)
         )
 
-    def __call__(self, kv_pages: list[jax.Array], batch: ForwardBatch, attention: AttentionFn):
+    def __call__(self, kv_pages: list[jax.Array], batch: ForwardBatch, kernels: Kernels):
         """Returns (kv_pages, logits [R, V] float32 at batch.logits_indices)."""
         t = self.transformer
         positions = jnp.minimum(batch.positions, t.wpe.weight.shape[0] - 1)  # padding may sit past the table
         x = t.wte(batch.input_ids) + t.wpe(positions)  # [T, H]
-        x, kv_pages = run_layers(t.h, x, kv_pages, batch, attention)
+        x, kv_pages = run_layers(t.h, x, kv_pages, batch, kernels)
         x = t.ln_f(x[batch.logits_indices])  # [R, H]
         head = t.wte.weight if self.lm_head is None else self.lm_head.weight
         return kv_pages, lm_logits(x, head)

@@ -2,8 +2,9 @@
 
 Parameter paths mirror the HF checkpoint names (`model.layers.3.self_attn.o_proj.weight`), and
 linear weights keep HF's layout (`[out, in]` for `nn.Linear`, `[in, out]` for GPT-2's Conv1D), so
-loading is a name lookup. A parameter that is several HF tensors (q/k/v, gate/up), or one HF
-tensor reshaped, names its parts (`FusedFrom`) and the loader assembles each shard from them.
+loading is a name lookup. A parameter that is several HF tensors (q/k/v, gate/up, the experts of
+an MoE layer), or one HF tensor reshaped, names its parts (`FusedFrom`) and the loader assembles
+each shard from them.
 Every parameter carries logical sharding axes (`vocab`, `embed`, `q_heads`, `kv_heads`, `mlp`);
 `jaxllm/models/sharding.py` maps them to the mesh.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +32,40 @@ from pallas_kernels.ragged_paged_attention import AttentionParams, write_kv_page
 AttentionFn = Callable[..., jax.Array]
 
 
+class Kernels(NamedTuple):
+    """The step's compute kernels, picked by the runner for the platform and the model: attention
+    over the page pool, and for MoE families the experts (`models.moe.ExpertsFn`)."""
+
+    attention: AttentionFn
+    experts: Callable[..., jax.Array] | None = None
+
+
+@dataclass(frozen=True)
+class Part:
+    """One HF tensor of a parameter (its name beside the parameter's module): reshaped to `shape`,
+    axes permuted by `perm` (HF's [out, in] to [in, out], say), placed at `offset` in the parameter."""
+
+    name: str
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    perm: tuple[int, ...] | None = None
+
+
 @dataclass(frozen=True)
 class FusedFrom:
-    """A parameter made of HF tensors of the same module: each part (its name beside this
-    parameter's, its HF shape, the shape it takes here) reshaped and concatenated along `axis`."""
+    """A parameter assembled from HF tensors (`Part`s that tile it), or one HF tensor reshaped."""
 
-    parts: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]
-    axis: int
+    parts: tuple[Part, ...]
+
+    @classmethod
+    def concat(cls, parts: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]], axis: int) -> FusedFrom:
+        """Parts (name, HF shape, shape here) reshaped and concatenated along `axis`."""
+        placed, start = [], 0
+        for name, hf_shape, shape in parts:
+            placed.append(Part(name, hf_shape, shape, tuple(start if a == axis else 0 for a in range(len(shape)))))
+            start += shape[axis]
+        return cls(tuple(placed))
 
 
 def param(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, init: str = "zeros",
@@ -82,7 +111,7 @@ class QKVProjection(nnx.Module):
         h, d, kv = arch.hidden_size, arch.head_dim, arch.num_kv_heads
         self.group = g = arch.num_heads // kv
         self.num_heads = arch.num_heads
-        parts = lambda suffix, per_head: FusedFrom((  # noqa: E731
+        parts = lambda suffix, per_head: FusedFrom.concat((  # noqa: E731
             (f"q_proj.{suffix}", (arch.q_size, *per_head), (kv, g, d, *per_head)),
             (f"k_proj.{suffix}", (arch.kv_size, *per_head), (kv, 1, d, *per_head)),
             (f"v_proj.{suffix}", (arch.kv_size, *per_head), (kv, 1, d, *per_head)),
@@ -136,7 +165,7 @@ class GateUpProjection(nnx.Module):
         h, i = arch.hidden_size, arch.intermediate_size
         parts = ((("gate_up_proj.weight", (2 * i, h), (2, i, h)),) if hf_fused else
                  (("gate_proj.weight", (i, h), (1, i, h)), ("up_proj.weight", (i, h), (1, i, h))))
-        self.weight = param((2, i, h), (None, "mlp", "embed"), dtype, fused_from=FusedFrom(parts, axis=0))
+        self.weight = param((2, i, h), (None, "mlp", "embed"), dtype, fused_from=FusedFrom.concat(parts, axis=0))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [T, H] -> (gate [T, I], up [T, I])."""
@@ -287,11 +316,11 @@ class Rotary:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array, batch: ForwardBatch,
-           attention: AttentionFn, params: AttentionParams) -> tuple[jax.Array, jax.Array]:
+           kernels: Kernels, params: AttentionParams) -> tuple[jax.Array, jax.Array]:
     """Write this step's k/v [T, Hkv, D] into the page pool and attend q [T, Hq, D] over it.
     Returns (out [T, Hq * D], kv_pages)."""
     kv_pages = write_kv_pages(kv_pages, k, v, batch.slot_mapping)
-    out = attention(q, kv_pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, params)
+    out = kernels.attention(q, kv_pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, params)
     return out.reshape(q.shape[0], -1), kv_pages
 
 
@@ -321,7 +350,7 @@ class PagedAttention(nnx.Module):
         self.params = AttentionParams(sm_scale=arch.head_dim**-0.5, sliding_window=arch.sliding_windows[layer])
 
     def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch,
-                 attention: AttentionFn) -> tuple[jax.Array, jax.Array]:
+                 kernels: Kernels) -> tuple[jax.Array, jax.Array]:
         num_tokens = x.shape[0]
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x)  # [T, Hq, D], [T, Hkv, D], [T, Hkv, D]
@@ -332,7 +361,7 @@ class PagedAttention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, batch.positions), self.rotary(k, batch.positions)
-        out, kv_pages = attend(q, k, v, kv_pages, batch, attention, self.params)
+        out, kv_pages = attend(q, k, v, kv_pages, batch, kernels, self.params)
         return self.o_proj(out), kv_pages
 
 
@@ -345,18 +374,18 @@ class Embedding(nnx.Module):
 
 
 def run_layers(layers: Sequence[nnx.Module], x: jax.Array, kv_pages: list[jax.Array], batch: ForwardBatch,
-               attention: AttentionFn) -> tuple[jax.Array, list[jax.Array]]:
-    """x [T, H] through every decoder layer, each `layer(x, pages, batch, attention) -> (x, pages)`."""
+               kernels: Kernels) -> tuple[jax.Array, list[jax.Array]]:
+    """x [T, H] through every decoder layer, each `layer(x, pages, batch, kernels) -> (x, pages)`."""
     new_pages = []
     for layer, pages in zip(layers, kv_pages, strict=True):
         graphdef, state = nnx.split(layer)
-        x, pages = _decoder_layer(graphdef, state, x, pages, batch, attention)
+        x, pages = _decoder_layer(graphdef, state, x, pages, batch, kernels)
         new_pages.append(pages)
     return x, new_pages
 
 
-def _run_decoder_layer(graphdef, state, x, kv_pages, batch: ForwardBatch, attention: AttentionFn):
-    return nnx.merge(graphdef, state)(x, kv_pages, batch, attention)
+def _run_decoder_layer(graphdef, state, x, kv_pages, batch: ForwardBatch, kernels: Kernels):
+    return nnx.merge(graphdef, state)(x, kv_pages, batch, kernels)
 
 
 # NOTE: one jit shared by every layer: the layers have equal graphdefs (a sliding window differs
@@ -390,10 +419,10 @@ class CausalLM(nnx.Module):
             None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, ("vocab", "embed"), dtype)
         )
 
-    def __call__(self, kv_pages: list[jax.Array], batch: ForwardBatch, attention: AttentionFn):
+    def __call__(self, kv_pages: list[jax.Array], batch: ForwardBatch, kernels: Kernels):
         """Returns (kv_pages, logits [R, V] float32 at batch.logits_indices)."""
         x = self.model.embed_tokens(batch.input_ids)  # [T, H]
-        x, kv_pages = run_layers(self.model.layers, x, kv_pages, batch, attention)
+        x, kv_pages = run_layers(self.model.layers, x, kv_pages, batch, kernels)
         x = self.model.norm(x[batch.logits_indices])  # [R, H]
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return kv_pages, lm_logits(x, head)

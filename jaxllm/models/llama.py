@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxllm.model_arch import ModelArch
 from jaxllm.models.batch import ForwardBatch
-from jaxllm.models.layers import AttentionFn, CausalLM, GatedMLP, PagedAttention, RMSNorm
+from jaxllm.models.layers import CausalLM, GatedMLP, Kernels, PagedAttention, RMSNorm
 
 
 class DecoderLayer(nnx.Module):
@@ -22,8 +22,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps, dtype)
         self.mlp = GatedMLP(arch, dtype)
 
-    def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch, attention: AttentionFn):
-        attn_out, kv_pages = self.self_attn(self.input_layernorm(x), kv_pages, batch, attention)
+    def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch, kernels: Kernels):
+        attn_out, kv_pages = self.self_attn(self.input_layernorm(x), kv_pages, batch, kernels)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv_pages

@@ -164,17 +164,24 @@ def _checkpoint_leaf(checkpoint: Checkpoint, name: str, shape, dtype: np.dtype, 
 
 def _fused_checkpoint_leaf(checkpoint: Checkpoint, name: str, fused, shape, dtype: np.dtype,
                            sharding) -> jax.Array:
-    """A fused parameter (models.layers.FusedFrom): each device's shard is cut from every part's
-    memory map along the other axes, then the parts are concatenated (never a full copy)."""
+    """A fused parameter (models.layers.FusedFrom): each device's shard is filled from the part of
+    every HF tensor's memory map that falls inside it (never a full copy)."""
     module = name.rsplit(".", 2)[0]  # model.layers.3.self_attn.qkv_proj.weight -> ...self_attn
-    parts = [checkpoint.tensor(f"{module}.{part}", hf_shape).reshape(here)
-             for part, hf_shape, here in fused.parts]
-    axis = fused.axis
+    views = []
+    for part in fused.parts:
+        view = checkpoint.tensor(f"{module}.{part.name}", part.hf_shape).reshape(part.shape)
+        views.append((part.offset, view if part.perm is None else view.transpose(part.perm)))
 
     def shard(idx: tuple[slice, ...]) -> np.ndarray:
-        across = tuple(slice(None) if a == axis else s for a, s in enumerate(idx))
-        joined = np.concatenate([np.asarray(p[across]) for p in parts], axis=axis)
-        return joined[(slice(None),) * axis + (idx[axis],)].astype(dtype)
+        bounds = [s.indices(n)[:2] for s, n in zip(idx, shape, strict=True)]  # [(start, stop)] per axis
+        out = np.empty([stop - start for start, stop in bounds], dtype)
+        for offset, view in views:
+            lo = [max(start, o) for (start, _), o in zip(bounds, offset, strict=True)]
+            hi = [min(stop, o + n) for (_, stop), o, n in zip(bounds, offset, view.shape, strict=True)]
+            if all(a < b for a, b in zip(lo, hi, strict=True)):
+                into = tuple(slice(a - start, b - start) for a, b, (start, _) in zip(lo, hi, bounds, strict=True))
+                out[into] = view[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset, strict=True))]
+        return out
 
     return jax.make_array_from_callback(shape, sharding, shard)
 

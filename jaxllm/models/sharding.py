@@ -1,9 +1,11 @@
 """Logical sharding axes -> mesh axes, in one table.
 
-Model code names logical axes only (`vocab`, `embed`, `q_heads`, `kv_heads`, `mlp`); this module
-maps them onto a mesh with a `tp` axis. Column-parallel q/k/v and gate/up, row-parallel o and
-down, vocab-parallel embedding and lm_head. When tp exceeds the KV head count the KV heads
-(k/v projections and KV pages) are replicated instead.
+Model code names logical axes only (`vocab`, `embed`, `q_heads`, `kv_heads`, `mlp`, `experts`,
+`expert_mlp`); this module maps them onto a mesh with a `tp` axis. Column-parallel q/k/v and
+gate/up, row-parallel o and down, vocab-parallel embedding and lm_head. When tp exceeds the KV
+head count the KV heads (k/v projections and KV pages) are replicated instead. MoE experts are
+split along their intermediate dim (as vLLM's TP MoE), or with expert parallelism spread whole
+over the devices.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class ShardingRules:
     q_heads: str | None = TP
     kv_heads: str | None = TP
     mlp: str | None = TP
+    # MoE experts: tensor parallel splits each expert's intermediate dim (`expert_mlp`), expert
+    # parallel splits the experts (`experts`) across the same devices.
+    experts: str | None = None
+    expert_mlp: str | None = TP
 
     def spec(self, logical_axes: tuple[str | None, ...]) -> PartitionSpec:
         return PartitionSpec(*(getattr(self, a) if a is not None else None for a in logical_axes))
@@ -65,12 +71,15 @@ def default_devices(tp: int) -> list:
     return [d for ds in local for d in ds[:per_process]]
 
 
-def rules_for(arch: ModelArch, tp: int) -> ShardingRules:
-    """Check that tp divides the model and pick the rules (KV heads replicated if tp > Hkv)."""
+def rules_for(arch: ModelArch, tp: int, expert_parallel: bool = False) -> ShardingRules:
+    """Check that tp divides the model and pick the rules (KV heads replicated if tp > Hkv;
+    `expert_parallel`: MoE experts spread over the devices instead of split)."""
     if arch.num_heads % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide the {arch.num_heads} attention heads")
-    if arch.intermediate_size % tp:
+    dense_mlp = arch.moe is None or not all(arch.moe.sparse_layers)
+    if dense_mlp and arch.intermediate_size % tp:
         raise ValueError(f"tensor_parallel_size={tp} must divide intermediate_size={arch.intermediate_size}")
+    experts, expert_mlp = _expert_axes(arch, tp, expert_parallel)
     if arch.num_kv_heads % tp == 0:
         kv = TP
     elif tp % arch.num_kv_heads == 0:
@@ -80,7 +89,24 @@ def rules_for(arch: ModelArch, tp: int) -> ShardingRules:
             f"tensor_parallel_size={tp} and the {arch.num_kv_heads} KV heads must divide one another"
         )
     vocab = TP if arch.vocab_size % tp == 0 else None
-    return ShardingRules(vocab=vocab, kv_heads=kv)
+    return ShardingRules(vocab=vocab, kv_heads=kv, experts=experts, expert_mlp=expert_mlp)
+
+
+def _expert_axes(arch: ModelArch, tp: int, expert_parallel: bool) -> tuple[str | None, str | None]:
+    """(experts, expert_mlp) mesh axes."""
+    if arch.moe is None:
+        if expert_parallel:
+            raise ValueError("--enable-expert-parallel needs a mixture-of-experts model")
+        return None, TP
+    if expert_parallel:
+        if arch.moe.num_experts % tp:
+            raise ValueError(f"expert parallelism over {tp} devices must divide the {arch.moe.num_experts} experts")
+        return TP, None
+    if arch.moe.intermediate_size % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} must divide the experts' intermediate size {arch.moe.intermediate_size}"
+        )
+    return None, TP
 
 
 def kv_pages_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from jaxllm.config import ModelConfig, ParallelConfig
 from jaxllm.model_arch import ARCHITECTURES, ModelArch, load_arch
 from jaxllm.models import family
 from jaxllm.models.batch import ForwardBatch
-from jaxllm.models.layers import AttentionFn
+from jaxllm.models.layers import AttentionFn, Kernels
 from jaxllm.models.loader import load_weights, resolve_dtype, resolve_model_dir
 from jaxllm.models.sharding import ShardingRules, make_mesh, rules_for
+from jaxllm.runner.experts import select_experts
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class LoadedModel:
     graphdef: Any
     treedef: Any
     leaves: list[jax.Array]  # flat weights, each on its NamedSharding
+    experts: Callable[..., jax.Array] | None = None  # MoE families: runner/experts.py's function
 
     def forward_fn(self, attention: AttentionFn):
         """(leaves, kv_pages, batch, placeholder_rows, prev_tokens) -> (kv_pages, logits [R, V] f32).
@@ -49,13 +52,14 @@ class LoadedModel:
         """
         graphdef, treedef = self.graphdef, self.treedef
         replicated = NamedSharding(self.mesh, PartitionSpec())
+        kernels = Kernels(attention, self.experts)
 
         def forward(leaves, kv_pages, batch: ForwardBatch, placeholder_rows, prev_tokens):
             rows = jnp.clip(placeholder_rows, 0, prev_tokens.shape[0] - 1)
             input_ids = jnp.where(placeholder_rows >= 0, prev_tokens[rows], batch.input_ids)
             batch = dataclasses.replace(batch, input_ids=input_ids)
             model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-            kv_pages, logits = model(kv_pages, batch, attention)
+            kv_pages, logits = model(kv_pages, batch, kernels)
             return kv_pages, jax.lax.with_sharding_constraint(logits, replicated)
 
         return forward
@@ -67,7 +71,7 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
     arch = load_arch(model_dir)
     tp = parallel.tensor_parallel_size
     mesh = make_mesh(tp, devices)
-    rules = rules_for(arch, tp)
+    rules = rules_for(arch, tp, parallel.enable_expert_parallel)
     platform = mesh.devices.flat[0].platform
     dtype = resolve_dtype(model_config.dtype, arch, platform)
     graphdef, state = nnx.split(family(arch).abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None))
@@ -80,7 +84,8 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
         "dummy weights" if model_config.load_format == "dummy" else "safetensors", model_dir, tp, platform,
         time.perf_counter() - start,
     )
-    return LoadedModel(model_dir, arch, dtype, mesh, rules, graphdef, treedef, leaves)
+    experts = None if arch.moe is None else select_experts(mesh, rules)
+    return LoadedModel(model_dir, arch, dtype, mesh, rules, graphdef, treedef, leaves, experts)
 
 
 def human_count(count: int) -> str:

@@ -52,6 +52,13 @@ FAMILIES = {
     "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM,
              dict(partial_rotary_factor=0.5, attention_bias=True, tie_word_embeddings=False, pad_token_id=0,
                  eos_token_id=[1, 2])),
+    # Mistral with a top-2 of 4 experts MoE in every layer (softmax, top-k, renormalised).
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False)),
+    # Qwen3 with top-3 of 8 experts (no renormalisation) in layer 0, a dense MLP in layer 1 (mlp_only_layers).
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                  dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
+                       decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=False)),
     # Learned positions, LayerNorm with bias, Conv1D weights, GELU (tanh), tied head; its own config names.
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
              dict(vocab_size=320, n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=512,

@@ -32,7 +32,8 @@ def test_transformers_4_and_5_rope_fields_read_the_same():
 
 def test_gpt2_reads_its_own_names():
     arch = arch_from_hf_config(transformers.GPT2Config().to_dict() | {"architectures": ["GPT2LMHeadModel"]})
-    assert (arch.family, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.num_layers) == ("gpt2", 768, 12, 12, 12)
+    assert (arch.family, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.num_layers) == (
+        "gpt2", 768, 12, 12, 12)
     assert (arch.intermediate_size, arch.context_limit, arch.tie_word_embeddings, arch.hidden_act) == (
         3072, 1024, True, "gelu_new")
 

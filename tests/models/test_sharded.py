@@ -20,8 +20,9 @@ from tests.paged import PagedRunner
 PROMPT = np.random.default_rng(2).integers(3, 320, 150).tolist()
 
 
-# tp=4 replicates the 2 KV heads: the Llama-family checkpoints cover it.
-CASES = [("llama3", 2), ("llama3", 4), ("qwen2", 2), ("qwen2", 4), ("gpt2", 2), ("glm4", 2)]
+# (family, tp, expert parallel). tp=4 replicates the 2 KV heads: the Llama-family checkpoints cover it.
+CASES = [("llama3", 2, False), ("llama3", 4, False), ("qwen2", 2, False), ("qwen2", 4, False), ("gpt2", 2, False),
+         ("glm4", 2, False), ("mixtral", 2, False), ("mixtral", 2, True), ("qwen3_moe", 2, True)]
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +35,28 @@ def one_device(checkpoint):
     return _run(checkpoint, 1)[1]
 
 
-def _run(model_dir, tp: int):
-    loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32"), ParallelConfig(tensor_parallel_size=tp))
+def _run(model_dir, tp: int, expert_parallel: bool = False):
+    parallel = ParallelConfig(tensor_parallel_size=tp, enable_expert_parallel=expert_parallel)
+    loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32"), parallel)
     return loaded, PagedRunner(loaded, "xla").run(PROMPT, [100, 50], 4)
 
 
-@pytest.mark.parametrize(("checkpoint", "tp"), CASES, indirect=["checkpoint"])
-def test_tp_matches_one_device(checkpoint, one_device, tp):
+@pytest.mark.parametrize(("checkpoint", "tp", "expert_parallel"), CASES, indirect=["checkpoint"])
+def test_tp_matches_one_device(checkpoint, one_device, tp, expert_parallel):
     if len(jax.devices()) < tp:
         pytest.skip(f"needs {tp} devices")
     ref, ref_tokens = one_device
-    loaded, (out, tokens) = _run(checkpoint, tp)
+    loaded, (out, tokens) = _run(checkpoint, tp, expert_parallel)
     o_weight = next(x for x in loaded.leaves if x.ndim == 2 and x.shape == (64, 64))  # o_proj / c_proj
     assert len(o_weight.sharding.device_set) == tp  # really sharded
     kv_heads = loaded.arch.num_kv_heads
     assert loaded.rules.kv_heads == ("tp" if kv_heads % tp == 0 else None)
+    if loaded.arch.moe is not None:  # experts split along the intermediate dim, or spread whole
+        moe = loaded.arch.moe
+        gate_up = next(x for x in loaded.leaves if x.shape == (moe.num_experts, 64, 2, moe.intermediate_size))
+        split = gate_up.sharding.shard_shape(gate_up.shape)
+        assert split == ((gate_up.shape[0] // tp, *gate_up.shape[1:]) if expert_parallel
+                         else (*gate_up.shape[:3], gate_up.shape[3] // tp))
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
     assert tokens == ref_tokens
 

@@ -39,6 +39,7 @@ IMPLEMENTED_ARGV: dict[str, list[str]] = {
     "--node-rank": ["--node-rank", "1", "-n", "2", "--master-addr", "h"],
     "-r": ["-r", "1", "-n", "2", "--master-addr", "h"],
     "--tensor-parallel-size": ["--tensor-parallel-size", "2"], "-tp": ["-tp", "2"],
+    "--enable-expert-parallel": ["--enable-expert-parallel"], "-ep": ["-ep"],
     "--block-size": ["--block-size", "32"], "--gpu-memory-utilization": ["--gpu-memory-utilization", "0.5"],
     "--device-memory-utilization": ["--device-memory-utilization", "0.5"],
     "--kv-cache-memory-bytes": ["--kv-cache-memory-bytes", "1000"],
