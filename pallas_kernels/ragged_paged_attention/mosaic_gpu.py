@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -376,9 +377,12 @@ def _build_kernel(
     dtype,
     plan: LaunchPlan,
     params: AttentionParams,
+    with_sinks: bool,
     simulate: bool,
     interpret,
 ):
+    """The kernel; with_sinks: it takes a sixth input, `sink_rows` [Hkv, rows] f32 (each row's
+    sink logit in the exp2 domain) and adds the sink to every row's softmax denominator."""
     group = num_q_heads // num_kv_heads
     n = plan.tokens_per_tile
     rows = plan.rows(group)
@@ -440,7 +444,7 @@ def _build_kernel(
             split=work_ref[w, WorkColumn.SPLIT] if splits > 1 else 0,
         )
 
-    def consumer(c, first, last, work_ref, out_refs, q_ref, smem, bars):
+    def consumer(c, first, last, work_ref, out_refs, q_ref, smem, bars, sinks):
         """Consumer warpgroup c: items [first, last), each its window's tokens against one KV head."""
         q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem = smem
         q_bar, k_bar, v_bar, k_free, v_free, turn = bars
@@ -448,6 +452,12 @@ def _build_kernel(
         p_smem, lse_smem, kt_smem = (None if r is None else r.at[c] for r in (p_smem, lse_smem, kt_smem))
         if turn is not None:
             plgpu.set_max_registers(232, action="increase")
+        sink_smem = None
+        if sinks is not None:  # every KV head's row sinks, once per CTA
+            sink_ref, sink_smem, sink_bar = sinks
+            sink_smem = sink_smem.at[c]
+            plgpu.copy_gmem_to_smem(sink_ref, sink_smem, sink_bar.at[c])
+            plgpu.barrier_wait(sink_bar.at[c])
 
         # NOTE: ping-pong. Consumer 1 starts one meeting behind consumer 0 and consumer 0 ends
         # with one more, so in every block one consumer's softmax runs between the other's
@@ -501,7 +511,8 @@ def _build_kernel(
                 if q_buffers == 1:
                     load_q(v, buf)
                 plgpu.barrier_wait(q_bar.at[c * q_buffers + buf])
-                attend(v, ring, q_smem.at[buf], k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs)
+                attend(v, ring, q_smem.at[buf], k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, sink_smem, bars,
+                       out_refs)
 
             # A warpgroup with no tokens in this item (a decode next to a prefill) only passes
             # the K/V blocks on: the producer waits for every consumer's release.
@@ -524,7 +535,7 @@ def _build_kernel(
         if c == 0:
             rendezvous(turn)
 
-    def attend(v, ring, q_i, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, bars, out_refs):
+    def attend(v, ring, q_i, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, sink_smem, bars, out_refs):
         """Online softmax over the item's KV blocks, then its rows of O (and LSE) to GMEM."""
         _, k_bar, v_bar, k_free, v_free, turn = bars
         shift = v.token - v.window  # our tokens: [shift, shift + count) of the window's
@@ -569,7 +580,12 @@ def _build_kernel(
         carry = lax.fori_loop(v.kv_start, v.mask_from, functools.partial(step, masked=False), carry)
         acc, m_i, l_i = lax.fori_loop(v.mask_from, v.kv_end, functools.partial(step, masked=True), carry)
         seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
-        inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+        if sink_smem is None:
+            inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+        else:
+            # The sink's exp2(sink - m) joins the sum; a row that saw no key has m = _MASKED, so
+            # that term is inf and the row is written as zeros.
+            inv = 1.0 / (l_i + jnp.exp2(sink_smem[v.head] - m_i))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores read o/lse
         o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
         stores = [(o_smem, out_refs[0])]
@@ -671,14 +687,18 @@ def _build_kernel(
             plgpu.barrier_wait(v_free.at[slot])
 
     def body(work_ref, bounds_ref, page_indices_ref, q_ref, kv_ref, *refs):
+        sink_ref = None
+        if with_sinks:
+            sink_ref, *refs = refs
         out_refs = refs[: len(out_type)]
-        *smem, bars = refs[len(out_type) :]
+        *smem, bars, sink_scratch = refs[len(out_type) :]
         k_smem, v_smem = smem[1], smem[2]
+        sinks = None if sink_ref is None else (sink_ref, *sink_scratch)
         cta = lax.axis_index("cta")
         first, last = bounds_ref[cta], bounds_ref[cta + 1]
         wg = lax.axis_index("wg")
         for c in range(consumers):
-            pl.when(wg == c)(lambda c=c: consumer(c, first, last, work_ref, out_refs, q_ref, smem, bars))
+            pl.when(wg == c)(lambda c=c: consumer(c, first, last, work_ref, out_refs, q_ref, smem, bars, sinks))
 
         @pl.when(wg == consumers)
         def _produce():
@@ -709,6 +729,12 @@ def _build_kernel(
             plgpu.Barrier(num_arrivals=consumers, num_barriers=slots),
             plgpu.Barrier(num_arrivals=2) if plan.pingpong else None,  # the consumers' turns
         ),
+        # Each consumer's copy of sink_rows, and its barrier.
+        (
+            (plgpu.SMEM((consumers, num_kv_heads, rows), jnp.float32), plgpu.Barrier(num_barriers=consumers))
+            if with_sinks
+            else None
+        ),
     ]
     return plgpu.kernel(
         body,
@@ -735,10 +761,14 @@ def ragged_paged_attention_mosaic(
     num_seqs: jax.Array,  # [1]
     params: AttentionParams,
     *,
+    sinks: jax.Array | None = None,  # [Hq]
     plan: LaunchPlan | None = None,
     interpret=None,
 ) -> jax.Array:  # [T, Hq, D]
     """Ragged paged attention on Hopper; same contract as `ragged_paged_attention_reference`.
+
+    `sinks`: the attention sinks (common.py). One work row per tile: each row's sink joins its
+    softmax denominator in the kernel. Split-K: in the merge of the splits, the kernel unchanged.
 
     `plan`: the launch plan; None takes `default_plan` for these shapes (what the engine runs).
     Any other plan computes the same result and may be faster or slower (bench/kernels.py
@@ -746,7 +776,7 @@ def ragged_paged_attention_mosaic(
     kernel lowers). `interpret`: None/False compiles for the GPU; True or an
     `InterpretGPUParams` runs the Mosaic GPU simulator on CPU (tests).
     """
-    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks)
     num_tokens, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_pages, page_size, _ = kv_pages.shape
     reason = mosaic_unsupported_reason(
@@ -789,6 +819,7 @@ def ragged_paged_attention_mosaic(
     num_items = work.shape[0] * num_kv_heads
     num_ctas = min(plan.max_ctas or _num_sms(), num_items) if plan.persistent else num_items
     bounds = cta_bounds(work, num_kv_heads=num_kv_heads, num_ctas=num_ctas, persistent=plan.persistent)
+    in_kernel_sinks = sinks is not None and plan.kv_splits == 1
     kernel = _build_kernel(
         num_tokens=padded_tokens,
         num_q_heads=num_q_heads,
@@ -801,25 +832,45 @@ def ragged_paged_attention_mosaic(
         dtype=q.dtype,
         plan=plan,
         params=params,
+        with_sinks=in_kernel_sinks,
         simulate=simulate,
         interpret=interpret,
     )
-    outs = kernel(work, bounds, page_indices, q_in, kv_pages)
+    inputs = [work, bounds, page_indices, q_in, kv_pages]
+    if in_kernel_sinks:
+        inputs.append(_sink_rows(sinks, num_kv_heads=num_kv_heads, plan=plan))
+    outs = kernel(*inputs)
     if plan.kv_splits == 1:
         return outs[0][:num_tokens]
-    return _merge_splits(*outs)[:num_tokens].astype(q.dtype)
+    return _merge_splits(*outs, sinks)[:num_tokens].astype(q.dtype)
 
 
-def _merge_splits(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
-    """o_parts [K, T, Hq, D], lse_parts [K, T, Hq, _LSE_WIDTH] (log2 domain) -> [T, Hq, D] fp32.
+def _sink_rows(sinks: jax.Array, *, num_kv_heads: int, plan: LaunchPlan) -> jax.Array:
+    """sinks [Hq] -> [Hkv, rows] f32: the sink of each consumer row's query head, in the exp2
+    domain; rows past the G x n real ones take the last head's (they are never stored)."""
+    group = sinks.shape[0] // num_kv_heads
+    n = plan.tokens_per_tile
+    row = np.arange(plan.rows(group))
+    head = row % group if _token_major(group) else np.minimum(row // n, group - 1)
+    return (sinks.astype(jnp.float32) * _LOG2E).reshape(num_kv_heads, group)[:, head]
+
+
+def _merge_splits(o_parts: jax.Array, lse_parts: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """o_parts [K, T, Hq, D], lse_parts [K, T, Hq, _LSE_WIDTH] (log2 domain), sinks None or
+    [Hq] -> [T, Hq, D] fp32.
 
     A split that saw no key has lse = _MASKED and o = 0: it weighs nothing next to one that
-    did, and a token no split served (padding) comes out 0, not 0/0.
+    did, and a token no split served (padding) comes out 0, not 0/0 (with sinks: 0 / inf).
     """
     lse = lse_parts[..., 0]  # [K, T, Hq]
-    weight = jnp.exp2(lse - lse.max(axis=0))  # [K, T, Hq]
+    top = lse.max(axis=0)  # [T, Hq]
+    weight = jnp.exp2(lse - top)  # [K, T, Hq]
     # NOTE: a product and a sum, not einsum: a GPU f32 dot may round through TF32.
-    return (weight[..., None] * o_parts).sum(axis=0) / weight.sum(axis=0)[..., None]
+    merged = (weight[..., None] * o_parts).sum(axis=0)  # [T, Hq, D]
+    denom = weight.sum(axis=0)  # [T, Hq]
+    if sinks is not None:
+        denom = denom + jnp.exp2(sinks.astype(jnp.float32) * _LOG2E - top)
+    return merged / denom[..., None]
 
 
 def _simulator_params():

@@ -49,6 +49,14 @@ class Case:
     num_tokens: int | None = None  # > sum(q_lens): padded tokens
     dtype: type = jnp.bfloat16
     params: AttentionParams = AttentionParams(sm_scale=0.125)
+    with_sinks: bool = False  # gpt-oss's learned sink per query head
+
+
+def make_sinks(case: Case, seed: int = 1) -> jax.Array | None:
+    """[Hq] f32 sinks around the logits' scale (some heads' sinks outweigh every key), or None."""
+    if not case.with_sinks:
+        return None
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(case.num_q_heads) * 2, jnp.float32)
 
 
 def make_batch(case: Case, seed: int = 0):
@@ -95,12 +103,32 @@ CASES = {
     # fp16, GQA 8 over one KV head.
     "fp16_gqa8": Case(q_lens=(3, 1), kv_lens=(19, 60), num_q_heads=8, num_kv_heads=1, dtype=jnp.float16),
     # GQA 16 (token-major rows, 4 tokens per tile): GLM-4-9B's heads per device at tp=2 (16 q /
-    # 1 kv, d=128), decodes: the persistent one-consumer plan.
-    "gqa16_decode": Case(q_lens=(1, 1, 1), kv_lens=(5, 16, 70), num_q_heads=16, num_kv_heads=1, head_dim=128),
+    # 1 kv, d=128), decodes: the persistent one-consumer plan; with sinks, so token-major rows
+    # find their heads' sinks too.
+    "gqa16_decode": Case(
+        q_lens=(1, 1, 1), kv_lens=(5, 16, 70), num_q_heads=16, num_kv_heads=1, head_dim=128, with_sinks=True
+    ),
     # GLM-4-9B's heads at tp=1 (32 q / 2 kv), a prefill chunk between decodes, padded slots and
     # tokens: the ping-pong prefill plan, tiles starting mid-window.
     "gqa16_mixed_padded": Case(
         q_lens=(1, 9, 1), kv_lens=(40, 64, 17), num_q_heads=32, num_kv_heads=2, head_dim=128, num_slots=5, num_tokens=24
+    ),
+    # gpt-oss's heads (GQA 8, d=64) with sinks and a sliding window: decodes (the persistent
+    # plan), one past the window and one inside it.
+    "sinks_decode": Case(
+        q_lens=(1, 1),
+        kv_lens=(5, 70),
+        num_q_heads=8,
+        num_kv_heads=1,
+        pages_per_seq=5,
+        params=AttentionParams(sm_scale=0.125, sliding_window=32),
+        with_sinks=True,
+    ),
+    # The same heads with sinks, a prefill chunk after a decode and a padded slot and tokens:
+    # the ping-pong prefill plan.
+    "sinks_mixed": Case(
+        q_lens=(1, 9), kv_lens=(40, 20), num_q_heads=8, num_kv_heads=1, pages_per_seq=3, num_slots=3, num_tokens=16,
+        with_sinks=True,
     ),
 }
 
@@ -130,9 +158,10 @@ def relative_error(out: jax.Array, ref: jax.Array) -> float:
 def check_simulated(simulator, case: Case, plan=None) -> None:
     """Run the kernel (default plan, or `plan`) in the simulator and compare it with the reference."""
     batch = make_batch(case)
-    ref = ragged_paged_attention_reference(*batch, case.params)
+    sinks = make_sinks(case)
+    ref = ragged_paged_attention_reference(*batch, case.params, sinks=sinks)
     simulator.reset()
-    out = ragged_paged_attention_mosaic(*batch, case.params, plan=plan, interpret=simulator.params())
+    out = ragged_paged_attention_mosaic(*batch, case.params, sinks=sinks, plan=plan, interpret=simulator.params())
     out = jax.block_until_ready(out)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert bool(jnp.isfinite(out.astype(jnp.float32)).all()), "unwritten (NaN-poisoned) or non-finite outputs"
@@ -175,7 +204,8 @@ FEW_CTA_CASES = {
         Case(q_lens=(1, 1), kv_lens=(150, 200), num_q_heads=4, num_kv_heads=1, pages_per_seq=16),
         LaunchPlan(tokens_per_tile=16, pages_per_block=4, num_slots=2, kv_splits=3, max_ctas=2),
     ),
-    # The same at GQA 16, with a sliding window: token-major O and LSE stores.
+    # The same at GQA 16, with a sliding window: token-major O and LSE stores; with sinks, which
+    # split-K adds in the merge.
     "split_k_gqa16_window": (
         Case(
             q_lens=(1, 1),
@@ -184,6 +214,7 @@ FEW_CTA_CASES = {
             num_kv_heads=1,
             pages_per_seq=16,
             params=AttentionParams(sm_scale=0.125, sliding_window=120),
+            with_sinks=True,
         ),
         LaunchPlan(tokens_per_tile=4, pages_per_block=4, num_slots=2, kv_splits=3, max_ctas=2),
     ),
@@ -245,8 +276,8 @@ def test_split_k_chosen_for_few_long_decodes():
 def _lower_for_cuda(case: Case, plan=None) -> str:
     """The kernel's CUDA lowering text (default plan, or `plan`)."""
     batch = make_batch(case)
-    fn = jax.jit(lambda *args: ragged_paged_attention_mosaic(*args, case.params, plan=plan))
-    return fn.trace(*batch).lower(lowering_platforms=("cuda",)).as_text()
+    fn = jax.jit(lambda *args, sinks: ragged_paged_attention_mosaic(*args, case.params, sinks=sinks, plan=plan))
+    return fn.trace(*batch, sinks=make_sinks(case)).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("name", list(CASES))
