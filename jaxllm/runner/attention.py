@@ -41,22 +41,27 @@ def pallas_unsupported_reason(platform: str, arch: ModelArch, dtype, page_size: 
 
 
 def shard_over_heads(kernel: AttentionFn, mesh: Mesh, rules: ShardingRules) -> AttentionFn:
-    """Run a per-device kernel under shard_map: q by query heads, KV pages by KV heads."""
+    """Run a per-device kernel under shard_map: q by query heads, KV pages by KV heads, the
+    optional `sinks` [Hq] by query heads."""
     import jax
 
     q_spec = PartitionSpec(None, rules.q_heads, None)
     kv_spec = PartitionSpec(None, rules.kv_heads, None, None, None)
+    sink_spec = PartitionSpec(rules.q_heads)
     meta = PartitionSpec()
 
-    def sharded(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, params):
-        fn = jax.shard_map(
-            lambda *a: kernel(*a, params),
-            mesh=mesh,
-            in_specs=(q_spec, kv_spec, meta, meta, meta, meta),
-            out_specs=q_spec,
-            check_vma=False,
-        )
-        return fn(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    def sharded(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, params, *, sinks=None):
+        args = [q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs]
+        in_specs = [q_spec, kv_spec, meta, meta, meta, meta]
+        if sinks is not None:  # passed on only when given: a model without sinks runs the same program
+            args.append(sinks)
+            in_specs.append(sink_spec)
+
+        def per_device(*a):
+            return kernel(*a[:6], params, sinks=a[6] if len(a) > 6 else None)
+
+        fn = jax.shard_map(per_device, mesh=mesh, in_specs=tuple(in_specs), out_specs=q_spec, check_vma=False)
+        return fn(*args)
 
     return sharded
 
@@ -64,7 +69,8 @@ def shard_over_heads(kernel: AttentionFn, mesh: Mesh, rules: ShardingRules) -> A
 def select_attention(
     backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, rules: ShardingRules
 ) -> Attention:
-    """The attention function and the name of its implementation.
+    """The attention function and the name of its implementation: `fn(q, kv_pages, kv_lens,
+    page_indices, cu_q_lens, num_seqs, params, sinks=None)` (common.py's contract).
 
     NOTE: the function is wrapped in its own `jax.jit` (params static), so all layers share one
     traced and lowered attention instead of one copy per layer: each layer's copy would embed the
