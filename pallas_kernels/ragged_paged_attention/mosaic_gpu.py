@@ -155,12 +155,21 @@ def _num_sms() -> int:
 
 
 def default_plan(
-    *, num_tokens: int, num_slots: int, num_kv_heads: int, max_kv_len: int, group: int, page_size: int, head_dim: int
+    *,
+    num_tokens: int,
+    num_slots: int,
+    num_kv_heads: int,
+    max_kv_len: int,
+    group: int,
+    page_size: int,
+    head_dim: int,
+    sliding_window: int | None = None,
 ) -> LaunchPlan:
     """The plan `ragged_paged_attention_mosaic` uses for a batch of this static shape.
 
     num_tokens: T of q [T, Hq, D]; num_slots: S, the request slots; max_kv_len: the longest KV
-    length a slot can have (pages_per_seq * page_size); group: query heads per KV head.
+    length a slot can have (pages_per_seq * page_size); group: query heads per KV head;
+    sliding_window: the attention's window, which bounds the keys a decode reads.
     Decode-like batches (T <= 2S) get persistent CTAs, and split-K when a few long requests
     cannot fill the SMs; prefill batches get two ping-pong consumers and one CTA per item.
     """
@@ -179,8 +188,9 @@ def default_plan(
     splits = 1
     decode_like = num_tokens <= 2 * num_slots
     sms = _num_sms()
-    if decode_like and num_slots * num_kv_heads < sms and max_kv_len >= 8 * block_kv:
-        splits = min(8, -(-2 * sms // (num_slots * num_kv_heads)), max_kv_len // (4 * block_kv))
+    keys = max_kv_len if sliding_window is None else min(max_kv_len, sliding_window)  # a decode's longest range
+    if decode_like and num_slots * num_kv_heads < sms and keys >= 8 * block_kv:
+        splits = min(8, -(-2 * sms // (num_slots * num_kv_heads)), keys // (4 * block_kv))
     if decode_like and splits == 1:
         # 128-key blocks in 2 slots: fewer, larger pipeline steps; measured faster than 64-key
         # blocks in 3 slots on the decode shapes (bench/RESULTS.md).
@@ -798,6 +808,7 @@ def ragged_paged_attention_mosaic(
         group=group,
         page_size=page_size,
         head_dim=head_dim,
+        sliding_window=params.sliding_window,
     )
     if (plan.pages_per_block * page_size) % 64:
         raise ValueError(f"KV blocks must be a multiple of 64 tokens (wgmma tiling), got {plan}")

@@ -271,6 +271,7 @@ def test_split_k_chosen_for_few_long_decodes():
     assert default_plan(num_tokens=4, num_slots=4, **few).kv_splits > 1
     assert default_plan(num_tokens=128, num_slots=128, **few).kv_splits == 1  # enough tiles already
     assert default_plan(num_tokens=2048, num_slots=4, **few).kv_splits == 1  # prefill
+    assert default_plan(num_tokens=4, num_slots=4, **few, sliding_window=128).kv_splits == 1  # a short range
 
 
 def _lower_for_cuda(case: Case, plan=None) -> str:
