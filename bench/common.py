@@ -14,21 +14,30 @@ import numpy as np
 from bench import workload
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA3_TOKENIZER = REPO / "tests" / "fixtures" / "llama3-tokenizer"
+FIXTURES = REPO / "tests" / "fixtures"
+LLAMA3_VOCAB = 128256
 
 
 def model_dir_with_tokenizer(config_dir: str | Path) -> str:
-    """A temp dir holding the config and the real Llama-3 tokenizer (the bench configs ship none)."""
+    """A temp dir holding the config and a real tokenizer (the bench configs ship none): Llama 3's,
+    or Qwen2.5's (151,665 tokens) for a larger vocabulary (Qwen3, GLM-4), so the config's EOS ids
+    are the tokenizer's."""
     config_dir = Path(config_dir)
     if (config_dir / "tokenizer.json").exists() or (config_dir / "model.safetensors").exists():
         return str(config_dir)
     out = Path(tempfile.mkdtemp(prefix="jaxllm-bench-"))
     for f in config_dir.iterdir():
         shutil.copy(f, out / f.name)
-    with gzip.open(LLAMA3_TOKENIZER / "tokenizer.json.gz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    shutil.copy(LLAMA3_TOKENIZER / "tokenizer_config.json", out / "tokenizer_config.json")
+    copy_tokenizer("llama3" if config_vocab_size(config_dir) <= LLAMA3_VOCAB else "qwen2.5", out)
     return str(out)
+
+
+def copy_tokenizer(name: str, out: Path) -> None:
+    """The test fixture tokenizer `name` (tests/fixtures/<name>-tokenizer, gzipped) written into `out`."""
+    fixture = FIXTURES / f"{name}-tokenizer"
+    with gzip.open(fixture / "tokenizer.json.gz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shutil.copy(fixture / "tokenizer_config.json", out / "tokenizer_config.json")
 
 
 WORKLOAD_VOCAB = 128000  # workload.py's default vocabulary: its ids lie in [1000, 127000)

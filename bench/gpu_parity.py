@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import LLAMA3_TOKENIZER, write_json
+from bench.common import copy_tokenizer, write_json
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
@@ -45,17 +45,13 @@ TOP_K = 5
 
 def make_checkpoint(shape: dict, out: Path, seed: int) -> Path:
     """A random-weight Llama checkpoint (bf16 safetensors) with the real Llama-3 tokenizer beside it."""
-    import gzip
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**shape, torch_dtype="bfloat16")).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
-    with gzip.open(LLAMA3_TOKENIZER / "tokenizer.json.gz", "rb") as src, open(out / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    shutil.copy(LLAMA3_TOKENIZER / "tokenizer_config.json", out / "tokenizer_config.json")
+    copy_tokenizer("llama3", out)
     return out
 
 
