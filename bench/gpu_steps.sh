@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call, several benches in a row, each under its own time limit, logs in $OUT.
 #   bash bench/gpu_steps.sh kernels offline-xla offline-pallas structured latency serve
-# Steps: kernels (bench/kernels.py table), grid (its correctness grid), offline-<backend>
+# Steps: kernels (bench/kernels.py table), gmm (bench/grouped_matmul.py, the MoE experts' GEMM), grid (the
+# attention kernel's correctness grid), offline-<backend>
 # (bench.throughput, sharegpt_like 1000), profile (the same under cProfile), structured (bench.structured_cost), latency
 # (bench.latency), serve (server + bench.serve at inf rate, then 8 req/s), hf (bench.hf_compare),
 # parity (bench/gpu_parity.py: a random 1B Llama against transformers, bf16), trace (bench/step_trace.py),
@@ -43,6 +44,7 @@ NOISE='cuda_event.cc|cuda_executor.cc|cuda_host_allocator|cuda_device_allocator|
 for s in "$@"; do
   case $s in
     kernels) step kernels "${T_kernels:-240}" python3 bench/kernels.py ${KERNEL_ARGS:-} ;;
+    gmm) step gmm "${T_gmm:-240}" python3 -m bench.grouped_matmul ${GMM_ARGS:-} ;;
     loadtime) step loadtime "${T_loadtime:-300}" python3 bench/kernels.py --load-time ;;
     grid) step grid "${T_grid:-200}" python3 bench/kernels.py --only "decode 128 x 2048" --grid --budget-s "${B_grid:-150}" ;;
     offline-*) step "$s" "${T_offline:-300}" python3 -m bench.throughput --model "$MODEL" $COMMON \
