@@ -3,7 +3,9 @@
     python bench/kernels.py            # the table: Llama-3-8B heads (32 q / 8 kv, d=128), bf16, page 16
     python bench/kernels.py --grid     # plus the correctness grid (GQA 1/4/8 x d 64/128 x page 16/32/64)
     python bench/kernels.py --shapes gqa16 --grid  # GLM-4-9B's heads (32 q / 2 kv: GQA 16) instead,
-                                                   # and the grid at GQA 16 (--shapes all: both)
+                                                   # and the grid at GQA 16 (--shapes all: every set)
+    python bench/kernels.py --shapes gptoss --grid  # gpt-oss-20b's (64 q / 8 kv, d=64, sinks), window
+                                                    # 128 and full; the grid at GQA 8 with sinks
     python bench/kernels.py --tune     # plus every launch plan of the kernel on a few shapes (logged)
     python bench/kernels.py --load-time  # only: how long a compiled step takes to load in a new process
 
@@ -42,6 +44,8 @@ from pallas_kernels.ragged_paged_attention.xla import ragged_paged_attention_xla
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 GLM_HQ, GLM_HKV = 32, 2  # GLM-4-9B: GQA 16, d=128
 GLM_PREFIX = "glm-4-9b "
+GPTOSS_HQ, GPTOSS_HKV, GPTOSS_D, GPTOSS_WINDOW = 64, 8, 64, 128  # gpt-oss-20b; sinks on every layer
+GPTOSS_PREFIX = "gpt-oss-20b "
 DTYPE = jnp.bfloat16
 LOG: list[str] = []
 
@@ -116,19 +120,52 @@ class Shape:
     kind: str  # "decode" | "prefill" | "mixed"
     hq: int = HQ  # query heads
     hkv: int = HKV  # KV heads
+    head_dim: int = D
+    window: int | None = None  # sliding window
+    sinks: bool = False  # a learned sink per query head (random here)
 
     @property
     def group(self) -> int:
         return self.hq // self.hkv
 
+    @property
+    def params(self) -> AttentionParams:
+        return AttentionParams(sm_scale=1.0 / math.sqrt(self.head_dim), sliding_window=self.window)
+
 
 def table_shapes(which: str = "llama") -> list[Shape]:
-    """The shapes of `which` ("llama", "gqa16" or "all"), the ones with a bar first, so a run cut
-    short still has them."""
+    """The shapes of `which` ("llama", "gqa16", "gptoss" or "all"), the ones with a bar first, so
+    a run cut short still has them."""
     shapes = llama_shapes() if which in ("llama", "all") else []
     if which in ("gqa16", "all"):
         shapes += glm_shapes()
+    if which in ("gptoss", "all"):
+        shapes += gptoss_shapes()
     return shapes
+
+
+def gptoss_shapes() -> list[Shape]:
+    """gpt-oss-20b's attention (64 q / 8 kv: GQA 8, d=64, sinks) on the main shapes, in its
+    sliding-window layers (128 tokens) and its full ones."""
+    return [
+        dataclasses.replace(
+            shape,
+            name=GPTOSS_PREFIX + shape.name + (f" window {window}" if window else " full"),
+            hq=GPTOSS_HQ,
+            hkv=GPTOSS_HKV,
+            head_dim=GPTOSS_D,
+            window=window,
+            sinks=True,
+        )
+        for window in (GPTOSS_WINDOW, None)
+        for shape in (
+            Shape("decode 128 x 2048", [1] * 128, [2048] * 128, "decode"),
+            sharegpt_decode_shape(),
+            Shape("prefill 8 x 2048 fresh", [2048] * 8, [2048] * 8, "prefill"),
+            Shape("mixed 128 x 2048 + 1024 chunk", [1] * 128 + [1024], [2048] * 128 + [2048], "mixed"),
+            Shape("decode 4 x 8192", [1] * 4, [8192] * 4, "decode"),
+        )
+    ]
 
 
 def glm_shapes() -> list[Shape]:
@@ -198,16 +235,24 @@ def build_batch(q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=None, dtype=DTYPE,
     )
 
 
-def causal_flops(q_lens, kv_lens, hq=HQ, d=D) -> float:
+def causal_flops(q_lens, kv_lens, hq=HQ, d=D, window=None) -> float:
     total = 0
     for q_len, kv_len in zip(q_lens, kv_lens, strict=True):
-        first = kv_len - q_len  # keys visible to the first query token: first + 1
-        total += q_len * (first + 1) + q_len * (q_len - 1) // 2
+        visible = np.arange(kv_len - q_len, kv_len) + 1  # keys each query token sees
+        total += int(np.minimum(visible, window or kv_len).sum())
     return 4.0 * hq * d * total
 
 
-def kv_bytes(kv_lens, hkv=HKV, d=D, itemsize=2) -> float:
-    return float(sum(kv_lens)) * hkv * d * 2 * itemsize
+def kv_bytes(kv_lens, hkv=HKV, d=D, itemsize=2, window=None) -> float:
+    return float(sum(min(kv, window or kv) for kv in kv_lens)) * hkv * d * 2 * itemsize
+
+
+def shape_inputs(shape: Shape) -> tuple:
+    """The implementations' positional inputs for a shape: its batch, then its sinks if it has them."""
+    batch = build_batch(shape.q_lens, shape.kv_lens, hq=shape.hq, hkv=shape.hkv, d=shape.head_dim)
+    if not shape.sinks:
+        return batch
+    return (*batch, jax.random.normal(jax.random.key(6), (shape.hq,), jnp.float32))
 
 
 def relative_error(out, ref) -> float:
@@ -236,11 +281,16 @@ PARAMS = AttentionParams(sm_scale=1.0 / math.sqrt(D))
 
 
 def mosaic_fn(params=PARAMS, plan=None):
-    return jax.jit(lambda *b: ragged_paged_attention_mosaic(*b, params, plan=plan))
+    """The kernel on (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs[, sinks])."""
+    return jax.jit(lambda *b: ragged_paged_attention_mosaic(*b[:6], params, sinks=_sinks(b), plan=plan))
 
 
 def xla_fn(params=PARAMS):
-    return jax.jit(lambda *b: ragged_paged_attention_xla(*b, params))
+    return jax.jit(lambda *b: ragged_paged_attention_xla(*b[:6], params, sinks=_sinks(b)))
+
+
+def _sinks(inputs: tuple):
+    return inputs[6] if len(inputs) > 6 else None
 
 
 def triton_decode_fn():
@@ -270,7 +320,7 @@ def cudnn_prefill_fn():
 def plans_for(shape: Shape) -> list[LaunchPlan]:
     tokens = default_plan(
         num_tokens=1, num_slots=1, num_kv_heads=shape.hkv, max_kv_len=PAGE, group=shape.group, page_size=PAGE,
-        head_dim=D,
+        head_dim=shape.head_dim,
     ).tokens_per_tile
     plan = LaunchPlan
     if shape.kind == "decode":
@@ -293,13 +343,13 @@ def plans_for(shape: Shape) -> list[LaunchPlan]:
 
 def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
     log(f"== {shape.name}")
-    batch = build_batch(shape.q_lens, shape.kv_lens, hq=shape.hq, hkv=shape.hkv)
+    batch = shape_inputs(shape)
     row: dict = {"shape": shape.name, "kind": shape.kind}
     iters = 20 if shape.kind == "decode" else 10
 
-    xla = xla_fn()
+    xla = xla_fn(shape.params)
     ref = jax.block_until_ready(xla(*batch))
-    kernel = mosaic_fn()
+    kernel = mosaic_fn(shape.params)
     try:
         out = poisoned_call(kernel, batch)
         row["rel_err_vs_xla"] = relative_error(out, ref)
@@ -312,24 +362,27 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
         log(traceback.format_exc())
     row["xla_us"], _ = device_time_us(xla, *batch, iterations=3 if shape.kind != "decode" else 10)
 
-    q, kv, kv_lens, page_indices, _, _ = batch
+    q, kv, kv_lens, page_indices = batch[:4]
+    plain = not shape.sinks and shape.window is None and shape.head_dim == D  # what Triton and cuDNN compute
+    kv_read = kv_bytes(shape.kv_lens, hkv=shape.hkv, d=shape.head_dim, window=shape.window)
+    flops = causal_flops(shape.q_lens, shape.kv_lens, hq=shape.hq, d=shape.head_dim, window=shape.window)
     if shape.kind == "decode":
         try:
-            triton = triton_decode_fn()
-            targs = (q, kv[0], kv[1], page_indices, kv_lens)
-            ref_scaled = jax.block_until_ready(triton(*targs))
-            row["triton_rel_err_vs_xla"] = relative_error(ref_scaled, ref)
-            row["triton_us"], _ = device_time_us(triton, *targs, iterations=iters)
+            if plain:
+                triton = triton_decode_fn()
+                targs = (q, kv[0], kv[1], page_indices, kv_lens)
+                ref_scaled = jax.block_until_ready(triton(*targs))
+                row["triton_rel_err_vs_xla"] = relative_error(ref_scaled, ref)
+                row["triton_us"], _ = device_time_us(triton, *targs, iterations=iters)
         except Exception as e:  # noqa: BLE001
             row["triton_error"] = repr(e)[:300]
             log(traceback.format_exc())
-        row["floor_us"] = kv_bytes(shape.kv_lens, hkv=shape.hkv) / bandwidth * 1e6
+        row["floor_us"] = kv_read / bandwidth * 1e6
         row["metric"] = "KV bytes / copy BW"
     elif shape.kind == "prefill":
-        flops = causal_flops(shape.q_lens, shape.kv_lens, hq=shape.hq)
         row["floor_us"] = flops / rate * 1e6
         row["metric"] = "causal FLOP/s / matmul"
-        if "prefill 8 x 2048" in shape.name:
+        if "prefill 8 x 2048" in shape.name and plain:
             try:
                 b, t = len(shape.q_lens), shape.q_lens[0]
                 qd = q.reshape(b, t, shape.hq, D)
@@ -340,8 +393,7 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
                 row["cudnn_error"] = repr(e)[:300]
                 log(traceback.format_exc())
     else:
-        flops = causal_flops(shape.q_lens, shape.kv_lens, hq=shape.hq)
-        row["floor_us"] = max(kv_bytes(shape.kv_lens, hkv=shape.hkv) / bandwidth, flops / rate) * 1e6
+        row["floor_us"] = max(kv_read / bandwidth, flops / rate) * 1e6
         row["metric"] = "max(bytes, FLOPs) floor"
     if "mosaic_us" in row:
         row["fraction"] = row["floor_us"] / row["mosaic_us"]
@@ -386,7 +438,10 @@ def grid_cases(groups: tuple[int, ...]):
                 yield group, head_dim, page
 
 
-def run_grid(groups: tuple[int, ...], deadline: float = math.inf) -> list[str]:
+def run_grid(groups: tuple[int, ...], deadline: float = math.inf, with_sinks: bool = False) -> list[str]:
+    """The kernel against the reference on random ragged batches per (GQA group, head_dim, page
+    size), every third with a sliding window, every other with a soft-cap; `with_sinks`: all with
+    random sinks."""
     failures = []
     rng = np.random.default_rng(7)
     for i, (group, head_dim, page) in enumerate(grid_cases(groups)):
@@ -400,14 +455,17 @@ def run_grid(groups: tuple[int, ...], deadline: float = math.inf) -> list[str]:
         batch = build_batch(
             q_lens, kv_lens, hq=hkv * group, hkv=hkv, d=head_dim, page=page, seed=i, extra_slots=2, extra_tokens=5
         )
+        if with_sinks:
+            batch = (*batch, jax.random.normal(jax.random.key(i), (hkv * group,), jnp.float32))
         params = AttentionParams(
             sm_scale=1.0 / math.sqrt(head_dim),
             sliding_window=None if i % 3 else 256,
             soft_cap=None if i % 2 else 30.0,
         )
         name = f"G{group} d{head_dim} page{page} window={params.sliding_window} cap={params.soft_cap}"
+        name += " sinks" if with_sinks else ""
         try:
-            ref = jax.jit(lambda *b, p=params: ragged_paged_attention_reference(*b, p))(*batch)
+            ref = jax.jit(lambda *b, p=params: ragged_paged_attention_reference(*b[:6], p, sinks=_sinks(b)))(*batch)
             out = poisoned_call(mosaic_fn(params), batch)
             err = relative_error(out, ref)
             live = int(batch[4][len(q_lens)])
@@ -481,7 +539,8 @@ def run_fuzz(cases: int, num_pages: int, deadline: float) -> list[str]:
     return failures
 
 
-GRID_GROUPS = {"llama": (1, 4, 8), "gqa16": (16,), "all": (1, 4, 8, 16)}  # --shapes -> the grid's GQA groups
+# --shapes -> the grid's GQA groups (gptoss: with sinks)
+GRID_GROUPS = {"llama": (1, 4, 8), "gqa16": (16,), "gptoss": (8,), "all": (1, 4, 8, 16)}
 TUNE_SHAPES = (
     "decode 1000 sharegpt-like",
     "decode 32 x 512",
@@ -507,13 +566,13 @@ def write_outputs(out_dir: str, rows: list[dict], failures: list[str], bandwidth
 
 def tune_shape(shape: Shape, deadline: float) -> dict:
     """Device time of every launch plan on one shape (logged; the table uses the default plan)."""
-    batch = build_batch(shape.q_lens, shape.kv_lens, hq=shape.hq, hkv=shape.hkv)
+    batch = shape_inputs(shape)
     times: dict = {}
     for plan in plans_for(shape):
         if time.time() > deadline:
             break
         try:
-            times[str(plan)], _ = device_time_us(mosaic_fn(plan=plan), *batch, iterations=10)
+            times[str(plan)], _ = device_time_us(mosaic_fn(shape.params, plan=plan), *batch, iterations=10)
             log(f"  tune {shape.name}: {plan}: {times[str(plan)]:.1f} us")
         except Exception as e:  # noqa: BLE001 - e.g. a plan over the SMEM limit
             times[str(plan)] = repr(e)[:200]
@@ -606,8 +665,9 @@ def main() -> int:
     parser.add_argument("--grid", action="store_true", help="also run the correctness grid")
     parser.add_argument("--tune", action="store_true", help="also time every launch plan on a few shapes")
     parser.add_argument("--shapes", choices=tuple(GRID_GROUPS), default="llama",
-                        help="the table's heads: llama (32 q / 8 kv), gqa16 (GLM-4-9B, 32 q / 2 kv) or all; "
-                             "also the grid's GQA groups")
+                        help="the table's heads: llama (32 q / 8 kv), gqa16 (GLM-4-9B, 32 q / 2 kv), gptoss "
+                             "(gpt-oss-20b, 64 q / 8 kv, d 64, sinks, window 128 and full) or all; also the grid's "
+                             "GQA groups (gptoss: GQA 8 with sinks)")
     parser.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
     parser.add_argument("--fuzz", type=int, default=0, help="engine-shaped batches to check first")
     parser.add_argument("--fuzz-pages", type=int, default=56390, help="KV pool pages for the fuzz cases")
@@ -645,13 +705,15 @@ def main() -> int:
     table = write_outputs(out_dir, rows, failures, bandwidth, rate)
     print(table, flush=True)
     if args.grid:
-        failures += run_grid(GRID_GROUPS[args.shapes], deadline=deadline)
+        failures += run_grid(GRID_GROUPS[args.shapes], deadline=deadline, with_sinks=args.shapes == "gptoss")
+        if args.shapes == "all":
+            failures += run_grid(GRID_GROUPS["gptoss"], deadline=deadline, with_sinks=True)
         write_outputs(out_dir, rows, failures, bandwidth, rate)
     if args.tune:
         tuned = {
             s.name: tune_shape(s, deadline)
             for s in shapes
-            if any(s.name.removeprefix(GLM_PREFIX).startswith(t) for t in TUNE_SHAPES)
+            if any(s.name.removeprefix(GLM_PREFIX).removeprefix(GPTOSS_PREFIX).startswith(t) for t in TUNE_SHAPES)
         }
         for row in rows:
             row["plans"] = tuned.get(row["shape"], {})
