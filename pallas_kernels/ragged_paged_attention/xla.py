@@ -12,7 +12,9 @@ trip counts:
   walks that request's pages once for all its tokens, only as far as its last query position.
 
 So the K/V gathered per step is about the sum of the contexts, not tokens x the bucket width.
-`XlaBlockSizes` holds C, Bd and Bq.
+With a sliding window W each row starts at its window's first page instead, and a chunk holds
+at most one decode's window (C cut to the pages W keys can span), so a decode gathers about W
+keys, whatever its context. `XlaBlockSizes` holds C, Bd and Bq.
 
 NOTE: requests are correct in any order; decodes placed after a prefill are merely handled as
 one-token tiles.
