@@ -30,6 +30,8 @@ The wrapper turns (cu_q_lens, kv_lens, num_seqs) into a work list of tiles with 
 few long decodes (too few items to fill the SMs) `default_plan` picks split-K: each tile's KV
 range is cut into several work rows that write fp32 partials (O and log-sum-exp), merged in jnp.
 The new tokens' K/V are written beforehand by `common.write_kv_pages` (a separate scatter).
+Attention sinks (`sinks=`, gpt-oss) cost one small SMEM load per consumer and CTA (every KV
+head's row sinks) and one exp2 per row at the end; under split-K they join the jnp merge.
 
 Public names: `ragged_paged_attention_mosaic` (the kernel call; `plan=` runs it with an explicit
 `LaunchPlan`), `default_plan` (the plan it picks for a batch shape), `mosaic_unsupported_reason`
