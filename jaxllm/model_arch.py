@@ -31,6 +31,7 @@ class MoE:
     intermediate_size: int  # of one expert
     renormalize: bool  # the chosen experts' softmax weights rescaled to sum to 1
     sparse_layers: tuple[bool, ...]  # per layer: an MoE MLP (else a dense one of intermediate_size)
+    swiglu_limit: float | None = None  # gpt-oss: its clamped SwiGLU, with biases on the router and experts
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ class ModelArch:
     tie_word_embeddings: bool
     hidden_act: str = "silu"
     qkv_bias: bool = False
+    o_bias: bool = False  # o_proj's bias (Llama's attention_bias covers it; Qwen2's and GLM's do not)
     qk_norm: bool = False
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in each softmax's denominator
     # Fraction of each head's dims that RoPE rotates (GLM: 0.5); the rest pass through.
     partial_rotary_factor: float = 1.0
     # Rotate pairs (2i, 2i + 1) (GLM, GPT-J) instead of (i, i + D/2) (Llama's rotate_half).
@@ -144,9 +147,11 @@ def _common(name: str, family: str, cfg: dict[str, Any], num_layers: int) -> dic
 
 
 def read_llama_like(name: str, cfg: dict[str, Any], *, family: str = "llama", qkv_bias: bool = False,
-                    qk_norm: bool = False, rope_interleaved: bool = False,
-                    post_sublayer_norms: bool = False) -> ModelArch:
-    """Llama's config names, shared by Mistral, Qwen2/3 and GLM."""
+                    qk_norm: bool = False, rope_interleaved: bool = False, post_sublayer_norms: bool = False,
+                    o_bias: bool | None = None) -> ModelArch:
+    """Llama's config names, shared by Mistral, Qwen2/3, GLM and gpt-oss. `attention_bias` puts a bias
+    on q/k/v and (unless `o_bias` says otherwise) on o_proj, as in Llama."""
+    attention_bias = bool(cfg.get("attention_bias", False))
     num_heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     num_layers = int(cfg["num_hidden_layers"])
@@ -166,7 +171,8 @@ def read_llama_like(name: str, cfg: dict[str, Any], *, family: str = "llama", qk
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         hidden_act=str(cfg.get("hidden_act", "silu")),
-        qkv_bias=qkv_bias or bool(cfg.get("attention_bias", False)),
+        qkv_bias=qkv_bias or attention_bias,
+        o_bias=attention_bias if o_bias is None else o_bias,
         qk_norm=qk_norm,
         post_sublayer_norms=post_sublayer_norms,
         sliding_windows=_sliding_windows(cfg, num_layers),
@@ -190,6 +196,16 @@ def read_qwen3_moe(name: str, cfg: dict[str, Any]) -> ModelArch:
     moe = MoE(num_experts, int(cfg["num_experts_per_tok"]), int(cfg["moe_intermediate_size"]),
               renormalize=bool(cfg.get("norm_topk_prob", False)), sparse_layers=sparse)
     return dataclasses.replace(arch, moe=moe)
+
+
+def read_gpt_oss(name: str, cfg: dict[str, Any]) -> ModelArch:
+    """gpt-oss: attention with biases and sinks, alternating sliding and full layers (`layer_types`),
+    YaRN, and an MoE of `num_local_experts` experts of intermediate_size in every layer."""
+    arch = read_llama_like(name, cfg, family="gpt_oss")
+    top_k = int(cfg.get("num_experts_per_tok") or cfg["experts_per_token"])
+    moe = MoE(int(cfg["num_local_experts"]), top_k, arch.intermediate_size, renormalize=True,
+              sparse_layers=(True,) * arch.num_layers, swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
+    return dataclasses.replace(arch, moe=moe, attention_sinks=True)
 
 
 def read_gpt2(name: str, cfg: dict[str, Any]) -> ModelArch:
@@ -218,16 +234,17 @@ def read_gpt2(name: str, cfg: dict[str, Any]) -> ModelArch:
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": Family("llama", read_llama_like),
     "MistralForCausalLM": Family("llama", read_llama_like),
-    "Qwen2ForCausalLM": Family("llama", partial(read_llama_like, qkv_bias=True)),
+    "Qwen2ForCausalLM": Family("llama", partial(read_llama_like, qkv_bias=True, o_bias=False)),
     "Qwen3ForCausalLM": Family("llama", partial(read_llama_like, qk_norm=True)),
     "MixtralForCausalLM": Family("mixtral", read_mixtral),
     "Qwen3MoeForCausalLM": Family("qwen3_moe", read_qwen3_moe),
     # Checkpoints saved by GPT2LMHeadModel prefix names with `transformer.`; the original ones do not.
     "GPT2LMHeadModel": Family("gpt2", read_gpt2, checkpoint_prefixes=("transformer.",)),
-    "GlmForCausalLM": Family("glm4", partial(read_llama_like, family="glm4", rope_interleaved=True)),
+    "GlmForCausalLM": Family("glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, o_bias=False)),
     "Glm4ForCausalLM": Family(
-        "glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, post_sublayer_norms=True)
+        "glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, post_sublayer_norms=True, o_bias=False)
     ),
+    "GptOssForCausalLM": Family("gpt_oss", read_gpt_oss),
 }
 
 

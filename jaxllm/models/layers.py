@@ -316,18 +316,20 @@ class Rotary:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array, batch: ForwardBatch,
-           kernels: Kernels, params: AttentionParams) -> tuple[jax.Array, jax.Array]:
-    """Write this step's k/v [T, Hkv, D] into the page pool and attend q [T, Hq, D] over it.
-    Returns (out [T, Hq * D], kv_pages)."""
+           kernels: Kernels, params: AttentionParams, sinks: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Write this step's k/v [T, Hkv, D] into the page pool and attend q [T, Hq, D] over it (with
+    sinks [Hq] f32 where the model has them). Returns (out [T, Hq * D], kv_pages)."""
     kv_pages = write_kv_pages(kv_pages, k, v, batch.slot_mapping)
-    out = kernels.attention(q, kv_pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, params)
+    extra = {} if sinks is None else {"sinks": sinks}
+    out = kernels.attention(q, kv_pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, params,
+                            **extra)
     return out.reshape(q.shape[0], -1), kv_pages
 
 
 class PagedAttention(nnx.Module):
     """Rotary self-attention over the page pool with HF's q/k/v/o_proj names: q/k/v fused
     (`fuse_qkv`) or, where KV heads are replicated over tp, apart (q sharded by its own heads);
-    optional q/k bias and per-head q/k RMSNorm (Qwen3)."""
+    optional q/k/v and o biases, per-head q/k RMSNorm (Qwen3) and sinks (gpt-oss)."""
 
     def __init__(self, arch: ModelArch, layer: int, dtype, fuse_qkv: bool):
         h, bias = arch.hidden_size, arch.qkv_bias
@@ -339,7 +341,9 @@ class PagedAttention(nnx.Module):
             self.q_proj = Linear(h, arch.q_size, ("q_heads", "embed"), dtype, bias)
             self.k_proj = Linear(h, arch.kv_size, ("kv_heads", "embed"), dtype, bias)
             self.v_proj = Linear(h, arch.kv_size, ("kv_heads", "embed"), dtype, bias)
-        self.o_proj = Linear(arch.q_size, h, ("embed", "q_heads"), dtype)
+        self.o_proj = Linear(arch.q_size, h, ("embed", "q_heads"), dtype, arch.o_bias)
+        # A learned logit per query head in each softmax's denominator (gpt-oss), as float32.
+        self.sinks = param((arch.num_heads,), ("q_heads",), jnp.float32) if arch.attention_sinks else None
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.norm_eps, dtype)
             self.k_norm = RMSNorm(arch.head_dim, arch.norm_eps, dtype)
@@ -361,7 +365,8 @@ class PagedAttention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, batch.positions), self.rotary(k, batch.positions)
-        out, kv_pages = attend(q, k, v, kv_pages, batch, kernels, self.params)
+        sinks = None if self.sinks is None else self.sinks[...]
+        out, kv_pages = attend(q, k, v, kv_pages, batch, kernels, self.params, sinks)
         return self.o_proj(out), kv_pages
 
 

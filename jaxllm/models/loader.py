@@ -129,13 +129,12 @@ def load_weights(
     abstract_state: nnx.State,
     mesh: Mesh,
     rules: ShardingRules,
-    dtype,
     load_format: str,
     seed: int,
     optional_prefixes: tuple[str, ...] = (),
 ) -> nnx.State:
-    """Fill every Param of `abstract_state` with a sharded array; returns the concrete state.
-    `optional_prefixes`: prefixes of parameter paths the checkpoint's names may lack."""
+    """Fill every Param of `abstract_state` with a sharded array of its dtype; returns the concrete
+    state. `optional_prefixes`: prefixes of parameter paths the checkpoint's names may lack."""
     checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir, optional_prefixes)
     flat = list(_leaves(abstract_state))
     key = jax.random.key(seed)
@@ -147,12 +146,12 @@ def load_weights(
         name = hf_name(path)
         fused = var.get_metadata().get("fused_from")
         if checkpoint is None:
-            value = _random_leaf(var.get_metadata().get("init", "zeros"), abstract.shape, jnp.dtype(dtype),
+            value = _random_leaf(var.get_metadata().get("init", "zeros"), abstract.shape, abstract.dtype,
                                  sharding, jax.random.fold_in(key, i))
         elif fused is not None:
-            value = _fused_checkpoint_leaf(checkpoint, name, fused, abstract.shape, np.dtype(dtype), sharding)
+            value = _fused_checkpoint_leaf(checkpoint, name, fused, abstract.shape, np.dtype(abstract.dtype), sharding)
         else:
-            value = _checkpoint_leaf(checkpoint, name, abstract.shape, np.dtype(dtype), sharding)
+            value = _checkpoint_leaf(checkpoint, name, abstract.shape, np.dtype(abstract.dtype), sharding)
         var.set_value(value)
     return abstract_state
 

@@ -24,7 +24,8 @@ from pallas_kernels.grouped_matmul import Activation
 # (lhs [M, K], rhs [E, K, N], group_sizes [E] i32, *, activation) -> [M, N or N / 2]; pallas_kernels.grouped_matmul.
 GroupedMatmul = Callable[..., jax.Array]
 # (x [T, H], expert_ids [T, k] i32, expert_weights [T, k] f32, num_tokens [] i32, gate_up [E, H, 2, I],
-#  down [E, I, H]) -> [T, H]: the runner's, sharded over the mesh (runner/experts.py).
+#  down [E, I, H], gate_up_bias [E, 2, I] | None, *, activation) -> [T, H]: the runner's, sharded over the
+#  mesh (runner/experts.py).
 ExpertsFn = Callable[..., jax.Array]
 
 SWIGLU = Activation("swiglu", "split")
@@ -75,13 +76,14 @@ class SparseMoE(nnx.Module):
 
 
 def moe_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, num_tokens: jax.Array,
-                gate_up: jax.Array, down: jax.Array, *, gmm: GroupedMatmul, first_expert: jax.Array | int = 0,
-                activation: Activation = SWIGLU) -> jax.Array:
+                gate_up: jax.Array, down: jax.Array, gate_up_bias: jax.Array | None = None, *, gmm: GroupedMatmul,
+                first_expert: jax.Array | int = 0, activation: Activation = SWIGLU) -> jax.Array:
     """The experts held here applied to the tokens routed to them, weighted: [T, H] in x's dtype.
 
-    x [T, H]; expert_ids, expert_weights [T, k]; gate_up [E_here, H, 2, I_here]; down [E_here,
-    I_here, H]: experts first_expert .. first_expert + E_here - 1, each with its I_here columns
-    (under tensor parallelism a partial sum, added over the devices by the caller).
+    x [T, H]; expert_ids, expert_weights [T, k]; gate_up [E_here, H, 2, I_here] (gate_up_bias
+    [E_here, 2, I_here]); down [E_here, I_here, H]: experts first_expert .. first_expert + E_here - 1,
+    each with its I_here columns (under tensor parallelism a partial sum, added over the devices by
+    the caller; so a bias of down is the caller's too).
     """
     num_experts, hidden, _, inter = gate_up.shape
     t, k = expert_ids.shape
@@ -91,7 +93,9 @@ def moe_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, 
     order = jnp.argsort(key, stable=True).astype(jnp.int32)  # [T * k] pair order, expert-contiguous
     group_sizes = jnp.bincount(key, length=num_experts + 1)[:num_experts].astype(jnp.int32)  # [E_here]
     rows = x[order // k]  # [T * k, H]
-    h = gmm(rows, gate_up.reshape(num_experts, hidden, 2 * inter), group_sizes, activation=activation)  # [T*k, I]
+    bias = None if gate_up_bias is None else gate_up_bias.reshape(num_experts, 2 * inter)
+    h = gmm(rows, gate_up.reshape(num_experts, hidden, 2 * inter), group_sizes, bias=bias,
+            activation=activation)  # [T * k, I]
     y = gmm(h, down, group_sizes)  # [T * k, H]; rows past the groups are zero
     back = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))  # pair -> its row
     y = y[back].reshape(t, k, hidden).astype(jnp.float32)  # [T, k, H]

@@ -15,7 +15,7 @@ from functools import partial
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxllm.models.moe import ExpertsFn, moe_experts
+from jaxllm.models.moe import SWIGLU, ExpertsFn, moe_experts
 from jaxllm.models.sharding import TP, ShardingRules
 from pallas_kernels.grouped_matmul import Activation, grouped_matmul_xla
 
@@ -40,19 +40,26 @@ def select_experts(mesh: Mesh, rules: ShardingRules) -> ExpertsFn:
     gmm = gpu_grouped_matmul if mesh.devices.flat[0].platform == "gpu" else grouped_matmul_xla
     if mesh.devices.size == 1:
         return partial(moe_experts, gmm=gmm)
-
-    def per_device(x, expert_ids, expert_weights, num_tokens, gate_up, down):
-        first = jax.lax.axis_index(TP) * gate_up.shape[0] if rules.experts is not None else 0
-        y = moe_experts(x, expert_ids, expert_weights, num_tokens, gate_up, down, gmm=gmm, first_expert=first)
-        return jax.lax.psum(y, TP)
-
     replicated = PartitionSpec()
-    return jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(replicated, replicated, replicated, replicated,
-                  PartitionSpec(rules.experts, None, None, rules.expert_mlp),  # gate_up [E, H, 2, I]
-                  PartitionSpec(rules.experts, rules.expert_mlp, None)),  # down [E, I, H]
-        out_specs=replicated,
-        check_vma=False,
-    )
+    weight_specs = (PartitionSpec(rules.experts, None, None, rules.expert_mlp),  # gate_up [E, H, 2, I]
+                    PartitionSpec(rules.experts, rules.expert_mlp, None),  # down [E, I, H]
+                    PartitionSpec(rules.experts, None, rules.expert_mlp))  # gate_up_bias [E, 2, I]
+
+    def experts(x, expert_ids, expert_weights, num_tokens, gate_up, down, gate_up_bias=None, *,
+                activation: Activation = SWIGLU):
+        def per_device(x, expert_ids, expert_weights, num_tokens, gate_up, down, *bias):
+            first = jax.lax.axis_index(TP) * gate_up.shape[0] if rules.experts is not None else 0
+            y = moe_experts(x, expert_ids, expert_weights, num_tokens, gate_up, down, *bias, gmm=gmm,
+                            first_expert=first, activation=activation)
+            return jax.lax.psum(y, TP)
+
+        bias = () if gate_up_bias is None else (gate_up_bias,)
+        return jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(replicated,) * 4 + weight_specs[:2 + len(bias)],
+            out_specs=replicated,
+            check_vma=False,
+        )(x, expert_ids, expert_weights, num_tokens, gate_up, down, *bias)
+
+    return experts

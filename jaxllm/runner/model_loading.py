@@ -75,7 +75,7 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
     platform = mesh.devices.flat[0].platform
     dtype = resolve_dtype(model_config.dtype, arch, platform)
     graphdef, state = nnx.split(family(arch).abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None))
-    state = load_weights(model_dir, state, mesh, rules, dtype, model_config.load_format, model_config.seed,
+    state = load_weights(model_dir, state, mesh, rules, model_config.load_format, model_config.seed,
                          ARCHITECTURES[arch.architecture].checkpoint_prefixes)
     leaves, treedef = jax.tree.flatten(state)
     logger.info(

@@ -59,6 +59,13 @@ FAMILIES = {
     "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
                   dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
                        decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=False)),
+    # Sinks, a 96-token window on layer 0 (shorter than the prompt), YaRN, biased top-2 of 4 router, clamped SwiGLU.
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM,
+                dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=96,
+                     layer_types=["sliding_attention", "full_attention"], attention_bias=True, swiglu_limit=7.0,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64},
+                     tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)),
     # Learned positions, LayerNorm with bias, Conv1D weights, GELU (tanh), tied head; its own config names.
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
              dict(vocab_size=320, n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=512,

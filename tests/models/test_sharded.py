@@ -22,7 +22,7 @@ PROMPT = np.random.default_rng(2).integers(3, 320, 150).tolist()
 
 # (family, tp, expert parallel). tp=4 replicates the 2 KV heads: the Llama-family checkpoints cover it.
 CASES = [("llama3", 2, False), ("llama3", 4, False), ("qwen2", 2, False), ("qwen2", 4, False), ("gpt2", 2, False),
-         ("glm4", 2, False), ("mixtral", 2, False), ("mixtral", 2, True), ("qwen3_moe", 2, True)]
+         ("glm4", 2, False), ("mixtral", 2, False), ("mixtral", 2, True), ("qwen3_moe", 2, True), ("gpt_oss", 2, False)]
 
 
 @pytest.fixture(scope="module")
