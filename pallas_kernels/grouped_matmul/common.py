@@ -3,7 +3,8 @@
     lhs          [M, K]     rows sorted by group: group e owns rows
                             [sum(group_sizes[:e]), sum(group_sizes[:e + 1])); rows past
                             sum(group_sizes) are padding (any content; their output rows are zero)
-    rhs          [E, K, N]  one weight matrix per group (in -> out)
+    rhs          [E, K, N]  one weight matrix per group (in -> out), dense or packed MXFP4
+                            (`mxfp4.Mxfp4Weights`, the same [E, K, N] in 4-bit codes and scales)
     group_sizes  [E] i32    sum <= M; any group may be empty
     bias         [E, N]     optional, added before the activation
     activation   optional `Activation`: SwiGLU on the gate/up halves of the N columns
@@ -19,6 +20,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul.mxfp4 import Mxfp4Weights
+
+Rhs = jax.Array | Mxfp4Weights  # [E, K, N]
 
 @dataclasses.dataclass(frozen=True)
 class Activation:
@@ -84,7 +88,9 @@ def validate_inputs(lhs, rhs, group_sizes, bias, activation) -> None:
     """Shape and dtype checks shared by every implementation (static, so free under jit)."""
     if lhs.ndim != 2:
         raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
-    if rhs.ndim != 3:
+    if isinstance(rhs, Mxfp4Weights):
+        rhs.validate()
+    elif rhs.ndim != 3:
         raise ValueError(f"rhs must be [E, K, N], got shape {rhs.shape}")
     num_groups, k, n = rhs.shape
     if lhs.shape[1] != k:

@@ -35,8 +35,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.grouped_matmul import mxfp4
 from pallas_kernels.grouped_matmul.common import (
     Activation,
+    Rhs,
     TileColumn,
     max_row_tiles,
     output_columns,
@@ -83,13 +85,29 @@ class Plan:
     block_k: int  # K per pipeline step
     num_stages: int  # depth of the TMA ring
 
-    def smem_bytes(self, itemsize: int, num_weight_blocks: int) -> int:
-        step = (self.block_m + num_weight_blocks * self.block_n) * self.block_k * itemsize
-        return max(self.num_stages * step, self.block_m * self.block_n * itemsize)
+    def stage_bytes(self, itemsize: int, num_weight_blocks: int, packed: bool = False) -> int:
+        """SMEM of one slot of the pipeline's ring: an lhs block and the weight blocks (packed MXFP4:
+        a chunk's block_k code bytes, of which the step uses one nibble, and block_k / 32 scale
+        bytes per output column)."""
+        per_column = self.block_k + self.block_k // mxfp4.BLOCK if packed else self.block_k * itemsize
+        return self.block_m * self.block_k * itemsize + num_weight_blocks * self.block_n * per_column
+
+    def dequantized_bytes(self, itemsize: int, num_weight_blocks: int, packed: bool) -> int:
+        """MXFP4 only: two slots of dequantized weight blocks, the wgmma's operand."""
+        return num_weight_blocks * 2 * self.block_k * self.block_n * itemsize if packed else 0
+
+    def smem_bytes(self, itemsize: int, num_weight_blocks: int, packed: bool = False) -> int:
+        """SMEM of one CTA; the output tile reuses the pipeline's."""
+        pipeline = self.num_stages * self.stage_bytes(itemsize, num_weight_blocks, packed)
+        pipeline += self.dequantized_bytes(itemsize, num_weight_blocks, packed)
+        return max(pipeline, self.block_m * self.block_n * itemsize)
 
 
-def default_plan(*, m: int, k: int, n: int, num_groups: int, activation: Activation | None) -> Plan:
-    """The plan `grouped_matmul_mosaic` uses for this static problem shape (n: rhs columns)."""
+def default_plan(
+    *, m: int, k: int, n: int, num_groups: int, activation: Activation | None, packed: bool = False
+) -> Plan:
+    """The plan `grouped_matmul_mosaic` uses for this static problem shape (n: rhs columns;
+    packed: MXFP4 weights)."""
     n_out = output_columns(n, activation)
     weight_blocks = 1 if activation is None else 2
     if m <= _DECODE_ROWS_PER_GROUP * num_groups:
@@ -99,15 +117,16 @@ def default_plan(*, m: int, k: int, n: int, num_groups: int, activation: Activat
     else:
         # With an activation a CTA holds two accumulators (gate and up): 128 x 64 each.
         block_m, block_n = 128, 64
-    block_k = 64
-    step = (block_m + weight_blocks * block_n) * block_k * 2
-    stages = max(2, min(6, _SMEM_PER_CTA // step))
-    return Plan(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=stages)
+    block_k = 64  # also MXFP4's K step (`mxfp4.KERNEL_STEP`)
+    plan = Plan(block_m=block_m, block_n=block_n, block_k=block_k, num_stages=1)
+    ring = _SMEM_PER_CTA - plan.dequantized_bytes(2, weight_blocks, packed)
+    stages = max(2, min(6, ring // plan.stage_bytes(2, weight_blocks, packed)))
+    return dataclasses.replace(plan, num_stages=stages)
 
 
 def grouped_matmul_mosaic(
     lhs: jax.Array,  # [M, K]
-    rhs: jax.Array,  # [E, K, N]
+    rhs: Rhs,  # [E, K, N], dense (lhs's dtype) or MXFP4
     group_sizes: jax.Array,  # [E] i32
     *,
     bias: jax.Array | None = None,  # [E, N]
@@ -116,7 +135,8 @@ def grouped_matmul_mosaic(
     interpret=None,
 ) -> jax.Array:  # [M, N] or [M, N / 2]
     """Same contract as `grouped_matmul_reference`; padding rows come out zero. bf16/fp16 only
-    (see `mosaic_unsupported_reason`); a bias is used in lhs's dtype.
+    (see `mosaic_unsupported_reason`); a bias is used in lhs's dtype. MXFP4 weights are
+    dequantized to lhs's dtype in the kernel, block by block, and need plan.block_k == 64.
 
     `plan`: None takes `default_plan`. `interpret`: None/False compiles for the GPU; an
     `InterpretGPUParams` runs the Mosaic GPU simulator on CPU (tests).
@@ -129,14 +149,17 @@ def grouped_matmul_mosaic(
     )
     if reason is not None:
         raise NotImplementedError(f"Mosaic GPU grouped matmul: {reason}")
-    if rhs.dtype != lhs.dtype:
+    packed = isinstance(rhs, mxfp4.Mxfp4Weights)
+    if not packed and rhs.dtype != lhs.dtype:
         raise ValueError(f"lhs ({lhs.dtype}) and rhs ({rhs.dtype}) must share a dtype")
     if bias is not None:
         bias = bias.astype(lhs.dtype)  # [E, N]; the epilogue adds it in fp32
-    plan = plan or default_plan(m=m, k=k, n=n, num_groups=num_groups, activation=activation)
+    plan = plan or default_plan(m=m, k=k, n=n, num_groups=num_groups, activation=activation, packed=packed)
     n_out = output_columns(n, activation)
     if k % plan.block_k or n_out % plan.block_n:
         raise ValueError(f"{plan} does not tile K={k} and {n_out} output columns")
+    if packed and plan.block_k != mxfp4.KERNEL_STEP:
+        raise ValueError(f"MXFP4 weights need block_k {mxfp4.KERNEL_STEP} (half their packed chunk), got {plan}")
     padded_m = padded_rows(m, plan.block_m)  # every tile's window lies inside the rows
     lhs_in = lhs if padded_m == m else jnp.pad(lhs, ((0, padded_m - m), (0, 0)))
     tiles, _ = row_tiles(group_sizes, m=m, block_m=plan.block_m, with_padding=True)
@@ -148,13 +171,36 @@ def grouped_matmul_mosaic(
         num_tiles=max_row_tiles(m, num_groups, plan.block_m),
         dtype=lhs.dtype,
         has_bias=bias is not None,
+        packed=packed,
         activation=activation,
         plan=plan,
         interpret=interpret,
     )
-    args = (tiles, lhs_in, rhs) + ((bias,) if bias is not None else ())
+    weights = (rhs.blocks, rhs.scales) if packed else (rhs,)
+    args = (tiles, lhs_in, *weights) + ((bias,) if bias is not None else ())
     out = kernel(*args)  # [padded_m, n_out]
     return out if padded_m == m else out[:m]
+
+
+# The doubled magnitudes of e2m1 codes 0..7 (0, 1, 2, 3, 4, 6, 8, 12), 4 bits each: code c's is
+# (_DOUBLED_MAGNITUDES >> 4c) & 15. A shift and a mask, where a table gather has no register form.
+_DOUBLED_MAGNITUDES = 0xC8643210 - (1 << 32)  # as an int32
+
+
+def _dequantize_into(out_smem, blocks_smem, scales_smem, step) -> None:
+    """K step `step` of MXFP4 weights into the wgmma's operand: blocks [64, bn] u8 (the step's
+    chunk: even steps take the low nibbles, odd ones the high) and scales [2, bn] u8 (rows 0-31
+    and 32-63 of the step) -> out_smem [64, bn] in its dtype."""
+    bytes_ = blocks_smem[...].astype(jnp.int32)  # [64, bn]
+    shape = bytes_.shape
+    shift = lax.broadcast(lax.rem(step, 2) * 4, shape)
+    codes = lax.shift_right_logical(bytes_, shift) & 0xF  # [64, bn]
+    magnitude = (jnp.int32(_DOUBLED_MAGNITUDES) >> ((codes & 7) << 2)) & 0xF  # [64, bn]
+    first, second = (lax.broadcast_in_dim(mxfp4.scale_values(scales_smem[j]), shape, [1]) for j in range(2))
+    row = lax.broadcasted_iota(jnp.int32, shape, 0)
+    scale = jnp.where(row < mxfp4.BLOCK, first, second) * 0.5  # the magnitudes are doubled
+    value = magnitude.astype(jnp.float32) * scale
+    out_smem[...] = jnp.where(codes >= 8, -value, value).astype(out_smem.dtype)
 
 
 def _swizzled_transforms(minor: int, dtype) -> tuple:
@@ -171,6 +217,7 @@ def _build_kernel(
     num_tiles: int,
     dtype,
     has_bias: bool,
+    packed: bool,
     activation: Activation | None,
     plan: Plan,
     interpret,
@@ -185,30 +232,59 @@ def _build_kernel(
     rhs_transforms = _swizzled_transforms(bn, dtype)
 
     def matmul(lhs_window, rhs_group, col_block):
-        """fp32 [bm, bn] accumulators, one per weight block, of lhs_window @ rhs_group blocks."""
+        """fp32 [bm, bn] accumulators, one per weight block, of lhs_window @ rhs_group blocks.
+        rhs_group: the group's [K, N] ref, or its (blocks [K/2, N], scales [K/32, N]) refs."""
         specs = [plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=lhs_transforms, delay_release=1)]
         for offset in half_blocks:
-            specs.append(
-                plgpu.BlockSpec(
-                    (bk, bn), lambda kk, offset=offset: (kk, col_block + offset), transforms=rhs_transforms,
-                    delay_release=1,
-                )
-            )
+            def columns(kk, offset=offset):
+                return kk, col_block + offset
 
-        def scope(*accs):
-            def step(_, lhs_smem, *rhs_smems):
+            if packed:
+                def chunk_columns(kk, offset=offset):
+                    return lax.div(kk, 2), col_block + offset
+
+                specs += [
+                    plgpu.BlockSpec((bk, bn), chunk_columns),  # a 128-chunk's 64 byte rows
+                    plgpu.BlockSpec((bk // mxfp4.BLOCK, bn), columns),
+                ]
+            else:
+                specs.append(plgpu.BlockSpec((bk, bn), columns, transforms=rhs_transforms, delay_release=1))
+        weight_refs = list(rhs_group) if packed else [rhs_group]
+
+        def scope(dequantized, *accs):
+            def step(indices, lhs_smem, *weight_smems):
+                if packed:
+                    # Two slots per weight block: this step writes one while the step before's
+                    # wgmmas may still read the other.
+                    slot = lax.rem(indices[0], 2)
+                    rhs_smems = [dequantized.at[j, slot] for j in range(len(half_blocks))]
+                    for j, rhs_smem in enumerate(rhs_smems):
+                        _dequantize_into(rhs_smem, *weight_smems[2 * j : 2 * j + 2], indices[0])
+                    plgpu.commit_smem()
+                else:
+                    rhs_smems = weight_smems
                 for acc, rhs_smem in zip(accs, rhs_smems, strict=True):
                     plgpu.wgmma(acc, lhs_smem, rhs_smem)
                 # The step before's wgmmas are done (this step's may run on): the pipeline refills
-                # their slots next (delay_release=1).
+                # their lhs (and dense weight) slots next (delay_release=1), and a packed step
+                # rewrites their dequantized slot.
                 plgpu.wgmma_wait(len(accs))
 
             plgpu.emit_pipeline(step, grid=(k // bk,), in_specs=specs, max_concurrent_steps=plan.num_stages)(
-                lhs_window, *([rhs_group] * len(half_blocks))
+                lhs_window, *(weight_refs * len(half_blocks))
             )
             return tuple(acc[...] for acc in accs)
 
-        return pl.run_scoped(scope, *[plgpu.ACC((bm, bn), jnp.float32) for _ in half_blocks])
+        def with_accumulators(dequantized):
+            # NOTE: accumulators get a run_scoped of their own: the simulator refuses register
+            # allocations mixed with SMEM ones.
+            accs = [plgpu.ACC((bm, bn), jnp.float32) for _ in half_blocks]
+            return pl.run_scoped(lambda *refs: scope(dequantized, *refs), *accs)
+
+        if not packed:
+            return with_accumulators(None)
+        dequantized = plgpu.SMEM((len(half_blocks), 2, bk, bn), dtype, transforms=rhs_transforms)
+        return pl.run_scoped(with_accumulators, dequantized)
 
     def epilogue(accs, bias_smem):
         """[bm, bn] fp32 per weight block -> [bm, bn] output values."""
@@ -244,7 +320,8 @@ def _build_kernel(
         # Untiled, so that any row can start a TMA store (128-byte rows: bn * 2 bytes >= 128).
         pl.run_scoped(scope, plgpu.SMEM((bm, bn), dtype))
 
-    def grouped_matmul_kernel(tiles_ref, lhs_ref, rhs_ref, *refs):  # its name is the CUDA kernel's
+    def grouped_matmul_kernel(tiles_ref, lhs_ref, *refs):  # its name is the CUDA kernel's
+        weight_refs, refs = (refs[:2], refs[2:]) if packed else (refs[:1], refs[1:])
         bias_ref = refs[0] if has_bias else None
         out_ref = refs[-1]
         item = lax.axis_index("item")
@@ -258,7 +335,8 @@ def _build_kernel(
         def _group_tile():
             # NOTE: a multiple of 8 rows: Mosaic's layout inference rejects other dynamic starts.
             lhs_window = lhs_ref.at[pl.ds(pl.multiple_of(load_from, 8), bm)]  # [bm, K]
-            rhs_group = rhs_ref.at[group]  # [K, N]
+            # [K, N], or blocks [K/2, N] and scales [K/32, N]
+            rhs_group = tuple(ref.at[group] for ref in weight_refs) if packed else weight_refs[0].at[group]
             if bias_ref is None:
                 values = epilogue(matmul(lhs_window, rhs_group, col_block), None)
                 store(out_ref, values, row, shift, count, col_block)

@@ -6,19 +6,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.grouped_matmul.common import Activation, group_starts, validate_inputs
+from pallas_kernels.grouped_matmul.common import Activation, Rhs, group_starts, validate_inputs
+from pallas_kernels.grouped_matmul.mxfp4 import Mxfp4Weights
 
 
 def grouped_matmul_reference(
     lhs: jax.Array,  # [M, K]
-    rhs: jax.Array,  # [E, K, N]
+    rhs: Rhs,  # [E, K, N], dense or MXFP4
     group_sizes: jax.Array,  # [E] i32
     *,
     bias: jax.Array | None = None,  # [E, N]
     activation: Activation | None = None,
 ) -> jax.Array:  # [M, N] or [M, N / 2]
-    """out[r] = act(lhs[r] @ rhs[e] + bias[e]) for the rows r of group e; zero for padding rows."""
+    """out[r] = act(lhs[r] @ rhs[e] + bias[e]) for the rows r of group e; zero for padding rows.
+    MXFP4 weights are dequantized to lhs's dtype first (exact in bf16 and f32: an
+    MXFP4 value has 2 significant bits within f32's exponent range)."""
     validate_inputs(lhs, rhs, group_sizes, bias, activation)
+    if isinstance(rhs, Mxfp4Weights):
+        rhs = rhs.dequantize(lhs.dtype)  # [E, K, N]
     m = lhs.shape[0]
     num_groups, _, n = rhs.shape
     starts = group_starts(group_sizes)  # [E + 1]

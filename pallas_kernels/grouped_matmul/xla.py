@@ -7,6 +7,10 @@ Two exact forms:
   - larger ones: a loop over row tiles of one group each (`common.row_tiles`): one [block_m, K]
     x [K, N] dot per tile, memory O(block_m * N), and empty groups cost nothing. The loop runs
     only over the real tiles (a while loop).
+
+MXFP4 weights (`Mxfp4Weights`): where the problem has fewer row tiles than experts (decode), the
+tile loop dequantizes only each tile's expert, so untouched experts cost nothing; otherwise every
+expert is dequantized once to lhs's dtype and the dense forms above run.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from jax import lax
 
 from pallas_kernels.grouped_matmul.common import (
     Activation,
+    Rhs,
     TileColumn,
     group_starts,
+    max_row_tiles,
     output_columns,
     padded_rows,
     row_tiles,
     validate_inputs,
 )
+from pallas_kernels.grouped_matmul.mxfp4 import Mxfp4Weights, dequantize_kernel_layout
 
 # Largest masked operand (M * E * K elements) for which ragged_dot is used.
 DENSE_LIMIT = 1 << 24
@@ -33,7 +40,7 @@ _COLUMNS = (TileColumn.GROUP, TileColumn.LOAD_FROM, TileColumn.ROW, TileColumn.C
 
 def grouped_matmul_xla(
     lhs: jax.Array,  # [M, K]
-    rhs: jax.Array,  # [E, K, N]
+    rhs: Rhs,  # [E, K, N], dense or MXFP4
     group_sizes: jax.Array,  # [E] i32
     *,
     bias: jax.Array | None = None,  # [E, N]
@@ -43,10 +50,18 @@ def grouped_matmul_xla(
     """Same contract as `grouped_matmul_reference`; `dense_limit` picks the form (see above)."""
     validate_inputs(lhs, rhs, group_sizes, bias, activation)
     m, k = lhs.shape
-    num_groups = rhs.shape[0]
+    num_groups, _, n = rhs.shape
+    if isinstance(rhs, Mxfp4Weights):
+        if max_row_tiles(m, num_groups, _TILE_ROWS) < num_groups:
+
+            def expert_weights(group):  # [K, N] in lhs's dtype
+                return dequantize_kernel_layout(rhs.blocks[group], rhs.scales[group], lhs.dtype)
+
+            return _tile_loop(lhs, expert_weights, n, group_sizes, bias, activation)
+        rhs = rhs.dequantize(lhs.dtype)  # [E, K, N]
     if m * num_groups * k <= dense_limit:
         return _ragged_dot(lhs, rhs, group_sizes, bias, activation)
-    return _tile_loop(lhs, rhs, group_sizes, bias, activation)
+    return _tile_loop(lhs, lambda group: rhs[group], n, group_sizes, bias, activation)
 
 
 def _ragged_dot(lhs, rhs, group_sizes, bias, activation):
@@ -67,9 +82,9 @@ def _ragged_dot(lhs, rhs, group_sizes, bias, activation):
     return jnp.where(real[:, None], y, 0.0).astype(lhs.dtype)
 
 
-def _tile_loop(lhs, rhs, group_sizes, bias, activation):
+def _tile_loop(lhs, expert_weights, n, group_sizes, bias, activation):
+    """expert_weights(group [] i32) -> that group's [K, N]."""
     m, k = lhs.shape
-    n = rhs.shape[2]
     block_m = _TILE_ROWS
     padded_m = padded_rows(m, block_m)
     lhs = jnp.pad(lhs, ((0, padded_m - m), (0, 0)))  # [padded_m, K]: every tile's window inside
@@ -80,7 +95,7 @@ def _tile_loop(lhs, rhs, group_sizes, bias, activation):
     def tile(i, out):  # out [M, out_n] f32
         group, load_from, row, count = (tiles[i, c] for c in _COLUMNS)
         x = lax.dynamic_slice(lhs, (load_from, 0), (block_m, k))  # [block_m, K]
-        y = jnp.dot(x, rhs[group], preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+        y = jnp.dot(x, expert_weights(group), preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
         if bias is not None:
             y = y + bias[group].astype(jnp.float32)
         if activation is not None:
