@@ -30,6 +30,14 @@ so out = sum_j exp(l_j - m) v_j / (sum_j exp(l_j - m) + exp(sinks[h] - m)), m th
 l_j and the sink, where l_j are the scaled (and soft-capped) logits: HF's gpt-oss
 `eager_attention_forward` concatenates the sink after scaling. A token that sees no key still
 gives zeros. sinks=None is plain softmax and traces today's program.
+
+FP8 pages (`--kv-cache-dtype fp8`): kv_pages may be float8_e4m3fn whatever q's dtype; they hold
+K / k_scale and V / v_scale (`AttentionParams.k_scale`, `v_scale`: one scale per tensor, as vLLM's
+per-layer `_k_scale`), saturated to e4m3's +-448 by `write_kv_pages`. Readers dequantize: K = pages[0]
+* k_scale. Per-tensor scales fold exactly into the logits' scale (sm_scale * k_scale) and the
+output (v_scale * out), which is what the XLA path and the Mosaic kernel do; e4m3 values are exact
+in bf16, so a tile upcast to bf16 loses nothing. Pages in q's dtype ignore the scales (1.0) and
+trace the same program as before.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+FP8_KV_DTYPE = jnp.float8_e4m3fn
+FP8_E4M3_MAX = 448.0  # the largest finite e4m3fn value
+
 
 @dataclass(frozen=True)
 class AttentionParams:
@@ -47,6 +58,19 @@ class AttentionParams:
     sm_scale: float
     sliding_window: int | None = None  # attend to at most this many most recent positions
     soft_cap: float | None = None  # logits -> soft_cap * tanh(logits / soft_cap)
+    k_scale: float = 1.0  # FP8 pages: K = pages[0] * k_scale (vLLM's default without calibration: 1.0)
+    v_scale: float = 1.0  # FP8 pages: V = pages[1] * v_scale
+
+
+def is_fp8(kv_pages: jax.Array) -> bool:
+    """Whether the pages hold scaled e4m3 values (common.py's FP8 pages)."""
+    return jnp.dtype(kv_pages.dtype) == jnp.dtype(FP8_KV_DTYPE)
+
+
+def quantize_fp8(x: jax.Array, scale: float) -> jax.Array:
+    """x / scale, saturated to e4m3's finite range (a plain cast would give NaN past it), as e4m3."""
+    scaled = x.astype(jnp.float32) / scale
+    return jnp.clip(scaled, -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(FP8_KV_DTYPE)
 
 
 def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sinks=None) -> None:
@@ -57,6 +81,9 @@ def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sin
         raise ValueError(f"kv_pages must be [2, Hkv, num_pages, page_size, D], got {kv_pages.shape}")
     _, num_q_heads, head_dim = q.shape
     _, num_kv_heads, _, _, kv_head_dim = kv_pages.shape
+    if kv_pages.dtype != q.dtype and not is_fp8(kv_pages):
+        raise ValueError(f"kv_pages must be in q's dtype ({q.dtype}) or {jnp.dtype(FP8_KV_DTYPE).name}, "
+                         f"got {kv_pages.dtype}")
     if kv_head_dim != head_dim:
         raise ValueError(f"head_dim of q ({head_dim}) and kv_pages ({kv_head_dim}) differ")
     if num_q_heads % num_kv_heads:
@@ -77,16 +104,21 @@ def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sin
         raise ValueError(f"sinks must be [Hq]={num_q_heads}, got {sinks.shape}")
 
 
-def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
+                   k_scale: float = 1.0, v_scale: float = 1.0) -> jax.Array:
     """Write new tokens' K/V into their page slots; returns the updated pages.
 
     kv_pages [2, Hkv, P, page, D]; k, v [T, Hkv, D]; slot_mapping [T] i32 = page * page_size +
-    offset. Padded tokens carry a slot >= P * page_size and are dropped. Donate kv_pages at the
-    jit boundary so this is an in-place scatter.
+    offset. Padded tokens carry a slot >= P * page_size and are dropped. FP8 pages get K / k_scale
+    and V / v_scale, saturated (`quantize_fp8`); other pages ignore the scales. Donate kv_pages at
+    the jit boundary so this is an in-place scatter.
     """
     _, num_kv_heads, num_pages, page_size, head_dim = kv_pages.shape
     flat = jnp.asarray(kv_pages).reshape(2, num_kv_heads, num_pages * page_size, head_dim)
-    new = jnp.stack([k, v]).astype(kv_pages.dtype)  # [2, T, Hkv, D]
+    if is_fp8(kv_pages):
+        new = jnp.stack([quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)])  # [2, T, Hkv, D]
+    else:
+        new = jnp.stack([k, v]).astype(kv_pages.dtype)  # [2, T, Hkv, D]
     new = new.transpose(0, 2, 1, 3)  # [2, Hkv, T, D]
     flat = flat.at[:, :, slot_mapping].set(new, mode="drop")
     return flat.reshape(kv_pages.shape)

@@ -3,7 +3,7 @@
 For each slot s: rebuild its dense K/V from its pages, score every query token against it, keep
 only the tokens that belong to s and the keys each may see, softmax (with the sink as one more
 logit, as HF's gpt-oss computes it), weighted sum. Cost is S x T x L, fine for tests and nothing
-else.
+else. FP8 pages are dequantized as they are read (x * scale, common.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pallas_kernels.ragged_paged_attention.common import (
     AttentionParams,
     apply_soft_cap,
     attention_mask,
+    is_fp8,
     validate_inputs,
 )
 
@@ -39,6 +40,7 @@ def ragged_paged_attention_reference(
     tokens = jnp.arange(num_tokens)
     key_pos = jnp.arange(max_len)
     qf = q.astype(jnp.float32)
+    fp8 = is_fp8(kv_pages)
     out = jnp.zeros((num_tokens, num_q_heads, head_dim), jnp.float32)
     for s in range(num_slots):
         live = s < num_seqs[0]
@@ -48,6 +50,8 @@ def ragged_paged_attention_reference(
         position = kv_len - (end - start) + (tokens - start)  # [T]
         k = kv_pages[0][:, page_indices[s]].reshape(num_kv_heads, max_len, head_dim).astype(jnp.float32)
         v = kv_pages[1][:, page_indices[s]].reshape(num_kv_heads, max_len, head_dim).astype(jnp.float32)
+        if fp8:
+            k, v = k * params.k_scale, v * params.v_scale
         k = jnp.repeat(k, group, axis=0)  # [Hq, L, D]
         v = jnp.repeat(v, group, axis=0)
         logits = jnp.einsum("thd,hld->thl", qf, k) * params.sm_scale

@@ -16,6 +16,9 @@ With a sliding window W each row starts at its window's first page instead, and 
 at most one decode's window (C cut to the pages W keys can span), so a decode gathers about W
 keys, whatever its context. `XlaBlockSizes` holds C, Bd and Bq.
 
+FP8 pages: each chunk's K/V is upcast to q's dtype as it is gathered (exact), k_scale joins the
+logits' scale and v_scale the output (common.py).
+
 NOTE: requests are correct in any order; decodes placed after a prefill are merely handled as
 one-token tiles.
 """
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 from pallas_kernels.ragged_paged_attention.common import (
     AttentionParams,
     apply_soft_cap,
+    is_fp8,
     token_metadata,
     validate_inputs,
 )
@@ -70,6 +74,9 @@ def _attend_chunked(q, pages, pos, valid, kv_len, kv_pages, params: AttentionPar
     chunk = chunk_pages * page_size
     offsets = jnp.arange(chunk, dtype=jnp.int32)
     window = params.sliding_window
+    fp8 = is_fp8(kv_pages)
+    logit_scale = params.sm_scale * params.k_scale if fp8 else params.sm_scale
+    out_scale = params.v_scale if fp8 else 1.0
     if window is None:
         reach = jnp.max(jnp.where(valid, jnp.minimum(pos, kv_len[:, None] - 1), -1)) + 1  # positions needed
         num_chunks = (reach + chunk - 1) // chunk
@@ -96,6 +103,8 @@ def _attend_chunked(q, pages, pos, valid, kv_len, kv_pages, params: AttentionPar
         ids, key_pos = chunk_pages_and_positions(j)
         k = jnp.moveaxis(kv_pages[0][:, ids], 0, 1).reshape(num_rows, num_kv_heads, chunk, head_dim)
         v = jnp.moveaxis(kv_pages[1][:, ids], 0, 1).reshape(num_rows, num_kv_heads, chunk, head_dim)
+        if fp8:  # e4m3 -> q's dtype is exact; the scales are folded into logit_scale and the output
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         key_pos = key_pos[:, None, :]  # [B or 1, 1, C]
         mask = (key_pos <= pos[:, :, None]) & (key_pos < kv_len[:, None, None])
         if window is not None:
@@ -103,7 +112,7 @@ def _attend_chunked(q, pages, pos, valid, kv_len, kv_pages, params: AttentionPar
         mask &= valid[:, :, None]
         mask = mask[:, None]  # [B, 1, M, C]
         logits = jnp.einsum("bkmd,bkcd->bkmc", q, k, preferred_element_type=jnp.float32)
-        logits = apply_soft_cap(logits * params.sm_scale, params.soft_cap)
+        logits = apply_soft_cap(logits * logit_scale, params.soft_cap)
         logits = jnp.where(mask, logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -119,6 +128,8 @@ def _attend_chunked(q, pages, pos, valid, kv_len, kv_pages, params: AttentionPar
         jnp.zeros((num_rows, num_kv_heads, num_q, head_dim), jnp.float32),
     )
     m, denom, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    if out_scale != 1.0:
+        acc = acc * out_scale
     if sink is None:
         return acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     # The sink joins the denominator: rescale to the max over the keys and the sink.
