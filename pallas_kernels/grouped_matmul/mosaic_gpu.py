@@ -16,13 +16,21 @@ Per CTA, one warpgroup:
     activation, the cast; then the tile's rows go to GMEM with power-of-two TMA stores (a tile
     may start and end on any row).
 
+MXFP4 weights (`mxfp4.Mxfp4Weights`, gpt-oss): the pipeline loads a chunk's code bytes [64, block_n]
+and two scale rows instead of a weight block, and each K step dequantizes them in registers (a
+shift-and-mask table of e2m1 magnitudes, the row's scale, the sign) into one of two swizzled SMEM
+slots, the wgmma's operand; the other slot is still being read by the step before's wgmma. Only
+the packed bytes come from HBM (~0.53 byte a weight instead of 2), at the price of ~15 integer
+and float operations a weight on the CUDA cores.
+
 Plans (`default_plan`): decode-sized groups (memory-bound: every touched expert's weights are
 streamed once) get 64-row tiles and 64-column blocks, so even 8 rows spread over 8 experts make
 ~100+ CTAs; prefill-sized groups get 128 x 128 tiles. Both keep SMEM under half of the 227 KiB,
 so two CTAs share an SM and one's epilogue overlaps the other's loads.
 
-Tested on CPU (tests/kernels/test_grouped_matmul.py): the Mosaic GPU simulator against the
-reference, and the CUDA lowering of the decode and prefill plans. bench/grouped_matmul.py times it.
+Tested on CPU (tests/kernels/test_grouped_matmul.py, test_grouped_matmul_mxfp4.py): the Mosaic
+GPU simulator against the reference, and the CUDA lowering of the decode and prefill plans.
+bench/grouped_matmul.py times it (`--mxfp4`: bf16 against packed weights).
 """
 
 from __future__ import annotations
@@ -196,10 +204,10 @@ def _dequantize_into(out_smem, blocks_smem, scales_smem, step) -> None:
     shift = lax.broadcast(lax.rem(step, 2) * 4, shape)
     codes = lax.shift_right_logical(bytes_, shift) & 0xF  # [64, bn]
     magnitude = (jnp.int32(_DOUBLED_MAGNITUDES) >> ((codes & 7) << 2)) & 0xF  # [64, bn]
-    first, second = (lax.broadcast_in_dim(mxfp4.scale_values(scales_smem[j]), shape, [1]) for j in range(2))
+    # Halved scales, as the magnitudes are doubled; rows 0-31 take the first, rows 32-63 the second.
+    first, second = (lax.broadcast_in_dim(mxfp4.scale_values(scales_smem[j]) * 0.5, shape, [1]) for j in range(2))
     row = lax.broadcasted_iota(jnp.int32, shape, 0)
-    scale = jnp.where(row < mxfp4.BLOCK, first, second) * 0.5  # the magnitudes are doubled
-    value = magnitude.astype(jnp.float32) * scale
+    value = magnitude.astype(jnp.float32) * jnp.where(row < mxfp4.BLOCK, first, second)
     out_smem[...] = jnp.where(codes >= 8, -value, value).astype(out_smem.dtype)
 
 

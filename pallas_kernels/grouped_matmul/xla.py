@@ -52,7 +52,7 @@ def grouped_matmul_xla(
     m, k = lhs.shape
     num_groups, _, n = rhs.shape
     if isinstance(rhs, Mxfp4Weights):
-        if max_row_tiles(m, num_groups, _TILE_ROWS) < num_groups:
+        if dequantizes_per_tile(m, num_groups):
 
             def expert_weights(group):  # [K, N] in lhs's dtype
                 return dequantize_kernel_layout(rhs.blocks[group], rhs.scales[group], lhs.dtype)
@@ -62,6 +62,11 @@ def grouped_matmul_xla(
     if m * num_groups * k <= dense_limit:
         return _ragged_dot(lhs, rhs, group_sizes, bias, activation)
     return _tile_loop(lhs, lambda group: rhs[group], n, group_sizes, bias, activation)
+
+
+def dequantizes_per_tile(m: int, num_groups: int) -> bool:
+    """Whether MXFP4 weights are dequantized tile by tile (fewer row tiles than experts), not all at once."""
+    return max_row_tiles(m, num_groups, _TILE_ROWS) < num_groups
 
 
 def _ragged_dot(lhs, rhs, group_sizes, bias, activation):
