@@ -194,6 +194,18 @@ def test_simulated_packed_kernel_matches_reference(simulator, activation, with_b
     assert not simulator.races_found()
 
 
+def test_simulated_packed_kernel_prefill_plan(simulator):
+    """128-row tiles and a 128-column dequantized block (two swizzle tiles wide)."""
+    case = Case((40, 0, 87), m=130, k=128, n=128)  # the last window is moved back inside the rows
+    lhs, packed, _, group_sizes, _ = make_packed_inputs(case)
+    simulator.reset()
+    plan = Plan(block_m=128, block_n=128, block_k=64, num_stages=2)
+    out = jax.block_until_ready(grouped_matmul_mosaic(lhs, packed, group_sizes, plan=plan,
+                                                      interpret=simulator.params()))
+    check_against_reference(out, lhs, packed, group_sizes, None, None, tol=BF16_TOL)
+    assert not simulator.races_found()
+
+
 # (rows, K, N, experts, activation, bias): gpt-oss-20b's two GEMMs at decode and prefill.
 LOWERING_SHAPES = {
     "decode_gate_up": (32, 2880, 5760, 32, OAI_SPLIT, True),
