@@ -83,7 +83,8 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     limits = _with_kv_pool(config, sched, device, model, attention, buckets)
     runner = ModelRunner(model, attention, buckets, limits, max_logprobs=config.model.max_logprobs,
                          seed=config.model.seed, served=served,
-                         default_sampling=_default_sampling(defaults))
+                         default_sampling=_default_sampling(defaults),
+                         kv_dtype=kv_cache.kv_dtype(config.cache.kv_cache_dtype, model.dtype))
     engine = LLMEngine(config, limits, runner, tokenizer, arch.vocab_size, sorted(eos), log_stats=log_stats,
                        grammar_compiler=grammar_compiler)
     parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template))
@@ -103,16 +104,17 @@ def _with_kv_pool(config: EngineConfig, sched: SchedulerLimits, device: DeviceFa
     from jaxllm.runner.compilation import activation_bytes  # noqa: PLC0415
     from jaxllm.runner.limits import kv_pool, resolve_limits  # noqa: PLC0415
 
+    kv_dtype = kv_cache.kv_dtype(config.cache.kv_cache_dtype, model.dtype)
     activation = 0
     if device.memory_limit is not None:  # else (CPU) a fixed budget
-        activation = activation_bytes(model, attention, buckets, config.compilation_cache_dir)
+        activation = activation_bytes(model, attention, buckets, config.compilation_cache_dir, kv_dtype)
     page_size = config.cache.block_size
-    page_bytes = kv_cache.bytes_per_page(model.arch, page_size, model.dtype, model.mesh.devices.size, model.rules)
+    page_bytes = kv_cache.bytes_per_page(model.arch, page_size, kv_dtype, model.mesh.devices.size, model.rules)
     # The memory in use measured again, after the activation compile, where the pool will be allocated.
     pool = kv_pool(config.cache, kv_cache.measure_device(model.mesh), activation + buckets.input_bytes(), page_bytes)
     pool = dataclasses.replace(pool, num_pages=kv_cache.same_on_every_process(pool.num_pages))
     limits = resolve_limits(sched, page_size, pool)
-    kv_cache.log_pool(limits.num_pages, page_size, limits.max_model_len, page_bytes, activation)
+    kv_cache.log_pool(limits.num_pages, page_size, limits.max_model_len, page_bytes, activation, kv_dtype)
     return limits
 
 

@@ -89,6 +89,11 @@ class CacheConfig:
     )
     num_gpu_blocks_override: int | None = option(None, "Number of KV pages, overriding the memory-based size.")
     enable_prefix_caching: bool = option(True, "Reuse KV pages of shared prompt prefixes.")
+    kv_cache_dtype: str = option(
+        "auto", "KV page dtype: auto (the model's) or fp8 / fp8_e4m3 (e4m3 pages, half the bytes per token; "
+        "per-tensor scales of 1.0, as vLLM without calibrated scales).",
+        choices=("auto", "fp8", "fp8_e4m3"),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -319,7 +319,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array, batch:
            kernels: Kernels, params: AttentionParams, sinks: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Write this step's k/v [T, Hkv, D] into the page pool and attend q [T, Hq, D] over it (with
     sinks [Hq] f32 where the model has them). Returns (out [T, Hq * D], kv_pages)."""
-    kv_pages = write_kv_pages(kv_pages, k, v, batch.slot_mapping)
+    kv_pages = write_kv_pages(kv_pages, k, v, batch.slot_mapping, params.k_scale, params.v_scale)
     extra = {} if sinks is None else {"sinks": sinks}
     out = kernels.attention(q, kv_pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, params,
                             **extra)

@@ -191,27 +191,32 @@ class Buckets:
         return sum(ForwardInputs.zeros(t, self.slots(t), p).nbytes() for t, p in self.keys)
 
 
-def _abstract_args(model: LoadedModel, buckets: Buckets, num_tokens: int, pages_per_seq: int, num_pages: int):
-    """The forward's arguments for one bucket on a pool of `num_pages`, as shapes and shardings."""
+def _abstract_args(model: LoadedModel, buckets: Buckets, num_tokens: int, pages_per_seq: int, num_pages: int,
+                   kv_dtype):
+    """The forward's arguments for one bucket on a pool of `num_pages` pages of `kv_dtype`, as shapes
+    and shardings."""
     rep = NamedSharding(model.mesh, PartitionSpec())
     inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                           ForwardInputs.zeros(num_tokens, buckets.slots(num_tokens), pages_per_seq))
     leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in model.leaves]
-    kv = jax.ShapeDtypeStruct(kv_pages_shape(model.arch, num_pages, buckets.page_size), model.dtype,
+    kv = jax.ShapeDtypeStruct(kv_pages_shape(model.arch, num_pages, buckets.page_size), kv_dtype,
                               sharding=kv_pages_sharding(model.mesh, model.rules))
     prev_tokens = jax.ShapeDtypeStruct((buckets.max_num_seqs,), jnp.int32, sharding=rep)
     return leaves, [kv] * model.arch.num_layers, inputs.batch(), inputs.placeholder_rows, prev_tokens
 
 
-def activation_bytes(model: LoadedModel, attention: Attention, buckets: Buckets, cache_dir: str | None) -> int:
-    """Temp memory of the largest bucket's forward, compiled against a small stand-in pool.
+def activation_bytes(model: LoadedModel, attention: Attention, buckets: Buckets, cache_dir: str | None,
+                     kv_dtype=None) -> int:
+    """Temp memory of the largest bucket's forward, compiled against a small stand-in pool (of
+    `kv_dtype` pages; None: the model's dtype).
 
     NOTE: with a compilation cache the figure is kept beside it, keyed by the traced program
     (every shape, the kernel's body and its compiler params), the weights' shardings, jax's
     version and the device: a warm start then skips lowering that bucket and loading it from
     the cache only to read one number."""
     forward = jax.jit(model.forward_fn(attention.fn), donate_argnums=(1,))
-    args = _abstract_args(model, buckets, buckets.tokens[-1], buckets.pages[-1], num_pages=buckets.pages[-1] + 1)
+    args = _abstract_args(model, buckets, buckets.tokens[-1], buckets.pages[-1], num_pages=buckets.pages[-1] + 1,
+                          kv_dtype=model.dtype if kv_dtype is None else kv_dtype)
     traced = forward.trace(*args)
     path = None
     if cache_dir:
@@ -245,8 +250,9 @@ class BucketCompiler:
     ("forward-all-logits", T, P)."""
 
     def __init__(self, model: LoadedModel, attention: Attention, buckets: Buckets, *, num_pages: int,
-                 max_model_len: int, warm_samplers: list[SamplerFlags], stand_in: SamplerFlags):
+                 max_model_len: int, warm_samplers: list[SamplerFlags], stand_in: SamplerFlags, kv_dtype):
         self.buckets = buckets
+        self._kv_dtype = kv_dtype  # the pages' dtype (kv_cache.kv_dtype)
         self.sharding = NamedSharding(model.mesh, PartitionSpec())  # every step input is replicated
         self._model, self._attention_name, self._num_pages = model, attention.name, num_pages
         self._max_model_len, self._vocab_size = max_model_len, model.arch.vocab_size
@@ -458,7 +464,7 @@ class BucketCompiler:
 
     def _compile_forward(self, num_tokens: int, pages_per_seq: int):
         start = time.perf_counter()
-        args = _abstract_args(self._model, self.buckets, num_tokens, pages_per_seq, self._num_pages)
+        args = _abstract_args(self._model, self.buckets, num_tokens, pages_per_seq, self._num_pages, self._kv_dtype)
         compiled = self._forward.lower(*args).compile()
         logger.debug("compiled bucket (%d tokens, %d pages) in %.1f s", num_tokens, pages_per_seq,
                      time.perf_counter() - start)

@@ -19,8 +19,19 @@ from jaxllm.model_arch import ModelArch
 from jaxllm.models.layers import kv_pages_shape
 from jaxllm.models.sharding import ShardingRules, kv_pages_sharding
 from jaxllm.runner.limits import DeviceFacts, GiB
+from pallas_kernels.ragged_paged_attention.common import FP8_KV_DTYPE
 
 logger = logging.getLogger(__name__)
+
+
+def kv_dtype(kv_cache_dtype: str, model_dtype) -> jnp.dtype:
+    """The pages' dtype for `--kv-cache-dtype`: auto keeps the model's, fp8 / fp8_e4m3 store e4m3
+    (ragged_paged_attention/common.py's FP8 pages)."""
+    if kv_cache_dtype == "auto":
+        return jnp.dtype(model_dtype)
+    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        return jnp.dtype(FP8_KV_DTYPE)
+    raise ValueError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported (auto, fp8, fp8_e4m3)")
 
 
 def bytes_per_page(arch: ModelArch, page_size: int, dtype, tp: int, rules: ShardingRules) -> int:
@@ -58,13 +69,14 @@ def allocate_kv_pages(arch: ModelArch, num_pages: int, page_size: int, dtype, me
     return [make() for _ in range(arch.num_layers)]
 
 
-def log_pool(num_pages: int, page_size: int, max_model_len: int, page_bytes: int, activation_bytes: int) -> None:
+def log_pool(num_pages: int, page_size: int, max_model_len: int, page_bytes: int, activation_bytes: int,
+             dtype) -> None:
     """The KV phase's one start-up line; `activation_bytes`, the peak it reserved (0: not measured, CPU)."""
     tokens = num_pages * page_size
     logger.info(
-        "KV cache: %d pages of %d tokens = %d tokens (%.2f GiB per device%s); maximum concurrency for %d tokens "
-        "per request: %.2fx",
-        num_pages, page_size, tokens, num_pages * page_bytes / GiB,
+        "KV cache: %d pages of %d tokens = %d tokens (%s, %.2f GiB per device%s); maximum concurrency for %d "
+        "tokens per request: %.2fx",
+        num_pages, page_size, tokens, jnp.dtype(dtype).name, num_pages * page_bytes / GiB,
         f", after {activation_bytes / GiB:.2f} GiB of activation peak" if activation_bytes else "",
         max_model_len, tokens / max_model_len,
     )

@@ -73,11 +73,13 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, model: LoadedModel, attention: Attention, buckets: Buckets, limits: EngineLimits, *,
                  max_logprobs: int, seed: int = 0, served: bool = False,
-                 default_sampling: SamplingParams | None = None):
+                 default_sampling: SamplingParams | None = None, kv_dtype=None):
         """max_logprobs: the most logprobs a request may ask for (-1: the whole vocabulary), which sets the
         top-logprobs widths compiled. default_sampling: what a request gets when it sets nothing (the
-        model's generation config), whose sampler variant is then compiled at warm-up too."""
+        model's generation config), whose sampler variant is then compiled at warm-up too. kv_dtype: the KV
+        pages' dtype (`kv_cache.kv_dtype`; None: the model's)."""
         self.model = model
+        self.kv_dtype = model.dtype if kv_dtype is None else kv_dtype
         self.attention, self.attention_name = attention, attention.name
         self.buckets = buckets
         self.page_size = limits.block_size
@@ -87,9 +89,9 @@ class ModelRunner:
         self.compiler = BucketCompiler(model, attention, buckets, num_pages=limits.num_pages,
                                        max_model_len=limits.max_model_len,
                                        warm_samplers=warm_sampler_flags(default_sampling),
-                                       stand_in=stand_in_sampler_flags(self.logprob_widths))
+                                       stand_in=stand_in_sampler_flags(self.logprob_widths), kv_dtype=self.kv_dtype)
         self._inputs = StableInputs(self.compiler.sharding)
-        self.kv_pages = kv_cache.allocate_kv_pages(model.arch, limits.num_pages, limits.block_size, model.dtype,
+        self.kv_pages = kv_cache.allocate_kv_pages(model.arch, limits.num_pages, limits.block_size, self.kv_dtype,
                                                    model.mesh, model.rules)
         max_pages = -(-limits.max_model_len // limits.block_size)
         self.input_batch = InputBatch(limits.block_size, limits.num_pages, seed, max_pages, limits.max_num_seqs)

@@ -43,6 +43,7 @@ IMPLEMENTED_ARGV: dict[str, list[str]] = {
     "--block-size": ["--block-size", "32"], "--gpu-memory-utilization": ["--gpu-memory-utilization", "0.5"],
     "--device-memory-utilization": ["--device-memory-utilization", "0.5"],
     "--kv-cache-memory-bytes": ["--kv-cache-memory-bytes", "1000"],
+    "--kv-cache-dtype": ["--kv-cache-dtype", "fp8"],
     "--num-gpu-blocks-override": ["--num-gpu-blocks-override", "8"],
     "--enable-prefix-caching": ["--no-enable-prefix-caching"],
     "--max-num-batched-tokens": ["--max-num-batched-tokens", "2k"], "--max-num-seqs": ["--max-num-seqs", "4"],
@@ -115,7 +116,7 @@ def test_every_refused_flag_exits_2_naming_it(capsys: pytest.CaptureFixture[str]
 
 def test_harmless_values_of_refused_flags_start_without_a_word(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="jaxllm.serve"):
-        parse_args(["--kv-cache-dtype", "auto", "--no-enable-lora", "--runner", "generate", "--tokenizer-mode", "hf",
+        parse_args(["--no-enable-lora", "--runner", "generate", "--tokenizer-mode", "hf",
                     "--logprobs-mode", "raw_logprobs", "--response-role", "assistant"])
     assert warnings_logged(caplog) == []
 
