@@ -193,6 +193,9 @@ def grouped_matmul_mosaic(
 # The doubled magnitudes of e2m1 codes 0..7 (0, 1, 2, 3, 4, 6, 8, 12), 4 bits each: code c's is
 # (_DOUBLED_MAGNITUDES >> 4c) & 15. A shift and a mask, where a table gather has no register form.
 _DOUBLED_MAGNITUDES = 0xC8643210 - (1 << 32)  # as an int32
+# 2^23 as float32 bits: OR-ing an integer 0 <= i < 2^23 into them gives the float 2^23 + i, so
+# i = that - 2^23 exactly, on the integer and float units instead of the slower conversion unit.
+_TWO_POW_23_BITS = 0x4B000000
 
 
 def _dequantize_into(out_smem, blocks_smem, scales_smem, step) -> None:
@@ -207,7 +210,8 @@ def _dequantize_into(out_smem, blocks_smem, scales_smem, step) -> None:
     # Halved scales, as the magnitudes are doubled; rows 0-31 take the first, rows 32-63 the second.
     first, second = (lax.broadcast_in_dim(mxfp4.scale_values(scales_smem[j]) * 0.5, shape, [1]) for j in range(2))
     row = lax.broadcasted_iota(jnp.int32, shape, 0)
-    value = magnitude.astype(jnp.float32) * jnp.where(row < mxfp4.BLOCK, first, second)
+    magnitude = lax.bitcast_convert_type(magnitude | _TWO_POW_23_BITS, jnp.float32) - float(1 << 23)
+    value = magnitude * jnp.where(row < mxfp4.BLOCK, first, second)
     out_smem[...] = jnp.where(codes >= 8, -value, value).astype(out_smem.dtype)
 
 
@@ -241,7 +245,7 @@ def _build_kernel(
 
     def matmul(lhs_window, rhs_group, col_block):
         """fp32 [bm, bn] accumulators, one per weight block, of lhs_window @ rhs_group blocks.
-        rhs_group: the group's [K, N] ref, or its (blocks [K/2, N], scales [K/32, N]) refs."""
+        rhs_group: the group's [K, N] ref, or its MXFP4 (blocks [Kp/2, N], scales [K/32, N]) refs."""
         specs = [plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=lhs_transforms, delay_release=1)]
         for offset in half_blocks:
             def columns(kk, offset=offset):
@@ -251,8 +255,9 @@ def _build_kernel(
                 def chunk_columns(kk, offset=offset):
                     return lax.div(kk, 2), col_block + offset
 
+                # No delay_release: the step reads them into registers before commit_smem's barrier.
                 specs += [
-                    plgpu.BlockSpec((bk, bn), chunk_columns),  # a 128-chunk's 64 byte rows
+                    plgpu.BlockSpec((mxfp4.KERNEL_STEP, bn), chunk_columns),  # a 128-chunk's 64 byte rows
                     plgpu.BlockSpec((bk // mxfp4.BLOCK, bn), columns),
                 ]
             else:
