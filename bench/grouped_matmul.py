@@ -24,7 +24,8 @@ $OUT (or the current directory); `--budget-s` stops starting new shapes after th
 in both ways of serving those weights: dequantized to bf16 at load (the dense kernel) and packed
 (`Mxfp4Weights`, dequantized inside the kernel), each packed row beside the bf16 row of its shape.
 The packed rows' byte floor counts the packed bytes (codes, scales) of the touched experts; their
-baseline is the XLA path on the packed weights (decode only), and jax's dense baselines are not run.
+baseline is the XLA path on the packed weights (1-token decode only, where it dequantizes only the
+touched experts), and jax's dense baselines are not run.
 """
 
 from __future__ import annotations
@@ -343,7 +344,7 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float, tune: bool = False,
         except Exception as e:  # noqa: BLE001
             row["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         del out
-    if shape.packed and shape.kind == "decode":
+    if shape.packed and shape.tokens == 1:
         timed(row, "xla", xla_fn(shape.activation), args)
     if baselines and not shape.packed:
         time_jax_baselines(row, shape, args)
@@ -389,7 +390,7 @@ def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
         "Mosaic us is the whole call (the row-tile prologue's small XLA kernels included); kernel only is "
         "the Mosaic kernel alone.\n\n"
         "MXFP4 rows: the floor counts the packed bytes; the baseline is the XLA path on the packed weights "
-        "(decode); `bf16 / mxfp4` is the bf16 row's Mosaic time over this row's.\n\n"
+        "(1-token decode); `bf16 / mxfp4` is the bf16 row's Mosaic time over this row's.\n\n"
         "| shape | rows | experts touched | floor us | Mosaic us | vs floor (bar) | kernel only us (vs floor) "
         "| ragged_dot us | ragged_dot_mgpu us | XLA us | speedup vs best | bf16 / mxfp4 | rel err (32 rows) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
