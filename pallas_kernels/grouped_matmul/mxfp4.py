@@ -44,6 +44,8 @@ E2M1_VALUES = np.array(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32
 )
 E2M1_MAX = 6.0
+# Every byte's two values (low nibble first): [256, 2] float32, one gather per byte.
+BYTE_VALUES = np.stack([E2M1_VALUES[np.arange(256) & 0xF], E2M1_VALUES[np.arange(256) >> 4]], axis=-1)
 
 
 def _xp(x) -> Any:
@@ -77,11 +79,16 @@ def dequantize_mxfp4(blocks, scales, dtype=jnp.bfloat16):
     xp = _xp(blocks)
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"blocks {blocks.shape} and scales {scales.shape} are not [..., K/32, 16] and [..., K/32]")
-    table = xp.asarray(E2M1_VALUES)
-    low, high = _nibbles(blocks)
-    codes = xp.stack([low, high], axis=-1).reshape(*scales.shape, BLOCK)  # [..., K/32, 32]: low nibble first
-    values = table[codes.astype(xp.int32)] * scale_values(scales)[..., None]  # [..., K/32, 32] f32
-    return values.reshape(*scales.shape[:-1], scales.shape[-1] * BLOCK).astype(dtype)
+    out_shape = (*scales.shape[:-1], scales.shape[-1] * BLOCK)
+    if xp is np and blocks.ndim > 3:
+        # NOTE: one leading slice (an expert) at a time on the host: the float32 temporary of a
+        # whole layer would be 4 bytes a weight.
+        out = np.empty(out_shape, dtype)
+        for i in range(blocks.shape[0]):
+            out[i] = dequantize_mxfp4(blocks[i], scales[i], dtype)
+        return out
+    values = xp.asarray(BYTE_VALUES)[blocks].reshape(*scales.shape, BLOCK)  # [..., K/32, 32] f32
+    return (values * scale_values(scales)[..., None]).reshape(out_shape).astype(dtype)
 
 
 def quantize_mxfp4(w):
