@@ -32,6 +32,10 @@ range is cut into several work rows that write fp32 partials (O and log-sum-exp)
 The new tokens' K/V are written beforehand by `common.write_kv_pages` (a separate scatter).
 Attention sinks (`sinks=`, gpt-oss) cost one small SMEM load per consumer and CTA (every KV
 head's row sinks) and one exp2 per row at the end; under split-K they join the jnp merge.
+FP8 pages (common.py): the ring holds the e4m3 tiles as TMA brings them (half the bytes), and
+each consumer upcasts a tile, 64 rows at a time, into its own swizzled SMEM tile in q's dtype
+before the wgmma that reads it (both wgmma operands must share a dtype; e4m3 x e4m3 would need
+q in fp8 too). The per-tensor scales fold into the logits' scale and the output's 1 / l.
 
 Public names: `ragged_paged_attention_mosaic` (the kernel call; `plan=` runs it with an explicit
 `LaunchPlan`), `default_plan` (the plan it picks for a batch shape), `mosaic_unsupported_reason`
@@ -368,6 +372,21 @@ def _k_transposed(k_slot, kt_scratch):
     return kt_scratch
 
 
+_UPCAST_ROWS = 64  # rows of an FP8 tile upcast at once: 64 fp32 registers per thread at d = 128
+
+
+def _upcast_into(tile, fp8_slot) -> None:
+    """An e4m3 K or V tile [block_kv, D] (plain SMEM, as TMA wrote it) into `tile` (swizzled, in
+    the wgmma's dtype), 64 rows at a time; exact: every e4m3 value is a bf16 and an f16 value.
+
+    NOTE: through f32 because Mosaic converts e4m3 to f16 everywhere but to bf16 only with a
+    ptxas of PTX ISA 9.2 or newer; e4m3 -> f32 is that f16 conversion and one more."""
+    for start in range(0, tile.shape[0], _UPCAST_ROWS):
+        rows = pl.ds(start, _UPCAST_ROWS)
+        tile[rows] = fp8_slot[rows].astype(jnp.float32).astype(tile.dtype)
+    plgpu.commit_smem()
+
+
 def _swizzled(shape: tuple[int, ...], dtype) -> plgpu.SMEM:
     minor_bytes = shape[-1] * jnp.dtype(dtype).itemsize
     swizzle = min(128, minor_bytes)
@@ -387,6 +406,7 @@ def _build_kernel(
     pages_per_seq: int,
     num_ctas: int,
     dtype,
+    kv_dtype,
     plan: LaunchPlan,
     params: AttentionParams,
     with_sinks: bool,
@@ -394,14 +414,17 @@ def _build_kernel(
     interpret,
 ):
     """The kernel; with_sinks: it takes a sixth input, `sink_rows` [Hkv, rows] f32 (each row's
-    sink logit in the exp2 domain) and adds the sink to every row's softmax denominator."""
+    sink logit in the exp2 domain) and adds the sink to every row's softmax denominator.
+    kv_dtype: the pages'; other than `dtype` (FP8 pages), tiles are upcast before each wgmma."""
     group = num_q_heads // num_kv_heads
     n = plan.tokens_per_tile
     rows = plan.rows(group)
     ppb = plan.pages_per_block
     block_kv = ppb * page_size
     slots = plan.num_slots
-    scale = params.sm_scale
+    upcast = jnp.dtype(kv_dtype) != jnp.dtype(dtype)
+    scale = params.sm_scale * params.k_scale if upcast else params.sm_scale
+    out_scale = params.v_scale if upcast else 1.0
     soft_cap = params.soft_cap
     sliding_window = params.sliding_window
     splits = plan.kv_splits
@@ -458,10 +481,11 @@ def _build_kernel(
 
     def consumer(c, first, last, work_ref, out_refs, q_ref, smem, bars, sinks):
         """Consumer warpgroup c: items [first, last), each its window's tokens against one KV head."""
-        q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem = smem
+        q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, kv_tile = smem
         q_bar, k_bar, v_bar, k_free, v_free, turn = bars
         q_smem, o_smem = q_smem.at[c], o_smem.at[c]
         p_smem, lse_smem, kt_smem = (None if r is None else r.at[c] for r in (p_smem, lse_smem, kt_smem))
+        kv_tile = None if kv_tile is None else kv_tile[c]
         if turn is not None:
             plgpu.set_max_registers(232, action="increase")
         sink_smem = None
@@ -523,8 +547,8 @@ def _build_kernel(
                 if q_buffers == 1:
                     load_q(v, buf)
                 plgpu.barrier_wait(q_bar.at[c * q_buffers + buf])
-                attend(v, ring, q_smem.at[buf], k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, sink_smem, bars,
-                       out_refs)
+                attend(v, ring, q_smem.at[buf], k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, kv_tile, sink_smem,
+                       bars, out_refs)
 
             # A warpgroup with no tokens in this item (a decode next to a prefill) only passes
             # the K/V blocks on: the producer waits for every consumer's release.
@@ -547,8 +571,10 @@ def _build_kernel(
         if c == 0:
             rendezvous(turn)
 
-    def attend(v, ring, q_i, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, sink_smem, bars, out_refs):
-        """Online softmax over the item's KV blocks, then its rows of O (and LSE) to GMEM."""
+    def attend(v, ring, q_i, k_smem, v_smem, p_smem, o_smem, lse_smem, kt_smem, kv_tile, sink_smem, bars,
+               out_refs):
+        """Online softmax over the item's KV blocks, then its rows of O (and LSE) to GMEM.
+        kv_tile: this consumer's upcast K, then V, tile (FP8 pages), else None."""
         _, k_bar, v_bar, k_free, v_free, turn = bars
         shift = v.token - v.window  # our tokens: [shift, shift + count) of the window's
         pos_first = v.pos - shift  # position of the window's first token
@@ -558,9 +584,13 @@ def _build_kernel(
             acc, m_i, l_i = carry
             slot = lax.rem(ring + kv_block, slots)
             plgpu.barrier_wait(k_bar.at[slot])
+            k_tile = k_smem.at[slot]
+            if kv_tile is not None:  # the last block's P V, which read kv_tile, is done
+                _upcast_into(kv_tile, k_tile)
+                k_tile = kv_tile
 
             def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_i, _k_transposed(k_smem.at[slot], kt_smem))
+                plgpu.wgmma(acc_ref, q_i, _k_transposed(k_tile, kt_smem))
                 rendezvous(turn)
                 return acc_ref[...]
 
@@ -580,7 +610,11 @@ def _build_kernel(
             plgpu.barrier_wait(v_bar.at[slot])
             if turn is not None:
                 plgpu.barrier_wait(turn)
-            acc = _add_pv(acc, p, v_smem.at[slot], p_smem)
+            v_tile = v_smem.at[slot]
+            if kv_tile is not None:  # QK^T, which read kv_tile, is done (its scores were read)
+                _upcast_into(kv_tile, v_tile)
+                v_tile = kv_tile
+            acc = _add_pv(acc, p, v_tile, p_smem)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l_i
 
@@ -593,11 +627,11 @@ def _build_kernel(
         acc, m_i, l_i = lax.fori_loop(v.mask_from, v.kv_end, functools.partial(step, masked=True), carry)
         seen = m_i > 0.5 * _MASKED  # rows that saw at least one key
         if sink_smem is None:
-            inv = jnp.where(seen, 1.0 / jnp.where(seen, l_i, 1.0), 0.0)
+            inv = jnp.where(seen, out_scale / jnp.where(seen, l_i, 1.0), 0.0)
         else:
             # The sink's exp2(sink - m) joins the sum; a row that saw no key has m = _MASKED, so
             # that term is inf and the row is written as zeros.
-            inv = 1.0 / (l_i + jnp.exp2(sink_smem[v.head] - m_i))
+            inv = out_scale / (l_i + jnp.exp2(sink_smem[v.head] - m_i))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's stores read o/lse
         o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
         stores = [(o_smem, out_refs[0])]
@@ -727,12 +761,16 @@ def _build_kernel(
         ]
     scratch = [
         _swizzled((consumers, q_buffers, rows, head_dim), dtype),  # q
-        _swizzled((slots, block_kv, head_dim), dtype),  # k ring
-        _swizzled((slots, block_kv, head_dim), dtype),  # v ring
+        # The K and V rings: FP8 tiles stay as TMA writes them (plain), for the upcast to read.
+        plgpu.SMEM((slots, block_kv, head_dim), kv_dtype) if upcast else _swizzled((slots, block_kv, head_dim), dtype),
+        plgpu.SMEM((slots, block_kv, head_dim), kv_dtype) if upcast else _swizzled((slots, block_kv, head_dim), dtype),
         _swizzled((consumers, rows, block_kv), dtype) if simulate else None,  # p (registers on the GPU)
         plgpu.SMEM((consumers, rows, head_dim), out_type[0].dtype),  # o staging (untiled: row-granular TMA stores)
         plgpu.SMEM((consumers, rows, _LSE_WIDTH), jnp.float32) if splits > 1 else None,
         plgpu.SMEM((consumers, head_dim, block_kv), dtype) if simulate else None,
+        # kv_tile: each consumer's upcast tile, a buffer of its own (a wgmma inside run_state cannot
+        # take a ref indexed by a constant)
+        tuple(_swizzled((block_kv, head_dim), dtype) for _ in range(consumers)) if upcast else None,
         (
             plgpu.Barrier(num_arrivals=q_copies, num_barriers=consumers * q_buffers),
             plgpu.Barrier(num_arrivals=ppb, num_barriers=slots),
@@ -781,6 +819,7 @@ def ragged_paged_attention_mosaic(
 
     `sinks`: the attention sinks (common.py). One work row per tile: each row's sink joins its
     softmax denominator in the kernel. Split-K: in the merge of the splits, the kernel unchanged.
+    `kv_pages` in q's dtype, or FP8 (e4m3) pages with `params.k_scale` / `v_scale` (common.py).
 
     `plan`: the launch plan; None takes `default_plan` for these shapes (what the engine runs).
     Any other plan computes the same result and may be faster or slower (bench/kernels.py
@@ -796,8 +835,6 @@ def ragged_paged_attention_mosaic(
     )
     if reason is not None:
         raise NotImplementedError(f"Mosaic GPU ragged paged attention: {reason}")
-    if kv_pages.dtype != q.dtype:
-        raise ValueError(f"q ({q.dtype}) and kv_pages ({kv_pages.dtype}) must share a dtype")
     simulate = interpret is not None and interpret is not False
     if interpret is True:
         interpret = _simulator_params()
@@ -843,6 +880,7 @@ def ragged_paged_attention_mosaic(
         pages_per_seq=page_indices.shape[1],
         num_ctas=num_ctas,
         dtype=q.dtype,
+        kv_dtype=kv_pages.dtype,
         plan=plan,
         params=params,
         with_sinks=in_kernel_sinks,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention.common import AttentionParams
+from pallas_kernels.ragged_paged_attention.common import AttentionParams, quantize_fp8
 from pallas_kernels.ragged_paged_attention.mosaic_gpu import (
     WORK_COLUMNS,
     LaunchPlan,
@@ -50,6 +50,7 @@ class Case:
     dtype: type = jnp.bfloat16
     params: AttentionParams = AttentionParams(sm_scale=0.125)
     with_sinks: bool = False  # gpt-oss's learned sink per query head
+    fp8_pages: bool = False  # e4m3 pages holding K / k_scale and V / v_scale (common.py)
 
 
 def make_sinks(case: Case, seed: int = 1) -> jax.Array | None:
@@ -72,9 +73,12 @@ def make_batch(case: Case, seed: int = 0):
     page_indices = rng.permutation(num_pages)[: num_slots * case.pages_per_seq].reshape(num_slots, -1)
     q = rng.standard_normal((num_tokens, case.num_q_heads, case.head_dim))
     kv = rng.standard_normal((2, case.num_kv_heads, num_pages, case.page_size, case.head_dim))
+    if case.fp8_pages:
+        kv = jnp.stack([quantize_fp8(jnp.asarray(kv[0]), case.params.k_scale),
+                        quantize_fp8(jnp.asarray(kv[1]), case.params.v_scale)])
     return (
         jnp.asarray(q, case.dtype),
-        jnp.asarray(kv, case.dtype),
+        kv if case.fp8_pages else jnp.asarray(kv, case.dtype),
         jnp.asarray(kv_lens, jnp.int32),
         jnp.asarray(page_indices, jnp.int32),
         jnp.asarray(cu_q_lens, jnp.int32),
@@ -130,6 +134,13 @@ CASES = {
         q_lens=(1, 9), kv_lens=(40, 20), num_q_heads=8, num_kv_heads=1, pages_per_seq=3, num_slots=3, num_tokens=16,
         with_sinks=True,
     ),
+    # FP8 pages with scales far from 1 (a scale applied twice, or not at all, shows): decodes (the
+    # persistent plan), and a mixed batch at d=128 (two ping-pong consumers, each upcasting).
+    "fp8_decode": Case(q_lens=(1, 1, 1), kv_lens=(5, 16, 70), fp8_pages=True,
+                       params=AttentionParams(sm_scale=0.125, k_scale=0.25, v_scale=4.0)),
+    "fp8_mixed": Case(q_lens=(1, 21), kv_lens=(40, 45), num_q_heads=8, num_kv_heads=2, head_dim=128, pages_per_seq=4,
+                      num_slots=3, num_tokens=24, fp8_pages=True,
+                      params=AttentionParams(sm_scale=0.1, k_scale=0.5, v_scale=3.0)),
 }
 
 
@@ -286,8 +297,10 @@ def test_kernel_lowers_for_cuda(name):
     assert "mosaic_gpu" in _lower_for_cuda(CASES[name])
 
 
-def test_split_k_lowers_for_cuda():
-    case = Case(q_lens=(1, 1), kv_lens=(4000, 9000), num_q_heads=32, num_kv_heads=8, head_dim=128, pages_per_seq=600)
+@pytest.mark.parametrize("fp8_pages", [False, True], ids=["bf16_pages", "fp8_pages"])
+def test_split_k_lowers_for_cuda(fp8_pages):
+    case = Case(q_lens=(1, 1), kv_lens=(4000, 9000), num_q_heads=32, num_kv_heads=8, head_dim=128, pages_per_seq=600,
+                fp8_pages=fp8_pages)
     assert (
         default_plan(
             num_tokens=2, num_slots=2, num_kv_heads=8, max_kv_len=9600, group=4, page_size=16, head_dim=128
