@@ -8,6 +8,7 @@ No jax here: the engine and the server read vocab size, EOS ids and context leng
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,36 @@ class MoE:
     renormalize: bool  # the chosen experts' softmax weights rescaled to sum to 1
     sparse_layers: tuple[bool, ...]  # per layer: an MoE MLP (else a dense one of intermediate_size)
     swiglu_limit: float | None = None  # gpt-oss: its clamped SwiGLU, with biases on the router and experts
+
+
+# quantization_config.quant_method values jaxllm loads.
+SUPPORTED_QUANTIZATION = ("mxfp4",)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A checkpoint's `quantization_config`: its method, and the modules it leaves unquantized
+    (globs over module names, as `modules_to_not_convert`)."""
+
+    method: str
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def converts(self, module: str) -> bool:
+        """Whether the tensors of `module` (e.g. "model.layers.3.mlp.experts") are quantized."""
+        return not any(fnmatch.fnmatchcase(module, glob) or fnmatch.fnmatchcase(module, glob + ".*")
+                       for glob in self.modules_to_not_convert)
+
+
+def read_quantization(cfg: dict[str, Any]) -> Quantization | None:
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method not in SUPPORTED_QUANTIZATION:
+        supported = ", ".join(SUPPORTED_QUANTIZATION)
+        raise UnsupportedModelError(
+            f"quantization_config.quant_method {method!r} is not supported; supported: {supported}")
+    return Quantization(method, tuple(qc.get("modules_to_not_convert") or ()))
 
 
 @dataclass(frozen=True)
@@ -65,6 +96,7 @@ class ModelArch:
     # Per layer: the sliding window size, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
     moe: MoE | None = None
+    quantization: Quantization | None = None
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -135,6 +167,7 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
 
 def _common(name: str, family: str, cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
     return dict(
+        quantization=read_quantization(cfg),
         architecture=name,
         family=family,
         vocab_size=int(cfg["vocab_size"]),

@@ -21,8 +21,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from jaxllm.model_arch import ModelArch
+from jaxllm.model_arch import ModelArch, Quantization
 from jaxllm.models.sharding import ShardingRules
+from pallas_kernels.grouped_matmul.mxfp4 import dequantize_mxfp4
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ _ST_DTYPES = {
     "F64": np.float64,
     "I64": np.int64,
     "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
 }
 
 
@@ -68,11 +73,18 @@ class SafetensorsFile:
 
 class Checkpoint:
     """Tensor name -> memory-mapped array, over the checkpoint's safetensors files. A name may also
-    be found without one of `optional_prefixes` (GPT-2's hub checkpoints lack `transformer.`)."""
+    be found without one of `optional_prefixes` (GPT-2's hub checkpoints lack `transformer.`).
 
-    def __init__(self, files: dict[str, SafetensorsFile], optional_prefixes: tuple[str, ...] = ()):
+    An MXFP4 checkpoint (gpt-oss) stores a quantized tensor `X` [..., in, out] as `X_blocks` and
+    `X_scales` ([..., out, in / 32, 16] and [..., out, in / 32]); it is dequantized here, whole,
+    when asked for.
+    """
+
+    def __init__(self, files: dict[str, SafetensorsFile], optional_prefixes: tuple[str, ...] = (),
+                 quantization: Quantization | None = None):
         self.files = files
         self.optional_prefixes = optional_prefixes
+        self.quantization = quantization
 
     def stored_name(self, name: str) -> str | None:
         if name in self.files:
@@ -85,9 +97,12 @@ class Checkpoint:
     def tensor(self, name: str, shape) -> np.ndarray:
         """The memory-mapped tensor `name`, checked against its expected shape."""
         stored = self.stored_name(name)
-        if stored is None:
+        if stored is None and self._mxfp4(name):
+            tensor = self._dequantized(name)
+        elif stored is None:
             raise WeightLoadError(f"checkpoint has no tensor {name}")
-        tensor = self.files[stored].get(stored)
+        else:
+            tensor = self.files[stored].get(stored)
         if tuple(tensor.shape) != tuple(shape):
             raise WeightLoadError(
                 f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint, expected {tuple(shape)}"
@@ -95,13 +110,25 @@ class Checkpoint:
         return tensor
 
 
-def open_checkpoint(model_dir: Path, optional_prefixes: tuple[str, ...] = ()) -> Checkpoint:
+    def _mxfp4(self, name: str) -> bool:
+        q = self.quantization
+        return (q is not None and q.method == "mxfp4" and q.converts(name.rsplit(".", 1)[0])
+                and self.stored_name(f"{name}_blocks") is not None)
+
+    def _dequantized(self, name: str) -> np.ndarray:
+        blocks, scales = (self.files[n].get(n) for n in (self.stored_name(f"{name}_{p}") for p in ("blocks", "scales")))
+        # [..., out, in] -> [..., in, out], as the unquantized checkpoint stores it.
+        return np.swapaxes(dequantize_mxfp4(np.asarray(blocks), np.asarray(scales), ml_dtypes.bfloat16), -1, -2)
+
+
+def open_checkpoint(model_dir: Path, optional_prefixes: tuple[str, ...] = (),
+                    quantization: Quantization | None = None) -> Checkpoint:
     """The tensors of model.safetensors, of a sharded index, or of every *.safetensors file."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         files = {name: SafetensorsFile(model_dir / name) for name in sorted(set(weight_map.values()))}
-        return Checkpoint({tensor: files[file] for tensor, file in weight_map.items()}, optional_prefixes)
+        return Checkpoint({tensor: files[file] for tensor, file in weight_map.items()}, optional_prefixes, quantization)
     found = [model_dir / "model.safetensors"] if (model_dir / "model.safetensors").is_file() else sorted(
         model_dir.glob("*.safetensors"))  # unusual names, no index: take every file
     if not found:
@@ -113,7 +140,7 @@ def open_checkpoint(model_dir: Path, optional_prefixes: tuple[str, ...] = ()) ->
     for path in found:
         f = SafetensorsFile(path)
         by_name.update({t: f for t in f.names()})
-    return Checkpoint(by_name, optional_prefixes)
+    return Checkpoint(by_name, optional_prefixes, quantization)
 
 
 def hf_name(path: tuple) -> str:
@@ -132,10 +159,11 @@ def load_weights(
     load_format: str,
     seed: int,
     optional_prefixes: tuple[str, ...] = (),
+    quantization: Quantization | None = None,
 ) -> nnx.State:
     """Fill every Param of `abstract_state` with a sharded array of its dtype; returns the concrete
     state. `optional_prefixes`: prefixes of parameter paths the checkpoint's names may lack."""
-    checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir, optional_prefixes)
+    checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir, optional_prefixes, quantization)
     flat = list(_leaves(abstract_state))
     key = jax.random.key(seed)
     desc = "Random weights" if checkpoint is None else "Loading safetensors"

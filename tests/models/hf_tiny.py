@@ -64,7 +64,7 @@ FAMILIES = {
                 dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=96,
                      layer_types=["sliding_attention", "full_attention"], attention_bias=True, swiglu_limit=7.0,
                      rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
-                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64},
+                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32},
                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)),
     # Learned positions, LayerNorm with bias, Conv1D weights, GELU (tanh), tied head; its own config names.
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
