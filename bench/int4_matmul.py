@@ -2,6 +2,7 @@
 
     python -m bench.int4_matmul                      # Llama-3.1-8B's four GEMMs at M = 1, 8, 64, 256
     python -m bench.int4_matmul --only "M=1 ,M=8 "   # a subset (substrings of the shape names)
+    python -m bench.int4_matmul --tune-s 0           # the table only (no other launch plans)
 
 Per shape (group 128, zero points as in AWQ, bf16 activations), in one run with the device's copy
 bandwidth and dense bf16 matmul rate (bench/kernels.py's `ceilings`), it times:
@@ -13,8 +14,11 @@ bandwidth and dense bf16 matmul rate (bench/kernels.py's `ceilings`), it times:
     computing out^T = W^T x^T).
 Floor = max(bytes / copy bandwidth, FLOPs / matmul rate), bytes = packed int4 weights + scales +
 zeros + x + out; bar >= 0.7 of it. One failing implementation or shape logs its error and the table
-goes on. Times are CUPTI device time (median). Writes int4_matmul.md / .json / .log to $OUT (or the
-current directory); `--budget-s` stops starting new shapes after that many seconds.
+goes on. Times are CUPTI device time (median). After the table, while `--tune-s` seconds last,
+other launch plans of the kernel (column block width, K splits, row block height) are timed on o
+and gate_up at M = 1 and M = 256 and logged (int4_matmul_tune.md), to choose `default_plan` from. Writes
+int4_matmul.md / .json / .log to $OUT (or the current directory); `--budget-s` stops starting new
+table shapes after that many seconds.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ import jax.numpy as jnp
 
 from bench.kernels import ceilings, device_time_us, kernel_breakdown
 from pallas_kernels.int4_matmul import Int4Weights, int4_matmul_xla
-from pallas_kernels.int4_matmul.mosaic_gpu import default_plan, int4_matmul_mosaic
+from pallas_kernels.int4_matmul.mosaic_gpu import Plan, deepest_pipeline, default_plan, int4_matmul_mosaic
 
 GROUP = 128
 BAR = 0.7
 TOKENS = (1, 8, 64, 256)
 # Llama-3.1-8B's linear layers (K -> N), fused as jaxllm runs them.
 LAYERS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+TUNE_LAYERS = ("o", "gate_up")  # the narrowest and the widest
 KERNEL_NAME = "int4_matmul_kernel"  # the Mosaic kernel's CUDA name (its body function's)
 LOG: list[str] = []
 
@@ -163,6 +168,52 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float) -> dict:
     return row
 
 
+def alternative_plans(shape: Shape) -> list[Plan]:
+    """Other plans worth timing for this shape. Decode: 64-, 128- and 256-column blocks, each with
+    the fewest K splits (a power of two) that give every SM a CTA, and the default's splits halved
+    and doubled. Prefill: the other row block height, and 256-column blocks."""
+    default = default_plan(m=shape.m, k=shape.k, n=shape.n)
+    steps = shape.k // default.block_k
+    if shape.m <= 64:
+        candidates = []
+        for width in (64, 128, 256):
+            splits = 1
+            while (shape.n // width) * splits < 132 and splits < 16 and steps % (splits * 2) == 0:
+                splits *= 2
+            candidates.append(Plan(64, width, 64, 1, splits))
+        candidates += [dataclasses.replace(default, k_splits=max(1, default.k_splits // 2)),
+                       dataclasses.replace(default, k_splits=default.k_splits * 2)]
+    else:
+        candidates = [Plan(128, 128, 64, 1), Plan(64, 128, 64, 1), Plan(64, 256, 64, 1)]
+    plans = []
+    for plan in candidates:
+        plan = deepest_pipeline(plan)
+        if plan != default and plan not in plans and shape.n % plan.block_n == 0 and steps % plan.k_splits == 0:
+            plans.append(plan)
+    return plans
+
+
+def tune(shapes: list[Shape], deadline: float) -> list[dict]:
+    """Time `alternative_plans` of each shape until the deadline; one row per (shape, plan)."""
+    rows = []
+    for shape in shapes:
+        x, w = make_inputs(shape)
+        for plan in [default_plan(m=shape.m, k=shape.k, n=shape.n), *alternative_plans(shape)]:
+            if time.time() > deadline:
+                log("tuning: out of time")
+                return rows
+            row = {"shape": shape.name.strip(), "plan": str(plan)}
+            timed(row, "mosaic", jax.jit(lambda x, w, plan=plan: int4_matmul_mosaic(x, w, plan=plan)), (x, w))
+            log(f"  tune {shape.name} {plan}: {row.get('mosaic_us', row.get('mosaic_error'))}")
+            rows.append(row)
+    return rows
+
+
+def tune_markdown(rows: list[dict]) -> str:
+    lines = [f"| {r['shape']} | {r['plan']} | {r.get('mosaic_us', 'fail')} |" for r in rows]
+    return "| shape | plan (first: default) | Mosaic us |\n|---|---|---|\n" + "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
     head = (
         f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}; ceilings measured in the same run: copy "
@@ -213,7 +264,8 @@ def write_outputs(out_dir: str, rows: list[dict], bandwidth: float, rate: float)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated substrings of shape names to run")
-    parser.add_argument("--budget-s", type=float, default=130.0, help="start no new shape after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=90.0, help="start no new shape after this many seconds")
+    parser.add_argument("--tune-s", type=float, default=35.0, help="seconds for other launch plans after the table")
     args = parser.parse_args()
     start = time.time()
     out_dir = os.environ.get("OUT", ".")
@@ -233,6 +285,11 @@ def main() -> int:
             rows.append({"shape": shape.name.strip(), "m": shape.m, "mosaic_error": repr(e)[:300]})
         write_outputs(out_dir, rows, bandwidth, rate)
     print(write_outputs(out_dir, rows, bandwidth, rate), flush=True)
+    if args.tune_s > 0:
+        tuned = tune([s for s in shapes if s.m in (1, 256) and s.layer in TUNE_LAYERS], time.time() + args.tune_s)
+        with open(os.path.join(out_dir, "int4_matmul_tune.md"), "w") as f:
+            f.write(tune_markdown(tuned))
+        print(tune_markdown(tuned), flush=True)
     log(f"total {time.time() - start:.0f} s")
     bad = [r["shape"] for r in rows if "mosaic_us" not in r or r.get("rel_err_vs_xla", 1.0) > 1e-2]
     if bad:

@@ -33,7 +33,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.int4_matmul.common import Int4Weights, permute_input, validate_inputs
 
 _DECODE_ROWS = 64  # up to this many rows: one 64-row block, K splits allowed
-_TARGET_CTAS = 2 * 132  # two waves' worth of H100 SMs
+_NUM_SMS = 132  # an H100's
+_TARGET_CTAS = 2 * _NUM_SMS
 _MAX_SPLITS = 8
 _SMEM_BUDGET = 200 * 1024
 
@@ -43,7 +44,7 @@ class Plan:
     """The static shape of one launch (part of the compiled kernel)."""
 
     block_m: int  # rows per block: 64 or 128 (wgmma's M)
-    block_n: int  # output columns per CTA: 64 or 128
+    block_n: int  # output columns per CTA: 64, 128 or 256 (block_m * block_n <= 128 * 128)
     block_k: int  # K per pipeline step: 64 (a group holds group_size / 64 steps)
     num_stages: int  # depth of the TMA ring
     k_splits: int = 1  # CTAs sharing one output block's K loop (float32 partial sums)
@@ -70,18 +71,25 @@ def mosaic_unsupported_reason(*, dtype, m: int, k: int, n: int, group_size: int)
 
 
 def default_plan(*, m: int, k: int, n: int) -> Plan:
-    """The plan `int4_matmul_mosaic` uses for this static problem shape."""
+    """The plan `int4_matmul_mosaic` uses for this static problem shape: 128-column blocks, and
+    enough CTAs for every SM (K splits at decode sizes, 64-row blocks for a short prefill)."""
     block_n = 128 if n % 128 == 0 else 64
+    splits = 1
     if m <= _DECODE_ROWS:
-        block_m, splits = 64, 1
+        block_m = 64
         steps = k // 64
         while (n // block_n) * splits * 2 <= _TARGET_CTAS and splits * 2 <= _MAX_SPLITS and steps % (splits * 2) == 0:
             splits *= 2
     else:
-        block_m, splits = 128, 1
-    plan = Plan(block_m=block_m, block_n=block_n, block_k=64, num_stages=1, k_splits=splits)
-    per_stage = dataclasses.replace(plan, num_stages=2).smem_bytes() - plan.smem_bytes()
-    stages = max(2, min(6, (_SMEM_BUDGET - plan.smem_bytes()) // per_stage + 1))
+        block_m = 128 if -(-m // 128) * (n // block_n) >= _NUM_SMS else 64
+    return deepest_pipeline(Plan(block_m=block_m, block_n=block_n, block_k=64, num_stages=1, k_splits=splits))
+
+
+def deepest_pipeline(plan: Plan) -> Plan:
+    """`plan` with as many pipeline stages (2 to 6) as fit the SMEM budget."""
+    one = dataclasses.replace(plan, num_stages=1)
+    per_stage = dataclasses.replace(plan, num_stages=2).smem_bytes() - one.smem_bytes()
+    stages = max(2, min(6, (_SMEM_BUDGET - one.smem_bytes()) // per_stage + 1))
     return dataclasses.replace(plan, num_stages=stages)
 
 
@@ -107,6 +115,8 @@ def int4_matmul_mosaic(
     steps = k // plan.block_k
     if n % plan.block_n or steps % plan.k_splits or w.group_size % plan.block_k:
         raise ValueError(f"{plan} does not tile K={k}, N={n}, group_size={w.group_size}")
+    if plan.block_m * plan.block_n > 128 * 128:
+        raise ValueError(f"{plan}: the float32 accumulator would take more than 128 registers a thread")
     if plan.k_splits > 1 and m > plan.block_m:
         raise ValueError(f"{plan}: K splits need one row block (M={m})")
     padded_m = -(-m // plan.block_m) * plan.block_m

@@ -274,3 +274,17 @@ def test_kernel_lowers_for_cuda(m, k, n):
     plan = default_plan(m=m, k=k, n=n)
     assert plan.smem_bytes() <= 227 * 1024
     assert (n // plan.block_n) * plan.k_splits >= 64 or m > 64  # decode fills the SMs
+
+
+def test_wide_column_plan_lowers_for_cuda():
+    """256-column blocks (bench/int4_matmul.py times them against the default)."""
+    k, n = 4096, 4096
+    w = Int4Weights(
+        jax.ShapeDtypeStruct((k, n), jnp.int4), jax.ShapeDtypeStruct((k // GROUP, n), jnp.bfloat16), None, None, GROUP
+    )
+    plan = Plan(block_m=64, block_n=256, block_k=64, num_stages=4, k_splits=16)
+    run = jax.jit(lambda x, w: int4_matmul_mosaic(x, w, plan=plan))
+    text = run.trace(jax.ShapeDtypeStruct((8, k), jnp.bfloat16), w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    with pytest.raises(ValueError, match="registers"):
+        int4_matmul_mosaic(jnp.zeros((256, k), jnp.bfloat16), w, plan=Plan(128, 256, 64, 2))
