@@ -12,9 +12,9 @@ Every weight byte is read from HBM once; x's window is re-read by each column bl
 
 Decode-sized M (<= 64 rows, one row block): the K loop may be split across CTAs (`k_splits`) so
 that narrow layers still fill the SMs; each split writes float32 partial sums of the rows that
-exist (M rounded up to 8), summed by XLA. Prefill-sized M: 128-row blocks, no split; the other
-option there, dequantize to bf16 and cuBLAS, is `xla.int4_matmul_xla` (bench/int4_matmul.py
-times both).
+exist (M rounded up to 8), summed by XLA. Prefill-sized M: 128-row blocks (64 where 128 would
+leave SMs idle), no split; the other option there, dequantize to bf16 and cuBLAS, is
+`xla.int4_matmul_xla` (bench/int4_matmul.py times both).
 
 Tested on CPU (tests/kernels/test_int4_matmul.py): the Mosaic GPU simulator against the
 reference, and the CUDA lowering at Llama-3.1-8B's shapes.
@@ -45,7 +45,7 @@ class Plan:
 
     block_m: int  # rows per block: 64 or 128 (wgmma's M)
     block_n: int  # output columns per CTA: 64, 128 or 256 (block_m * block_n <= 128 * 128)
-    block_k: int  # K per pipeline step: 64 (a group holds group_size / 64 steps)
+    block_k: int  # K per pipeline step, a multiple of 64 dividing the group size
     num_stages: int  # depth of the TMA ring
     k_splits: int = 1  # CTAs sharing one output block's K loop (float32 partial sums)
 
@@ -113,6 +113,8 @@ def int4_matmul_mosaic(
         raise NotImplementedError(f"Mosaic GPU int4 matmul: {reason}")
     plan = plan or default_plan(m=m, k=k, n=n)
     steps = k // plan.block_k
+    if plan.block_k % 64 or plan.block_n % 64 or plan.block_m not in (64, 128):
+        raise ValueError(f"{plan}: block_k and block_n must be multiples of 64, block_m 64 or 128")
     if n % plan.block_n or steps % plan.k_splits or w.group_size % plan.block_k:
         raise ValueError(f"{plan} does not tile K={k}, N={n}, group_size={w.group_size}")
     if plan.block_m * plan.block_n > 128 * 128:
@@ -134,9 +136,8 @@ def int4_matmul_mosaic(
     return out[:m].astype(x.dtype)
 
 
-def _swizzled(minor: int) -> tuple:
-    """bf16 SMEM transforms for a tile whose rows hold `minor` elements (>= 64)."""
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)) if minor >= 64 else ()
+# bf16 SMEM tiles whose rows hold a multiple of 64 elements: 128-byte swizzled 8 x 64 tiles.
+_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
 def _build_kernel(
@@ -171,7 +172,7 @@ def _build_kernel(
             return lax.div(first_step + kk, steps_per_group), col
 
         specs = [
-            plgpu.BlockSpec((bm, bk), x_index, transforms=_swizzled(bk), delay_release=1),
+            plgpu.BlockSpec((bm, bk), x_index, transforms=_SWIZZLED, delay_release=1),
             plgpu.BlockSpec((bk, bn), value_index),
             plgpu.BlockSpec((1, bn), group_index),
         ]
@@ -198,7 +199,7 @@ def _build_kernel(
         # allocations mixed with SMEM ones.
         return pl.run_scoped(
             lambda dequantized: pl.run_scoped(lambda acc: scope(dequantized, acc), plgpu.ACC((bm, bn), jnp.float32)),
-            plgpu.SMEM((2, bk, bn), dtype, transforms=_swizzled(bn)),
+            plgpu.SMEM((2, bk, bn), dtype, transforms=_SWIZZLED),
         )
 
     def int4_matmul_kernel(x_ref, *refs):  # its name is the CUDA kernel's
