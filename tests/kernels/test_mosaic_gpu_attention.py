@@ -136,9 +136,9 @@ CASES = {
     ),
     # FP8 pages with scales far from 1 (a scale applied twice, or not at all, shows): decodes (the
     # persistent plan), and a mixed batch at d=128 (two ping-pong consumers, each upcasting).
-    "fp8_decode": Case(q_lens=(1, 1, 1), kv_lens=(5, 16, 70), fp8_pages=True,
+    "fp8_decode": Case(q_lens=(1, 1), kv_lens=(5, 40), pages_per_seq=3, fp8_pages=True,
                        params=AttentionParams(sm_scale=0.125, k_scale=0.25, v_scale=4.0)),
-    "fp8_mixed": Case(q_lens=(1, 21), kv_lens=(40, 45), num_q_heads=8, num_kv_heads=2, head_dim=128, pages_per_seq=4,
+    "fp8_mixed": Case(q_lens=(1, 21), kv_lens=(40, 45), num_q_heads=4, num_kv_heads=1, head_dim=128, pages_per_seq=3,
                       num_slots=3, num_tokens=24, fp8_pages=True,
                       params=AttentionParams(sm_scale=0.1, k_scale=0.5, v_scale=3.0)),
 }
