@@ -38,6 +38,7 @@ class EngineParts:
     engine: LLMEngine
     generation_defaults: GenerationDefaults
     chat_template: str | None
+    model_type: str | None  # config.json's (`EngineInfo.model_type`)
 
 
 def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool = False) -> EngineParts:
@@ -87,7 +88,8 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
                          kv_dtype=kv_cache.kv_dtype(config.cache.kv_cache_dtype, model.dtype))
     engine = LLMEngine(config, limits, runner, tokenizer, arch.vocab_size, sorted(eos), log_stats=log_stats,
                        grammar_compiler=grammar_compiler)
-    parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template))
+    parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template),
+                        arch.raw.get("model_type"))
     warm_grammars.join()
     freeze_startup_heap()
     logger.info("Engine ready in %.1f s: up to %d tokens per request, %d requests and %d tokens per step",

@@ -35,7 +35,8 @@ class LLM:
             kwargs["model"] = model
         parts = build_engine(EngineConfig.from_kwargs(**kwargs), served=False)
         self.engine = parts.engine
-        self.info = EngineInfo.describe(parts.engine, parts.generation_defaults.sampling, parts.chat_template)
+        self.info = EngineInfo.describe(parts.engine, parts.generation_defaults.sampling, parts.chat_template,
+                                        parts.model_type)
         # NOTE: processes of a multi-process run have no channel to agree on when a grammar compile has
         # ended, so there each request waits for its own.
         self._core = EngineCore(parts.engine, wait_for_grammars=self.engine.config.parallel.num_processes > 1)

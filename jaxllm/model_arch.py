@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,22 +36,37 @@ class MoE:
     swiglu_limit: float | None = None  # gpt-oss: its clamped SwiGLU, with biases on the router and experts
 
 
-# quantization_config.quant_method values jaxllm loads.
-SUPPORTED_QUANTIZATION = ("mxfp4",)
+# quantization_config.quant_method values jaxllm loads: MXFP4 experts, and int4 weight-only linears
+# (`INT4_METHODS`, served by jaxllm/models/quantized.py).
+INT4_METHODS = ("awq", "gptq", "compressed-tensors")
+SUPPORTED_QUANTIZATION = ("mxfp4", *INT4_METHODS)
 
 
 @dataclass(frozen=True)
 class Quantization:
-    """A checkpoint's `quantization_config`: its method, and the modules it leaves unquantized
-    (globs over module names, as `modules_to_not_convert`)."""
+    """A checkpoint's `quantization_config`: its method, the modules it leaves unquantized, and for
+    the int4 methods the weights' settings.
+
+    `modules_to_not_convert` matches module names as each method's own loader does: globs (mxfp4),
+    substrings (awq, gptq: vLLM's `modules_to_not_convert`), or compressed-tensors' `ignore`
+    entries (a full name, or `re:` and a regex matched from the name's start)."""
 
     method: str
     modules_to_not_convert: tuple[str, ...] = ()
+    group_size: int = 128
+    zero_point: bool = True  # asymmetric: per-group zero points stored (else the code's midpoint)
+    desc_act: bool = False  # GPTQ act-order: g_idx permutes the input features' groups
+    checkpoint_format: str = "gptq"  # GPTQ zero points: "gptq" stores z - 1, "gptq_v2" stores z
 
     def converts(self, module: str) -> bool:
         """Whether the tensors of `module` (e.g. "model.layers.3.mlp.experts") are quantized."""
-        return not any(fnmatch.fnmatchcase(module, glob) or fnmatch.fnmatchcase(module, glob + ".*")
-                       for glob in self.modules_to_not_convert)
+        if self.method == "mxfp4":
+            return not any(fnmatch.fnmatchcase(module, glob) or fnmatch.fnmatchcase(module, glob + ".*")
+                           for glob in self.modules_to_not_convert)
+        if self.method == "compressed-tensors":
+            return not any(re.match(entry[3:], module) if entry.startswith("re:") else entry == module
+                           for entry in self.modules_to_not_convert)
+        return not any(entry in module for entry in self.modules_to_not_convert)
 
 
 def read_quantization(cfg: dict[str, Any]) -> Quantization | None:
@@ -62,7 +78,65 @@ def read_quantization(cfg: dict[str, Any]) -> Quantization | None:
         supported = ", ".join(SUPPORTED_QUANTIZATION)
         raise UnsupportedModelError(
             f"quantization_config.quant_method {method!r} is not supported; supported: {supported}")
+    if method == "awq":
+        return _awq(qc)
+    if method == "gptq":
+        return _gptq(qc)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
     return Quantization(method, tuple(qc.get("modules_to_not_convert") or ()))
+
+
+def _unsupported_if(condition: bool, what: str) -> None:
+    if condition:
+        raise UnsupportedModelError(f"quantization_config: {what} is not supported")
+
+
+def _group_size(method: str, value: Any) -> int:
+    _unsupported_if(int(value) <= 0, f"{method} group_size {value} (per-channel scales)")
+    return int(value)
+
+
+def _awq(qc: dict[str, Any]) -> Quantization:
+    bits, version = int(qc.get("bits", qc.get("w_bit", 4))), str(qc.get("version", "gemm")).lower()
+    _unsupported_if(bits != 4, f"awq bits={bits} (4 only)")
+    _unsupported_if(version != "gemm", f"awq version {version!r} (gemm only)")
+    _unsupported_if(not qc.get("zero_point", True), "awq without zero points")
+    return Quantization("awq", tuple(qc.get("modules_to_not_convert") or ()),
+                        _group_size("awq", qc.get("group_size", qc.get("q_group_size", 128))))
+
+
+def _gptq(qc: dict[str, Any]) -> Quantization:
+    bits = int(qc.get("bits", 4))
+    _unsupported_if(bits != 4, f"gptq bits={bits} (4 only)")
+    _unsupported_if(bool(qc.get("lm_head")), "gptq with a quantized lm_head")
+    _unsupported_if(bool(qc.get("dynamic")), "gptq per-module `dynamic` overrides")
+    checkpoint_format = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+    _unsupported_if(checkpoint_format not in ("gptq", "gptq_v2"),
+                    f"gptq checkpoint_format {checkpoint_format!r} (gptq, gptq_v2)")
+    return Quantization("gptq", tuple(qc.get("modules_to_not_convert") or ()),
+                        _group_size("gptq", qc.get("group_size", 128)), zero_point=not qc.get("sym", True),
+                        desc_act=bool(qc.get("desc_act", False)), checkpoint_format=checkpoint_format)
+
+
+def _compressed_tensors(qc: dict[str, Any]) -> Quantization:
+    groups = list((qc.get("config_groups") or {}).values())
+    _unsupported_if(len(groups) != 1, f"compressed-tensors with {len(groups)} config_groups (one only)")
+    (group,) = groups
+    fmt = str(group.get("format") or qc.get("format"))
+    _unsupported_if(fmt != "pack-quantized", f"compressed-tensors format {fmt!r} (pack-quantized only)")
+    _unsupported_if("Linear" not in (group.get("targets") or ()),
+                    f"compressed-tensors targets {group.get('targets')} (Linear only)")
+    _unsupported_if(bool(group.get("input_activations") or group.get("output_activations")),
+                    "compressed-tensors activation quantization (int4 weight-only only)")
+    w = group.get("weights") or {}
+    desc = f"compressed-tensors weights {w.get('type')} {w.get('num_bits')}-bit {w.get('strategy')}"
+    _unsupported_if((w.get("type"), int(w.get("num_bits", 0)), w.get("strategy")) != ("int", 4, "group"), desc)
+    _unsupported_if(w.get("actorder") not in (None, "weight"), f"compressed-tensors actorder {w.get('actorder')!r}")
+    _unsupported_if(bool(w.get("dynamic")), "compressed-tensors dynamic weight quantization")
+    return Quantization("compressed-tensors", tuple(qc.get("ignore") or ()),
+                        _group_size("compressed-tensors", w.get("group_size") or 0),
+                        zero_point=not w.get("symmetric", True))
 
 
 @dataclass(frozen=True)
@@ -127,11 +201,22 @@ class ModelArch:
 
 
 @dataclass(frozen=True)
+class CheckpointNames:
+    """How a family's checkpoints may spell a parameter's path besides as it is."""
+
+    optional_prefixes: tuple[str, ...] = ()  # prefixes the names may lack
+    renames: tuple[tuple[str, str], ...] = ()  # (ours, theirs): a part of the path they name otherwise
+
+    def candidates(self, name: str) -> list[str]:
+        return ([name] + [name[len(p):] for p in self.optional_prefixes if name.startswith(p)]
+                + [name.replace(ours, theirs) for ours, theirs in self.renames if ours in name])
+
+
+@dataclass(frozen=True)
 class Family:
     module: str  # jaxllm.models.<module>
     read: Callable[[str, dict[str, Any]], ModelArch]  # (architecture name, config.json) -> ModelArch
-    # Prefixes of parameter paths that a checkpoint's tensor names may lack.
-    checkpoint_prefixes: tuple[str, ...] = ()
+    names: CheckpointNames = CheckpointNames()
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -269,10 +354,11 @@ ARCHITECTURES: dict[str, Family] = {
     "MistralForCausalLM": Family("llama", read_llama_like),
     "Qwen2ForCausalLM": Family("llama", partial(read_llama_like, qkv_bias=True, o_bias=False)),
     "Qwen3ForCausalLM": Family("llama", partial(read_llama_like, qk_norm=True)),
-    "MixtralForCausalLM": Family("mixtral", read_mixtral),
+    # Mixtral's MoE MLP is `block_sparse_moe`, where every other family says `mlp`.
+    "MixtralForCausalLM": Family("mixtral", read_mixtral, CheckpointNames(renames=((".mlp.", ".block_sparse_moe."),))),
     "Qwen3MoeForCausalLM": Family("qwen3_moe", read_qwen3_moe),
     # Checkpoints saved by GPT2LMHeadModel prefix names with `transformer.`; the original ones do not.
-    "GPT2LMHeadModel": Family("gpt2", read_gpt2, checkpoint_prefixes=("transformer.",)),
+    "GPT2LMHeadModel": Family("gpt2", read_gpt2, CheckpointNames(optional_prefixes=("transformer.",))),
     "GlmForCausalLM": Family("glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, o_bias=False)),
     "Glm4ForCausalLM": Family(
         "glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, post_sublayer_norms=True, o_bias=False)

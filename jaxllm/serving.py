@@ -45,7 +45,7 @@ def build_async_engine(config: EngineConfig, *, log_stats: bool = True, in_proce
 
         publish = distributed.StepPublisher(config.parallel.num_processes)
     return AsyncEngine(parts.engine, publish, default_sampling=parts.generation_defaults.sampling,
-                       chat_template=parts.chat_template)
+                       chat_template=parts.chat_template, model_type=parts.model_type)
 
 
 def follow_process_zero(config: EngineConfig) -> int:

@@ -27,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 class AsyncEngine(EngineClient):
     def __init__(self, engine: LLMEngine, publish: Publish | None = None, *,
-                 default_sampling: dict[str, Any] | None = None, chat_template: str | None = None) -> None:
-        super().__init__(EngineInfo.describe(engine, default_sampling, chat_template))
+                 default_sampling: dict[str, Any] | None = None, chat_template: str | None = None,
+                 model_type: str | None = None) -> None:
+        super().__init__(EngineInfo.describe(engine, default_sampling, chat_template, model_type))
         self._core = EngineCore(engine, publish=publish)
         self._commands = CommandQueue()
         self._thread: threading.Thread | None = None

@@ -171,12 +171,13 @@ class EngineInfo:
     default_sampling: dict[str, Any]  # SamplingParams fields from the model's generation config
     chat_template: str | None  # --chat-template resolved to text; None: the tokenizer's own
     structured_outputs: bool  # whether the engine has a grammar backend
+    model_type: str | None = None  # config.json's `model_type` ("gpt_oss" turns on harmony chat); None: unknown
 
     @classmethod
     def describe(cls, engine: LLMEngine, default_sampling: dict[str, Any] | None = None,
-                 chat_template: str | None = None) -> EngineInfo:
+                 chat_template: str | None = None, model_type: str | None = None) -> EngineInfo:
         return cls(engine.config, engine.limits, engine.vocab_size, engine.eos_token_ids, engine.tokenizer,
-                   dict(default_sampling or {}), chat_template, engine.grammar_compiler is not None)
+                   dict(default_sampling or {}), chat_template, engine.grammar_compiler is not None, model_type)
 
     @property
     def max_model_len(self) -> int:

@@ -87,7 +87,8 @@ def run_engine_process(factory: EngineFactory, conn: Connection, log_level: int)
     try:
         parts = factory()
         engine: LLMEngine = parts.engine
-        conn.send(("ready", EngineInfo.describe(engine, parts.generation_defaults.sampling, parts.chat_template)))
+        conn.send(("ready", EngineInfo.describe(engine, parts.generation_defaults.sampling, parts.chat_template,
+                                                parts.model_type)))
     except BaseException:
         with contextlib.suppress(OSError):
             conn.send(("failed", traceback.format_exc()))

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxllm.model_arch import ModelArch
 from jaxllm.models.batch import ForwardBatch
-from jaxllm.models.layers import CausalLM, FusedFrom, Kernels, Linear, PagedAttention, Part, RMSNorm, param
+from jaxllm.models.layers import CausalLM, DecoderLayer, FusedFrom, Kernels, Linear, Part, param
 from jaxllm.models.moe import route
 from pallas_kernels.grouped_matmul import Activation
 
@@ -53,19 +53,7 @@ class GptOssMLP(nnx.Module):
         return y + down_bias.astype(y.dtype)
 
 
-class GptOssDecoderLayer(nnx.Module):
-    def __init__(self, arch: ModelArch, layer: int, dtype, fuse_qkv: bool):
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps, dtype)
-        self.self_attn = PagedAttention(arch, layer, dtype, fuse_qkv)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps, dtype)
-        self.mlp = GptOssMLP(arch, dtype)
-
-    def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch, kernels: Kernels):
-        attn_out, kv_pages = self.self_attn(self.input_layernorm(x), kv_pages, batch, kernels)
-        x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x), batch, kernels), kv_pages
-
-
 def abstract_model(arch: ModelArch, dtype, fuse_qkv: bool = True) -> CausalLM:
     """The model with ShapeDtypeStruct leaves (see llama.abstract_model)."""
-    return nnx.eval_shape(lambda: CausalLM(arch, dtype, lambda i: GptOssDecoderLayer(arch, i, dtype, fuse_qkv)))
+    return nnx.eval_shape(lambda: CausalLM(arch, dtype, lambda i: DecoderLayer(
+        arch, i, dtype, fuse_qkv, GptOssMLP(arch, dtype))))

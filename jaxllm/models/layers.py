@@ -181,7 +181,8 @@ class GatedMLP(nnx.Module):
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, ("embed", "mlp"), dtype)
         self.act = arch.hidden_act
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, batch: ForwardBatch | None = None, kernels: Kernels | None = None) -> jax.Array:
+        """x [T, H] -> [T, H]. (batch, kernels): the MLP call every layer makes; an MoE needs them."""
         gate, up = self.gate_up_proj(x)  # [T, I] each
         return self.down_proj(activation(self.act)(gate) * up)
 
@@ -368,6 +369,24 @@ class PagedAttention(nnx.Module):
         sinks = None if self.sinks is None else self.sinks[...]
         out, kv_pages = attend(q, k, v, kv_pages, batch, kernels, self.params, sinks)
         return self.o_proj(out), kv_pages
+
+
+class DecoderLayer(nnx.Module):
+    """The pre-norm layer of Llama and its descendants, in HF's names: x + self_attn(input_layernorm(x)),
+    then + mlp(post_attention_layernorm(x)); the family gives the MLP (dense or MoE), called as
+    `mlp(x, batch, kernels)`."""
+
+    def __init__(self, arch: ModelArch, layer: int, dtype, fuse_qkv: bool, mlp: nnx.Module):
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps, dtype)
+        self.self_attn = PagedAttention(arch, layer, dtype, fuse_qkv)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps, dtype)
+        self.mlp = mlp
+
+    def __call__(self, x: jax.Array, kv_pages: jax.Array, batch: ForwardBatch,
+                 kernels: Kernels) -> tuple[jax.Array, jax.Array]:
+        attn_out, kv_pages = self.self_attn(self.input_layernorm(x), kv_pages, batch, kernels)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x), batch, kernels), kv_pages
 
 
 class Embedding(nnx.Module):

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from jaxllm.model_arch import ModelArch, Quantization
+from jaxllm.model_arch import CheckpointNames, ModelArch, Quantization
 from jaxllm.models.sharding import ShardingRules
 from pallas_kernels.grouped_matmul.mxfp4 import dequantize_mxfp4
 
@@ -73,26 +73,21 @@ class SafetensorsFile:
 
 class Checkpoint:
     """Tensor name -> memory-mapped array, over the checkpoint's safetensors files. A name may also
-    be found without one of `optional_prefixes` (GPT-2's hub checkpoints lack `transformer.`).
+    be found as the family spells it otherwise (`names`: GPT-2's hub checkpoints lack `transformer.`).
 
     An MXFP4 checkpoint (gpt-oss) stores a quantized tensor `X` [..., in, out] as `X_blocks` and
     `X_scales` ([..., out, in / 32, 16] and [..., out, in / 32]); it is dequantized here, whole,
     when asked for.
     """
 
-    def __init__(self, files: dict[str, SafetensorsFile], optional_prefixes: tuple[str, ...] = (),
+    def __init__(self, files: dict[str, SafetensorsFile], names: CheckpointNames = CheckpointNames(),
                  quantization: Quantization | None = None):
         self.files = files
-        self.optional_prefixes = optional_prefixes
+        self.names = names
         self.quantization = quantization
 
     def stored_name(self, name: str) -> str | None:
-        if name in self.files:
-            return name
-        for prefix in self.optional_prefixes:
-            if name.startswith(prefix) and name[len(prefix):] in self.files:
-                return name[len(prefix):]
-        return None
+        return next((n for n in self.names.candidates(name) if n in self.files), None)
 
     def tensor(self, name: str, shape) -> np.ndarray:
         """The memory-mapped tensor `name`, checked against its expected shape."""
@@ -121,14 +116,14 @@ class Checkpoint:
         return np.swapaxes(dequantize_mxfp4(np.asarray(blocks), np.asarray(scales), ml_dtypes.bfloat16), -1, -2)
 
 
-def open_checkpoint(model_dir: Path, optional_prefixes: tuple[str, ...] = (),
+def open_checkpoint(model_dir: Path, names: CheckpointNames = CheckpointNames(),
                     quantization: Quantization | None = None) -> Checkpoint:
     """The tensors of model.safetensors, of a sharded index, or of every *.safetensors file."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         files = {name: SafetensorsFile(model_dir / name) for name in sorted(set(weight_map.values()))}
-        return Checkpoint({tensor: files[file] for tensor, file in weight_map.items()}, optional_prefixes, quantization)
+        return Checkpoint({tensor: files[file] for tensor, file in weight_map.items()}, names, quantization)
     found = [model_dir / "model.safetensors"] if (model_dir / "model.safetensors").is_file() else sorted(
         model_dir.glob("*.safetensors"))  # unusual names, no index: take every file
     if not found:
@@ -140,7 +135,7 @@ def open_checkpoint(model_dir: Path, optional_prefixes: tuple[str, ...] = (),
     for path in found:
         f = SafetensorsFile(path)
         by_name.update({t: f for t in f.names()})
-    return Checkpoint(by_name, optional_prefixes, quantization)
+    return Checkpoint(by_name, names, quantization)
 
 
 def hf_name(path: tuple) -> str:
@@ -158,12 +153,12 @@ def load_weights(
     rules: ShardingRules,
     load_format: str,
     seed: int,
-    optional_prefixes: tuple[str, ...] = (),
+    names: CheckpointNames = CheckpointNames(),
     quantization: Quantization | None = None,
 ) -> nnx.State:
     """Fill every Param of `abstract_state` with a sharded array of its dtype; returns the concrete
-    state. `optional_prefixes`: prefixes of parameter paths the checkpoint's names may lack."""
-    checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir, optional_prefixes, quantization)
+    state. `names`: how the checkpoint may spell the parameters' paths."""
+    checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir, names, quantization)
     flat = list(_leaves(abstract_state))
     key = jax.random.key(seed)
     desc = "Random weights" if checkpoint is None else "Loading safetensors"

@@ -76,7 +76,7 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
     dtype = resolve_dtype(model_config.dtype, arch, platform)
     graphdef, state = nnx.split(family(arch).abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None))
     state = load_weights(model_dir, state, mesh, rules, model_config.load_format, model_config.seed,
-                         ARCHITECTURES[arch.architecture].checkpoint_prefixes, arch.quantization)
+                         ARCHITECTURES[arch.architecture].names, arch.quantization)
     leaves, treedef = jax.tree.flatten(state)
     logger.info(
         "Loaded %s (%s params, %s, %s) from %s on %d %s device(s) in %.1f s",
