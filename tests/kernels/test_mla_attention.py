@@ -1,0 +1,189 @@
+"""MLA attention (pallas_kernels/mla_attention): references against dense numpy, the absorbed form
+against the expanded form on the same weights, and the XLA paths against the references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.mla_attention import (
+    MlaXlaBlocks,
+    gather_latents,
+    mla_absorbed_reference,
+    mla_absorbed_xla,
+    mla_expanded_reference,
+    mla_expanded_xla,
+    write_latent_pages,
+)
+
+SMALL_BLOCKS = MlaXlaBlocks(chunk_tokens=16, decode_block=2, tile_tokens=4, prefill_block=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    q_lens: tuple[int, ...]  # live requests only
+    kv_lens: tuple[int, ...]
+    num_heads: int = 4
+    rank: int = 32  # R (kv_lora_rank)
+    rope_dim: int = 16  # Dr (qk_rope_head_dim)
+    page_size: int = 8
+    pages_per_seq: int = 8
+    num_slots: int | None = None  # > len(q_lens): padded request slots
+    num_tokens: int | None = None  # > sum(q_lens): padded tokens
+
+
+CASES = {
+    "decode": Case(q_lens=(1, 1, 1, 1), kv_lens=(5, 8, 17, 40)),
+    "prefill": Case(q_lens=(21, 12), kv_lens=(21, 45)),
+    # Decodes before and after a prefill chunk, padded slots and tokens.
+    "mixed_padded": Case(q_lens=(1, 9, 1, 6), kv_lens=(40, 30, 17, 6), num_slots=6, num_tokens=24),
+}
+
+
+def make_batch(case: Case, dtype=jnp.float32, seed: int = 0):
+    """(q_latent, q_pe, latent_pages, kv_lens, page_indices, cu_q_lens, num_seqs): random queries
+    and pages, each slot's pages distinct, scattered ids in the pool."""
+    rng = np.random.default_rng(seed)
+    live = len(case.q_lens)
+    num_slots = case.num_slots or live
+    q_lens = list(case.q_lens) + [0] * (num_slots - live)
+    kv_lens = list(case.kv_lens) + [0] * (num_slots - live)
+    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    num_tokens = case.num_tokens or int(cu_q_lens[-1])
+    num_pages = num_slots * case.pages_per_seq + 3
+    page_indices = rng.permutation(num_pages)[: num_slots * case.pages_per_seq].reshape(num_slots, -1)
+    q_latent = rng.standard_normal((num_tokens, case.num_heads, case.rank))
+    q_pe = rng.standard_normal((num_tokens, case.num_heads, case.rope_dim))
+    pages = rng.standard_normal((num_pages, case.page_size, case.rank + case.rope_dim))
+    return (
+        jnp.asarray(q_latent, dtype),
+        jnp.asarray(q_pe, dtype),
+        jnp.asarray(pages, dtype),
+        jnp.asarray(kv_lens, jnp.int32),
+        jnp.asarray(page_indices, jnp.int32),
+        jnp.asarray(cu_q_lens, jnp.int32),
+        jnp.asarray([live], jnp.int32),
+    )
+
+
+def dense_absorbed(batch, sm_scale: float) -> np.ndarray:
+    """Per request in numpy: its latents in order, causal softmax of (q_latent . c_kv + q_pe . k_pe)."""
+    q_latent, q_pe, pages, kv_lens, page_indices, cu_q_lens, num_seqs = (np.asarray(x, np.float64) for x in batch)
+    rank = q_latent.shape[2]
+    out = np.zeros_like(q_latent)
+    for s in range(int(num_seqs[0])):
+        start, end, kv_len = int(cu_q_lens[s]), int(cu_q_lens[s + 1]), int(kv_lens[s])
+        latents = pages[page_indices[s].astype(int)].reshape(-1, pages.shape[2])[:kv_len]
+        for i, t in enumerate(range(start, end)):
+            seen = latents[: kv_len - (end - start) + i + 1]
+            logits = (q_latent[t] @ seen[:, :rank].T + q_pe[t] @ seen[:, rank:].T) * sm_scale  # [H, L]
+            w = np.exp(logits - logits.max(axis=1, keepdims=True))
+            out[t] = (w / w.sum(axis=1, keepdims=True)) @ seen[:, :rank]
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_absorbed_reference_matches_dense_numpy(name):
+    batch = make_batch(CASES[name])
+    out = mla_absorbed_reference(*batch, sm_scale=0.1)
+    np.testing.assert_allclose(np.asarray(out), dense_absorbed(batch, 0.1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("blocks", [SMALL_BLOCKS, MlaXlaBlocks()], ids=["small_blocks", "default_blocks"])
+def test_absorbed_xla_matches_reference(name, blocks):
+    batch = make_batch(CASES[name])
+    want = mla_absorbed_reference(*batch, sm_scale=0.1)
+    got = jax.jit(lambda *b: mla_absorbed_xla(*b, sm_scale=0.1, blocks=blocks))(*batch)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_absorbed_xla_bf16_matches_reference():
+    batch = make_batch(CASES["mixed_padded"], dtype=jnp.bfloat16)
+    want = mla_absorbed_reference(*batch, sm_scale=0.1).astype(jnp.float32)
+    got = mla_absorbed_xla(*batch, sm_scale=0.1, blocks=SMALL_BLOCKS).astype(jnp.float32)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
+
+
+def expanded_inputs(batch, w_uk: jax.Array, w_uv: jax.Array, q_nope: jax.Array):
+    """The expanded form of a batch: per-head K = [c_kv W_UK[h], k_pe], V = c_kv W_UV[h] over each
+    request's whole context (gathered from the pages), Q = [q_nope, q_pe]."""
+    _, q_pe, pages, kv_lens, page_indices, cu_q_lens, num_seqs = batch
+    rank = w_uk.shape[1]
+    live = jnp.arange(kv_lens.shape[0]) < num_seqs[0]
+    cu_kv_lens = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(jnp.where(live, kv_lens, 0))]).astype(jnp.int32)
+    latents = gather_latents(pages, page_indices, cu_kv_lens, int(np.sum(np.asarray(kv_lens))))  # [Tk, R + Dr]
+    c_kv, k_pe = latents[:, :rank], latents[:, rank:]
+    k_nope = jnp.einsum("lr,hrn->lhn", c_kv, w_uk)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, None], (k_pe.shape[0], w_uk.shape[0], k_pe.shape[1]))], -1)
+    v = jnp.einsum("lr,hrv->lhv", c_kv, w_uv)
+    return jnp.concatenate([q_nope, q_pe], -1), k, v, cu_q_lens, cu_kv_lens, num_seqs
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_absorbed_form_equals_expanded_form(name):
+    """The key property: attention over latents with W_UK folded into the query and W_UV applied
+    to the output equals attention over the per-head K/V the latents expand to."""
+    case = CASES[name]
+    batch = make_batch(case)
+    rng = np.random.default_rng(1)
+    nope_dim, v_dim = 12, 10
+    w_uk = jnp.asarray(rng.standard_normal((case.num_heads, case.rank, nope_dim)) / case.rank**0.5, jnp.float32)
+    w_uv = jnp.asarray(rng.standard_normal((case.num_heads, case.rank, v_dim)) / case.rank**0.5, jnp.float32)
+    q_nope = jnp.asarray(rng.standard_normal((batch[0].shape[0], case.num_heads, nope_dim)), jnp.float32)
+    q_latent = jnp.einsum("thn,hrn->thr", q_nope, w_uk)
+    absorbed_batch = (q_latent, *batch[1:])
+    sm_scale = (nope_dim + case.rope_dim) ** -0.5
+
+    expanded = expanded_inputs(absorbed_batch, w_uk, w_uv, q_nope)
+    want = mla_expanded_reference(*expanded, sm_scale=sm_scale)  # [T, H, Dv]
+    for absorbed in (mla_absorbed_reference, mla_absorbed_xla):
+        out_latent = absorbed(*absorbed_batch, sm_scale=sm_scale)
+        got = jnp.einsum("thr,hrv->thv", out_latent, w_uv)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    got = mla_expanded_xla(*expanded, sm_scale=sm_scale, blocks=SMALL_BLOCKS)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_expanded_xla_matches_reference_with_padding():
+    """Distinct QK (24) and V (10) head sizes, padded slots and tokens, and key rows past the last
+    request's."""
+    rng = np.random.default_rng(2)
+    q_lens, kv_lens = [1, 7, 0, 0], [9, 20, 0, 0]
+    cu_q = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    cu_kv = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((12, 3, 24)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((33, 3, 24)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((33, 3, 10)), jnp.float32)
+    args = (q, k, v, jnp.asarray(cu_q), jnp.asarray(cu_kv), jnp.asarray([2], jnp.int32))
+    want = mla_expanded_reference(*args, sm_scale=0.2)
+    assert not bool(jnp.any(want[8:]))
+    for blocks in (SMALL_BLOCKS, MlaXlaBlocks()):
+        got = mla_expanded_xla(*args, sm_scale=0.2, blocks=blocks)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_write_latent_pages_places_rows_and_drops_padding():
+    pages = jnp.zeros((3, 4, 6), jnp.bfloat16)
+    latent = jnp.arange(18, dtype=jnp.float32).reshape(3, 6) + 1
+    slots = jnp.asarray([5, 10, 12], jnp.int32)  # page 1 offset 1, page 2 offset 2, padding (past 3 x 4)
+    out = np.asarray(write_latent_pages(pages, latent, slots).astype(jnp.float32))
+    np.testing.assert_array_equal(out[1, 1], np.asarray(latent[0]))
+    np.testing.assert_array_equal(out[2, 2], np.asarray(latent[1]))
+    assert np.count_nonzero(out.any(axis=-1)) == 2
+
+
+def test_gather_latents_reads_each_request_in_order():
+    case = CASES["mixed_padded"]
+    _, _, pages, kv_lens, page_indices, _, _ = make_batch(case)
+    cu_kv = jnp.asarray(np.concatenate([[0], np.cumsum(np.asarray(kv_lens))]), jnp.int32)
+    rows = gather_latents(pages, page_indices, cu_kv, int(cu_kv[-1]) + 3)
+    p = np.asarray(pages)
+    for s, kv_len in enumerate(np.asarray(kv_lens)):
+        want = p[np.asarray(page_indices[s])].reshape(-1, p.shape[2])[:kv_len]
+        np.testing.assert_array_equal(np.asarray(rows[int(cu_kv[s]) : int(cu_kv[s + 1])]), want)
+    assert not bool(jnp.any(rows[int(cu_kv[-1]) :]))
