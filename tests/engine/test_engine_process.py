@@ -33,7 +33,7 @@ def fake_engine_parts(delay_s: float = 0.001, fail_at_step: int | None = None, r
     engine = new_llm_engine(AutoTokenizer.from_pretrained(STORIES), runner, max_model_len=256, async_scheduling=True,
                             max_num_batched_tokens=16)
     return SimpleNamespace(engine=engine, generation_defaults=GenerationDefaults({"temperature": 0.5}),
-                           chat_template="{{ x }}")
+                           chat_template="{{ x }}", model_type="llama")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def test_streams_match_the_offline_outputs_and_every_page_comes_back(process_eng
     assert (info.max_model_len, info.vocab_size, info.eos_token_ids) == (256, VOCAB_SIZE, frozenset([EOS_ID]))
     assert info.tokenizer.encode("Once upon a time") == tokenizer.encode("Once upon a time")
     assert info.default_sampling == {"temperature": 0.5} and info.chat_template == "{{ x }}"
+    assert info.model_type == "llama"
 
     async def main():
         results = await asyncio.gather(*(collect(engine, *r) for r in requests(tokenizer)))

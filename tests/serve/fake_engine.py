@@ -39,7 +39,8 @@ def story_engine_parts(**kwargs: Any) -> SimpleNamespace:
     and the STORY script."""
     tokenizer = load_tokenizer(STORIES)
     engine = new_llm_engine(tokenizer, tokenizer.encode(" " + STORY, add_special_tokens=False), **kwargs)
-    return SimpleNamespace(engine=engine, generation_defaults=GenerationDefaults(), chat_template=None)
+    return SimpleNamespace(engine=engine, generation_defaults=GenerationDefaults(), chat_template=None,
+                           model_type="llama")
 
 
 def new_llm_engine(tokenizer: Any, script: list[int], *, max_model_len: int = 512, num_pages: int = 512,
