@@ -5,8 +5,8 @@
 
 `tool_choice` and `response_format` / `structured_outputs` decide the decoding constraint; the output text
 goes through `serve.output_parsing` (reasoning split off, then tool calls read out) into the message, or
-into each streamed delta; with a harmony parser flag (gpt-oss), the output's token ids go through
-`serve.harmony_chat` instead.
+into each streamed delta; for gpt-oss (its model type, or a harmony parser flag), the output's token ids go
+through `serve.harmony_chat` instead.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from serve.beam_search import check_beam_search, start_beam_search
 from serve.errors import APIError
 from serve.harmony import GptOssReasoningParser
 from serve.harmony_chat import (
+    GPT_OSS,
     HarmonyChoiceParser,
     HarmonyOutputParsers,
+    assistant_action_stops,
     check_reasoning_effort,
     harmony_output_parsers,
     uses_harmony,
@@ -262,12 +264,12 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
     check_model(info.served_model_names, request.model)
     reject_unsupported(request)
     wants_tools = request.tools is not None or request.tool_choice is not None
-    tools = resolve_tools(request, ctx.args) if wants_tools else NO_TOOLS
+    tools = resolve_tools(request, ctx.args, harmony_model=info.model_type == GPT_OSS) if wants_tools else NO_TOOLS
     if request.chat_template is not None:
         # vLLM refuses per-request templates unless --trust-request-chat-template; jaxllm has no such flag.
         raise APIError("Chat template is passed with request, but --trust-request-chat-template is not set. "
                        "Refused request with untrusted chat template.", param="chat_template")
-    harmony = uses_harmony(ctx.args.reasoning_parser, ctx.args.tool_call_parser)
+    harmony = uses_harmony(ctx.args.reasoning_parser, ctx.args.tool_call_parser, info.model_type)
     if harmony:
         check_reasoning_effort(request.reasoning_effort)
     template_kwargs = dict(request.chat_template_kwargs or {})
@@ -303,6 +305,8 @@ async def create_chat_completion(ctx: ServingContext, raw: Request, body: Any) -
         structured_outputs=structured,
         keep_special_tokens=tools.keep_special_tokens,
     )
+    if harmony_stops := assistant_action_stops(info.model_type, info.tokenizer):  # after the request's own, as vLLM
+        params = params.clone(stop_token_ids=list(dict.fromkeys([*params.stop_token_ids, *harmony_stops])))
     # The engine's names for the fields it checks, as this request spells them.
     error_params = {"logprobs": "top_logprobs", "structured_outputs": structured_param}
     if request.max_completion_tokens is not None:

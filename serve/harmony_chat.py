@@ -1,11 +1,17 @@
-"""gpt-oss output, read as harmony on token ids (serve.harmony), into chat message fields, as vLLM maps them:
+"""gpt-oss output, read as harmony on token ids (serve.harmony), into chat message fields, as vLLM maps them.
+
+Harmony is on for a model whose config.json says `model_type: gpt_oss` (vLLM's `use_harmony`), flags or not,
+and for any model under `--reasoning-parser openai_gptoss` or `--tool-call-parser openai`:
 
 - the `analysis` channel -> reasoning (`reasoning` and `reasoning_content`, as the text reasoning parsers);
 - `final`, and `commentary` without a recipient (a preamble meant for the user) -> content;
-- a message to `functions.NAME` -> a tool call (`--tool-call-parser openai`, tool_choice "auto"), else dropped;
+- a message to `functions.NAME` -> a tool call (`--tool-call-parser openai`, tool_choice "auto"), else dropped
+  (vLLM's: a gpt-oss model takes tool_choice "auto" without --enable-auto-tool-choice, and drops the calls);
 - anything else (calls of built-in tools such as `browser.search`) -> dropped.
 
+    harmony = uses_harmony(args.reasoning_parser, args.tool_call_parser, info.model_type)
     parsers = harmony_output_parsers(reasoning_parser, tool_parser, request, tokenizer)  # None: no harmony tokens
+    stop_token_ids = assistant_action_stops(info.model_type, tokenizer)  # a gpt-oss chat request's extra stops
     parsers.parse(text, token_ids) -> ParsedOutput
     stream = parsers.stream(); stream.feed(text, token_ids) / stream.finish() -> chat `delta` dict | None
 
@@ -23,7 +29,9 @@ from typing import Any
 from jaxllm.engine.detokenizer import make_incremental_detokenizer
 from serve.errors import APIError
 from serve.harmony import (
+    CALL,
     REASONING_EFFORTS,
+    RETURN,
     GptOssReasoningParser,
     HarmonyFramer,
     HarmonyTokens,
@@ -36,10 +44,21 @@ from serve.output_parsing import ParsedOutput, ReasoningParser
 from serve.tool_parsers import ToolParser
 from serve.tool_parsers.openai import HarmonyToolCallStream, OpenAIToolParser
 
+GPT_OSS = "gpt_oss"  # the model_type vLLM serves through harmony
 
-def uses_harmony(reasoning_parser: str | None, tool_call_parser: str | None) -> bool:
-    """Whether the server's flags name a harmony parser: its chat output is then read as harmony."""
-    return reasoning_parser == "openai_gptoss" or tool_call_parser == "openai"
+
+def uses_harmony(reasoning_parser: str | None, tool_call_parser: str | None, model_type: str | None) -> bool:
+    """Whether chat output is read as harmony: the model is gpt-oss, or the flags name a harmony parser."""
+    return model_type == GPT_OSS or reasoning_parser == "openai_gptoss" or tool_call_parser == "openai"
+
+
+def assistant_action_stops(model_type: str | None, tokenizer: Any) -> list[int]:
+    """The ids of `<|return|>` and `<|call|>`, which end a gpt-oss chat reply whatever its generation config says
+    (vLLM adds harmony's `stop_tokens_for_assistant_actions` to its chat requests' stop_token_ids); [] for
+    another model, or a tokenizer without the harmony tokens."""
+    if model_type != GPT_OSS or harmony_tokens(tokenizer) is None:
+        return []
+    return tokenizer.convert_tokens_to_ids([RETURN, CALL])
 
 
 def check_reasoning_effort(effort: str | None) -> None:

@@ -3,7 +3,7 @@
 - no `tool_choice`: "auto" when tools are given, else "none" (vLLM's default).
 - "none": tools still reach the chat template; the output is plain content.
 - "auto": needs --enable-auto-tool-choice and --tool-call-parser (else vLLM's 400); the parser reads calls
-  out of whatever the model writes.
+  out of whatever the model writes. A harmony model (gpt-oss) needs neither: without them its calls are dropped.
 - "required" / a named function: decoding is constrained to a call (`jaxllm.structured.tool_choice_constraint`:
   compact, closed objects, open values bounded to fit the request's max_tokens) and `ConstrainedToolParser`
   reads it back, whatever --tool-call-parser is.
@@ -43,7 +43,7 @@ class ToolHandling:
 NO_TOOLS = ToolHandling(None, "none", None, None, False)
 
 
-def resolve_tools(request: ChatCompletionRequest, args: ServerArgs) -> ToolHandling:
+def resolve_tools(request: ChatCompletionRequest, args: ServerArgs, harmony_model: bool = False) -> ToolHandling:
     tools = request.tools
     if tools == []:
         raise APIError("`tools` must not be an empty array. Either provide at least one tool or omit the field "
@@ -60,10 +60,12 @@ def resolve_tools(request: ChatCompletionRequest, args: ServerArgs) -> ToolHandl
     if choice == "none":
         return ToolHandling(tools, "none", None, None, False)
     if choice == "auto":
-        if not (args.enable_auto_tool_choice and args.tool_call_parser):
+        configured = bool(args.enable_auto_tool_choice and args.tool_call_parser)
+        if not (configured or harmony_model):
             raise APIError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
                            param="tool_choice")
-        return ToolHandling(tools, "auto", get_tool_parser(args.tool_call_parser), None, keep_special)
+        parser = get_tool_parser(args.tool_call_parser) if configured else None
+        return ToolHandling(tools, "auto", parser, None, keep_special)
     if isinstance(choice, dict):
         _check_named_choice(choice, tools or [])
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens

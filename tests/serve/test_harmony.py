@@ -1,6 +1,7 @@
 """gpt-oss's harmony output (serve.harmony, serve.harmony_chat) on hand-written token sequences in OpenAI's
 published format (openai/harmony, docs/format.md), then served end to end through the openai SDK with
-`--reasoning-parser openai_gptoss --tool-call-parser openai`.
+`--reasoning-parser openai_gptoss --tool-call-parser openai`, and without flags for a model whose config.json
+says `model_type: gpt_oss` (harmony on, as vLLM's) or another model type (harmony off).
 
 The tokenizer is a tiny byte-level BPE carrying the harmony special tokens, built here at session scope with the
 minimal template of tests/fixtures/harmony-tokenizer/ (its SOURCE.md says how). The served model is a
@@ -210,11 +211,13 @@ def test_reasoning_tokens_are_the_analysis_contents(tok: Any) -> None:
 # ---- served end to end -------------------------------------------------------------------------------------------
 
 
-def scripted_engine(tok: Any) -> AsyncEngine:
-    """Writes SCRIPTS[name] for a last user message `name`; for `effort`, the answer is the prompt's
-    `Reasoning:` level. It stops at <|return|> or <|call|>, as gpt-oss's generation config says."""
+def scripted_engine(tok: Any, eos: tuple[str, ...] = ("<|return|>", "<|call|>"),
+                    model_type: str | None = None) -> AsyncEngine:
+    """Writes SCRIPTS[name] for a last user message `name`, then <|return|> for ever; for `effort`, the answer is
+    the prompt's `Reasoning:` level. It stops at `eos` (by default gpt-oss's generation config's <|return|> and
+    <|call|>); `model_type`: config.json's, as the engine describes it."""
     user, assistant = ids(tok, "<|start|>user<|message|>"), ids(tok, "<|start|>assistant")
-    end, return_, call = tok.convert_tokens_to_ids(["<|end|>", "<|return|>", "<|call|>"])
+    end, return_ = tok.convert_tokens_to_ids(["<|end|>", "<|return|>"])
     scripts = {name: ids(tok, text) for name, text in SCRIPTS.items()}
 
     def next_token(context: list[int], seed: int) -> int:
@@ -235,7 +238,8 @@ def scripted_engine(tok: Any) -> AsyncEngine:
                                                     async_scheduling=False))
     runner = FakeModelRunner(len(tok), 16, next_token_fn=next_token, delay_s=0.001)
     limits = EngineLimits.given(config, max_model_len=1024, num_pages=128)
-    return AsyncEngine(LLMEngine(config, limits, runner, tok, len(tok), (return_, call), log_stats=False))
+    engine = LLMEngine(config, limits, runner, tok, len(tok), tok.convert_tokens_to_ids(list(eos)), log_stats=False)
+    return AsyncEngine(engine, model_type=model_type)
 
 
 @pytest.fixture(scope="module")
@@ -336,3 +340,57 @@ def test_reasoning_effort_harmony_has_no_words_for_is_a_400(server: LiveServer, 
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["message"].startswith(message) and error["param"] == "reasoning_effort"
+
+
+# ---- a gpt-oss model without the harmony flags, and another model ------------------------------------------------
+
+
+def bare_server(tok: Any, model_type: str) -> Iterator[openai.OpenAI]:
+    """No parser flags; the engine stops only at the tokenizer's EOS (<|return|>): a checkpoint without gpt-oss's
+    generation config."""
+    ctx = make_context(scripted_engine(tok, eos=("<|return|>",), model_type=model_type))
+    with LiveServer(ctx) as live:
+        yield openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0)
+    assert pool_is_free(ctx.engine)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_client(tok: Any) -> Iterator[openai.OpenAI]:
+    yield from bare_server(tok, "gpt_oss")
+
+
+@pytest.fixture(scope="module")
+def llama_client(tok: Any) -> Iterator[openai.OpenAI]:
+    yield from bare_server(tok, "llama")
+
+
+def test_gpt_oss_without_flags_reads_harmony(gpt_oss_client: openai.OpenAI) -> None:
+    for completion in (chat(gpt_oss_client, "answer"), streamed(gpt_oss_client, "answer")):
+        choice = completion.choices[0]
+        assert choice.message.model_extra["reasoning_content"] == choice.message.model_extra["reasoning"] == THOUGHT
+        assert (choice.message.content, choice.finish_reason) == (REPLY, "stop")
+    # No reasoning parser named: no count of its tokens (vLLM's, too).
+    assert chat(gpt_oss_client, "answer").usage.completion_tokens_details is None
+
+
+def test_gpt_oss_without_flags_takes_tools_and_stops_at_the_call(gpt_oss_client: openai.OpenAI, tok: Any) -> None:
+    """tool_choice "auto" needs no tool flags for gpt-oss (vLLM's); with no tool parser the call is dropped. The
+    reply ends at <|call|>, a stop vLLM adds to gpt-oss's chat requests, though the engine's EOS is <|return|>."""
+    for ask in (chat, streamed):
+        choice = ask(gpt_oss_client, "call", tools=[WEATHER]).choices[0]
+        assert choice.finish_reason == "stop" and not choice.message.content and not choice.message.tool_calls
+        assert choice.message.model_extra["reasoning_content"] == "Need to use function get_weather."
+    completion = chat(gpt_oss_client, "call", extra_body={"stop_token_ids": [7]})
+    assert completion.choices[0].model_extra["stop_reason"] == tok.convert_tokens_to_ids("<|call|>")
+    assert completion.usage.completion_tokens == len(ids(tok, CALL))
+
+
+def test_another_model_without_flags_is_plain_content(llama_client: openai.OpenAI, tok: Any) -> None:
+    choice = chat(llama_client, "answer").choices[0]
+    assert choice.message.content == tok.decode(ids(tok, ANSWER), skip_special_tokens=True)
+    assert choice.message.model_extra.get("reasoning_content") is None
+    completion = chat(llama_client, "call")  # on past <|call|>, to the EOS the script writes next
+    assert completion.choices[0].model_extra["stop_reason"] is None
+    assert completion.usage.completion_tokens == len(ids(tok, CALL)) + 1
+    with pytest.raises(openai.BadRequestError, match='"auto" tool choice requires --enable-auto-tool-choice'):
+        chat(llama_client, "answer", tools=[WEATHER])
