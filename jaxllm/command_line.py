@@ -28,7 +28,7 @@ logger = logging.getLogger("jaxllm.serve")
 _ALIASES = {
     "tensor_parallel_size": ["-tp"], "enable_expert_parallel": ["-ep"], "num_processes": ["--nnodes", "-n"],
     "process_id": ["--node-rank", "-r"],
-    "gpu_memory_utilization": ["--device-memory-utilization"],
+    "gpu_memory_utilization": ["--device-memory-utilization"], "quantization": ["-q"],
 }
 # Flags whose integer value may be written 8k / 1M, as vLLM accepts.
 _SIZE_FLAGS = {"max_model_len", "max_num_batched_tokens"}

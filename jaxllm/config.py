@@ -50,6 +50,11 @@ class ModelConfig:
         "auto", "How to load weights: auto/safetensors, or dummy (random weights for benchmarks).",
         choices=("auto", "safetensors", "dummy"),
     )
+    quantization: str | None = option(
+        None, "The checkpoint's weight quantization (awq, gptq, compressed-tensors int4), checked against its "
+        "quantization_config; with --load-format dummy, random weights in that int4 layout.",
+        choices=("awq", "gptq", "compressed-tensors"),
+    )
     seed: int = option(0, "Seed for dummy weights and for requests that give no seed.")
     max_logprobs: int = option(
         20, "Most logprobs (and prompt_logprobs) a request may ask for; -1 allows the whole vocabulary."

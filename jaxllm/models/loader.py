@@ -10,7 +10,7 @@ import json
 import logging
 import struct
 from collections.abc import Iterator
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import jax
@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from jaxllm.model_arch import CheckpointNames, ModelArch, Quantization
+from jaxllm.models.quantized import DUMMY_DRAWS, int4_tensor
 from jaxllm.models.sharding import ShardingRules
 from pallas_kernels.grouped_matmul.mxfp4 import dequantize_mxfp4
 
@@ -168,9 +169,13 @@ def load_weights(
         sharding = NamedSharding(mesh, rules.spec(var.get_metadata()["logical_axes"]))
         name = hf_name(path)
         fused = var.get_metadata().get("fused_from")
+        int4_source = var.get_metadata().get("int4_source")
         if checkpoint is None:
             value = _random_leaf(var.get_metadata().get("init", "zeros"), abstract.shape, abstract.dtype,
                                  sharding, jax.random.fold_in(key, i))
+        elif int4_source is not None:  # an int4 twin's field (models/quantized.py), converted whole on the host
+            tensor = int4_tensor(checkpoint, name.rsplit(".", 1)[0], int4_source, abstract.shape)
+            value = jax.make_array_from_callback(abstract.shape, sharding, lambda idx, t=tensor: t[idx])
         elif fused is not None:
             value = _fused_checkpoint_leaf(checkpoint, name, fused, abstract.shape, np.dtype(abstract.dtype), sharding)
         else:
@@ -211,7 +216,14 @@ def _fused_checkpoint_leaf(checkpoint: Checkpoint, name: str, fused, shape, dtyp
 def _random_leaf(init: str, shape, dtype, sharding, key) -> jax.Array:
     if init == "ones":
         return jax.jit(lambda: jnp.ones(shape, dtype), out_shardings=sharding)()
+    if init in DUMMY_DRAWS:
+        return _random_int4_field(init, tuple(shape), dtype, sharding)(key)
     return _random_normal(tuple(shape), dtype, sharding)(key)
+
+
+@cache
+def _random_int4_field(init: str, shape, dtype, sharding):
+    return jax.jit(partial(DUMMY_DRAWS[init], shape=shape, dtype=dtype), out_shardings=sharding)
 
 
 @cache

@@ -25,6 +25,7 @@ from jaxllm.models import family
 from jaxllm.models.batch import ForwardBatch
 from jaxllm.models.layers import AttentionFn, Kernels
 from jaxllm.models.loader import load_weights, resolve_dtype, resolve_model_dir
+from jaxllm.models.quantized import quantize_model, select_int4_matmul, with_requested_quantization
 from jaxllm.models.sharding import ShardingRules, make_mesh, rules_for
 from jaxllm.runner.experts import select_experts
 
@@ -68,13 +69,15 @@ class LoadedModel:
 def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None) -> LoadedModel:
     start = time.perf_counter()
     model_dir = resolve_model_dir(model_config.model, model_config.revision)
-    arch = load_arch(model_dir)
+    arch = with_requested_quantization(load_arch(model_dir), model_config.quantization, model_config.load_format)
     tp = parallel.tensor_parallel_size
     mesh = make_mesh(tp, devices)
     rules = rules_for(arch, tp, parallel.enable_expert_parallel)
     platform = mesh.devices.flat[0].platform
     dtype = resolve_dtype(model_config.dtype, arch, platform)
-    graphdef, state = nnx.split(family(arch).abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None))
+    model = family(arch).abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None)
+    quantize_model(model, arch, dtype, rules, tp, select_int4_matmul(mesh))  # int4 checkpoints only
+    graphdef, state = nnx.split(model)
     state = load_weights(model_dir, state, mesh, rules, model_config.load_format, model_config.seed,
                          ARCHITECTURES[arch.architecture].names, arch.quantization)
     leaves, treedef = jax.tree.flatten(state)
