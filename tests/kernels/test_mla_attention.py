@@ -1,5 +1,7 @@
 """MLA attention (pallas_kernels/mla_attention): references against dense numpy, the absorbed form
-against the expanded form on the same weights, and the XLA paths against the references."""
+against the expanded form on the same weights, the XLA paths against the references, and the
+Mosaic GPU kernel in the simulator and through the CUDA lowering (PTX, SMEM and speed only on a
+GPU: bench/mla_attention.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from pallas_kernels.mla_attention import (
     mla_expanded_xla,
     write_latent_pages,
 )
+from pallas_kernels.mla_attention.mosaic_gpu import MlaPlan, mla_absorbed_mosaic, mla_unsupported_reason
+from tests.kernels import mgpu_simulator
 
 SMALL_BLOCKS = MlaXlaBlocks(chunk_tokens=16, decode_block=2, tile_tokens=4, prefill_block=2)
 
@@ -93,8 +97,11 @@ def test_absorbed_reference_matches_dense_numpy(name):
     np.testing.assert_allclose(np.asarray(out), dense_absorbed(batch, 0.1), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("blocks", [SMALL_BLOCKS, MlaXlaBlocks()], ids=["small_blocks", "default_blocks"])
+@pytest.mark.parametrize(
+    "name, blocks",
+    [(name, SMALL_BLOCKS) for name in CASES] + [("mixed_padded", MlaXlaBlocks())],
+    ids=[*CASES, "mixed_padded_default_blocks"],
+)
 def test_absorbed_xla_matches_reference(name, blocks):
     batch = make_batch(CASES[name])
     want = mla_absorbed_reference(*batch, sm_scale=0.1)
@@ -124,7 +131,7 @@ def expanded_inputs(batch, w_uk: jax.Array, w_uv: jax.Array, q_nope: jax.Array):
     return jnp.concatenate([q_nope, q_pe], -1), k, v, cu_q_lens, cu_kv_lens, num_seqs
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", ["prefill", "mixed_padded"])
 def test_absorbed_form_equals_expanded_form(name):
     """The key property: attention over latents with W_UK folded into the query and W_UV applied
     to the output equals attention over the per-head K/V the latents expand to."""
@@ -162,9 +169,8 @@ def test_expanded_xla_matches_reference_with_padding():
     args = (q, k, v, jnp.asarray(cu_q), jnp.asarray(cu_kv), jnp.asarray([2], jnp.int32))
     want = mla_expanded_reference(*args, sm_scale=0.2)
     assert not bool(jnp.any(want[8:]))
-    for blocks in (SMALL_BLOCKS, MlaXlaBlocks()):
-        got = mla_expanded_xla(*args, sm_scale=0.2, blocks=blocks)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    got = mla_expanded_xla(*args, sm_scale=0.2, blocks=SMALL_BLOCKS)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_write_latent_pages_places_rows_and_drops_padding():
@@ -187,3 +193,90 @@ def test_gather_latents_reads_each_request_in_order():
         want = p[np.asarray(page_indices[s])].reshape(-1, p.shape[2])[:kv_len]
         np.testing.assert_array_equal(np.asarray(rows[int(cu_kv[s]) : int(cu_kv[s + 1])]), want)
     assert not bool(jnp.any(rows[int(cu_kv[-1]) :]))
+
+
+# ---- the Mosaic GPU kernel (absorbed form) -------------------------------------------------------
+
+# Simulated at R = 128 (the simulator is slow at 512; the CUDA lowering below takes 512).
+KERNEL_CASES = {
+    # Decodes, 16 heads (DeepSeek-V2-Lite): 4 tokens x 16 heads per 64-row tile; contexts within
+    # one block, across several, and on a block boundary.
+    "decode": (Case(q_lens=(1, 1, 1), kv_lens=(5, 64, 150), num_heads=16, rank=128, rope_dim=64, page_size=16,
+                    pages_per_seq=10), None),
+    # A 6-token chunk between decodes (tiles of 4 tokens), padded slots and tokens, 32-token pages.
+    "mixed_padded": (Case(q_lens=(1, 6, 1), kv_lens=(40, 70, 9), num_heads=16, rank=128, rope_dim=64, page_size=32,
+                          pages_per_seq=3, num_slots=4, num_tokens=16), None),
+    # Split-K over 3: contexts of 2 to 4 blocks per split.
+    "split_k": (Case(q_lens=(1, 1), kv_lens=(100, 200), num_heads=16, rank=128, rope_dim=64, page_size=16,
+                     pages_per_seq=13), MlaPlan(kv_splits=3)),
+    # NOTE: 128 heads (two 64-head groups, one token per tile) are checked by the CUDA lowering
+    # below and on the GPU (bench/mla_attention.py): simulating their ~70 CTAs takes ~20 s.
+}
+
+
+@pytest.fixture(scope="module")
+def simulator():
+    try:
+        mgpu_simulator.require()
+    except mgpu_simulator.SimulatorAPIMoved as e:
+        pytest.fail(str(e), pytrace=False)
+    mgpu_simulator.install_compile_cache()
+    return mgpu_simulator
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_simulated_kernel_matches_reference(simulator, name):
+    case, plan = KERNEL_CASES[name]
+    batch = make_batch(case, dtype=jnp.bfloat16)
+    want = mla_absorbed_reference(*batch, sm_scale=0.05).astype(jnp.float32)
+    simulator.reset()
+    got = jax.block_until_ready(mla_absorbed_mosaic(*batch, sm_scale=0.05, plan=plan, interpret=simulator.params()))
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16
+    got = got.astype(jnp.float32)
+    assert bool(jnp.isfinite(got).all()), "unwritten (NaN-poisoned) or non-finite outputs"
+    padded = int(batch[5][len(case.q_lens)])
+    assert not bool(jnp.any(got[padded:])), "padded tokens must be zeros"
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
+    assert not simulator.races_found()
+
+
+@pytest.mark.parametrize(
+    "num_heads, page_size, q_lens, plan",
+    [
+        (16, 16, (1, 1), None),  # DeepSeek-V2-Lite, one device
+        (16, 64, (1, 1), None),
+        (16, 16, (1, 1), MlaPlan(kv_splits=4)),
+        (16, 16, (1, 9), None),  # a chunk: 3 tiles of 4 tokens
+        (128, 16, (1, 1), None),  # DeepSeek-V2/V3, one device
+        (128, 64, (1, 1), MlaPlan(kv_splits=2)),
+        (8, 16, (1, 1), None),
+    ],
+)
+def test_kernel_lowers_for_cuda_at_deepseek_shapes(num_heads, page_size, q_lens, plan):
+    """R 512, Dr 64: the lowering also checks the 227 KiB SMEM budget."""
+    case = Case(q_lens=q_lens, kv_lens=(300, 200), num_heads=num_heads, rank=512, rope_dim=64, page_size=page_size,
+                pages_per_seq=-(-300 // page_size))
+    batch = make_batch(case, dtype=jnp.bfloat16)
+    fn = jax.jit(lambda *b: mla_absorbed_mosaic(*b, sm_scale=0.05, plan=plan))
+    assert "mosaic_gpu" in fn.trace(*batch).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_three_latent_slots_overflow_smem():
+    """The SMEM check is live: a third 72 KiB latent slot does not fit next to the queries."""
+    case = Case(q_lens=(1,), kv_lens=(300,), num_heads=16, rank=512, rope_dim=64, page_size=16, pages_per_seq=19)
+    batch = make_batch(case, dtype=jnp.bfloat16)
+    fn = jax.jit(lambda *b: mla_absorbed_mosaic(*b, sm_scale=0.05, plan=MlaPlan(num_slots=3)))
+    with pytest.raises(ValueError, match="shared memory"):
+        fn.trace(*batch).lower(lowering_platforms=("cuda",))
+
+
+def test_unsupported_reasons():
+    ok = dict(dtype=jnp.bfloat16, num_heads=16, kv_lora_rank=512, rope_dim=64, page_size=16)
+    assert mla_unsupported_reason(**ok) is None
+    assert mla_unsupported_reason(**{**ok, "num_heads": 128}) is None
+    assert "dtype" in mla_unsupported_reason(**{**ok, "dtype": jnp.float32})
+    assert "heads" in mla_unsupported_reason(**{**ok, "num_heads": 4})  # V2-Lite at tp 4
+    assert "heads" in mla_unsupported_reason(**{**ok, "num_heads": 96})
+    assert "kv_lora_rank" in mla_unsupported_reason(**{**ok, "kv_lora_rank": 320})
+    assert "rope" in mla_unsupported_reason(**{**ok, "rope_dim": 32})
+    assert "page_size" in mla_unsupported_reason(**{**ok, "page_size": 12})
