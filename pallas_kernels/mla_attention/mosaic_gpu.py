@@ -80,13 +80,12 @@ def _num_sms() -> int:
 
 
 def default_mla_plan(*, num_items: int, max_kv_len: int) -> MlaPlan:
-    """Split-K when the items (tiles x head groups) cannot fill the SMs and the contexts are long."""
+    """Split-K when the items (tiles x head groups) cannot fill the SMs and the contexts are long:
+    as many splits as keep every split's CTA in one wave (items x splits <= SMs), each split at
+    least 4 blocks."""
     plan = MlaPlan()
-    sms = _num_sms()
-    if num_items >= sms or max_kv_len < 16 * plan.block_kv:
-        return plan
-    splits = min(16, -(-sms // num_items), max_kv_len // (8 * plan.block_kv))
-    return dataclasses.replace(plan, kv_splits=max(splits, 1))
+    splits = min(32, _num_sms() // max(num_items, 1), max_kv_len // (4 * plan.block_kv))
+    return dataclasses.replace(plan, kv_splits=splits) if splits > 1 else plan
 
 
 def _swizzled(shape: tuple[int, ...], dtype) -> plgpu.SMEM:

@@ -21,7 +21,12 @@ from pallas_kernels.mla_attention import (
     mla_expanded_xla,
     write_latent_pages,
 )
-from pallas_kernels.mla_attention.mosaic_gpu import MlaPlan, mla_absorbed_mosaic, mla_unsupported_reason
+from pallas_kernels.mla_attention.mosaic_gpu import (
+    MlaPlan,
+    default_mla_plan,
+    mla_absorbed_mosaic,
+    mla_unsupported_reason,
+)
 from tests.kernels import mgpu_simulator
 
 SMALL_BLOCKS = MlaXlaBlocks(chunk_tokens=16, decode_block=2, tile_tokens=4, prefill_block=2)
@@ -280,3 +285,11 @@ def test_unsupported_reasons():
     assert "kv_lora_rank" in mla_unsupported_reason(**{**ok, "kv_lora_rank": 320})
     assert "rope" in mla_unsupported_reason(**{**ok, "rope_dim": 32})
     assert "page_size" in mla_unsupported_reason(**{**ok, "page_size": 12})
+
+
+def test_split_k_keeps_few_long_requests_in_one_wave():
+    """132 SMs (the CPU stand-in for an H100): items x splits fill at most one wave."""
+    assert default_mla_plan(num_items=32, max_kv_len=2048).kv_splits == 4
+    assert default_mla_plan(num_items=4, max_kv_len=8192).kv_splits == 32
+    assert default_mla_plan(num_items=128, max_kv_len=2048).kv_splits == 1  # one wave already
+    assert default_mla_plan(num_items=4, max_kv_len=256).kv_splits == 1  # too short to split
