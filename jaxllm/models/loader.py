@@ -174,7 +174,8 @@ def load_weights(
             value = _random_leaf(var.get_metadata().get("init", "zeros"), abstract.shape, abstract.dtype,
                                  sharding, jax.random.fold_in(key, i))
         elif int4_source is not None:  # an int4 twin's field (models/quantized.py), converted whole on the host
-            tensor = int4_tensor(checkpoint, name.rsplit(".", 1)[0], int4_source, abstract.shape)
+            tensor = int4_tensor(checkpoint, name.rsplit(".", 1)[0], int4_source, abstract.shape).astype(
+                abstract.dtype, copy=False)
             value = jax.make_array_from_callback(abstract.shape, sharding, lambda idx, t=tensor: t[idx])
         elif fused is not None:
             value = _fused_checkpoint_leaf(checkpoint, name, fused, abstract.shape, np.dtype(abstract.dtype), sharding)

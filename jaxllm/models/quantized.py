@@ -20,7 +20,7 @@ Each parameter's `int4_source` metadata tells the loader which checkpoint module
 device's shard from it. Dummy weights draw each parameter by its `init` (`DUMMY_DRAWS`).
 
 The matmul is a static attribute of each twin (so part of the layer's graphdef and jit key), picked
-by `select_int4_matmul`: the Mosaic GPU kernel on one GPU where it takes the shape, else the XLA path
+by `select_int4_kernel`: the Mosaic GPU kernel on one GPU where it takes the shape, else the XLA path
 (dequantize + dot). Under tensor parallelism the XLA path runs through GSPMD, which partitions the
 dequantize and the dot along the weights' shardings (and gathers x for a desc_act permutation of a
 row-parallel layer).
@@ -32,13 +32,14 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxllm.model_arch import INT4_METHODS, ModelArch, Quantization
 from jaxllm.models.sharding import ShardingRules
@@ -48,6 +49,17 @@ from pallas_kernels.int4_matmul.formats import awq_to_int4, gptq_to_int4, pack_q
 logger = logging.getLogger(__name__)
 
 Int4MatmulFn = Callable[[jax.Array, Int4Weights], jax.Array]  # (x [M, K], w [K, N]) -> [M, N]
+
+
+@dataclass(frozen=True)
+class Int4Kernel:
+    """The int4 matmul the twins call, and the dtype their values are stored in."""
+
+    matmul: Int4MatmulFn = int4_matmul_xla
+    # NOTE: jax 0.10's CPU client holds int4 buffers unpacked while its compiler takes them packed, so an
+    # AOT-compiled step (the engine's buckets) refuses int4 arguments there: where the two layouts differ
+    # (`int4_buffers_fit_compiled`), the codes are stored as int8 (the same values) and cast in the step.
+    storage: type = jnp.int4
 
 INT4_FAMILIES = ("llama", "glm4")
 # --quantization values that name a checkpoint's method (vLLM's names).
@@ -79,17 +91,17 @@ class Int4Projection(nnx.Module):
     """x [T, K] -> y [T, *N] on int4 weights (module docstring), plus an optional bias [*N]."""
 
     def __init__(self, in_features: int, out_shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
-                 source: Int4Source, bias: nnx.Param | None, matmul: Int4MatmulFn):
+                 source: Int4Source, bias: nnx.Param | None, kernel: Int4Kernel):
         q = source.quantization
         self.group_size = group = q.group_size
-        self.matmul = matmul
+        self.kernel = kernel
         grouped = (in_features // group, *out_shape)
 
         def field(name: str, shape: tuple[int, ...], field_dtype, init: str, field_axes=axes) -> nnx.Param:
             return nnx.Param(jnp.zeros(shape, field_dtype), logical_axes=field_axes, init=init,
                              int4_source=dataclasses.replace(source, field=name))
 
-        self.values = field("values", (in_features, *out_shape), jnp.int4, "int4")
+        self.values = field("values", (in_features, *out_shape), kernel.storage, "int4")
         self.scales = field("scales", grouped, dtype, "int4_scales")
         self.zeros = field("zeros", grouped, dtype, "int4_zeros") if q.zero_point else None
         self.input_perm = field("input_perm", (in_features,), jnp.int32, "permutation", (None,)) if q.desc_act else None
@@ -99,9 +111,9 @@ class Int4Projection(nnx.Module):
         """x [T, K] -> [T, *N]."""
         out_shape = self.values.shape[1:]
         flat = lambda p: None if p is None else p[...].reshape(p.shape[0], -1)  # noqa: E731 - [rows, N]
-        w = Int4Weights(flat(self.values), flat(self.scales), flat(self.zeros),
+        w = Int4Weights(flat(self.values).astype(jnp.int4), flat(self.scales), flat(self.zeros),
                         None if self.input_perm is None else self.input_perm[...], self.group_size)
-        y = self.matmul(x, w).reshape(x.shape[0], *out_shape)
+        y = self.kernel.matmul(x, w).reshape(x.shape[0], *out_shape)
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -149,7 +161,7 @@ class _Twin:
 
 
 def quantize_model(model: nnx.Module, arch: ModelArch, dtype, rules: ShardingRules, tp: int,
-                   matmul: Int4MatmulFn = int4_matmul_xla) -> None:
+                   kernel: Int4Kernel = Int4Kernel()) -> None:
     """Replace, in place, each projection of the abstract `model` (a `layers.CausalLM` of a dense family)
     whose checkpoint module `arch.quantization` converts by its int4 twin; embeddings, norms and
     lm_head stay as they are. Raises ValueError where tp splits a quantization group."""
@@ -171,7 +183,7 @@ def quantize_model(model: nnx.Module, arch: ModelArch, dtype, rules: ShardingRul
     for n, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         swap = lambda parent, attr, module, parts, twin, n=n: _swap(  # noqa: E731
-            parent, attr, f"model.layers.{n}.{module}", parts, twin, q, dtype, rules, tp, matmul)
+            parent, attr, f"model.layers.{n}.{module}", parts, twin, q, dtype, rules, tp, kernel)
         if attn.qkv_proj is not None:
             swap(attn, "qkv_proj", "self_attn", (("q_proj", arch.q_size), ("k_proj", arch.kv_size),
                                                  ("v_proj", arch.kv_size)), qkv)
@@ -185,7 +197,7 @@ def quantize_model(model: nnx.Module, arch: ModelArch, dtype, rules: ShardingRul
 
 
 def _swap(parent: nnx.Module, attr: str, module: str, parts: tuple[tuple[str, int], ...], twin: _Twin,
-          q: Quantization, dtype, rules: ShardingRules, tp: int, matmul: Int4MatmulFn) -> None:
+          q: Quantization, dtype, rules: ShardingRules, tp: int, kernel: Int4Kernel) -> None:
     """parent.attr <- its twin, if the checkpoint modules `parts` (beside `module`'s name) are quantized."""
     converted = [q.converts(f"{module}.{name}") for name, _ in parts]
     if not any(converted):
@@ -196,7 +208,7 @@ def _swap(parent: nnx.Module, attr: str, module: str, parts: tuple[tuple[str, in
                          f"not; the checkpoint's {q.method} config converts only some")
     source = Int4Source(q, parts, twin.layout, twin.in_features, twin.out_shape, jnp.dtype(dtype))
     bias = getattr(getattr(parent, attr), "bias", None)  # kept as the bf16 module has it
-    built = nnx.eval_shape(lambda: twin.cls(twin.in_features, twin.out_shape, twin.axes, dtype, source, bias, matmul))
+    built = nnx.eval_shape(lambda: twin.cls(twin.in_features, twin.out_shape, twin.axes, dtype, source, bias, kernel))
     _check_groups(f"{module}.{attr}", built, rules, tp)
     setattr(parent, attr, built)
 
@@ -247,12 +259,23 @@ def gpu_int4_matmul(x: jax.Array, w: Int4Weights) -> jax.Array:
     return mosaic_gpu.int4_matmul_mosaic(x, w)
 
 
-def select_int4_matmul(mesh: Mesh) -> Int4MatmulFn:
+def select_int4_kernel(mesh: Mesh) -> Int4Kernel:
     """The Mosaic kernel on one GPU (per shape, `gpu_int4_matmul`); the XLA path on CPUs and under
     tensor parallelism, where GSPMD partitions it along the weights' shardings."""
-    if mesh.devices.flat[0].platform == "gpu" and mesh.devices.size == 1:
-        return gpu_int4_matmul
-    return int4_matmul_xla
+    device = mesh.devices.flat[0]
+    matmul = gpu_int4_matmul if device.platform == "gpu" and mesh.devices.size == 1 else int4_matmul_xla
+    return Int4Kernel(matmul, jnp.int4 if int4_buffers_fit_compiled(device) else jnp.int8)
+
+
+@cache
+def int4_buffers_fit_compiled(device) -> bool:
+    """Whether an int4 array placed on `device` has the layout that a program compiled ahead of time for
+    int4 arguments takes (on jax 0.10's CPU it does not: unpacked buffers, packed parameters)."""
+    sharding = SingleDeviceSharding(device)
+    placed = jax.device_put(np.zeros((2, 2), ml_dtypes.int4), sharding)
+    compiled = jax.jit(lambda a: a).lower(jax.ShapeDtypeStruct((2, 2), jnp.int4, sharding=sharding)).compile()
+    positional_formats, _ = compiled.input_formats
+    return positional_formats[0].layout == placed.format.layout
 
 
 # ----------------------------------------------------------------------------------------------

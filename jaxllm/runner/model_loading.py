@@ -25,7 +25,7 @@ from jaxllm.models import family
 from jaxllm.models.batch import ForwardBatch
 from jaxllm.models.layers import AttentionFn, Kernels
 from jaxllm.models.loader import load_weights, resolve_dtype, resolve_model_dir
-from jaxllm.models.quantized import quantize_model, select_int4_matmul, with_requested_quantization
+from jaxllm.models.quantized import quantize_model, select_int4_kernel, with_requested_quantization
 from jaxllm.models.sharding import ShardingRules, make_mesh, rules_for
 from jaxllm.runner.experts import select_experts
 
@@ -76,7 +76,7 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
     platform = mesh.devices.flat[0].platform
     dtype = resolve_dtype(model_config.dtype, arch, platform)
     model = family(arch).abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None)
-    quantize_model(model, arch, dtype, rules, tp, select_int4_matmul(mesh))  # int4 checkpoints only
+    quantize_model(model, arch, dtype, rules, tp, select_int4_kernel(mesh))  # int4 checkpoints only
     graphdef, state = nnx.split(model)
     state = load_weights(model_dir, state, mesh, rules, model_config.load_format, model_config.seed,
                          ARCHITECTURES[arch.architecture].names, arch.quantization)

@@ -52,9 +52,10 @@ def compressed_tensors_config(*, symmetric: bool, ignore: list[str]) -> dict[str
 
 
 def make_int4_checkpoints(family: str, quantization_config: dict[str, Any], packed: Path, plain: Path,
-                          seed: int = 0) -> None:
-    """packed: the int4 checkpoint; plain: the same model with every quantized weight dequantized (f32)."""
-    make_checkpoint(family, plain, seed=seed, **DIMS)
+                          seed: int = 0, **overrides) -> None:
+    """packed: the int4 checkpoint; plain: the same model with every quantized weight dequantized (f32).
+    `overrides`: config fields beside DIMS."""
+    make_checkpoint(family, plain, seed=seed, **DIMS, **overrides)
     tensors = load_file(plain / "model.safetensors")
     q = read_quantization({"quantization_config": quantization_config})
     rng = np.random.default_rng(seed)

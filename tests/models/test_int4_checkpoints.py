@@ -6,13 +6,16 @@ errors for what cannot be served."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.config import ModelConfig, ParallelConfig
+from jaxllm import LLM, SamplingParams
+from jaxllm.config import DEFAULT_MODEL, ModelConfig, ParallelConfig
 from jaxllm.model_arch import UnsupportedModelError, load_arch
 from jaxllm.runner.model_loading import load_model
 from tests.models.int4_checkpoints import (
@@ -53,7 +56,9 @@ def _run(model_dir, tp: int = 1, **model_options):
 
 
 def _int4_values(loaded) -> list[jax.Array]:
-    return [leaf for leaf in loaded.leaves if leaf.dtype == jnp.int4]
+    """The twins' codes (int8 on CPU: quantized.Int4Kernel)."""
+    assert loaded.mesh.devices.flat[0].platform == "cpu"
+    return [leaf for leaf in loaded.leaves if leaf.dtype == jnp.int8]
 
 
 @pytest.mark.parametrize("checkpoints", list(CASES), indirect=True)
@@ -75,6 +80,23 @@ def test_modules_to_not_convert_load_as_they_are(tmp_path):
     int4_shapes = sorted(tuple(v.shape) for v in _int4_values(loaded))
     # layer 0's qkv [H, Hkv, G + 2, D] and o, both layers' gate_up [H, I, 2]; no down_proj.
     assert int4_shapes == sorted([(128, 2, 4, 64), (256, 128), (128, 256, 2), (128, 256, 2)])
+
+
+def test_engine_serves_an_int4_checkpoint(tmp_path):
+    """The engine's ahead-of-time compiled buckets take the twins' parameters (int8 codes on CPU)."""
+    packed, plain = tmp_path / "packed", tmp_path / "plain"
+    make_int4_checkpoints("llama3", awq_config(), packed, plain, vocab_size=512)
+    for model_dir in (packed, plain):  # stories260K's tokenizer (512 tokens)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(DEFAULT_MODEL) / name, model_dir / name)
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    prompt = [{"prompt_token_ids": [1, *PROMPT[:40]]}]
+    tokens = []
+    for model_dir in (packed, plain):
+        llm = LLM(str(model_dir), dtype="float32", compilation_cache_dir="", max_num_seqs=2,
+                  max_num_batched_tokens=64, token_buckets=[64], max_model_len=256, async_scheduling=False)
+        tokens.append(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 8
 
 
 @pytest.mark.parametrize("checkpoints", ["gptq_desc_act_glm4"], indirect=True)
@@ -106,7 +128,7 @@ def test_dummy_int4_weights(checkpoints):
     packed, _ = checkpoints
     loaded, (logits, _) = _run(packed, load_format="dummy")
     layer0 = [leaf for leaf in loaded.leaves if leaf.shape in ((128, 2, 4, 64), (2, 4, 64), (1, 2, 4, 64), (128,))]
-    assert any(v.dtype == jnp.int4 for v in layer0)
+    assert any(v.dtype == jnp.int8 and -8 <= int(v.min()) < int(v.max()) <= 7 for v in layer0)
     scales = [leaf for leaf in loaded.leaves if leaf.shape == (1, 2, 4, 64)]  # qkv scales and zeros
     assert scales and all(s.dtype == jnp.float32 for s in scales)
     perms = [np.asarray(leaf) for leaf in loaded.leaves if leaf.dtype == jnp.int32 and leaf.ndim == 1]
