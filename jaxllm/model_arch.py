@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,33 @@ class MoE:
     renormalize: bool  # the chosen experts' softmax weights rescaled to sum to 1
     sparse_layers: tuple[bool, ...]  # per layer: an MoE MLP (else a dense one of intermediate_size)
     swiglu_limit: float | None = None  # gpt-oss: its clamped SwiGLU, with biases on the router and experts
+    # DeepSeek: always-on shared experts (n times one expert's width), how the router scores ("softmax" or
+    # "sigmoid") and picks ("greedy"; "group_limited_greedy" or "noaux_tc": top-k within the topk_group best of
+    # n_group groups), a learned correction added to the scores only for picking (V3), a factor on the weights.
+    num_shared_experts: int = 0
+    scoring: str = "softmax"
+    topk_method: str = "greedy"
+    num_groups: int = 1
+    topk_groups: int = 1
+    correction_bias: bool = False
+    routed_scaling_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class MLA:
+    """DeepSeek's multi-head latent attention: each token caches one latent of kv_lora_rank plus a
+    shared rotary key of qk_rope_head_dim; heads see it through kv_b_proj's per-head up-projections."""
+
+    q_lora_rank: int | None  # q through a low-rank q_a_proj / q_b_proj, else one q_proj
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float  # (nope + rope)^-0.5, times YaRN's mscale(mscale_all_dim)^2
+
+    @property
+    def latent_width(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 # quantization_config.quant_method values jaxllm loads: MXFP4 experts, and int4 weight-only linears
@@ -170,6 +198,7 @@ class ModelArch:
     # Per layer: the sliding window size, or None for full attention.
     sliding_windows: tuple[int | None, ...] = ()
     moe: MoE | None = None
+    mla: MLA | None = None
     quantization: Quantization | None = None
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
@@ -326,6 +355,43 @@ def read_gpt_oss(name: str, cfg: dict[str, Any]) -> ModelArch:
     return dataclasses.replace(arch, moe=moe, attention_sinks=True)
 
 
+def read_deepseek(name: str, cfg: dict[str, Any], *, v3: bool) -> ModelArch:
+    """DeepSeek-V2/V3: MLA attention; dense MLPs in the first `first_k_dense_replace` layers, then an
+    MoE of n_routed_experts (+ n_shared_experts always on). V2 scores by softmax and picks greedily
+    or group-limited; V3 by sigmoid with a correction bias over groups (noaux_tc), then renormalises.
+    The rotary part of each head (qk_rope_head_dim) is the arch's head_dim, as transformers has it."""
+    rope_dim = int(cfg["qk_rope_head_dim"])
+    if cfg.get("attention_bias"):
+        raise UnsupportedModelError("DeepSeek with attention_bias=true is not supported")
+    interleaved = not v3 or bool(cfg.get("rope_interleave", True))  # V2 rotates interleaved pairs
+    arch = read_llama_like(name, {**cfg, "head_dim": rope_dim}, family="deepseek", rope_interleaved=interleaved)
+    num_layers = arch.num_layers
+    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    freq = int(cfg.get("moe_layer_freq") or 1)
+    num_experts = int(cfg.get("n_routed_experts") or 0)
+    sparse = tuple(num_experts > 0 and i >= first_dense and i % freq == 0 for i in range(num_layers))
+    topk_method = str(cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy"))
+    scoring = str(cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax"))
+    if topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise UnsupportedModelError(f"DeepSeek topk_method {topk_method!r} is not supported")
+    moe = MoE(num_experts, int(cfg["num_experts_per_tok"]), int(cfg["moe_intermediate_size"]),
+              renormalize=bool(cfg.get("norm_topk_prob", False)) and v3, sparse_layers=sparse,
+              num_shared_experts=int(cfg.get("n_shared_experts") or 0), scoring=scoring, topk_method=topk_method,
+              num_groups=int(cfg.get("n_group") or 1), topk_groups=int(cfg.get("topk_group") or 1),
+              correction_bias=topk_method == "noaux_tc",
+              routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0))
+    nope = int(cfg["qk_nope_head_dim"])
+    scale = (nope + rope_dim) ** -0.5
+    s = arch.rope_scaling
+    if s is not None and s.get("mscale_all_dim"):  # transformers' yarn_apply_mscale
+        factor = float(s["factor"])
+        mscale = 0.1 * float(s["mscale_all_dim"]) * math.log(factor) + 1.0 if factor > 1 else 1.0
+        scale *= mscale * mscale
+    mla = MLA(int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None, int(cfg["kv_lora_rank"]), nope, rope_dim,
+              int(cfg["v_head_dim"]), scale)
+    return dataclasses.replace(arch, moe=moe, mla=mla)
+
+
 def read_gpt2(name: str, cfg: dict[str, Any]) -> ModelArch:
     """GPT-2's names (n_embd, n_head, n_layer, n_positions, n_inner); learned positions, no RoPE."""
     if cfg.get("scale_attn_by_inverse_layer_idx"):
@@ -364,6 +430,9 @@ ARCHITECTURES: dict[str, Family] = {
         "glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, post_sublayer_norms=True, o_bias=False)
     ),
     "GptOssForCausalLM": Family("gpt_oss", read_gpt_oss),
+    "DeepseekV2ForCausalLM": Family("deepseek", partial(read_deepseek, v3=False)),
+    # V3's multi-token-prediction layers (model.layers.<num_hidden_layers>...) are not loaded.
+    "DeepseekV3ForCausalLM": Family("deepseek", partial(read_deepseek, v3=True)),
 }
 
 

@@ -161,8 +161,8 @@ class GateUpProjection(nnx.Module):
     """gate and up in one matmul: weight [2, I, H] (gate, then up), sharded along I. From HF's
     separate `gate_proj`/`up_proj`, or from one fused `gate_up_proj` [2I, H] (GLM)."""
 
-    def __init__(self, arch: ModelArch, dtype, hf_fused: bool = False):
-        h, i = arch.hidden_size, arch.intermediate_size
+    def __init__(self, arch: ModelArch, dtype, hf_fused: bool = False, intermediate_size: int | None = None):
+        h, i = arch.hidden_size, intermediate_size or arch.intermediate_size
         parts = ((("gate_up_proj.weight", (2 * i, h), (2, i, h)),) if hf_fused else
                  (("gate_proj.weight", (i, h), (1, i, h)), ("up_proj.weight", (i, h), (1, i, h))))
         self.weight = param((2, i, h), (None, "mlp", "embed"), dtype, fused_from=FusedFrom.concat(parts, axis=0))
@@ -174,11 +174,11 @@ class GateUpProjection(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)) (Llama, GLM)."""
+    """down(act(gate(x)) * up(x)) (Llama, GLM); `intermediate_size` if not the arch's (DeepSeek's shared experts)."""
 
-    def __init__(self, arch: ModelArch, dtype, hf_fused: bool = False):
-        self.gate_up_proj = GateUpProjection(arch, dtype, hf_fused)
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, ("embed", "mlp"), dtype)
+    def __init__(self, arch: ModelArch, dtype, hf_fused: bool = False, intermediate_size: int | None = None):
+        self.gate_up_proj = GateUpProjection(arch, dtype, hf_fused, intermediate_size)
+        self.down_proj = Linear(intermediate_size or arch.intermediate_size, arch.hidden_size, ("embed", "mlp"), dtype)
         self.act = arch.hidden_act
 
     def __call__(self, x: jax.Array, batch: ForwardBatch | None = None, kernels: Kernels | None = None) -> jax.Array:
@@ -374,11 +374,12 @@ class PagedAttention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """The pre-norm layer of Llama and its descendants, in HF's names: x + self_attn(input_layernorm(x)),
     then + mlp(post_attention_layernorm(x)); the family gives the MLP (dense or MoE), called as
-    `mlp(x, batch, kernels)`."""
+    `mlp(x, batch, kernels)`, and may give the attention (DeepSeek's MLA) in place of `PagedAttention`."""
 
-    def __init__(self, arch: ModelArch, layer: int, dtype, fuse_qkv: bool, mlp: nnx.Module):
+    def __init__(self, arch: ModelArch, layer: int, dtype, fuse_qkv: bool, mlp: nnx.Module,
+                 attention: nnx.Module | None = None):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps, dtype)
-        self.self_attn = PagedAttention(arch, layer, dtype, fuse_qkv)
+        self.self_attn = attention or PagedAttention(arch, layer, dtype, fuse_qkv)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps, dtype)
         self.mlp = mlp
 
@@ -453,5 +454,8 @@ class CausalLM(nnx.Module):
 
 
 def kv_pages_shape(arch: ModelArch, num_pages: int, page_size: int) -> tuple[int, ...]:
-    """One layer's KV pool (layout documented in pallas_kernels/ragged_paged_attention/common.py)."""
+    """One layer's KV pool: K/V pages (pallas_kernels/ragged_paged_attention/common.py), or for MLA
+    latent pages (pallas_kernels/mla_attention/common.py)."""
+    if arch.mla is not None:
+        return (num_pages, page_size, arch.mla.latent_width)
     return (2, arch.num_kv_heads, num_pages, page_size, arch.head_dim)

@@ -34,6 +34,8 @@ class ShardingRules:
     # parallel splits the experts (`experts`) across the same devices.
     experts: str | None = None
     expert_mlp: str | None = TP
+    # MLA (DeepSeek): one latent page pool that every device holds whole, as vLLM keeps it.
+    latent_kv: bool = False
 
     def spec(self, logical_axes: tuple[str | None, ...]) -> PartitionSpec:
         return PartitionSpec(*(getattr(self, a) if a is not None else None for a in logical_axes))
@@ -89,7 +91,10 @@ def rules_for(arch: ModelArch, tp: int, expert_parallel: bool = False) -> Shardi
             f"tensor_parallel_size={tp} and the {arch.num_kv_heads} KV heads must divide one another"
         )
     vocab = TP if arch.vocab_size % tp == 0 else None
-    return ShardingRules(vocab=vocab, kv_heads=kv, experts=experts, expert_mlp=expert_mlp)
+    if arch.mla is not None:
+        kv = None
+    return ShardingRules(vocab=vocab, kv_heads=kv, experts=experts, expert_mlp=expert_mlp,
+                         latent_kv=arch.mla is not None)
 
 
 def _expert_axes(arch: ModelArch, tp: int, expert_parallel: bool) -> tuple[str | None, str | None]:
@@ -110,6 +115,8 @@ def _expert_axes(arch: ModelArch, tp: int, expert_parallel: bool) -> tuple[str |
 
 
 def kv_pages_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
+    if rules.latent_kv:  # [num_pages, page_size, R + Dr], replicated
+        return NamedSharding(mesh, PartitionSpec())
     # [2, Hkv, num_pages, page_size, D]
     return NamedSharding(mesh, PartitionSpec(None, rules.kv_heads, None, None, None))
 

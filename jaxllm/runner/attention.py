@@ -76,10 +76,60 @@ def select_attention(
     traced and lowered attention instead of one copy per layer: each layer's copy would embed the
     Mosaic kernel again, and the lowered module and its lowering time would grow with the layers.
     """
-    fn, name = _select(backend, arch, dtype, page_size, mesh, rules)
     import jax
 
+    if arch.mla is not None:
+        fn, name = _select_mla(backend, arch, dtype, page_size, mesh, rules)
+        return Attention(jax.jit(fn, static_argnums=(7,)), name)
+    fn, name = _select(backend, arch, dtype, page_size, mesh, rules)
     return Attention(jax.jit(fn, static_argnums=(6,)), name)
+
+
+def _select_mla(backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, rules: ShardingRules):
+    """MLA (DeepSeek): `fn(q_latent, q_pe, latent_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+    sm_scale)` in the absorbed form (pallas_kernels/mla_attention/common.py)."""
+    from pallas_kernels import mla_attention
+
+    if backend == "reference":
+        return _with_scale(mla_attention.mla_absorbed_reference), "reference"
+    reason = _mla_unsupported_reason(mesh.devices.flat[0].platform, arch, dtype, page_size, mesh.devices.size)
+    if backend == "xla" or (backend == "auto" and reason is not None):
+        if backend == "auto":
+            logger.info("Attention (MLA): XLA path (%s)", reason)
+        return _with_scale(mla_attention.mla_absorbed_xla), "xla"
+    if backend != "pallas":
+        raise ValueError(f"unknown attention backend {backend!r}")
+    if reason is not None:
+        raise ValueError(f"--attention-backend pallas cannot run this model: {reason}")
+    from pallas_kernels.mla_attention.mosaic_gpu import mla_absorbed_mosaic
+
+    logger.info("Attention (MLA): Pallas Mosaic GPU kernel")
+    kernel = _with_scale(mla_absorbed_mosaic)
+    if mesh.devices.size == 1:
+        return kernel, "pallas"
+    import jax
+
+    heads, meta = PartitionSpec(None, rules.q_heads, None), PartitionSpec()
+
+    def sharded(*args):  # q_latent and q_pe split by head, the latent pages whole on every device
+        return jax.shard_map(lambda *a: kernel(*a, args[7]), mesh=mesh, in_specs=(heads, heads) + (meta,) * 5,
+                             out_specs=heads, check_vma=False)(*args[:7])
+
+    return sharded, "pallas"
+
+
+def _with_scale(fn):
+    return lambda *args: fn(*args[:7], sm_scale=args[7])
+
+
+def _mla_unsupported_reason(platform: str, arch: ModelArch, dtype, page_size: int, tp: int) -> str | None:
+    if platform != "gpu":
+        return f"the Pallas MLA kernel targets NVIDIA Hopper GPUs, not {platform}"
+    from pallas_kernels.mla_attention.mosaic_gpu import mla_unsupported_reason
+
+    mla = arch.mla
+    return mla_unsupported_reason(dtype=dtype, num_heads=arch.num_heads // tp, kv_lora_rank=mla.kv_lora_rank,
+                                  rope_dim=mla.qk_rope_head_dim, page_size=page_size)
 
 
 def _select(backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh, rules: ShardingRules):

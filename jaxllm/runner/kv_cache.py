@@ -36,6 +36,8 @@ def kv_dtype(kv_cache_dtype: str, model_dtype) -> jnp.dtype:
 
 def bytes_per_page(arch: ModelArch, page_size: int, dtype, tp: int, rules: ShardingRules) -> int:
     """KV bytes of one page across all layers, on one device."""
+    if arch.mla is not None:  # one latent row per token, on every device
+        return arch.num_layers * page_size * arch.mla.latent_width * np.dtype(dtype).itemsize
     kv_heads = arch.num_kv_heads // tp if rules.kv_heads is not None else arch.num_kv_heads
     return arch.num_layers * 2 * kv_heads * page_size * arch.head_dim * np.dtype(dtype).itemsize
 

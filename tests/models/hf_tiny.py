@@ -66,6 +66,23 @@ FAMILIES = {
                      rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                                       "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32},
                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)),
+    # MLA without q_lora_rank, YaRN with DeepSeek's mscale, layer 0 dense, then 2 of 8 routed experts (softmax,
+    # group-limited: the best 2 of 4 groups) plus a shared expert, weights scaled by 1.5.
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM,
+                    dict(num_key_value_heads=4, head_dim=8, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16,
+                         qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+                         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0, "mscale": 0.707,
+                                          "mscale_all_dim": 0.707, "original_max_position_embeddings": 64},
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)),
+    # MLA with q_lora_rank, sigmoid scoring with a correction bias over groups (noaux_tc), renormalised, x2.5.
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                    dict(num_key_value_heads=4, head_dim=8, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16,
+                         qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+                         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2,
+                         norm_topk_prob=True, routed_scaling_factor=2.5, rope_interleave=True,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=2)),
     # Learned positions, LayerNorm with bias, Conv1D weights, GELU (tanh), tied head; its own config names.
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
              dict(vocab_size=320, n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=512,
@@ -82,6 +99,9 @@ def make_checkpoint(family: str, out_dir: Path, seed: int = 0, **overrides) -> P
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's router bias is a buffer
+                buffer.normal_(0.0, 0.2)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
