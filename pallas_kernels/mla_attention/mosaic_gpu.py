@@ -47,7 +47,9 @@ _HEAD_GROUPS = (8, 16, 32, 64)  # heads per CTA whose tokens fill the 64 rows ex
 def mla_unsupported_reason(*, dtype, num_heads: int, kv_lora_rank: int, rope_dim: int, page_size: int) -> str | None:
     """Why the Mosaic kernel cannot serve this absorbed MLA shape (None: it can).
 
-    Any q_len per request is accepted (see the module docstring)."""
+    Accepted: bf16/fp16; 8, 16, 32 or 64 heads, or a multiple of 64; kv_lora_rank 128, 256, 384
+    or 512 and qk_rope_head_dim 64..256 (a multiple of 64), R + Dr <= 576; pages of a power of two
+    >= 8 tokens; any q_len per request (tiles of 64 // heads tokens, see the module docstring)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype).name} is not bf16/fp16"
     if num_heads not in _HEAD_GROUPS and num_heads % _ROWS:
@@ -56,6 +58,9 @@ def mla_unsupported_reason(*, dtype, num_heads: int, kv_lora_rank: int, rope_dim
         return f"kv_lora_rank {kv_lora_rank} is not a multiple of 128 up to 512"  # two halves of 64..256
     if rope_dim % 64 or rope_dim > 256:
         return f"qk_rope_head_dim {rope_dim} is not a multiple of 64 up to 256"
+    if kv_lora_rank + rope_dim > 576:
+        # The queries (64 rows) and two 64-row latent slots, all R + Dr wide, fill the 227 KiB of SMEM.
+        return f"kv_lora_rank + qk_rope_head_dim = {kv_lora_rank + rope_dim} is over 576 (SMEM)"
     if page_size < 8 or page_size & (page_size - 1):
         return f"page_size {page_size} is not a power of two >= 8"
     return None

@@ -290,6 +290,7 @@ def test_unsupported_reasons():
     assert "heads" in mla_unsupported_reason(**{**ok, "num_heads": 96})
     assert "kv_lora_rank" in mla_unsupported_reason(**{**ok, "kv_lora_rank": 320})
     assert "rope" in mla_unsupported_reason(**{**ok, "rope_dim": 32})
+    assert "SMEM" in mla_unsupported_reason(**{**ok, "rope_dim": 128})
     assert "page_size" in mla_unsupported_reason(**{**ok, "page_size": 12})
 
 
