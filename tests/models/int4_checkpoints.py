@@ -55,12 +55,12 @@ def make_int4_checkpoints(family: str, quantization_config: dict[str, Any], pack
                           seed: int = 0, **overrides) -> None:
     """packed: the int4 checkpoint; plain: the same model with every quantized weight dequantized (f32).
     `overrides`: config fields beside DIMS."""
-    make_checkpoint(family, plain, seed=seed, **DIMS, **overrides)
+    make_checkpoint(family, plain, seed=seed, **(DIMS | overrides))
     tensors = load_file(plain / "model.safetensors")
     q = read_quantization({"quantization_config": quantization_config})
     rng = np.random.default_rng(seed)
     # desc_act: one feature order per input width, so that projections sharing an input share g_idx.
-    orders = {k: rng.permutation(k) for k in (128, 256)}
+    orders = {k: rng.permutation(k) for k in (128, 256, 512)}
     packed_tensors = dict(tensors)
     for name in list(tensors):
         module = name.removesuffix(".weight")

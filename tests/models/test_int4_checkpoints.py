@@ -5,6 +5,7 @@ errors for what cannot be served."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,10 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import DEFAULT_MODEL, ModelConfig, ParallelConfig
-from jaxllm.model_arch import UnsupportedModelError, load_arch
+from jaxllm.model_arch import Quantization, UnsupportedModelError, load_arch
+from jaxllm.models import llama
+from jaxllm.models.quantized import Int4Kernel, gpu_int4_matmul, quantize_model
+from jaxllm.models.sharding import ShardingRules
 from jaxllm.runner.model_loading import load_model
 from tests.models.int4_checkpoints import (
     awq_config,
@@ -52,7 +57,7 @@ def checkpoints(request, tmp_path_factory):
 def _run(model_dir, tp: int = 1, **model_options):
     loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32", **model_options),
                         ParallelConfig(tensor_parallel_size=tp))
-    return loaded, PagedRunner(loaded, "xla").run(PROMPT, [200, 120], 5)
+    return loaded, PagedRunner(loaded, "xla").run(PROMPT, [160, 160], 5)  # two buckets: 256 and 16 tokens
 
 
 def _int4_values(loaded) -> list[jax.Array]:
@@ -89,14 +94,13 @@ def test_engine_serves_an_int4_checkpoint(tmp_path):
     for model_dir in (packed, plain):  # stories260K's tokenizer (512 tokens)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(Path(DEFAULT_MODEL) / name, model_dir / name)
-    params = SamplingParams(temperature=0.0, max_tokens=8)
-    prompt = [{"prompt_token_ids": [1, *PROMPT[:40]]}]
-    tokens = []
-    for model_dir in (packed, plain):
-        llm = LLM(str(model_dir), dtype="float32", compilation_cache_dir="", max_num_seqs=2,
-                  max_num_batched_tokens=64, token_buckets=[64], max_model_len=256, async_scheduling=False)
-        tokens.append(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
-    assert tokens[0] == tokens[1] and len(tokens[0]) == 8
+    prompt = [1, *PROMPT[:47]]
+    llm = LLM(str(packed), dtype="float32", compilation_cache_dir="", max_num_seqs=2, max_num_batched_tokens=64,
+              token_buckets=[64], max_model_len=256, async_scheduling=False)
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    float_model = load_model(ModelConfig(model=str(plain), dtype="float32"), ParallelConfig())
+    _, float_tokens = PagedRunner(float_model, "xla").run(prompt, [48], 4)
+    assert list(out[0].outputs[0].token_ids) == float_tokens
 
 
 @pytest.mark.parametrize("checkpoints", ["gptq_desc_act_glm4"], indirect=True)
@@ -109,6 +113,22 @@ def test_tp2_matches_one_device(checkpoints):
     loaded, (logits, tokens) = _run(packed, tp=2)
     down_values = next(v for v in _int4_values(loaded) if v.shape == (256, 128))
     assert down_values.sharding.shard_shape(down_values.shape) == (128, 128)  # K split, one group per shard
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert tokens == ref_tokens
+
+
+def test_tp4_with_replicated_kv_heads_matches_one_device(tmp_path):
+    """tp=4 over 2 KV heads keeps q, k and v apart (q sharded by its heads, k/v replicated): three twins."""
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices")
+    packed, plain = tmp_path / "packed", tmp_path / "plain"
+    make_int4_checkpoints("llama3", gptq_config(desc_act=True, sym=True, checkpoint_format="gptq"), packed, plain,
+                          num_attention_heads=8, intermediate_size=512)
+    _, (ref_logits, ref_tokens) = _run(packed)
+    loaded, (logits, tokens) = _run(packed, tp=4)
+    assert loaded.rules.kv_heads is None
+    shapes = [v.shape for v in _int4_values(loaded)]
+    assert shapes.count((128, 512)) == 2 and shapes.count((128, 128)) == 4  # q; k and v, in both layers
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert tokens == ref_tokens
 
@@ -126,7 +146,8 @@ def test_tp_that_splits_a_group_is_a_clear_error(checkpoints):
 @pytest.mark.parametrize("checkpoints", ["gptq_desc_act_glm4"], indirect=True)
 def test_dummy_int4_weights(checkpoints):
     packed, _ = checkpoints
-    loaded, (logits, _) = _run(packed, load_format="dummy")
+    loaded = load_model(ModelConfig(model=str(packed), dtype="float32", load_format="dummy"), ParallelConfig())
+    logits, _ = PagedRunner(loaded, "xla").run(PROMPT[:16], [16], 1)
     layer0 = [leaf for leaf in loaded.leaves if leaf.shape in ((128, 2, 4, 64), (2, 4, 64), (1, 2, 4, 64), (128,))]
     assert any(v.dtype == jnp.int8 and -8 <= int(v.min()) < int(v.max()) <= 7 for v in layer0)
     scales = [leaf for leaf in loaded.leaves if leaf.shape == (1, 2, 4, 64)]  # qkv scales and zeros
@@ -162,3 +183,20 @@ def test_unsupported_settings_are_named(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(llama | {"quantization_config": config}))
     with pytest.raises(UnsupportedModelError, match=f"quantization_config: {message}.* is not supported"):
         load_arch(tmp_path)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 256])
+def test_gpu_twins_lower_to_the_mosaic_kernel_for_cuda(num_tokens):
+    """Llama-3.1-8B's q/k/v and gate/up twins, bf16, on the GPU kernel choice: each lowers to one Mosaic GPU call
+    on the [K, N] view of its weights (no other kernel reads the codes)."""
+    arch = load_arch(Path("bench/configs/llama-3.1-8b"))
+    arch = dataclasses.replace(arch, num_layers=1, quantization=Quantization("awq"))
+    model = llama.abstract_model(arch, jnp.bfloat16)
+    quantize_model(model, arch, jnp.bfloat16, ShardingRules(), 1, Int4Kernel(gpu_int4_matmul))
+    layer = model.model.layers[0]
+    x = jax.ShapeDtypeStruct((num_tokens, arch.hidden_size), jnp.bfloat16)
+    for twin in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+        graphdef, state = nnx.split(twin)
+        text = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x)).trace(state, x).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert text.count("mosaic_gpu") >= 1 and "dot_general" not in text
