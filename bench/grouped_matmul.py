@@ -44,13 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import kernel_report
+from bench.kernel_report import Log, ceilings_sentence, cell, kernel_only_cell
 from bench.kernels import ceilings, device_time_us, kernel_breakdown
 from pallas_kernels.grouped_matmul import Activation, grouped_matmul_xla
 from pallas_kernels.grouped_matmul.mosaic_gpu import Plan, default_plan, grouped_matmul_mosaic
 from pallas_kernels.grouped_matmul.mxfp4 import BLOCK, Mxfp4Weights, dequantize_kernel_layout, padded_features
 
 DTYPE = jnp.bfloat16
-LOG: list[str] = []
 DECODE_TOKENS = (1, 8, 64, 256)
 PREFILL_TOKENS = (4096, 16384)
 MXFP4_PREFILL_TOKENS = (4096,)
@@ -58,10 +59,7 @@ DECODE_BAR, PREFILL_BAR = 0.7, 0.6
 KERNEL_NAME = "grouped_matmul_kernel"  # the Mosaic kernel's CUDA name (its body function's)
 
 
-def log(*parts) -> None:
-    line = " ".join(str(p) for p in parts)
-    LOG.append(line)
-    print(line, flush=True)
+log = Log()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,8 +382,7 @@ def bench_shape(shape: Shape, bandwidth: float, rate: float, tune: bool = False,
 
 def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
     head = (
-        f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}; ceilings measured in the same run: copy "
-        f"{bandwidth / 1e12:.2f} TB/s (read + write), dense bf16 matmul {rate / 1e12:.0f} TFLOP/s. Decode: floor = "
+        f"{ceilings_sentence(bandwidth, rate)} Decode: floor = "
         f"max(bytes / copy, FLOPs / matmul), bar {DECODE_BAR}; prefill: FLOP/s / matmul rate, bar {PREFILL_BAR}.\n\n"
         "Mosaic us is the whole call (the row-tile prologue's small XLA kernels included); kernel only is "
         "the Mosaic kernel alone.\n\n"
@@ -397,40 +394,26 @@ def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
     )
     lines = []
     for r in rows:
-
-        def cell(key, fmt="{:.1f}", r=r):
-            v = r.get(key)
-            if isinstance(v, (int, float)):
-                return fmt.format(v)
-            return "fail" if f"{key[:-3]}_error" in r else ""
-
         frac = ""
         if "fraction" in r:
             ok = "ok" if r["fraction"] >= r["bar"] else "BELOW"
             frac = f"{r['fraction']:.2f} ({r['metric']}, {ok})"
         skipped = r.get("ragged_dot_error", "").startswith("skipped")
-        kernel_only = ""
-        if "kernel_only_fraction" in r:
-            kernel_only = f"{r['mosaic_kernel_only_us']:.1f} ({r['kernel_only_fraction']:.2f})"
+        kernel_only = kernel_only_cell(r)
         lines.append(
-            f"| {r['shape']} | {r['rows']} | {r.get('touched_experts', '')} | {cell('floor_us')} | {cell('mosaic_us')} "
-            f"| {frac} | {kernel_only} | {'OOM-skip' if skipped else cell('ragged_dot_us')} "
-            f"| {cell('ragged_dot_mgpu_us')} | {cell('xla_us')} "
-            f"| {cell('speedup_vs_best_baseline', '{:.2f}x')} | {cell('speedup_vs_bf16', '{:.2f}x')} "
-            f"| {cell('rel_err_sampled', '{:.1e}')} |"
+            f"| {r['shape']} | {r['rows']} | {r.get('touched_experts', '')} | {cell(r, 'floor_us')} "
+            f"| {cell(r, 'mosaic_us')} "
+            f"| {frac} | {kernel_only} | {'OOM-skip' if skipped else cell(r, 'ragged_dot_us')} "
+            f"| {cell(r, 'ragged_dot_mgpu_us')} | {cell(r, 'xla_us')} "
+            f"| {cell(r, 'speedup_vs_best_baseline', '{:.2f}x')} | {cell(r, 'speedup_vs_bf16', '{:.2f}x')} "
+            f"| {cell(r, 'rel_err_sampled', '{:.1e}')} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
 def write_outputs(out_dir: str, rows: list[dict], bandwidth: float, rate: float) -> str:
-    table = markdown(rows, bandwidth, rate)
-    with open(os.path.join(out_dir, "grouped_matmul.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out_dir, "grouped_matmul.log"), "w") as f:
-        f.write("\n".join(LOG) + "\n")
-    with open(os.path.join(out_dir, "grouped_matmul.json"), "w") as f:
-        json.dump({"rows": rows, "bandwidth": bandwidth, "rate": rate}, f, default=str, indent=1)
-    return table
+    return kernel_report.write_outputs(out_dir, "grouped_matmul", markdown(rows, bandwidth, rate), log,
+                                       {"rows": rows, "bandwidth": bandwidth, "rate": rate})
 
 
 def main() -> int:

@@ -34,6 +34,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 
+from bench import kernel_report
+from bench.kernel_report import Log, ceilings_sentence, cell, kernel_only_cell
 from bench.kernels import ceilings, device_time_us, kernel_breakdown
 from pallas_kernels.int4_matmul import Int4Weights, int4_matmul_xla
 from pallas_kernels.int4_matmul.mosaic_gpu import Plan, deepest_pipeline, default_plan, int4_matmul_mosaic
@@ -45,13 +47,9 @@ TOKENS = (1, 8, 64, 256)
 LAYERS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 TUNE_LAYERS = ("o", "gate_up")  # the narrowest and the widest
 KERNEL_NAME = "int4_matmul_kernel"  # the Mosaic kernel's CUDA name (its body function's)
-LOG: list[str] = []
 
 
-def log(*parts) -> None:
-    line = " ".join(str(p) for p in parts)
-    LOG.append(line)
-    print(line, flush=True)
+log = Log()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +214,7 @@ def tune_markdown(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
     head = (
-        f"Device: {jax.devices()[0].device_kind}; jax {jax.__version__}; ceilings measured in the same run: copy "
-        f"{bandwidth / 1e12:.2f} TB/s (read + write), dense bf16 matmul {rate / 1e12:.0f} TFLOP/s. Floor = "
+        f"{ceilings_sentence(bandwidth, rate)} Floor = "
         f"max(bytes / copy, FLOPs / matmul), bytes = int4 weights + bf16 scales and zeros (group {GROUP}) + x + "
         f"out; bar {BAR}. Mosaic us is the whole call (row padding and the split-K sum included); kernel only is "
         "the Mosaic kernel alone. mixed-type: jax's hopper_mixed_type_matmul_mgpu on int8 weights (2x the "
@@ -228,37 +225,22 @@ def markdown(rows: list[dict], bandwidth: float, rate: float) -> str:
     )
     lines = []
     for r in rows:
-
-        def cell(key, fmt="{:.1f}", r=r):
-            v = r.get(key)
-            if isinstance(v, (int, float)):
-                return fmt.format(v)
-            return "fail" if f"{key[:-3]}_error" in r else ""
-
         frac = ""
         if "fraction" in r:
             frac = f"{r['fraction']:.2f} ({'ok' if r['fraction'] >= BAR else 'BELOW'})"
-        kernel_only = ""
-        if "kernel_only_fraction" in r:
-            kernel_only = f"{r['mosaic_kernel_only_us']:.1f} ({r['kernel_only_fraction']:.2f})"
+        kernel_only = kernel_only_cell(r)
         floor = f"{r['floor_us']:.1f} ({r['metric']})" if "floor_us" in r else ""
         lines.append(
-            f"| {r['shape']} | {floor} | {cell('mosaic_us')} | {frac} | {kernel_only} | {cell('xla_us')} "
-            f"| {cell('mixed_type_us')} | {cell('speedup_vs_best_baseline', '{:.2f}x')} "
-            f"| {cell('rel_err_vs_xla', '{:.1e}')} |"
+            f"| {r['shape']} | {floor} | {cell(r, 'mosaic_us')} | {frac} | {kernel_only} | {cell(r, 'xla_us')} "
+            f"| {cell(r, 'mixed_type_us')} | {cell(r, 'speedup_vs_best_baseline', '{:.2f}x')} "
+            f"| {cell(r, 'rel_err_vs_xla', '{:.1e}')} |"
         )
     return head + "\n".join(lines) + "\n"
 
 
 def write_outputs(out_dir: str, rows: list[dict], bandwidth: float, rate: float) -> str:
-    table = markdown(rows, bandwidth, rate)
-    with open(os.path.join(out_dir, "int4_matmul.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out_dir, "int4_matmul.log"), "w") as f:
-        f.write("\n".join(LOG) + "\n")
-    with open(os.path.join(out_dir, "int4_matmul.json"), "w") as f:
-        json.dump({"rows": rows, "bandwidth": bandwidth, "rate": rate}, f, default=str, indent=1)
-    return table
+    return kernel_report.write_outputs(out_dir, "int4_matmul", markdown(rows, bandwidth, rate), log,
+                                       {"rows": rows, "bandwidth": bandwidth, "rate": rate})
 
 
 def main() -> int:

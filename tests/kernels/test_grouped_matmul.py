@@ -28,7 +28,6 @@ from pallas_kernels.grouped_matmul.mosaic_gpu import (
     grouped_matmul_mosaic,
     mosaic_unsupported_reason,
 )
-from tests.kernels import mgpu_simulator
 
 SWIGLU = Activation("swiglu")
 OAI_SPLIT = Activation("swiglu_oai", layout="split")
@@ -163,16 +162,6 @@ def test_row_tiles_cover_every_row_once(block_m):
 
 # ----------------------------------------------------------------------------------------------
 # The Mosaic GPU kernel in the simulator
-
-
-@pytest.fixture(scope="module")
-def simulator():
-    try:
-        mgpu_simulator.require()
-    except mgpu_simulator.SimulatorAPIMoved as e:
-        pytest.fail(str(e), pytrace=False)
-    mgpu_simulator.install_compile_cache()
-    return mgpu_simulator
 
 
 # bf16 in, fp32 accumulation, one bf16 rounding of the output: ~3e-3 relative; a wrong row, group

@@ -23,7 +23,6 @@ from pallas_kernels.grouped_matmul.mxfp4 import (
     quantize_mxfp4,
 )
 from pallas_kernels.grouped_matmul.xla import dequantizes_per_tile
-from tests.kernels import mgpu_simulator
 from tests.kernels.test_grouped_matmul import BF16_TOL, Case, check_against_reference
 
 OAI_SPLIT = Activation("swiglu_oai", layout="split")
@@ -161,16 +160,6 @@ def test_xla_packed_matches_reference(form):
 
 # ----------------------------------------------------------------------------------------------
 # The Mosaic GPU kernel
-
-
-@pytest.fixture(scope="module")
-def simulator():
-    try:
-        mgpu_simulator.require()
-    except mgpu_simulator.SimulatorAPIMoved as e:
-        pytest.fail(str(e), pytrace=False)
-    mgpu_simulator.install_compile_cache()
-    return mgpu_simulator
 
 
 DECODE_PLAN = Plan(block_m=64, block_n=64, block_k=64, num_stages=2)

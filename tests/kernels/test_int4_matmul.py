@@ -13,7 +13,6 @@ import pytest
 from pallas_kernels.int4_matmul import Int4Weights, int4_matmul_reference, int4_matmul_xla
 from pallas_kernels.int4_matmul import formats as F
 from pallas_kernels.int4_matmul.mosaic_gpu import Plan, default_plan, int4_matmul_mosaic
-from tests.kernels import mgpu_simulator
 
 GROUP = 128
 
@@ -223,16 +222,6 @@ def test_xla_matches_reference(dtype):
     np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=tol, atol=tol)
     if dtype == jnp.float32:
         np.testing.assert_allclose(ref, x @ dense, rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def simulator():
-    try:
-        mgpu_simulator.require()
-    except mgpu_simulator.SimulatorAPIMoved as e:
-        pytest.fail(str(e), pytrace=False)
-    mgpu_simulator.install_compile_cache()
-    return mgpu_simulator
 
 
 # (rows, plan): a 5-row decode with a K split; 130 rows over three 64-row blocks

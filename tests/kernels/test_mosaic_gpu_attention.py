@@ -151,16 +151,6 @@ def test_simulator_api_is_where_the_tests_look():
     assert mgpu_simulator.params().detect_races
 
 
-@pytest.fixture(scope="module")
-def simulator():
-    try:
-        mgpu_simulator.require()
-    except mgpu_simulator.SimulatorAPIMoved as e:
-        pytest.fail(str(e), pytrace=False)
-    mgpu_simulator.install_compile_cache()
-    return mgpu_simulator
-
-
 def relative_error(out: jax.Array, ref: jax.Array) -> float:
     out, ref = out.astype(jnp.float32), ref.astype(jnp.float32)
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
