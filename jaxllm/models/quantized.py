@@ -20,10 +20,10 @@ Each parameter's `int4_source` metadata tells the loader which checkpoint module
 device's shard from it. Dummy weights draw each parameter by its `init` (`DUMMY_DRAWS`).
 
 The matmul is a static attribute of each twin (so part of the layer's graphdef and jit key), picked
-by `select_int4_kernel`: the Mosaic GPU kernel on one GPU where it takes the shape, else the XLA path
-(dequantize + dot). Under tensor parallelism the XLA path runs through GSPMD, which partitions the
-dequantize and the dot along the weights' shardings (and gathers x for a desc_act permutation of a
-row-parallel layer).
+by `select_int4_kernel`: the Mosaic GPU kernel on GPUs where it takes the shape, else the XLA path
+(dequantize + dot). Under tensor parallelism each device multiplies its own shard under shard_map
+(column-parallel: its N columns; row-parallel: its K rows, summed over the mesh, as a bf16 row-parallel
+layer's all-reduce), so the Mosaic kernel runs per shard as on one GPU.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, PartitionSpec, SingleDeviceSharding
 
 from jaxllm.model_arch import INT4_METHODS, ModelArch, Quantization
 from jaxllm.models.sharding import ShardingRules
@@ -53,18 +53,18 @@ Int4MatmulFn = Callable[[jax.Array, Int4Weights], jax.Array]  # (x [M, K], w [K,
 
 @dataclass(frozen=True)
 class Int4Kernel:
-    """The int4 matmul the twins call, and the dtype their values are stored in."""
+    """The int4 matmul the twins call, the dtype their values are stored in, and the mesh it runs on per
+    device (None: one device)."""
 
     matmul: Int4MatmulFn = int4_matmul_xla
+    mesh: Mesh | None = None
     # NOTE: jax 0.10's CPU client holds int4 buffers unpacked while its compiler takes them packed, so an
     # AOT-compiled step (the engine's buckets) refuses int4 arguments there: where the two layouts differ
     # (`int4_buffers_fit_compiled`), the codes are stored as int8 (the same values) and cast in the step.
     storage: type = jnp.int4
 
+
 INT4_FAMILIES = ("llama", "glm4")
-# --quantization values that name a checkpoint's method (vLLM's names).
-QUANTIZATION_FLAG_VALUES = INT4_METHODS
-FIELDS = ("values", "scales", "zeros", "input_perm")
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,14 @@ class Int4Projection(nnx.Module):
     """x [T, K] -> y [T, *N] on int4 weights (module docstring), plus an optional bias [*N]."""
 
     def __init__(self, in_features: int, out_shape: tuple[int, ...], axes: tuple[str | None, ...], dtype,
-                 source: Int4Source, bias: nnx.Param | None, kernel: Int4Kernel):
+                 source: Int4Source, bias: nnx.Param | None, kernel: Int4Kernel, rules: ShardingRules):
         q = source.quantization
         self.group_size = group = q.group_size
         self.kernel = kernel
+        # The mesh axes of the [K, N] matrix the kernel sees: K's, and N's (its first dim's; the others whole).
+        k_axis, n_axis, *rest = rules.spec(axes)
+        assert not any(rest), f"{axes}: only the first output dim may be sharded"
+        self.mesh_axes = (k_axis, n_axis)
         grouped = (in_features // group, *out_shape)
 
         def field(name: str, shape: tuple[int, ...], field_dtype, init: str, field_axes=axes) -> nnx.Param:
@@ -113,8 +117,32 @@ class Int4Projection(nnx.Module):
         flat = lambda p: None if p is None else p[...].reshape(p.shape[0], -1)  # noqa: E731 - [rows, N]
         w = Int4Weights(flat(self.values).astype(jnp.int4), flat(self.scales), flat(self.zeros),
                         None if self.input_perm is None else self.input_perm[...], self.group_size)
-        y = self.kernel.matmul(x, w).reshape(x.shape[0], *out_shape)
+        y = self.kernel.matmul(x, w) if self.kernel.mesh is None else _per_device(self.kernel, self.mesh_axes, x, w)
+        y = y.reshape(x.shape[0], *out_shape)
         return y if self.bias is None else y + self.bias[...]
+
+
+def _per_device(kernel: Int4Kernel, mesh_axes: tuple[str | None, str | None], x: jax.Array,
+                w: Int4Weights) -> jax.Array:
+    """x [T, K] @ w [K, N] with each device multiplying its own shard (shard_map): a column-parallel
+    layer's N shard, or a row-parallel layer's K shard summed over the mesh. A desc_act permutation
+    of a row-parallel layer's input takes x whole and each device its rows of the permuted x."""
+    k_axis, n_axis = mesh_axes
+    weight = PartitionSpec(k_axis, n_axis)
+    permuted = w.input_perm is not None
+
+    def per_device(x, values, scales, zeros, input_perm):
+        if permuted:
+            x = jnp.take(x, input_perm, axis=1)  # [T, K]
+            if k_axis is not None:
+                rows = values.shape[0]
+                x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(k_axis) * rows, rows, axis=1)
+        y = kernel.matmul(x, Int4Weights(values, scales, zeros, None, w.group_size))  # [T, N / shards]
+        return y if k_axis is None else jax.lax.psum(y, k_axis)
+
+    x_spec = PartitionSpec() if permuted else PartitionSpec(None, k_axis)
+    return jax.shard_map(per_device, mesh=kernel.mesh, in_specs=(x_spec, weight, weight, weight, PartitionSpec()),
+                         out_specs=PartitionSpec(None, n_axis))(x, w.values, w.scales, w.zeros, w.input_perm)
 
 
 class Int4Linear(Int4Projection):
@@ -208,7 +236,8 @@ def _swap(parent: nnx.Module, attr: str, module: str, parts: tuple[tuple[str, in
                          f"not; the checkpoint's {q.method} config converts only some")
     source = Int4Source(q, parts, twin.layout, twin.in_features, twin.out_shape, jnp.dtype(dtype))
     bias = getattr(getattr(parent, attr), "bias", None)  # kept as the bf16 module has it
-    built = nnx.eval_shape(lambda: twin.cls(twin.in_features, twin.out_shape, twin.axes, dtype, source, bias, kernel))
+    built = nnx.eval_shape(lambda: twin.cls(twin.in_features, twin.out_shape, twin.axes, dtype, source, bias, kernel,
+                                            rules))
     _check_groups(f"{module}.{attr}", built, rules, tp)
     setattr(parent, attr, built)
 
@@ -236,7 +265,7 @@ def with_requested_quantization(arch: ModelArch, requested: str | None, load_for
                              f"(quant_method {have.method})")
         return arch
     if requested not in INT4_METHODS:
-        raise ValueError(f"--quantization {requested}: supported values are {', '.join(QUANTIZATION_FLAG_VALUES)}")
+        raise ValueError(f"--quantization {requested}: supported values are {', '.join(INT4_METHODS)}")
     if load_format != "dummy":
         raise ValueError(f"--quantization {requested} needs a {requested} checkpoint (its config.json has no "
                          "quantization_config); with --load-format dummy it draws random weights in that layout")
@@ -260,11 +289,12 @@ def gpu_int4_matmul(x: jax.Array, w: Int4Weights) -> jax.Array:
 
 
 def select_int4_kernel(mesh: Mesh) -> Int4Kernel:
-    """The Mosaic kernel on one GPU (per shape, `gpu_int4_matmul`); the XLA path on CPUs and under
-    tensor parallelism, where GSPMD partitions it along the weights' shardings."""
+    """The Mosaic kernel on GPUs (per shape, `gpu_int4_matmul`), the XLA path elsewhere; under tensor
+    parallelism run on each device's shard."""
     device = mesh.devices.flat[0]
-    matmul = gpu_int4_matmul if device.platform == "gpu" and mesh.devices.size == 1 else int4_matmul_xla
-    return Int4Kernel(matmul, jnp.int4 if int4_buffers_fit_compiled(device) else jnp.int8)
+    return Int4Kernel(gpu_int4_matmul if device.platform == "gpu" else int4_matmul_xla,
+                      None if mesh.devices.size == 1 else mesh,
+                      jnp.int4 if int4_buffers_fit_compiled(device) else jnp.int8)
 
 
 @cache
