@@ -51,9 +51,10 @@ class ModelConfig:
         choices=("auto", "safetensors", "dummy"),
     )
     quantization: str | None = option(
-        None, "The checkpoint's weight quantization (awq, gptq, compressed-tensors int4), checked against its "
-        "quantization_config; with --load-format dummy, random weights in that int4 layout.",
-        choices=("awq", "gptq", "compressed-tensors"),
+        None, "The checkpoint's weight quantization (awq, gptq, compressed-tensors int4; awq_marlin and "
+        "gptq_marlin name the same), checked against its quantization_config; with --load-format dummy, random "
+        "weights in that int4 layout.",
+        choices=("awq", "gptq", "compressed-tensors", "awq_marlin", "gptq_marlin"),
     )
     seed: int = option(0, "Seed for dummy weights and for requests that give no seed.")
     max_logprobs: int = option(

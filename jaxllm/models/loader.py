@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from jaxllm.model_arch import CheckpointNames, ModelArch, Quantization
-from jaxllm.models.quantized import DUMMY_DRAWS, int4_tensor
+from jaxllm.models.quantized import DUMMY_DRAWS, forget_converted, int4_tensor
 from jaxllm.models.sharding import ShardingRules
 from pallas_kernels.grouped_matmul.mxfp4 import dequantize_mxfp4
 
@@ -182,6 +182,7 @@ def load_weights(
         else:
             value = _checkpoint_leaf(checkpoint, name, abstract.shape, np.dtype(abstract.dtype), sharding)
         var.set_value(value)
+    forget_converted()
     return abstract_state
 
 

@@ -65,6 +65,8 @@ class Int4Kernel:
 
 
 INT4_FAMILIES = ("llama", "glm4")
+# vLLM's names for its Marlin kernels on the same checkpoints: here they are the same methods.
+MARLIN_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,7 @@ def with_requested_quantization(arch: ModelArch, requested: str | None, load_for
     points, as an AWQ GEMM checkpoint), which lets the benches run the 8B without an int4 checkpoint."""
     if requested is None:
         return arch
+    requested = MARLIN_ALIASES.get(requested, requested)
     have = arch.quantization
     if have is not None:
         if have.method != requested:
@@ -319,6 +322,11 @@ def int4_tensor(checkpoint, module: str, source: Int4Source, shape: tuple[int, .
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{module}.{source.field}: converted shape {value.shape}, expected {tuple(shape)}")
     return value
+
+
+def forget_converted() -> None:
+    """Drop the last twin's converted tensors (once a load is done)."""
+    _converted.cache_clear()
 
 
 # NOTE: a twin's fields are consecutive leaves of the load, so one cached conversion serves them all.

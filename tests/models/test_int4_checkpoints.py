@@ -164,6 +164,8 @@ def test_requested_quantization(tmp_path):
         load_model(ModelConfig(model=str(packed), quantization="awq"), ParallelConfig())
     with pytest.raises(ValueError, match="--quantization awq needs a awq checkpoint"):
         load_model(ModelConfig(model=str(plain), quantization="awq"), ParallelConfig())
+    assert load_model(ModelConfig(model=str(packed), dtype="float32", quantization="gptq_marlin"),
+                      ParallelConfig()).arch.quantization.method == "gptq"
     loaded = load_model(ModelConfig(model=str(plain), dtype="float32", quantization="awq", load_format="dummy"),
                         ParallelConfig())
     assert loaded.arch.quantization.method == "awq" and len(_int4_values(loaded)) == 2 * 4  # qkv, o, gate_up, down
