@@ -37,6 +37,8 @@ from jaxllm import LLM, SamplingParams
 from jaxllm.model_arch import ModelArch, load_arch
 
 BAR = 1.4
+PROMPT_BUCKET = 64  # tokens: the largest step (--input-len at most this)
+KV_POOL_BYTES = 2 << 30
 GROUP = 128
 BF16 = 2
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -61,8 +63,11 @@ def decode_bytes(arch: ModelArch, context: float, int4: bool) -> dict[str, float
 
 
 def run_one(model_dir: str, args: argparse.Namespace, quantization: str | None) -> dict:
+    # One request at a time: two token buckets (decode, the prompt) keep the compiles short; a KV pool of
+    # its own size, so that the --baseline engine still fits beside this one (LLM has no shutdown).
     llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
-              quantization=quantization)
+              quantization=quantization, max_num_seqs=1, max_num_batched_tokens=PROMPT_BUCKET,
+              token_buckets=[16, PROMPT_BUCKET], kv_cache_memory_bytes=KV_POOL_BYTES)
     params = SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
     vocab = llm.engine.vocab_size
     metrics = []
@@ -74,7 +79,6 @@ def run_one(model_dir: str, args: argparse.Namespace, quantization: str | None) 
     timed = [m for m in metrics if "time_to_first_token" in m and "e2e_latency" in m]
     e2e = [m["e2e_latency"] for m in timed]
     stats = latency_stats(e2e, args.output_len, [m["time_to_first_token"] for m in timed], e2e)
-    del llm
     return stats
 
 
@@ -90,6 +94,8 @@ def main() -> int:
     p.add_argument("--num-iters", type=int, default=5)
     p.add_argument("--baseline", action="store_true", help="also time the bf16 model")
     args = p.parse_args()
+    if args.input_len > PROMPT_BUCKET:
+        p.error(f"--input-len is at most {PROMPT_BUCKET} (one prefill step)")
     model_dir = Path(model_dir_with_tokenizer(args.model))
     if args.tiny:
         tiny_dir = Path(tempfile.mkdtemp(prefix="jaxllm-int4-tiny-"))
