@@ -33,6 +33,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.ragged_paged_attention.common import validate_metadata
+
 
 def latent_width(latent_pages: jax.Array) -> int:
     """R + Dr: the width of one token's slot."""
@@ -72,22 +74,6 @@ def gather_latents(
     page = page_indices[slot, entry]
     gathered = latent_pages[page, position % page_size]  # [num_rows, R + Dr]
     return jnp.where((rows < cu_kv_lens[-1])[:, None], gathered, 0)
-
-
-def validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs) -> None:
-    """The ragged batch's shapes and dtypes (static, so free under jit)."""
-    if page_indices.ndim != 2:
-        raise ValueError(f"page_indices must be [S, pages_per_seq], got {page_indices.shape}")
-    num_slots = page_indices.shape[0]
-    if kv_lens.shape != (num_slots,):
-        raise ValueError(f"kv_lens must be [S]={num_slots}, got {kv_lens.shape}")
-    if cu_q_lens.shape != (num_slots + 1,):
-        raise ValueError(f"cu_q_lens must be [S+1]={num_slots + 1}, got {cu_q_lens.shape}")
-    if num_seqs.shape != (1,):
-        raise ValueError(f"num_seqs must be [1], got {num_seqs.shape}")
-    for name, arr in (("kv_lens", kv_lens), ("page_indices", page_indices), ("cu_q_lens", cu_q_lens)):
-        if arr.dtype != jnp.int32:
-            raise ValueError(f"{name} must be int32, got {arr.dtype}")
 
 
 def validate_absorbed(q_latent, q_pe, latent_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> None:

@@ -88,6 +88,13 @@ def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sin
         raise ValueError(f"head_dim of q ({head_dim}) and kv_pages ({kv_head_dim}) differ")
     if num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs)
+    if sinks is not None and sinks.shape != (num_q_heads,):
+        raise ValueError(f"sinks must be [Hq]={num_q_heads}, got {sinks.shape}")
+
+
+def validate_metadata(kv_lens, page_indices, cu_q_lens, num_seqs) -> None:
+    """The ragged batch's shapes and dtypes (static, so free under jit); MLA's batch is the same."""
     if page_indices.ndim != 2:
         raise ValueError(f"page_indices must be [S, pages_per_seq], got {page_indices.shape}")
     num_slots = page_indices.shape[0]
@@ -100,8 +107,6 @@ def validate_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sin
     for name, arr in (("kv_lens", kv_lens), ("page_indices", page_indices), ("cu_q_lens", cu_q_lens)):
         if arr.dtype != jnp.int32:
             raise ValueError(f"{name} must be int32, got {arr.dtype}")
-    if sinks is not None and sinks.shape != (num_q_heads,):
-        raise ValueError(f"sinks must be [Hq]={num_q_heads}, got {sinks.shape}")
 
 
 def write_kv_pages(kv_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,

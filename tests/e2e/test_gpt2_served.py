@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from tests.fixtures import fixture_tokenizer
 from tests.models.hf_tiny import make_checkpoint
-from tests.serve.test_process import ServerProcess
+from tests.serve.test_process import ServerProcess, started
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -32,14 +32,10 @@ def gpt2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(gpt2_dir: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess("jaxllm.serve", "--model", str(gpt2_dir), "--served-model-name", "gpt2-tiny",
-                           "--chat-template", str(gpt2_dir / "template.jinja"), "--dtype", "float32",
-                           "--max-num-seqs", "4", "--max-num-batched-tokens", "64", "--disable-log-stats")
-    try:
-        server.wait_ready(300)
+    with started("jaxllm.serve", "--model", str(gpt2_dir), "--served-model-name", "gpt2-tiny", "--chat-template",
+                 str(gpt2_dir / "template.jinja"), "--dtype", "float32", "--max-num-seqs", "4",
+                 "--max-num-batched-tokens", "64", "--disable-log-stats") as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.mark.slow

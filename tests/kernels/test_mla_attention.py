@@ -28,7 +28,7 @@ from pallas_kernels.mla_attention.mosaic_gpu import (
     mla_absorbed_mosaic,
     mla_unsupported_reason,
 )
-from tests.kernels import mgpu_simulator
+from tests.kernels.ragged_batch import ragged_layout
 
 SMALL_BLOCKS = MlaXlaBlocks(chunk_tokens=16, decode_block=2, tile_tokens=4, prefill_block=2)
 
@@ -63,26 +63,13 @@ def make_batch(case: Case, dtype=jnp.float32, seed: int = 0):
     """(q_latent, q_pe, latent_pages, kv_lens, page_indices, cu_q_lens, num_seqs): random queries
     and pages, each slot's pages distinct, scattered ids in the pool."""
     rng = np.random.default_rng(seed)
-    live = len(case.q_lens)
-    num_slots = case.num_slots or live
-    q_lens = list(case.q_lens) + [0] * (num_slots - live)
-    kv_lens = list(case.kv_lens) + [0] * (num_slots - live)
-    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    num_tokens = case.num_tokens or int(cu_q_lens[-1])
-    num_pages = num_slots * case.pages_per_seq + 3
-    page_indices = rng.permutation(num_pages)[: num_slots * case.pages_per_seq].reshape(num_slots, -1)
-    q_latent = rng.standard_normal((num_tokens, case.num_heads, case.rank))
-    q_pe = rng.standard_normal((num_tokens, case.num_heads, case.rope_dim))
-    pages = rng.standard_normal((num_pages, case.page_size, case.rank + case.rope_dim))
-    return (
-        jnp.asarray(q_latent, dtype),
-        jnp.asarray(q_pe, dtype),
-        jnp.asarray(pages, dtype),
-        jnp.asarray(kv_lens, jnp.int32),
-        jnp.asarray(page_indices, jnp.int32),
-        jnp.asarray(cu_q_lens, jnp.int32),
-        jnp.asarray([live], jnp.int32),
-    )
+    layout = ragged_layout(rng, case.q_lens, case.kv_lens, num_slots=case.num_slots, num_tokens=case.num_tokens,
+                           pages_per_seq=case.pages_per_seq)
+    q_latent = rng.standard_normal((layout.num_tokens, case.num_heads, case.rank))
+    q_pe = rng.standard_normal((layout.num_tokens, case.num_heads, case.rope_dim))
+    pages = rng.standard_normal((layout.num_pages, case.page_size, case.rank + case.rope_dim))
+    return (jnp.asarray(q_latent, dtype), jnp.asarray(q_pe, dtype), jnp.asarray(pages, dtype), layout.kv_lens,
+            layout.page_indices, layout.cu_q_lens, layout.num_seqs)
 
 
 def dense_absorbed(batch, sm_scale: float) -> np.ndarray:
@@ -223,16 +210,6 @@ KERNEL_CASES = {
     # NOTE: 128 heads (two 64-head groups, one token per tile) are checked by the CUDA lowering
     # below and on the GPU (bench/mla_attention.py): simulating their ~70 CTAs takes ~20 s.
 }
-
-
-@pytest.fixture(scope="module")
-def simulator():
-    try:
-        mgpu_simulator.require()
-    except mgpu_simulator.SimulatorAPIMoved as e:
-        pytest.fail(str(e), pytrace=False)
-    mgpu_simulator.install_compile_cache()
-    return mgpu_simulator
 
 
 @pytest.mark.parametrize("name", list(KERNEL_CASES))

@@ -30,6 +30,7 @@ from pallas_kernels.ragged_paged_attention.mosaic_gpu import (
 )
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from tests.kernels import mgpu_simulator
+from tests.kernels.ragged_batch import ragged_layout
 
 # bf16 inputs, fp32 accumulation: ||out - ref|| / ||ref|| lands near 2e-3 (one bf16 rounding
 # of P and of the output); a wrong mask or a missed block is O(0.1) or more.
@@ -63,27 +64,15 @@ def make_sinks(case: Case, seed: int = 1) -> jax.Array | None:
 def make_batch(case: Case, seed: int = 0):
     """Random q and pages; each slot's pages are distinct, scattered ids in the pool."""
     rng = np.random.default_rng(seed)
-    live = len(case.q_lens)
-    num_slots = case.num_slots or live
-    q_lens = list(case.q_lens) + [0] * (num_slots - live)
-    kv_lens = list(case.kv_lens) + [0] * (num_slots - live)
-    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    num_tokens = case.num_tokens or int(cu_q_lens[-1])
-    num_pages = num_slots * case.pages_per_seq + 3
-    page_indices = rng.permutation(num_pages)[: num_slots * case.pages_per_seq].reshape(num_slots, -1)
-    q = rng.standard_normal((num_tokens, case.num_q_heads, case.head_dim))
-    kv = rng.standard_normal((2, case.num_kv_heads, num_pages, case.page_size, case.head_dim))
+    layout = ragged_layout(rng, case.q_lens, case.kv_lens, num_slots=case.num_slots, num_tokens=case.num_tokens,
+                           pages_per_seq=case.pages_per_seq)
+    q = rng.standard_normal((layout.num_tokens, case.num_q_heads, case.head_dim))
+    kv = rng.standard_normal((2, case.num_kv_heads, layout.num_pages, case.page_size, case.head_dim))
     if case.fp8_pages:
         kv = jnp.stack([quantize_fp8(jnp.asarray(kv[0]), case.params.k_scale),
                         quantize_fp8(jnp.asarray(kv[1]), case.params.v_scale)])
-    return (
-        jnp.asarray(q, case.dtype),
-        kv if case.fp8_pages else jnp.asarray(kv, case.dtype),
-        jnp.asarray(kv_lens, jnp.int32),
-        jnp.asarray(page_indices, jnp.int32),
-        jnp.asarray(cu_q_lens, jnp.int32),
-        jnp.asarray([live], jnp.int32),
-    )
+    return (jnp.asarray(q, case.dtype), kv if case.fp8_pages else jnp.asarray(kv, case.dtype), layout.kv_lens,
+            layout.page_indices, layout.cu_q_lens, layout.num_seqs)
 
 
 CASES = {

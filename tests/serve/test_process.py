@@ -3,6 +3,7 @@ and `python -m jaxllm.serve` on the bundled model answers the openai SDK."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,6 +62,17 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def started(module: str, *flags: str, timeout: float = 300) -> Iterator[ServerProcess]:
+    """A server process ready to serve (its /health answers 200), killed on the way out."""
+    server = ServerProcess(module, *flags)
+    try:
+        server.wait_ready(timeout)
+        yield server
+    finally:
+        server.kill()
 
 
 def stream_chat(url: str, max_tokens: int, started: threading.Event, result: dict[str, Any]) -> None:
@@ -130,14 +142,10 @@ def test_engine_death_fails_requests_with_500_and_exits_1(engine_flags: list[str
 @pytest.fixture(scope="module")
 def real_server() -> Iterator[ServerProcess]:
     # NOTE: a small step budget keeps the compile at startup short on a CPU.
-    server = ServerProcess("jaxllm.serve", "--served-model-name", "stories", "--api-key", "sk-real",
-                           "--enforce-eager", "--disable-log-stats", "--max-model-len", "256", "--max-num-seqs", "4",
-                           "--max-num-batched-tokens", "64")
-    try:
-        server.wait_ready(300)
+    with started("jaxllm.serve", "--served-model-name", "stories", "--api-key", "sk-real", "--enforce-eager",
+                 "--disable-log-stats", "--max-model-len", "256", "--max-num-seqs", "4",
+                 "--max-num-batched-tokens", "64") as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.mark.slow
