@@ -64,10 +64,24 @@ class MLA:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
 
-# quantization_config.quant_method values jaxllm loads: MXFP4 experts, and int4 weight-only linears
-# (`INT4_METHODS`, served by jaxllm/models/quantized.py).
+# quantization_config.quant_method values jaxllm loads: MXFP4 experts, int4 weight-only linears
+# (`INT4_METHODS`, served by jaxllm/models/quantized.py) and FP8 linears (`fp8`, and compressed-tensors'
+# float-quantized: jaxllm/models/quantized_fp8.py).
 INT4_METHODS = ("awq", "gptq", "compressed-tensors")
-SUPPORTED_QUANTIZATION = ("mxfp4", *INT4_METHODS)
+SUPPORTED_QUANTIZATION = ("mxfp4", "fp8", *INT4_METHODS)
+
+
+@dataclass(frozen=True)
+class Fp8Scheme:
+    """FP8 (e4m3) weights and activations: how the weights are scaled ("tensor", "channel": one scale
+    per output feature, "block": one per `block` [out, in] tile), whether activations take the
+    checkpoint's `input_scale` (static) or one scale per token (per token and 128 inputs under block
+    scales), and whether the weights are quantized at load from an unquantized checkpoint."""
+
+    weight_scales: str
+    static_activations: bool = False
+    online: bool = False
+    block: tuple[int, int] = (128, 128)
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ class Quantization:
     the int4 methods the weights' settings.
 
     `modules_to_not_convert` matches module names as each method's own loader does: globs (mxfp4),
-    substrings (awq, gptq: vLLM's `modules_to_not_convert`), or compressed-tensors' `ignore`
+    substrings (awq, gptq: vLLM's `modules_to_not_convert`; fp8's `ignored_layers`), or compressed-tensors' `ignore`
     entries (a full name, or `re:` and a regex matched from the name's start)."""
 
     method: str
@@ -85,6 +99,7 @@ class Quantization:
     zero_point: bool = True  # asymmetric: per-group zero points stored (else the code's midpoint)
     desc_act: bool = False  # GPTQ act-order: g_idx permutes the input features' groups
     checkpoint_format: str = "gptq"  # GPTQ zero points: "gptq" stores z - 1, "gptq_v2" stores z
+    fp8: Fp8Scheme | None = None  # FP8 weights and activations (quant_method fp8 or float-quantized)
 
     def converts(self, module: str) -> bool:
         """Whether the tensors of `module` (e.g. "model.layers.3.mlp.experts") are quantized."""
@@ -112,6 +127,8 @@ def read_quantization(cfg: dict[str, Any]) -> Quantization | None:
         return _gptq(qc)
     if method == "compressed-tensors":
         return _compressed_tensors(qc)
+    if method == "fp8":
+        return _fp8(qc)
     return Quantization(method, tuple(qc.get("modules_to_not_convert") or ()))
 
 
@@ -152,7 +169,10 @@ def _compressed_tensors(qc: dict[str, Any]) -> Quantization:
     _unsupported_if(len(groups) != 1, f"compressed-tensors with {len(groups)} config_groups (one only)")
     (group,) = groups
     fmt = str(group.get("format") or qc.get("format"))
-    _unsupported_if(fmt != "pack-quantized", f"compressed-tensors format {fmt!r} (pack-quantized only)")
+    if fmt == "float-quantized":
+        return _compressed_tensors_fp8(qc, group)
+    _unsupported_if(fmt != "pack-quantized",
+                    f"compressed-tensors format {fmt!r} (pack-quantized, float-quantized only)")
     _unsupported_if("Linear" not in (group.get("targets") or ()),
                     f"compressed-tensors targets {group.get('targets')} (Linear only)")
     _unsupported_if(bool(group.get("input_activations") or group.get("output_activations")),
@@ -165,6 +185,43 @@ def _compressed_tensors(qc: dict[str, Any]) -> Quantization:
     return Quantization("compressed-tensors", tuple(qc.get("ignore") or ()),
                         _group_size("compressed-tensors", w.get("group_size") or 0),
                         zero_point=not w.get("symmetric", True))
+
+
+def _fp8_block(value: Any) -> tuple[int, int]:
+    block = tuple(int(b) for b in value)
+    _unsupported_if(block != (128, 128), f"fp8 weight block {list(block)} (128 x 128 only)")
+    return block
+
+
+def _fp8(qc: dict[str, Any]) -> Quantization:
+    fmt, scheme = str(qc.get("fmt", "e4m3")).lower(), str(qc.get("activation_scheme", "dynamic")).lower()
+    _unsupported_if(fmt != "e4m3", f"fp8 fmt {fmt!r} (e4m3 only)")
+    _unsupported_if(scheme not in ("static", "dynamic"), f"fp8 activation_scheme {scheme!r}")
+    block = qc.get("weight_block_size")
+    _unsupported_if(block is not None and scheme == "static", "fp8 block-scaled weights with static activations")
+    fp8 = Fp8Scheme("block", block=_fp8_block(block)) if block else Fp8Scheme("tensor", scheme == "static")
+    return Quantization("fp8", tuple(qc.get("ignored_layers") or qc.get("modules_to_not_convert") or ()), fp8=fp8)
+
+
+def _compressed_tensors_fp8(qc: dict[str, Any], group: dict[str, Any]) -> Quantization:
+    _unsupported_if("Linear" not in (group.get("targets") or ()),
+                    f"compressed-tensors targets {group.get('targets')} (Linear only)")
+    _unsupported_if(bool(group.get("output_activations")), "compressed-tensors output activation quantization")
+    w, a = group.get("weights") or {}, group.get("input_activations")
+    strategy = w.get("strategy")
+    desc = f"compressed-tensors float-quantized weights {w.get('type')} {w.get('num_bits')}-bit {strategy}"
+    _unsupported_if((w.get("type"), int(w.get("num_bits", 0))) != ("float", 8)
+                    or strategy not in ("tensor", "channel", "block") or bool(w.get("dynamic")), desc)
+    _unsupported_if(not w.get("symmetric", True), "compressed-tensors asymmetric FP8 weights")
+    _unsupported_if(not a, "compressed-tensors FP8 weight-only (no input_activations)")
+    static = not a.get("dynamic", True)
+    a_desc = f"compressed-tensors FP8 input_activations {a.get('type')} {a.get('num_bits')}-bit {a.get('strategy')}"
+    _unsupported_if((a.get("type"), int(a.get("num_bits", 0))) != ("float", 8), a_desc)
+    _unsupported_if(a.get("strategy") not in (("tensor",) if static else ("token", "group")), a_desc)
+    _unsupported_if(static and strategy == "block", "compressed-tensors block-scaled weights with static activations")
+    block = _fp8_block(w.get("block_structure") or (128, 128))
+    return Quantization("compressed-tensors", tuple(qc.get("ignore") or ()),
+                        fp8=Fp8Scheme(strategy, static_activations=static, block=block))
 
 
 @dataclass(frozen=True)

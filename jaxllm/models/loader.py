@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.model_arch import CheckpointNames, ModelArch, Quantization
 from jaxllm.models.quantized import DUMMY_DRAWS, forget_converted, int4_tensor
+from jaxllm.models.quantized_fp8 import FP8_DUMMY_DRAWS, Fp8Checkpoint
 from jaxllm.models.sharding import ShardingRules
 from pallas_kernels.grouped_matmul.mxfp4 import dequantize_mxfp4
 
@@ -160,6 +161,8 @@ def load_weights(
     """Fill every Param of `abstract_state` with a sharded array of its dtype; returns the concrete
     state. `names`: how the checkpoint may spell the parameters' paths."""
     checkpoint = None if load_format == "dummy" else open_checkpoint(model_dir, names, quantization)
+    if checkpoint is not None and quantization is not None and quantization.fp8 is not None:
+        checkpoint = Fp8Checkpoint(checkpoint, quantization.fp8)  # the FP8 twins' fields (models/quantized_fp8.py)
     flat = list(_leaves(abstract_state))
     key = jax.random.key(seed)
     desc = "Random weights" if checkpoint is None else "Loading safetensors"
@@ -218,14 +221,15 @@ def _fused_checkpoint_leaf(checkpoint: Checkpoint, name: str, fused, shape, dtyp
 def _random_leaf(init: str, shape, dtype, sharding, key) -> jax.Array:
     if init == "ones":
         return jax.jit(lambda: jnp.ones(shape, dtype), out_shardings=sharding)()
-    if init in DUMMY_DRAWS:
-        return _random_int4_field(init, tuple(shape), dtype, sharding)(key)
+    if init in DUMMY_DRAWS or init in FP8_DUMMY_DRAWS:
+        return _random_quantized_field(init, tuple(shape), dtype, sharding)(key)
     return _random_normal(tuple(shape), dtype, sharding)(key)
 
 
 @cache
-def _random_int4_field(init: str, shape, dtype, sharding):
-    return jax.jit(partial(DUMMY_DRAWS[init], shape=shape, dtype=dtype), out_shardings=sharding)
+def _random_quantized_field(init: str, shape, dtype, sharding):
+    draw = DUMMY_DRAWS.get(init) or FP8_DUMMY_DRAWS[init]
+    return jax.jit(partial(draw, shape=shape, dtype=dtype), out_shardings=sharding)
 
 
 @cache

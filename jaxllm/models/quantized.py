@@ -196,7 +196,7 @@ def quantize_model(model: nnx.Module, arch: ModelArch, dtype, rules: ShardingRul
     whose checkpoint module `arch.quantization` converts by its int4 twin; embeddings, norms and
     lm_head stay as they are. Raises ValueError where tp splits a quantization group."""
     q = arch.quantization
-    if q is None or q.method not in INT4_METHODS:
+    if q is None or q.method not in INT4_METHODS or q.fp8 is not None:
         return
     if arch.family not in INT4_FAMILIES:
         raise ValueError(f"{q.method} int4 checkpoints are served for the dense families (Llama, Mistral, Qwen2, "

@@ -26,6 +26,7 @@ from jaxllm.models.batch import ForwardBatch
 from jaxllm.models.layers import AttentionFn, Kernels
 from jaxllm.models.loader import load_weights, resolve_dtype, resolve_model_dir
 from jaxllm.models.quantized import quantize_model, select_int4_kernel, with_requested_quantization
+from jaxllm.models.quantized_fp8 import FP8_REQUESTS, quantize_fp8_model, with_requested_fp8
 from jaxllm.models.sharding import ShardingRules, make_mesh, rules_for
 from jaxllm.runner.experts import select_experts
 
@@ -69,7 +70,9 @@ class LoadedModel:
 def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None) -> LoadedModel:
     start = time.perf_counter()
     model_dir = resolve_model_dir(model_config.model, model_config.revision)
-    arch = with_requested_quantization(load_arch(model_dir), model_config.quantization, model_config.load_format)
+    requested = model_config.quantization
+    arch = with_requested_fp8(load_arch(model_dir), requested) if requested in FP8_REQUESTS else (
+        with_requested_quantization(load_arch(model_dir), requested, model_config.load_format))
     tp = parallel.tensor_parallel_size
     mesh = make_mesh(tp, devices)
     rules = rules_for(arch, tp, parallel.enable_expert_parallel)
@@ -77,6 +80,7 @@ def load_model(model_config: ModelConfig, parallel: ParallelConfig, devices=None
     dtype = resolve_dtype(model_config.dtype, arch, platform)
     model = family(arch).abstract_model(arch, dtype, fuse_qkv=rules.kv_heads is not None)
     quantize_model(model, arch, dtype, rules, tp, select_int4_kernel(mesh))  # int4 checkpoints only
+    quantize_fp8_model(model, arch, rules, tp)  # FP8 checkpoints and --quantization fp8 only
     graphdef, state = nnx.split(model)
     state = load_weights(model_dir, state, mesh, rules, model_config.load_format, model_config.seed,
                          ARCHITECTURES[arch.architecture].names, arch.quantization)
