@@ -175,8 +175,8 @@ def test_requested_quantization(tmp_path):
     (gptq_config(desc_act=False, sym=True, checkpoint_format="gptq") | {"bits": 8}, "gptq bits=8"),
     (awq_config() | {"version": "gemv"}, "awq version 'gemv'"),
     (awq_config() | {"group_size": -1}, "awq group_size -1"),
-    (compressed_tensors_config(symmetric=True, ignore=[]) | {"format": "float-quantized"},
-     "compressed-tensors format 'float-quantized'"),
+    (compressed_tensors_config(symmetric=True, ignore=[]) | {"format": "marlin-24"},
+     "compressed-tensors format 'marlin-24'"),
 ])
 def test_unsupported_settings_are_named(tmp_path, config, message):
     llama = {"architectures": ["LlamaForCausalLM"], "vocab_size": 320, "hidden_size": 128, "intermediate_size": 256,
