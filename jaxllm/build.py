@@ -27,6 +27,7 @@ from jaxllm.tokenizer import load_tokenizer, resolve_chat_template
 if TYPE_CHECKING:
     from jaxllm.runner.attention import Attention
     from jaxllm.runner.compilation import Buckets
+    from jaxllm.runner.kv_cache import KvFormat
     from jaxllm.runner.limits import DeviceFacts, SchedulerLimits
     from jaxllm.runner.model_loading import LoadedModel
 
@@ -81,11 +82,11 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
     attention = select_attention(config.model.attention_backend, model.arch, model.dtype, page_size, model.mesh,
                                  model.rules)
     buckets = Buckets.plan(sched, page_size, attention.name)
-    limits = _with_kv_pool(config, sched, device, model, attention, buckets)
+    kv_format = kv_cache.kv_format(config.cache, model, config.model.load_format)
+    limits = _with_kv_pool(config, sched, device, model, attention, buckets, kv_format)
     runner = ModelRunner(model, attention, buckets, limits, max_logprobs=config.model.max_logprobs,
                          seed=config.model.seed, served=served,
-                         default_sampling=_default_sampling(defaults),
-                         kv_dtype=kv_cache.kv_dtype(config.cache.kv_cache_dtype, model.dtype))
+                         default_sampling=_default_sampling(defaults), kv_format=kv_format)
     engine = LLMEngine(config, limits, runner, tokenizer, arch.vocab_size, sorted(eos), log_stats=log_stats,
                        grammar_compiler=grammar_compiler)
     parts = EngineParts(engine, defaults, resolve_chat_template(config.model.chat_template),
@@ -99,24 +100,24 @@ def build_engine(config: EngineConfig, *, served: bool = False, log_stats: bool 
 
 
 def _with_kv_pool(config: EngineConfig, sched: SchedulerLimits, device: DeviceFacts, model: LoadedModel,
-                  attention: Attention, buckets: Buckets) -> EngineLimits:
+                  attention: Attention, buckets: Buckets, kv_format: KvFormat) -> EngineLimits:
     """The limits with the KV pool the device's memory leaves after the weights, the largest
     bucket's activation peak and the buffers of every bucket's inputs."""
     from jaxllm.runner import kv_cache  # noqa: PLC0415
     from jaxllm.runner.compilation import activation_bytes  # noqa: PLC0415
     from jaxllm.runner.limits import kv_pool, resolve_limits  # noqa: PLC0415
 
-    kv_dtype = kv_cache.kv_dtype(config.cache.kv_cache_dtype, model.dtype)
     activation = 0
     if device.memory_limit is not None:  # else (CPU) a fixed budget
-        activation = activation_bytes(model, attention, buckets, config.compilation_cache_dir, kv_dtype)
+        activation = activation_bytes(model, attention, buckets, config.compilation_cache_dir, kv_format)
     page_size = config.cache.block_size
-    page_bytes = kv_cache.bytes_per_page(model.arch, page_size, kv_dtype, model.mesh.devices.size, model.rules)
+    page_bytes = kv_cache.bytes_per_page(model.arch, page_size, kv_format.dtype, model.mesh.devices.size,
+                                         model.rules)
     # The memory in use measured again, after the activation compile, where the pool will be allocated.
     pool = kv_pool(config.cache, kv_cache.measure_device(model.mesh), activation + buckets.input_bytes(), page_bytes)
     pool = dataclasses.replace(pool, num_pages=kv_cache.same_on_every_process(pool.num_pages))
     limits = resolve_limits(sched, page_size, pool)
-    kv_cache.log_pool(limits.num_pages, page_size, limits.max_model_len, page_bytes, activation, kv_dtype)
+    kv_cache.log_pool(limits.num_pages, page_size, limits.max_model_len, page_bytes, activation, kv_format.dtype)
     return limits
 
 

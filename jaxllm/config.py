@@ -97,8 +97,12 @@ class CacheConfig:
     enable_prefix_caching: bool = option(True, "Reuse KV pages of shared prompt prefixes.")
     kv_cache_dtype: str = option(
         "auto", "KV page dtype: auto (the model's) or fp8 / fp8_e4m3 (e4m3 pages, half the bytes per token; "
-        "per-tensor scales of 1.0, as vLLM without calibrated scales).",
+        "per-tensor scales per layer: the checkpoint's k_scale / v_scale, else 1.0 as in vLLM).",
         choices=("auto", "fp8", "fp8_e4m3"),
+    )
+    calculate_kv_scales: bool = option(
+        False, "FP8 KV pages: per-layer scales from the first step's keys and values (max abs K / 200, max abs V "
+        "/ 100), as vLLM's calculate_kv_scales (a flag of earlier vLLM releases).",
     )
 
 

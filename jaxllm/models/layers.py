@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxllm.model_arch import ModelArch
 from jaxllm.models.batch import ForwardBatch
+from jaxllm.models.kv_scales import ScaledKvPages, calibrated
 from pallas_kernels.ragged_paged_attention import AttentionParams, write_kv_pages
 
 # (q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, params) -> out; see pallas_kernels.
@@ -316,15 +317,38 @@ class Rotary:
         return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary_dim:]], axis=-1)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array, batch: ForwardBatch,
-           kernels: Kernels, params: AttentionParams, sinks: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_pages: jax.Array | ScaledKvPages, batch: ForwardBatch,
+           kernels: Kernels, params: AttentionParams,
+           sinks: jax.Array | None = None) -> tuple[jax.Array, jax.Array | ScaledKvPages]:
     """Write this step's k/v [T, Hkv, D] into the page pool and attend q [T, Hq, D] over it (with
-    sinks [Hq] f32 where the model has them). Returns (out [T, Hq * D], kv_pages)."""
+    sinks [Hq] f32 where the model has them). Returns (out [T, Hq * D], kv_pages). FP8 pages with their
+    scales beside them (`ScaledKvPages`) are calibrated by their first write and read through
+    q * k_scale and out * v_scale (models/kv_scales.py)."""
+    if isinstance(kv_pages, ScaledKvPages):
+        return _attend_scaled(q, k, v, kv_pages, batch, kernels, params, sinks)
     kv_pages = write_kv_pages(kv_pages, k, v, batch.slot_mapping, params.k_scale, params.v_scale)
+    return _attention(q, kv_pages, batch, kernels, params, sinks), kv_pages
+
+
+def _attend_scaled(q: jax.Array, k: jax.Array, v: jax.Array, kv: ScaledKvPages, batch: ForwardBatch,
+                   kernels: Kernels, params: AttentionParams,
+                   sinks: jax.Array | None) -> tuple[jax.Array, ScaledKvPages]:
+    _, _, num_pages, page_size, _ = kv.pages.shape
+    real = batch.slot_mapping < num_pages * page_size  # [T]: padded tokens carry a slot past the pool
+    scales = calibrated(kv.scales, k, v, real)  # [2] f32: (k_scale, v_scale)
+    pages = write_kv_pages(kv.pages, k, v, batch.slot_mapping, scales[0], scales[1])
+    scaled_q = (q.astype(jnp.float32) * scales[0]).astype(q.dtype)
+    out = _attention(scaled_q, pages, batch, kernels, params, sinks)  # [T, Hq * D]
+    return (out.astype(jnp.float32) * scales[1]).astype(out.dtype), ScaledKvPages(pages, scales)
+
+
+def _attention(q: jax.Array, kv_pages: jax.Array, batch: ForwardBatch, kernels: Kernels, params: AttentionParams,
+               sinks: jax.Array | None) -> jax.Array:
+    """The step's attention over the pool: out [T, Hq * D]."""
     extra = {} if sinks is None else {"sinks": sinks}
     out = kernels.attention(q, kv_pages, batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.num_seqs, params,
                             **extra)
-    return out.reshape(q.shape[0], -1), kv_pages
+    return out.reshape(q.shape[0], -1)
 
 
 class PagedAttention(nnx.Module):

@@ -41,10 +41,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxllm.engine.live_status import CompileState
-from jaxllm.models.layers import kv_pages_shape
-from jaxllm.models.sharding import kv_pages_sharding
 from jaxllm.runner.attention import Attention
 from jaxllm.runner.input_batch import BAD_WORDS_MIN_SHAPE, SamplerNeeds
+from jaxllm.runner.kv_cache import KvFormat, layer_state_spec
 from jaxllm.runner.limits import GiB, SchedulerLimits
 from jaxllm.runner.model_loading import LoadedModel
 from jaxllm.runner.sampler import LogprobWidths, SamplerFlags, SamplingBatch, sample
@@ -192,23 +191,22 @@ class Buckets:
 
 
 def _abstract_args(model: LoadedModel, buckets: Buckets, num_tokens: int, pages_per_seq: int, num_pages: int,
-                   kv_dtype):
-    """The forward's arguments for one bucket on a pool of `num_pages` pages of `kv_dtype`, as shapes
+                   kv_format: KvFormat):
+    """The forward's arguments for one bucket on a pool of `num_pages` pages in `kv_format`, as shapes
     and shardings."""
     rep = NamedSharding(model.mesh, PartitionSpec())
     inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
                           ForwardInputs.zeros(num_tokens, buckets.slots(num_tokens), pages_per_seq))
     leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in model.leaves]
-    kv = jax.ShapeDtypeStruct(kv_pages_shape(model.arch, num_pages, buckets.page_size), kv_dtype,
-                              sharding=kv_pages_sharding(model.mesh, model.rules))
+    kv = layer_state_spec(model.arch, num_pages, buckets.page_size, kv_format, model.mesh, model.rules)
     prev_tokens = jax.ShapeDtypeStruct((buckets.max_num_seqs,), jnp.int32, sharding=rep)
     return leaves, [kv] * model.arch.num_layers, inputs.batch(), inputs.placeholder_rows, prev_tokens
 
 
 def activation_bytes(model: LoadedModel, attention: Attention, buckets: Buckets, cache_dir: str | None,
-                     kv_dtype=None) -> int:
-    """Temp memory of the largest bucket's forward, compiled against a small stand-in pool (of
-    `kv_dtype` pages; None: the model's dtype).
+                     kv_format: KvFormat | None = None) -> int:
+    """Temp memory of the largest bucket's forward, compiled against a small stand-in pool (in
+    `kv_format`; None: pages of the model's dtype).
 
     NOTE: with a compilation cache the figure is kept beside it, keyed by the traced program
     (every shape, the kernel's body and its compiler params), the weights' shardings, jax's
@@ -216,7 +214,7 @@ def activation_bytes(model: LoadedModel, attention: Attention, buckets: Buckets,
     the cache only to read one number."""
     forward = jax.jit(model.forward_fn(attention.fn), donate_argnums=(1,))
     args = _abstract_args(model, buckets, buckets.tokens[-1], buckets.pages[-1], num_pages=buckets.pages[-1] + 1,
-                          kv_dtype=model.dtype if kv_dtype is None else kv_dtype)
+                          kv_format=KvFormat(model.dtype) if kv_format is None else kv_format)
     traced = forward.trace(*args)
     path = None
     if cache_dir:
@@ -250,9 +248,10 @@ class BucketCompiler:
     ("forward-all-logits", T, P)."""
 
     def __init__(self, model: LoadedModel, attention: Attention, buckets: Buckets, *, num_pages: int,
-                 max_model_len: int, warm_samplers: list[SamplerFlags], stand_in: SamplerFlags, kv_dtype):
+                 max_model_len: int, warm_samplers: list[SamplerFlags], stand_in: SamplerFlags,
+                 kv_format: KvFormat):
         self.buckets = buckets
-        self._kv_dtype = kv_dtype  # the pages' dtype (kv_cache.kv_dtype)
+        self._kv_format = kv_format  # what each layer's KV state holds (kv_cache.kv_format)
         self.sharding = NamedSharding(model.mesh, PartitionSpec())  # every step input is replicated
         self._model, self._attention_name, self._num_pages = model, attention.name, num_pages
         self._max_model_len, self._vocab_size = max_model_len, model.arch.vocab_size
@@ -464,7 +463,7 @@ class BucketCompiler:
 
     def _compile_forward(self, num_tokens: int, pages_per_seq: int):
         start = time.perf_counter()
-        args = _abstract_args(self._model, self.buckets, num_tokens, pages_per_seq, self._num_pages, self._kv_dtype)
+        args = _abstract_args(self._model, self.buckets, num_tokens, pages_per_seq, self._num_pages, self._kv_format)
         compiled = self._forward.lower(*args).compile()
         logger.debug("compiled bucket (%d tokens, %d pages) in %.1f s", num_tokens, pages_per_seq,
                      time.perf_counter() - start)

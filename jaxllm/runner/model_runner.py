@@ -73,13 +73,13 @@ class StepHandle:
 class ModelRunner:
     def __init__(self, model: LoadedModel, attention: Attention, buckets: Buckets, limits: EngineLimits, *,
                  max_logprobs: int, seed: int = 0, served: bool = False,
-                 default_sampling: SamplingParams | None = None, kv_dtype=None):
+                 default_sampling: SamplingParams | None = None, kv_format: kv_cache.KvFormat | None = None):
         """max_logprobs: the most logprobs a request may ask for (-1: the whole vocabulary), which sets the
         top-logprobs widths compiled. default_sampling: what a request gets when it sets nothing (the
-        model's generation config), whose sampler variant is then compiled at warm-up too. kv_dtype: the KV
-        pages' dtype (`kv_cache.kv_dtype`; None: the model's)."""
+        model's generation config), whose sampler variant is then compiled at warm-up too. kv_format: what
+        each layer's KV state holds (`kv_cache.kv_format`; None: pages of the model's dtype)."""
         self.model = model
-        self.kv_dtype = model.dtype if kv_dtype is None else kv_dtype
+        self.kv_format = kv_cache.KvFormat(model.dtype) if kv_format is None else kv_format
         self.attention, self.attention_name = attention, attention.name
         self.buckets = buckets
         self.page_size = limits.block_size
@@ -89,9 +89,10 @@ class ModelRunner:
         self.compiler = BucketCompiler(model, attention, buckets, num_pages=limits.num_pages,
                                        max_model_len=limits.max_model_len,
                                        warm_samplers=warm_sampler_flags(default_sampling),
-                                       stand_in=stand_in_sampler_flags(self.logprob_widths), kv_dtype=self.kv_dtype)
+                                       stand_in=stand_in_sampler_flags(self.logprob_widths),
+                                       kv_format=self.kv_format)
         self._inputs = StableInputs(self.compiler.sharding)
-        self.kv_pages = kv_cache.allocate_kv_pages(model.arch, limits.num_pages, limits.block_size, self.kv_dtype,
+        self.kv_pages = kv_cache.allocate_kv_pages(model.arch, limits.num_pages, limits.block_size, self.kv_format,
                                                    model.mesh, model.rules)
         max_pages = -(-limits.max_model_len // limits.block_size)
         self.input_batch = InputBatch(limits.block_size, limits.num_pages, seed, max_pages, limits.max_num_seqs)
