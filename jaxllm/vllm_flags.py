@@ -269,7 +269,8 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     _row("--kv-cache-memory-bytes", IMPLEMENTED, "bytes for KV pages"),
     _row("--enable-extensible-kv-cache", WARNED, "a tuning knob of vLLM's KV cache manager", arity=SWITCH),
     _row("--kv-cache-dtype", IMPLEMENTED,
-         "KV page dtype: auto (the model's), fp8 / fp8_e4m3 (e4m3 pages, per-tensor scales 1.0)"),
+         "KV page dtype: auto (the model's), fp8 / fp8_e4m3 (e4m3 pages, per-tensor scales per layer: the "
+         "checkpoint's k_scale / v_scale, else 1.0)"),
     _row("--num-gpu-blocks-override", IMPLEMENTED, "number of KV pages"),
     _row("--enable-prefix-caching", IMPLEMENTED, "reuse KV pages of shared prompt prefixes"),
     _row("--prefix-caching-hash-algo", WARNED, "a tuning knob of vLLM's prefix cache"),
@@ -523,6 +524,9 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     _row("--max-seq-len-to-capture", WARNED, _REMOVED),
     _row("--disable-log-requests", WARNED, _REMOVED + " (requests are logged only with --enable-log-requests)",
          arity=SWITCH),
+    _row("--calculate-kv-scales", IMPLEMENTED,
+         "FP8 KV scales per layer from the first step's keys and values (their largest magnitude / 200 for K, "
+         "/ 100 for V); vLLM deprecated it for removal in 0.19 and removed it before 0.34.0"),
 )
 
 

@@ -45,6 +45,7 @@ IMPLEMENTED_ARGV: dict[str, list[str]] = {
     "--device-memory-utilization": ["--device-memory-utilization", "0.5"],
     "--kv-cache-memory-bytes": ["--kv-cache-memory-bytes", "1000"],
     "--kv-cache-dtype": ["--kv-cache-dtype", "fp8"],
+    "--calculate-kv-scales": ["--calculate-kv-scales"],
     "--num-gpu-blocks-override": ["--num-gpu-blocks-override", "8"],
     "--enable-prefix-caching": ["--no-enable-prefix-caching"],
     "--max-num-batched-tokens": ["--max-num-batched-tokens", "2k"], "--max-num-seqs": ["--max-num-seqs", "4"],
