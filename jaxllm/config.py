@@ -53,8 +53,10 @@ class ModelConfig:
     quantization: str | None = option(
         None, "The checkpoint's weight quantization (awq, gptq, compressed-tensors int4; awq_marlin and "
         "gptq_marlin name the same), checked against its quantization_config; with --load-format dummy, random "
-        "weights in that int4 layout.",
-        choices=("awq", "gptq", "compressed-tensors", "awq_marlin", "gptq_marlin"),
+        "weights in that int4 layout. fp8 (fp8_per_tensor; fp8_per_block): an fp8 checkpoint as it is, a float "
+        "one quantized to FP8 at load (one scale per weight tensor; per 128x128 block), dynamic activation scales.",
+        choices=("awq", "gptq", "compressed-tensors", "awq_marlin", "gptq_marlin", "fp8", "fp8_per_tensor",
+                 "fp8_per_block"),
     )
     seed: int = option(0, "Seed for dummy weights and for requests that give no seed.")
     max_logprobs: int = option(

@@ -100,7 +100,8 @@ VLLM_FLAGS: tuple[VllmFlag, ...] = (
     _row("--max-model-len", IMPLEMENTED, "context length, 8k / 1M spellings included"),
     _row(("--quantization", "-q"), IMPLEMENTED,
          "awq, gptq or compressed-tensors int4 weight-only (awq_marlin, gptq_marlin alike), matching the "
-         "checkpoint; other methods exit 2"),
+         "checkpoint; fp8 (fp8_per_tensor, fp8_per_block): an fp8 checkpoint, or a float one quantized to FP8 at "
+         "load; other methods exit 2"),
     _row("--quantization-config", REFUSED, "the quantization is read from the checkpoint's config.json"),
     _row("--allow-deprecated-quantization", WARNED, "no deprecated quantization method is served", arity=SWITCH),
     _row("--enforce-eager", WARNED, _CUDA_KNOB, arity=SWITCH),

@@ -33,7 +33,7 @@ IMPLEMENTED_ARGV: dict[str, list[str]] = {
     "--seed": ["--seed", "3"], "--revision": ["--revision", "main"], "--max-model-len": ["--max-model-len", "1k"],
     "--max-logprobs": ["--max-logprobs", "-1"], "--served-model-name": ["--served-model-name", "a", "b"],
     "--generation-config": ["--generation-config", "vllm"], "--load-format": ["--load-format", "dummy"],
-    "--quantization": ["--quantization", "awq"], "-q": ["-q", "gptq"],
+    "--quantization": ["--quantization", "awq"], "-q": ["-q", "fp8_per_block"],
     "--attention-backend": ["--attention-backend", "xla"], "--reasoning-parser": ["--reasoning-parser", "qwen3"],
     "--master-addr": ["--master-addr", "h", "-n", "2"], "--master-port": ["--master-port", "1", "-n", "2"],
     "--nnodes": ["--nnodes", "2", "--master-addr", "h"], "-n": ["-n", "2", "--master-addr", "h"],
