@@ -25,9 +25,9 @@ from tests.paged import PagedRunner
 PROMPT = np.random.default_rng(7).integers(3, 320, 13).tolist()
 
 CASES = {
-    # fp8, per-tensor weight scales, static input scales, on Llama 3; layer 1's o_proj left in float.
+    # fp8, per-tensor weight scales, static input scales, on Llama 3; o_proj left in float.
     "fp8_static_llama3": ("llama3", fp8_config(static=True, block=False,
-                                               ignored_layers=["model.layers.1.self_attn.o_proj"])),
+                                               ignored_layers=["model.layers.0.self_attn.o_proj"])),
     # fp8, DeepSeek-V3's 128 x 128 weight_scale_inv blocks, dynamic per-token-group activations, on Qwen3.
     "fp8_block_qwen3": ("qwen3", fp8_config(static=False, block=True)),
     # compressed-tensors per-channel weights, dynamic per-token activations, on Qwen2 (q/k/v bias, tied
@@ -43,7 +43,7 @@ CASES = {
 def checkpoints(request, tmp_path_factory):
     family, config = CASES[request.param]
     packed, plain = tmp_path_factory.mktemp(f"{request.param}_fp8"), tmp_path_factory.mktemp(request.param)
-    input_scales = make_fp8_checkpoints(family, config, packed, plain)
+    input_scales = make_fp8_checkpoints(family, config, packed, plain, num_hidden_layers=1)  # one compile each
     return packed, plain, input_scales
 
 
@@ -102,12 +102,13 @@ def test_ignored_layers_load_as_they_are(tmp_path):
 @pytest.mark.parametrize("requested", ["fp8", "fp8_per_block"])
 def test_quantization_fp8_quantizes_a_float_checkpoint_at_load(tmp_path, monkeypatch, requested):
     _, plain = tmp_path / "packed", tmp_path / "plain"
-    make_fp8_checkpoints("llama3", fp8_config(static=False, block=False), tmp_path / "packed", plain)
+    make_fp8_checkpoints("llama3", fp8_config(static=False, block=False), tmp_path / "packed", plain,
+                         num_hidden_layers=1)
     loaded, (logits, tokens) = _run(plain, quantization=requested)
-    assert loaded.arch.quantization.fp8.online and len(_fp8_values(loaded)) == 2 * 4  # qkv, o, gate_up, down
+    assert loaded.arch.quantization.fp8.online and len(_fp8_values(loaded)) == 4  # qkv, o, gate_up, down
     gate_up_scales = [np.asarray(leaf) for leaf in loaded.leaves if leaf.shape == (2, 256, 1)]  # K = 128: Kg = 1
     per_tensor = [np.unique(s[part]).size == 1 for s in gate_up_scales for part in (0, 1)]  # gate's, up's
-    assert len(per_tensor) == 4 and all(per_tensor) == (requested == "fp8")
+    assert len(per_tensor) == 2 and all(per_tensor) == (requested == "fp8")
     _, (ref_logits, ref_tokens) = _run_on(fp8_matmul_reference, monkeypatch, plain, quantization=requested)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=1e-3)
     assert tokens == ref_tokens
@@ -134,7 +135,7 @@ def test_dummy_fp8_weights(checkpoints):
     loaded = load_model(ModelConfig(model=str(packed), dtype="float32", load_format="dummy"), ParallelConfig())
     logits, _ = PagedRunner(loaded, "xla").run(PROMPT, [13], 1)
     values = _fp8_values(loaded)
-    assert len(values) == 4 + 3  # layer 1's o_proj ignored
+    assert len(values) == 3  # o_proj ignored
     assert all(0 < float(jnp.abs(v.astype(jnp.float32)).max()) <= 448 for v in values)
     scales = [leaf for leaf in loaded.leaves if leaf.shape == (2, 4, 64, 1)]
     assert scales and all(s.dtype == jnp.float32 and float(s.min()) > 0 for s in scales)
