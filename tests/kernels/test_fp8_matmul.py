@@ -69,11 +69,22 @@ def test_block_scales_use_one_activation_scale_per_128_inputs():
     np.testing.assert_allclose(fp8_matmul_xla(jnp.asarray(x), w), x_fake @ w_float.T, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("scheme", ["tensor", "block"])
-def test_cuda_lowering_keeps_e4m3_operands_on_the_dot(scheme):
-    """What XLA's GPU compiler gets: a dot_general on e4m3 operands with f32 results (cuBLASLt's FP8 GEMM)."""
+def test_bf16_activations():
+    """A bf16 model's FP8 dot gives bf16: the reference's result to bf16 rounding."""
+    w, _ = _weights("channel", False)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(16, 256)), jnp.bfloat16)
+    out = fp8_matmul_xla(x, w)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(np.float32), fp8_matmul_reference(x, w).astype(np.float32), rtol=2e-2,
+                               atol=2e-2)
+
+
+@pytest.mark.parametrize(("scheme", "result"), [("tensor", "bf16"), ("block", "f32")])
+def test_cuda_lowering_keeps_e4m3_operands_on_the_dot(scheme, result):
+    """What XLA's GPU compiler gets: one dot_general on e4m3 operands (cuBLASLt's FP8 GEMM), giving bf16 (float32
+    partial sums under block scales)."""
     w, _ = _weights(scheme, False)
     x = jax.ShapeDtypeStruct((64, 256), jnp.bfloat16)
     text = jax.jit(fp8_matmul_xla).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
-    assert len(dots) == 1 and dots[0].count("f8E4M3FN>") == 2 and "xf32>" in dots[0].split("->")[-1]
+    assert len(dots) == 1 and dots[0].count("f8E4M3FN>") == 2 and f"x{result}>" in dots[0].split("->")[-1]
