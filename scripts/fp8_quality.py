@@ -1,7 +1,8 @@
 """How much FP8 changes the bundled stories260K: the mean absolute difference of each token's logprob
 against the bf16 model, over 512 tokens of its own stories, with FP8 W8A8 (`--quantization fp8`: one
-scale per weight tensor, dynamic per-token activation scales), FP8 KV pages (`--kv-cache-dtype fp8`) and
-both. Prefill runs in 64-token chunks, so later chunks read earlier tokens back from the KV pages.
+scale per weight tensor, dynamic per-token activation scales), FP8 KV pages (`--kv-cache-dtype fp8`, with
+scales of 1.0 or calibrated by `--calculate-kv-scales`) and both. Prefill runs in 64-token chunks, so
+later chunks read earlier tokens back from the KV pages.
 
     python scripts/fp8_quality.py        # CPU is enough: prints a markdown table
 """
@@ -21,6 +22,7 @@ CONFIGS = {
     "float32 (what bf16 rounding alone costs, for scale)": {"dtype": "float32"},
     "FP8 W8A8 (`--quantization fp8`)": {"quantization": "fp8"},
     "FP8 KV (`--kv-cache-dtype fp8`)": {"kv_cache_dtype": "fp8"},
+    "FP8 KV, `--calculate-kv-scales`": {"kv_cache_dtype": "fp8", "calculate_kv_scales": True},
     "FP8 W8A8 + FP8 KV": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
 }
 
