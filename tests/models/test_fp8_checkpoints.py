@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.config import ModelConfig, ParallelConfig
+from jaxllm import LLM, SamplingParams
+from jaxllm.config import DEFAULT_MODEL, ModelConfig, ParallelConfig
 from jaxllm.model_arch import UnsupportedModelError, load_arch
 from jaxllm.models.quantized_fp8 import quantize_fp8_model
 from jaxllm.runner import model_loading
@@ -112,6 +113,19 @@ def test_quantization_fp8_quantizes_a_float_checkpoint_at_load(tmp_path, monkeyp
     _, (ref_logits, ref_tokens) = _run_on(fp8_matmul_reference, monkeypatch, plain, quantization=requested)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=1e-3)
     assert tokens == ref_tokens
+
+
+def test_engine_serves_fp8_weights():
+    """The engine's ahead-of-time compiled buckets take the twins' e4m3 parameters: stories260K quantized at
+    load decodes the tokens the same model gives outside the engine."""
+    prompt = [1, *PROMPT]
+    llm = LLM(DEFAULT_MODEL, dtype="float32", quantization="fp8", compilation_cache_dir="", max_num_seqs=2,
+              max_num_batched_tokens=16, token_buckets=[16], max_model_len=64, async_scheduling=False)
+    out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+    loaded = load_model(ModelConfig(model=DEFAULT_MODEL, dtype="float32", quantization="fp8"), ParallelConfig())
+    assert _fp8_values(loaded)
+    _, tokens = PagedRunner(loaded, "xla").run(prompt, [len(prompt)], 3)
+    assert list(out[0].outputs[0].token_ids) == tokens
 
 
 @pytest.mark.parametrize("checkpoints", ["fp8_block_qwen3"], indirect=True)
