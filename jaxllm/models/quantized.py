@@ -154,8 +154,9 @@ class Int4Linear(Int4Projection):
         return self.project(x)
 
 
-class Int4QKVProjection(Int4Projection):
-    """`layers.QKVProjection`'s twin: N is [Hkv, G + 2, D] (each KV head's query heads, k, v)."""
+class SplitsQKV:
+    """`layers.QKVProjection`'s call for a twin (int4 or FP8) whose `project` gives N = [Hkv, G + 2, D]
+    (each KV head's query heads, k, v)."""
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]."""
@@ -163,6 +164,10 @@ class Int4QKVProjection(Int4Projection):
         group = y.shape[2] - 2
         q = y[:, :, :group].reshape(x.shape[0], -1, y.shape[-1])
         return q, y[:, :, group], y[:, :, group + 1]
+
+
+class Int4QKVProjection(SplitsQKV, Int4Projection):
+    """`layers.QKVProjection`'s int4 twin."""
 
 
 class Int4GateUpProjection(Int4Projection):

@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxllm.model_arch import Fp8Scheme, ModelArch, Quantization
 from jaxllm.models.layers import FusedFrom, GateUpProjection, Linear, Part, QKVProjection
+from jaxllm.models.quantized import SplitsQKV
 from jaxllm.models.sharding import ShardingRules
 from pallas_kernels.fp8_matmul import E4M3_MAX, Fp8Weights, fp8_matmul_xla
 from pallas_kernels.fp8_matmul.formats import (
@@ -100,15 +101,8 @@ class Fp8Linear(Fp8Projection):
         return self.project(x)
 
 
-class Fp8QKVProjection(Fp8Projection):
-    """`layers.QKVProjection`'s twin: N is [Hkv, G + 2, D] (each KV head's query heads, k, v)."""
-
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]."""
-        y = self.project(x)  # [T, Hkv, G + 2, D]
-        group = y.shape[2] - 2
-        q = y[:, :, :group].reshape(x.shape[0], -1, y.shape[-1])
-        return q, y[:, :, group], y[:, :, group + 1]
+class Fp8QKVProjection(SplitsQKV, Fp8Projection):
+    """`layers.QKVProjection`'s FP8 twin."""
 
 
 class Fp8GateUpProjection(Fp8Projection):
