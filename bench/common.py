@@ -86,6 +86,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--token-buckets", type=int, nargs="*")
+    parser.add_argument("--quantization", help="as the server's flag (fp8: the weights quantized to FP8 at load)")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +104,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                   max_model_len=args.max_model_len, attention_backend=args.attention_backend,
                   tensor_parallel_size=args.tensor_parallel_size)
     optional = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    token_buckets=args.token_buckets, block_size=args.block_size)
+                    token_buckets=args.token_buckets, block_size=args.block_size, quantization=args.quantization)
     return kwargs | {k: v for k, v in optional.items() if v}
 
 
