@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mla_attention.common import validate_absorbed
-from pallas_kernels.ragged_paged_attention.mosaic_gpu import WorkColumn, work_list
+from pallas_kernels.ragged_paged_attention.mosaic_gpu import WorkColumn, add_pv, work_list
 
 _LOG2E = math.log2(math.e)
 _MASKED = -1e30  # finite "minus infinity" (see ragged_paged_attention/mosaic_gpu.py)
@@ -151,7 +151,7 @@ def _build_kernel(*, num_tokens, num_heads, rank, rope_dim, page_size, num_pages
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                 l_i = l_i * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                acc = _add_pv(acc, p.astype(dtype), ring[c].at[slot], None if p_smem is None else p_smem.at[c])
+                acc = add_pv(acc, p.astype(dtype), ring[c].at[slot], None if p_smem is None else p_smem.at[c])
                 plgpu.barrier_arrive(k_free.at[slot])
                 return acc, m_new, l_i
 
@@ -245,23 +245,6 @@ def _build_kernel(*, num_tokens, num_heads, rank, rope_dim, page_size, num_pages
             pl.when(wg == c)(functools.partial(consumer, c, work_ref, q_smem, ring, kt_smem, p_smem, lse_smem, bars,
                                                out_refs, head0, w))
         pl.when(wg == 2)(lambda: producer(work_ref, page_indices_ref, q_ref, pages_ref, q_smem, ring, bars, head0, w))
-
-    def _add_pv(acc, p, v_slot, p_smem):
-        """acc + P V: P from registers on the GPU; through SMEM in the simulator (p_smem)."""
-        if p_smem is None:
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_slot)
-
-            return pl.run_state(pv)(plgpu.ACC.init(acc))
-        p_smem[...] = p
-        plgpu.commit_smem()
-
-        def pv_staged(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_slot)
-            return acc_ref[...]
-
-        return acc + pl.run_scoped(pv_staged, plgpu.ACC((_ROWS, half), jnp.float32))
 
     if splits > 1:
         out_type = [

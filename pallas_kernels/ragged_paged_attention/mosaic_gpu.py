@@ -614,7 +614,7 @@ def _build_kernel(
             if kv_tile is not None:  # QK^T, which read kv_tile, is done (its scores were read)
                 _upcast_into(kv_tile, v_tile)
                 v_tile = kv_tile
-            acc = _add_pv(acc, p, v_tile, p_smem)
+            acc = add_pv(acc, p, v_tile, p_smem)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l_i
 
@@ -671,25 +671,6 @@ def _build_kernel(
 
                     done = done + (v.count & size)
                     size //= 2
-
-    def _add_pv(acc, p, v_slot, p_smem):
-        """acc + P V: P from registers on the GPU; through SMEM in the simulator (p_smem)."""
-        if p_smem is None:
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_slot)
-
-            return pl.run_state(pv)(plgpu.ACC.init(acc))
-        # NOTE: jax 0.10.2's simulator reads wgmma operands from SMEM only, and does not
-        # interpret run_state: the same product, staged.
-        p_smem[...] = p
-        plgpu.commit_smem()
-
-        def pv_staged(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_slot)
-            return acc_ref[...]
-
-        return acc + pl.run_scoped(pv_staged, plgpu.ACC((rows, head_dim), jnp.float32))
 
     def producer(first, last, work_ref, page_indices_ref, kv_ref, k_smem, v_smem, bars):
         """Streams the KV blocks of items [first, last) through the ring, one after the other."""
@@ -800,6 +781,27 @@ def _build_kernel(
         ),
         interpret=interpret,
     )
+
+
+def add_pv(acc: jax.Array, p: jax.Array, v_slot, p_smem) -> jax.Array:
+    """acc [rows, cols] f32 + P V, inside a kernel: P from registers on the GPU; through SMEM in the
+    simulator (p_smem, None on the GPU). MLA's kernel takes it too."""
+    if p_smem is None:
+
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p, v_slot)
+
+        return pl.run_state(pv)(plgpu.ACC.init(acc))
+    # NOTE: jax 0.10.2's simulator reads wgmma operands from SMEM only, and does not
+    # interpret run_state: the same product, staged.
+    p_smem[...] = p
+    plgpu.commit_smem()
+
+    def pv_staged(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_slot)
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(pv_staged, plgpu.ACC(acc.shape, jnp.float32))
 
 
 def ragged_paged_attention_mosaic(
