@@ -227,7 +227,6 @@ def _compressed_tensors_fp8(qc: dict[str, Any], group: dict[str, Any]) -> Quanti
 @dataclass(frozen=True)
 class ModelArch:
     architecture: str
-    family: str  # the module under jaxllm/models that builds it
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -269,6 +268,11 @@ class ModelArch:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def family(self) -> str:
+        """The module under jaxllm/models that builds it."""
+        return ARCHITECTURES[self.architecture].module
 
     @property
     def rotary_dim(self) -> int:
@@ -336,11 +340,10 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
     return theta, (None if rope_type == "default" else {**scaling, "rope_type": rope_type}), partial_factor
 
 
-def _common(name: str, family: str, cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
+def _common(name: str, cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
     return dict(
         quantization=read_quantization(cfg),
         architecture=name,
-        family=family,
         vocab_size=int(cfg["vocab_size"]),
         num_layers=num_layers,
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
@@ -350,7 +353,7 @@ def _common(name: str, family: str, cfg: dict[str, Any], num_layers: int) -> dic
     )
 
 
-def read_llama_like(name: str, cfg: dict[str, Any], *, family: str = "llama", qkv_bias: bool = False,
+def read_llama_like(name: str, cfg: dict[str, Any], *, qkv_bias: bool = False,
                     qk_norm: bool = False, rope_interleaved: bool = False, post_sublayer_norms: bool = False,
                     o_bias: bool | None = None) -> ModelArch:
     """Llama's config names, shared by Mistral, Qwen2/3, GLM and gpt-oss. `attention_bias` puts a bias
@@ -361,7 +364,7 @@ def read_llama_like(name: str, cfg: dict[str, Any], *, family: str = "llama", qk
     num_layers = int(cfg["num_hidden_layers"])
     theta, scaling, partial_factor = _rope(cfg)
     return ModelArch(
-        **_common(name, family, cfg, num_layers),
+        **_common(name, cfg, num_layers),
         hidden_size=hidden,
         intermediate_size=int(cfg["intermediate_size"]),
         num_heads=num_heads,
@@ -385,7 +388,7 @@ def read_llama_like(name: str, cfg: dict[str, Any], *, family: str = "llama", qk
 
 def read_mixtral(name: str, cfg: dict[str, Any]) -> ModelArch:
     """Mistral with every MLP an MoE of `num_local_experts` experts of intermediate_size."""
-    arch = read_llama_like(name, cfg, family="mixtral")
+    arch = read_llama_like(name, cfg)
     moe = MoE(int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"]), arch.intermediate_size,
               renormalize=True, sparse_layers=(True,) * arch.num_layers)
     return dataclasses.replace(arch, moe=moe)
@@ -393,7 +396,7 @@ def read_mixtral(name: str, cfg: dict[str, Any]) -> ModelArch:
 
 def read_qwen3_moe(name: str, cfg: dict[str, Any]) -> ModelArch:
     """Qwen3 (q/k norm) whose MLPs are MoE every `decoder_sparse_step` layers, except `mlp_only_layers`."""
-    arch = read_llama_like(name, cfg, family="qwen3_moe", qk_norm=True)
+    arch = read_llama_like(name, cfg, qk_norm=True)
     step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
     num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)  # transformers 5: the latter
     sparse = tuple(i not in dense and num_experts > 0 and (i + 1) % step == 0 for i in range(arch.num_layers))
@@ -405,11 +408,16 @@ def read_qwen3_moe(name: str, cfg: dict[str, Any]) -> ModelArch:
 def read_gpt_oss(name: str, cfg: dict[str, Any]) -> ModelArch:
     """gpt-oss: attention with biases and sinks, alternating sliding and full layers (`layer_types`),
     YaRN, and an MoE of `num_local_experts` experts of intermediate_size in every layer."""
-    arch = read_llama_like(name, cfg, family="gpt_oss")
+    arch = read_llama_like(name, cfg)
     top_k = int(cfg.get("num_experts_per_tok") or cfg["experts_per_token"])
     moe = MoE(int(cfg["num_local_experts"]), top_k, arch.intermediate_size, renormalize=True,
               sparse_layers=(True,) * arch.num_layers, swiglu_limit=float(cfg.get("swiglu_limit", 7.0)))
     return dataclasses.replace(arch, moe=moe, attention_sinks=True)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched by `factor` (transformers' yarn_get_mscale)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def read_deepseek(name: str, cfg: dict[str, Any], *, v3: bool) -> ModelArch:
@@ -421,7 +429,7 @@ def read_deepseek(name: str, cfg: dict[str, Any], *, v3: bool) -> ModelArch:
     if cfg.get("attention_bias"):
         raise UnsupportedModelError("DeepSeek with attention_bias=true is not supported")
     interleaved = not v3 or bool(cfg.get("rope_interleave", True))  # V2 rotates interleaved pairs
-    arch = read_llama_like(name, {**cfg, "head_dim": rope_dim}, family="deepseek", rope_interleaved=interleaved)
+    arch = read_llama_like(name, {**cfg, "head_dim": rope_dim}, rope_interleaved=interleaved)
     num_layers = arch.num_layers
     first_dense = int(cfg.get("first_k_dense_replace") or 0)
     freq = int(cfg.get("moe_layer_freq") or 1)
@@ -441,8 +449,7 @@ def read_deepseek(name: str, cfg: dict[str, Any], *, v3: bool) -> ModelArch:
     scale = (nope + rope_dim) ** -0.5
     s = arch.rope_scaling
     if s is not None and s.get("mscale_all_dim"):  # transformers' yarn_apply_mscale
-        factor = float(s["factor"])
-        mscale = 0.1 * float(s["mscale_all_dim"]) * math.log(factor) + 1.0 if factor > 1 else 1.0
+        mscale = yarn_mscale(float(s["factor"]), float(s["mscale_all_dim"]))
         scale *= mscale * mscale
     mla = MLA(int(cfg["q_lora_rank"]) if cfg.get("q_lora_rank") else None, int(cfg["kv_lora_rank"]), nope, rope_dim,
               int(cfg["v_head_dim"]), scale)
@@ -455,7 +462,7 @@ def read_gpt2(name: str, cfg: dict[str, Any]) -> ModelArch:
         raise UnsupportedModelError("GPT-2 with scale_attn_by_inverse_layer_idx=true is not supported")
     hidden, num_heads, num_layers = int(cfg["n_embd"]), int(cfg["n_head"]), int(cfg["n_layer"])
     return ModelArch(
-        **_common(name, "gpt2", cfg, num_layers),
+        **_common(name, cfg, num_layers),
         hidden_size=hidden,
         intermediate_size=int(cfg.get("n_inner") or 4 * hidden),
         num_heads=num_heads,
@@ -482,9 +489,9 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen3MoeForCausalLM": Family("qwen3_moe", read_qwen3_moe),
     # Checkpoints saved by GPT2LMHeadModel prefix names with `transformer.`; the original ones do not.
     "GPT2LMHeadModel": Family("gpt2", read_gpt2, CheckpointNames(optional_prefixes=("transformer.",))),
-    "GlmForCausalLM": Family("glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, o_bias=False)),
+    "GlmForCausalLM": Family("glm4", partial(read_llama_like, rope_interleaved=True, o_bias=False)),
     "Glm4ForCausalLM": Family(
-        "glm4", partial(read_llama_like, family="glm4", rope_interleaved=True, post_sublayer_norms=True, o_bias=False)
+        "glm4", partial(read_llama_like, rope_interleaved=True, post_sublayer_norms=True, o_bias=False)
     ),
     "GptOssForCausalLM": Family("gpt_oss", read_gpt_oss),
     "DeepseekV2ForCausalLM": Family("deepseek", partial(read_deepseek, v3=False)),

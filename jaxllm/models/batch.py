@@ -23,3 +23,7 @@ class ForwardBatch:
     page_indices: jax.Array  # [S, P] i32 each request's pages, in order
     num_seqs: jax.Array  # [1] i32 live request slots
     logits_indices: jax.Array  # [R] i32 tokens whose logits are wanted (one per sampled request)
+
+    def num_real_tokens(self) -> jax.Array:
+        """[] i32: the tokens of live requests; the rest of T is the bucket's padding."""
+        return self.cu_q_lens[self.num_seqs[0]]

@@ -110,7 +110,7 @@ class DeepseekMoE(nnx.Module):
         logits = jnp.einsum("th,eh->te", x.astype(jnp.float32), self.gate.weight[...])  # [T, E]
         bias = self.gate.e_score_correction_bias
         weights, ids = route(logits, self.moe, None if bias is None else bias[...])
-        y = kernels.experts(x, ids, weights, batch.cu_q_lens[batch.num_seqs[0]], self.experts.gate_up_proj[...],
+        y = kernels.experts(x, ids, weights, batch.num_real_tokens(), self.experts.gate_up_proj[...],
                             self.experts.down_proj[...])  # [T, H]
         return y if self.shared_experts is None else y + self.shared_experts(x)
 

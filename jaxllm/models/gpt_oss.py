@@ -46,7 +46,7 @@ class GptOssMLP(nnx.Module):
         logits = jnp.einsum("th,eh->te", x, self.router.weight[...], preferred_element_type=jnp.float32)
         weights, ids = route(logits + self.router.bias[...].astype(jnp.float32), self.top_k, renormalize=True)
         e = self.experts
-        y = kernels.experts(x, ids, weights, batch.cu_q_lens[batch.num_seqs[0]], e.gate_up_proj[...],
+        y = kernels.experts(x, ids, weights, batch.num_real_tokens(), e.gate_up_proj[...],
                             e.down_proj[...], e.gate_up_proj_bias[...], activation=self.activation)  # [T, H]
         # down's bias outside the experts' partial sums (added once, not once per device).
         down_bias = jnp.einsum("tk,tkh->th", weights, e.down_proj_bias[...][ids].astype(jnp.float32))

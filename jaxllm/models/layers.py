@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxllm.model_arch import ModelArch
+from jaxllm.model_arch import ModelArch, yarn_mscale
 from jaxllm.models.batch import ForwardBatch
 from jaxllm.models.kv_scales import ScaledKvPages, calibrated
 from pallas_kernels.ragged_paged_attention import AttentionParams, write_kv_pages
@@ -251,10 +251,6 @@ def rope_inv_freq(arch: ModelArch) -> tuple[np.ndarray, float]:
     return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 def _yarn(inv_freq: np.ndarray, dim: int, arch: ModelArch) -> tuple[np.ndarray, float]:
     """YaRN: interpolate low frequencies by `factor`, keep high ones, ramp between the dims that
     turn beta_fast and beta_slow times over the original context; scale cos/sin by mscale."""
@@ -264,8 +260,8 @@ def _yarn(inv_freq: np.ndarray, dim: int, arch: ModelArch) -> tuple[np.ndarray, 
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
-        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
     beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
     base = arch.rope_theta
 

@@ -70,8 +70,7 @@ class SparseMoE(nnx.Module):
         """x [T, H] -> [T, H]."""
         logits = jnp.einsum("th,eh->te", x, self.gate.weight[...], preferred_element_type=jnp.float32)  # [T, E]
         weights, ids = route(logits, self.top_k, self.renormalize)
-        num_tokens = batch.cu_q_lens[batch.num_seqs[0]]  # the rest of T is the bucket's padding
-        return kernels.experts(x, ids, weights, num_tokens, self.experts.gate_up_proj[...],
+        return kernels.experts(x, ids, weights, batch.num_real_tokens(), self.experts.gate_up_proj[...],
                                self.experts.down_proj[...])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.model_arch import ModelArch
@@ -43,8 +44,6 @@ def pallas_unsupported_reason(platform: str, arch: ModelArch, dtype, page_size: 
 def shard_over_heads(kernel: AttentionFn, mesh: Mesh, rules: ShardingRules) -> AttentionFn:
     """Run a per-device kernel under shard_map: q by query heads, KV pages by KV heads, the
     optional `sinks` [Hq] by query heads."""
-    import jax
-
     q_spec = PartitionSpec(None, rules.q_heads, None)
     kv_spec = PartitionSpec(None, rules.kv_heads, None, None, None)
     sink_spec = PartitionSpec(rules.q_heads)
@@ -76,8 +75,6 @@ def select_attention(
     traced and lowered attention instead of one copy per layer: each layer's copy would embed the
     Mosaic kernel again, and the lowered module and its lowering time would grow with the layers.
     """
-    import jax
-
     if arch.mla is not None:
         fn, name = _select_mla(backend, arch, dtype, page_size, mesh, rules)
         return Attention(jax.jit(fn, static_argnums=(7,)), name)
@@ -107,8 +104,6 @@ def _select_mla(backend: str, arch: ModelArch, dtype, page_size: int, mesh: Mesh
     kernel = _with_scale(mla_absorbed_mosaic)
     if mesh.devices.size == 1:
         return kernel, "pallas"
-    import jax
-
     heads, meta = PartitionSpec(None, rules.q_heads, None), PartitionSpec()
 
     def sharded(*args):  # q_latent and q_pe split by head, the latent pages whole on every device

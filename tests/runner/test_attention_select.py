@@ -14,7 +14,7 @@ from jaxllm.models.sharding import make_mesh, rules_for
 from jaxllm.runner import attention
 
 ARCH = ModelArch(
-    architecture="LlamaForCausalLM", family="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+    architecture="LlamaForCausalLM", vocab_size=512, hidden_size=256, intermediate_size=512,
     num_layers=2,
     num_heads=8, num_kv_heads=2, head_dim=128, norm_eps=1e-5, rope_theta=1e4, rope_scaling=None,
     max_position_embeddings=512, tie_word_embeddings=False,
